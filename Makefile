@@ -1,0 +1,58 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# AUTO builds the CUDA kernels when nvcc and a CUDA build of torch are present; 0 forces CPU-only.
+MOE_FRAMEWORK_CUDA ?= AUTO
+export MOE_FRAMEWORK_CUDA
+# One OpenMP thread pool of at most the machine's cores (never oversubscribe).
+NPROC := $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: venv install test demo bench lint format inplace clean
+
+$(VENV)/.deps-stamp: requirements-ci.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements-ci.txt
+	touch $@
+
+venv: $(VENV)/.deps-stamp
+
+# --no-build-isolation: compile against the torch installed in the venv (an extension must match
+# the exact torch it is loaded into; an isolated build would fetch another torch to build with).
+install: venv
+	CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) $(PY) -m pip install --no-build-isolation --no-deps -v . \
+		2>&1 | grep -E "moe_framework:|warning|error|Successfully" || true
+	$(PY) -c "import moe_framework, sys; print('moe_framework kernels:', moe_framework.ops.registered_kernels()['route'])"
+
+# Runs the suite against the installed wheel (pytest from the venv does not put the source tree
+# on sys.path, so the compiled extension under test is the installed one).
+test: install
+	cd tests && ../$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS) .
+
+demo: install
+	$(PY) -m moe_framework demo $(DEMO_ARGS)
+
+bench: install
+	$(PY) -m moe_framework bench $(BENCH_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check moe_framework tests benchmarks examples
+	$(VENV)/bin/ruff format --check moe_framework tests benchmarks examples
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/include/moe_framework/*.h $(wildcard csrc/cpu/*.cpp) $(wildcard csrc/cuda/*.cu) $(wildcard csrc/include/moe_framework/*.cuh)
+
+format: venv
+	$(VENV)/bin/ruff format moe_framework tests benchmarks examples
+	$(VENV)/bin/ruff check --fix moe_framework tests benchmarks examples
+	$(VENV)/bin/clang-format -i csrc/*.cpp csrc/include/moe_framework/*.h $(wildcard csrc/cpu/*.cpp) $(wildcard csrc/cuda/*.cu) $(wildcard csrc/include/moe_framework/*.cuh)
+
+# Developer build into the source tree with the current python (no venv): `make inplace` then
+# `python -m pytest tests`. Use MOE_FRAMEWORK_CUDA=0 for fast CPU-only iterations.
+inplace:
+	cmake -S . -B build/inplace -G Ninja -DCMAKE_BUILD_TYPE=Release \
+		-DPython_EXECUTABLE=$$(command -v $(PYTHON)) -DMOE_FRAMEWORK_CUDA=$(MOE_FRAMEWORK_CUDA) >/dev/null
+	cmake --build build/inplace -j $(NPROC)
+	cp build/inplace/_C*.so moe_framework/
+
+clean:
+	rm -rf build moe_framework/_C*.so

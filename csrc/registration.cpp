@@ -1,0 +1,54 @@
+// Every operator schema of the moe_framework library, defined once. Device files
+// (csrc/cpu/*.cpp, csrc/cuda/*.cu) only add TORCH_LIBRARY_IMPL blocks for their own kernels; fake
+// kernels and autograd are registered in Python next to each wrapper (moe_framework/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// A dummy module init: `import moe_framework._C` loads this library, which runs the static
+// registrations below. No pybind11 and no libtorch_python are needed.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(moe_framework, m) {
+  // ---- route: fused gate, logits [T, E] -> weights [T, k] f32, ids [T, k] i32, counts [E] i32 ----
+  // scoring is "softmax" or "sigmoid"; correction_bias [E] (optional) shifts selection only.
+  m.def(
+      "route(Tensor logits, int k, str scoring, Tensor? correction_bias, int n_group, "
+      "int topk_group, bool renormalize, float scaling_factor) -> (Tensor weights, Tensor ids, "
+      "Tensor counts)");
+  // Gradient of route's weights with respect to its logits (ids fixed by the forward).
+  m.def(
+      "route_backward(Tensor grad_weights, Tensor logits, Tensor ids, str scoring, "
+      "bool renormalize, float scaling_factor) -> Tensor");
+
+  // ---- permute / unpermute: dropless token <-> expert-sorted layout, offsets on the device ----
+  // x [T, d], ids [T, k] (-1 = dropped slot) -> x_sorted [T*k, d], row_of_slot [T*k] i64,
+  // offsets [E+1] i64. Stable: within an expert, slots keep their flat order t*k + j.
+  m.def(
+      "permute(Tensor x, Tensor ids, int num_experts) -> (Tensor x_sorted, Tensor row_of_slot, "
+      "Tensor offsets)");
+  // grad_x [T, d] = sum over the k slots of each token of grad_x_sorted[row_of_slot[t*k+j]].
+  m.def("permute_backward(Tensor grad_x_sorted, Tensor row_of_slot, int k) -> Tensor");
+  // y [T, d] = sum_j weights[t, j] * y_sorted[row_of_slot[t*k+j]], summed in j order (no atomics).
+  m.def("unpermute(Tensor y_sorted, Tensor row_of_slot, Tensor weights) -> Tensor");
+  m.def(
+      "unpermute_backward(Tensor grad_y, Tensor y_sorted, Tensor row_of_slot, Tensor weights) -> "
+      "(Tensor grad_y_sorted, Tensor grad_weights)");
+
+  // ---- grouped_gemm: rows offsets[e]:offsets[e+1] of a [M, K] times b[e] ----
+  // b is [E, K, N], or [E, N, K] with trans_b. Rows outside [offsets[0], offsets[E]) give zeros.
+  m.def("grouped_gemm(Tensor a, Tensor b, Tensor offsets, bool trans_b) -> Tensor");
+  // Weight gradient: db[e] = a_e^T @ grad_out_e ([E, K, N]), or its transpose ([E, N, K]) with trans_b.
+  m.def("grouped_gemm_wgrad(Tensor a, Tensor grad_out, Tensor offsets, bool trans_b) -> Tensor");
+
+  // ---- similarity: librarian dedup and knowledge-graph search ----
+  // keep [n] bool, representative [n] i64 (most similar earlier kept-or-not item, self when kept).
+  m.def("dedup(Tensor emb, float threshold) -> (Tensor keep, Tensor representative)");
+  // cosine top-k of queries [q, d] over the first n_valid (0-dim i64 tensor) rows of bank [N, d].
+  m.def("kg_search(Tensor queries, Tensor bank, int k, Tensor n_valid) -> (Tensor scores, Tensor ids)");
+}

@@ -1,0 +1,14 @@
+"""moe_framework: Mixture-of-Experts for PyTorch on our own C++/CUDA operators.
+
+Importing the package loads the compiled extension ``moe_framework._C``, which registers the
+operators under ``torch.ops.moe_framework``; ``moe_framework.ops`` holds their Python wrappers.
+"""
+
+import torch  # noqa: F401  (libtorch must be loaded before our extension)
+
+from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
+from . import ops
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "__version__"]

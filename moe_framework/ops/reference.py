@@ -1,0 +1,105 @@
+"""Plain-PyTorch reference implementations of every operator.
+
+They define the semantics the C++/CUDA kernels must match and are what the tests compare against.
+They are written for clarity, not speed (loops over experts, full similarity matrices).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "permute_ref",
+    "unpermute_ref",
+    "grouped_gemm_ref",
+    "dedup_ref",
+    "kg_search_ref",
+]
+
+
+def permute_ref(x: torch.Tensor, ids: torch.Tensor, num_experts: int):
+    """x [T, d], ids [T, k] (-1 = dropped) -> (x_sorted [T*k, d], row_of_slot [T*k], offsets [E+1]).
+
+    Slots are flattened as s = t*k + j and stably sorted by expert id; dropped slots (-1) go last,
+    after offsets[E], and their rows of x_sorted are zero.
+    """
+    T, k = ids.shape
+    flat = ids.reshape(-1).long()
+    key = torch.where(flat < 0, torch.full_like(flat, num_experts), flat)
+    slot_of_row = torch.sort(key, stable=True).indices
+    row_of_slot = torch.empty_like(slot_of_row)
+    row_of_slot[slot_of_row] = torch.arange(T * k, device=ids.device)
+    x_sorted = x[slot_of_row // max(k, 1)] if T * k > 0 else x.new_zeros(0, x.shape[1])
+    x_sorted = x_sorted * (key[slot_of_row] < num_experts).unsqueeze(1).to(x.dtype)
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return x_sorted, row_of_slot, offsets
+
+
+def unpermute_ref(y_sorted: torch.Tensor, row_of_slot: torch.Tensor, weights: torch.Tensor):
+    """y[t] = sum_j weights[t, j] * y_sorted[row_of_slot[t*k + j]] (summed in j order)."""
+    T, k = weights.shape
+    gathered = y_sorted[row_of_slot].reshape(T, k, -1)
+    out = torch.zeros(T, y_sorted.shape[1], dtype=y_sorted.dtype, device=y_sorted.device)
+    for j in range(k):
+        out = out + weights[:, j : j + 1].to(y_sorted.dtype) * gathered[:, j]
+    return out
+
+
+def grouped_gemm_ref(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, trans_b: bool = False):
+    """out[offsets[e]:offsets[e+1]] = a[offsets[e]:offsets[e+1]] @ (b[e].T if trans_b else b[e]).
+
+    Rows outside [offsets[0], offsets[E]) are zero. Accumulates in float32 for half types.
+    """
+    E = b.shape[0]
+    N = b.shape[1] if trans_b else b.shape[2]
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    out = torch.zeros(a.shape[0], N, dtype=acc, device=a.device)
+    offs = offsets.tolist()
+    for e in range(E):
+        lo, hi = offs[e], offs[e + 1]
+        if hi > lo:
+            w = b[e].t() if trans_b else b[e]
+            out[lo:hi] = a[lo:hi].to(acc) @ w.to(acc)
+    return out.to(a.dtype)
+
+
+def dedup_ref(emb: torch.Tensor, threshold: float):
+    """keep[j] = no earlier i < j has cosine(i, j) > threshold; representative[j] = argmax over
+    those earlier items (lowest index on ties), or j itself when kept."""
+    n = emb.shape[0]
+    e = emb.double()
+    e = e / e.norm(dim=1, keepdim=True)
+    sim = e @ e.t()
+    keep = torch.ones(n, dtype=torch.bool)
+    rep = torch.arange(n, dtype=torch.long)
+    for j in range(n):
+        if j == 0:
+            continue
+        s = sim[j, :j]
+        best = int(torch.argmax(s))  # first maximum = lowest index on ties
+        if s[best] > threshold:
+            keep[j] = False
+            rep[j] = best
+    return keep, rep
+
+
+def kg_search_ref(queries: torch.Tensor, bank: torch.Tensor, k: int, n_valid: int):
+    """Cosine top-k of each query over bank[:n_valid]: (scores [q, k] f32, ids [q, k] i64).
+
+    Ties go to the lower id; missing entries (k > n_valid) have id -1 and score -inf.
+    """
+    q = queries.double()
+    b = bank[:n_valid].double()
+    qn = q / q.norm(dim=1, keepdim=True)
+    bn = b / b.norm(dim=1, keepdim=True)
+    sim = qn @ bn.t()
+    scores = torch.full((q.shape[0], k), float("-inf"), dtype=torch.float64)
+    ids = torch.full((q.shape[0], k), -1, dtype=torch.long)
+    for i in range(q.shape[0]):
+        # stable sort by descending score keeps lower ids first among equal scores
+        order = torch.sort(-sim[i], stable=True).indices[:k]
+        scores[i, : order.numel()] = sim[i, order]
+        ids[i, : order.numel()] = order
+    return scores.float(), ids

@@ -1,0 +1,3 @@
+"""Wrappers, fake kernels and autograd for the route op family (being implemented)."""
+
+__all__: list = []
