@@ -49,10 +49,10 @@ format: venv
 # Developer build into the source tree with the current python (no venv): `make inplace` then
 # `python -m pytest tests`. Use MOE_FRAMEWORK_CUDA=0 for fast CPU-only iterations.
 inplace:
-	cmake -S . -B build/inplace -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	cmake -S . -B build/inplace-$(MOE_FRAMEWORK_CUDA) -G Ninja -DCMAKE_BUILD_TYPE=Release \
 		-DPython_EXECUTABLE=$$(command -v $(PYTHON)) -DMOE_FRAMEWORK_CUDA=$(MOE_FRAMEWORK_CUDA) >/dev/null
-	cmake --build build/inplace -j $(NPROC)
-	cp build/inplace/_C*.so moe_framework/
+	cmake --build build/inplace-$(MOE_FRAMEWORK_CUDA) -j $(NPROC)
+	cp build/inplace-$(MOE_FRAMEWORK_CUDA)/_C*.so moe_framework/
 
 clean:
 	rm -rf build moe_framework/_C*.so
