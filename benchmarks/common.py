@@ -1,0 +1,267 @@
+"""Shared benchmark harness: machine description, timing, measured roofline, tables and JSON.
+
+Every benchmark in this folder:
+  * states the machine it ran on (``machine_info``),
+  * compares against baselines in the same run,
+  * reports achieved rates against the *measured* peak of this machine (``roofline``),
+  * prints a table (``print_table``) and writes JSON (``write_json``).
+
+Benchmarks are not tests: they never assert speed. Threads: ``thread_counts`` never returns more
+threads than cores, and torch's pool is the only one we use (our kernels run on it), so OpenMP x
+BLAS never exceeds the core count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from functools import cache
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+RESULTS_DIR = os.environ.get("MOE_BENCH_RESULTS", "bench_results")
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_flags() -> list:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [
+                        x
+                        for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+                        if x in flags
+                    ]
+    except OSError:
+        pass
+    return []
+
+
+def machine_info(device: str = "cpu") -> dict:
+    """What the numbers were measured on: CPU, cores, ISA flags, torch, threads, BLAS, GPU."""
+    info = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "isa": _cpu_flags(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "blas": "mkl" if torch.backends.mkl.is_available() else "other",
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def thread_counts(requested: Optional[Iterable[int]] = None) -> list:
+    """Thread counts to sweep, capped at the core count (never oversubscribe)."""
+    cores = os.cpu_count() or 1
+    req = list(requested) if requested else sorted({1, cores})
+    return [t for t in req if 1 <= t <= cores] or [1]
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timeit(
+    fn: Callable[[], object],
+    *,
+    device: str = "cpu",
+    warmup: int = 2,
+    min_reps: int = 5,
+    min_time: float = 0.2,
+    max_reps: int = 1000,
+) -> dict:
+    """Time ``fn`` (already bound to its inputs): median, min, mean and stdev in seconds."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (
+        time.perf_counter() - start < min_time and len(times) < max_reps
+    ):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "mean_s": statistics.fmean(times),
+        "stdev_s": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "reps": len(times),
+    }
+
+
+# --------------------------------------------------------------------------- roofline
+
+
+@cache
+def _measure_gemm_flops(threads: int, dtype: torch.dtype, device: str, n: int) -> float:
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
+        t = timeit(lambda: torch.mm(a, b), device=device, min_time=0.5)
+        return 2.0 * n**3 / t["min_s"]
+    finally:
+        torch.set_num_threads(prev)
+
+
+@cache
+def _measure_bandwidth(threads: int, device: str, numel: int) -> float:
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.rand(numel, device=device)
+        b = torch.rand(numel, device=device)
+        c = torch.empty(numel, device=device)
+        # triad c = a + s*b: reads 2 arrays, writes 1
+        t = timeit(lambda: torch.add(a, b, alpha=1.5, out=c), device=device, min_time=0.5)
+        return 3.0 * numel * 4 / t["min_s"]
+    finally:
+        torch.set_num_threads(prev)
+
+
+def roofline(threads: Optional[int] = None, device: str = "cpu", quick: bool = False) -> dict:
+    """Measured peak of this machine at ``threads``: fp32 and bf16 GEMM FLOP/s (large square
+    torch.mm) and DRAM bandwidth (triad on arrays far larger than the caches), in GFLOP/s, GB/s."""
+    threads = threads or torch.get_num_threads()
+    n = 1024 if quick else 2048
+    numel = (16 if quick else 64) * 1024 * 1024
+    return {
+        "threads": threads,
+        "gemm_fp32_gflops": _measure_gemm_flops(threads, torch.float32, device, n) / 1e9,
+        "gemm_bf16_gflops": _measure_gemm_flops(threads, torch.bfloat16, device, n) / 1e9,
+        "triad_gbs": _measure_bandwidth(threads, device, numel) / 1e9,
+    }
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _child(conn, target: str, kwargs: dict) -> None:
+    try:
+        module_name, func_name = target.split(":")
+        __import__(module_name)
+        func = getattr(sys.modules[module_name], func_name)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        extra = func(**kwargs)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        conn.send(
+            {"peak_rss_mb": peak / 1024, "delta_rss_mb": (peak - base) / 1024, "extra": extra}
+        )
+    except BaseException as exc:  # report, don't hang the parent
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        conn.close()
+
+
+def peak_memory_in_subprocess(target: str, timeout: float = 600.0, **kwargs) -> dict:
+    """Run ``module:function(**kwargs)`` in a fresh spawned process and report its peak RSS.
+
+    ``delta_rss_mb`` is the growth of the peak during the call, after imports; the function should
+    import what it needs at module level so imports are not counted. One process per
+    configuration, so peaks of earlier configurations never hide later ones.
+    """
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, target, kwargs))
+    proc.start()
+    child.close()
+    if not parent.poll(timeout):
+        proc.kill()
+        proc.join()
+        raise TimeoutError(f"peak_memory_in_subprocess: {target} took longer than {timeout}s")
+    out = parent.recv()
+    proc.join()
+    if "error" in out:
+        raise RuntimeError(f"peak_memory_in_subprocess: {target} failed: {out['error']}")
+    return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v == 0 or 1e-3 <= abs(v) < 1e6:
+            return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+        return f"{v:.3e}"
+    return str(v)
+
+
+def print_table(
+    rows: Sequence[dict], columns: Optional[Sequence[str]] = None, title: str = ""
+) -> str:
+    """Print rows (dicts) as an aligned markdown table; returns the text."""
+    if not rows:
+        return ""
+    columns = list(columns or rows[0].keys())
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = []
+    if title:
+        lines.append(f"\n### {title}\n")
+    lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        lines.append("| " + " | ".join(v.rjust(w) for v, w in zip(row, widths)) + " |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def write_json(name: str, payload: dict, out_dir: Optional[str] = None) -> str:
+    """Write ``payload`` (plus a timestamp) to ``<out_dir>/<name>.json``; returns the path."""
+    out_dir = out_dir or RESULTS_DIR
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    payload = dict(payload)
+    payload.setdefault("timestamp", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    print(f"wrote {path}", flush=True)
+    return path
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """Common flags: --quick (small sizes, few reps), --threads, --device, --out."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small sizes and few reps (smoke run)")
+    p.add_argument("--threads", type=int, nargs="*", default=None, help="thread counts to sweep")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--out", default=None, help=f"JSON output folder (default {RESULTS_DIR})")
+    return p
