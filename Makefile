@@ -21,9 +21,11 @@ venv: $(VENV)/.deps-stamp
 # --no-build-isolation: compile against the torch installed in the venv (an extension must match
 # the exact torch it is loaded into; an isolated build would fetch another torch to build with).
 install: venv
+	@mkdir -p build
 	CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) $(PY) -m pip install --no-build-isolation --no-deps -v . \
-		2>&1 | grep -E "moe_framework:|warning|error|Successfully" || true
-	$(PY) -c "import moe_framework, sys; print('moe_framework kernels:', moe_framework.ops.registered_kernels()['route'])"
+		> build/pip-install.log 2>&1 || (tail -60 build/pip-install.log; exit 1)
+	@grep -E "moe_framework:|warning:|Successfully installed" build/pip-install.log || true
+	cd / && $(abspath $(PY)) -c "import moe_framework; print('kernels:', moe_framework.ops.registered_kernels())"
 
 # Runs the suite against the installed wheel (pytest from the venv does not put the source tree
 # on sys.path, so the compiled extension under test is the installed one).
