@@ -227,16 +227,6 @@ at::Tensor permute_backward_cpu(const at::Tensor& grad_x_sorted_in,
   return grad_x;
 }
 
-// Calls fn.template operator()<weight_t>() with weight_t = float or scalar_t, matching weights.
-template <typename scalar_t, typename Fn>
-void dispatch_weight_type(const at::Tensor& weights, Fn&& fn) {
-  if (weights.scalar_type() == at::kFloat) {
-    fn(float{});
-  } else {
-    fn(scalar_t{});
-  }
-}
-
 at::Tensor unpermute_cpu(const at::Tensor& y_sorted_in, const at::Tensor& row_of_slot_in,
                          const at::Tensor& weights_in) {
   permute::check_unpermute_inputs("unpermute", y_sorted_in, row_of_slot_in, weights_in);
@@ -251,7 +241,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_sorted_in, const at::Tensor& row_of
   if (T == 0 || d == 0) return out;
   if (k == 0) return out.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "unpermute", [&] {
-    dispatch_weight_type<scalar_t>(weights, [&](auto w_tag) {
+    permute::dispatch_weight_type<scalar_t>(weights, [&](auto w_tag) {
       using weight_t = decltype(w_tag);
       gather_combine<scalar_t, weight_t, true>(y.const_data_ptr<scalar_t>(), y.stride(0), r,
                                                weights.const_data_ptr<weight_t>(), T, k, d,
@@ -324,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
   if (n == 0) return {grad_y_sorted, grad_weights};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, y.scalar_type(), "unpermute_backward", [&] {
-        dispatch_weight_type<scalar_t>(weights, [&](auto w_tag) {
+        permute::dispatch_weight_type<scalar_t>(weights, [&](auto w_tag) {
           using weight_t = decltype(w_tag);
           unpermute_backward_kernel<scalar_t, weight_t>(
               gy.const_data_ptr<scalar_t>(), gy.stride(0), y.const_data_ptr<scalar_t>(),

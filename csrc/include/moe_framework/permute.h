@@ -138,6 +138,17 @@ inline void check_unpermute_backward_inputs(const at::Tensor& grad_y, const at::
               "], got ", grad_y.sizes());
 }
 
+// Calls fn(weight_t{}) with weight_t = float when weights is float32, else scalar_t (the other
+// dtype check_unpermute_inputs accepts). Keeps the kernels' instantiations to two weight types.
+template <typename scalar_t, typename Fn>
+void dispatch_weight_type(const at::Tensor& weights, Fn&& fn) {
+  if (weights.scalar_type() == at::kFloat) {
+    fn(float{});
+  } else {
+    fn(scalar_t{});
+  }
+}
+
 // Rows are read with a unit inner stride; only the row stride may be arbitrary. Returns `t` itself
 // when it already qualifies (no copy), else a contiguous copy.
 inline at::Tensor with_unit_inner_stride(const at::Tensor& t) {
