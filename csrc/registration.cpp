@@ -32,10 +32,15 @@ TORCH_LIBRARY(moe_framework, m) {
   m.def(
       "permute(Tensor x, Tensor ids, int num_experts) -> (Tensor x_sorted, Tensor row_of_slot, "
       "Tensor offsets)");
-  // grad_x [T, d] = sum over the k slots of each token of grad_x_sorted[row_of_slot[t*k+j]].
-  m.def("permute_backward(Tensor grad_x_sorted, Tensor row_of_slot, int k) -> Tensor");
+  // grad_x [T, d] = sum over the k routed slots of each token of grad_x_sorted[row_of_slot[t*k+j]];
+  // rows >= offsets[E] hold dropped slots (constant zero rows) and carry no gradient.
+  m.def(
+      "permute_backward(Tensor grad_x_sorted, Tensor row_of_slot, Tensor offsets, int k) -> "
+      "Tensor");
   // y [T, d] = sum_j weights[t, j] * y_sorted[row_of_slot[t*k+j]], summed in j order (no atomics).
   m.def("unpermute(Tensor y_sorted, Tensor row_of_slot, Tensor weights) -> Tensor");
+  // grad_y_sorted [T*k, d]: row row_of_slot[t*k+j] = weights[t, j] * grad_y[t];
+  // grad_weights [T, k] (dtype of weights) = dot(grad_y[t], y_sorted[row_of_slot[t*k+j]]).
   m.def(
       "unpermute_backward(Tensor grad_y, Tensor y_sorted, Tensor row_of_slot, Tensor weights) -> "
       "(Tensor grad_y_sorted, Tensor grad_weights)");

@@ -40,7 +40,7 @@ def permute_ref(x: torch.Tensor, ids: torch.Tensor, num_experts: int):
 def unpermute_ref(y_sorted: torch.Tensor, row_of_slot: torch.Tensor, weights: torch.Tensor):
     """y[t] = sum_j weights[t, j] * y_sorted[row_of_slot[t*k + j]] (summed in j order)."""
     T, k = weights.shape
-    gathered = y_sorted[row_of_slot].reshape(T, k, -1)
+    gathered = y_sorted[row_of_slot].reshape(T, k, y_sorted.shape[1])
     out = torch.zeros(T, y_sorted.shape[1], dtype=y_sorted.dtype, device=y_sorted.device)
     for j in range(k):
         out = out + weights[:, j : j + 1].to(y_sorted.dtype) * gathered[:, j]
