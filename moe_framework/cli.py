@@ -44,7 +44,9 @@ def info_dict() -> dict:
     from moe_framework import ops
 
     cuda = torch.cuda.is_available()
-    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
+    devices = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
+    )
     return {
         "versions": {
             "python": platform.python_version(),
@@ -167,13 +169,13 @@ def _parse_vector(text: str):
 
 
 def cmd_kg(args: argparse.Namespace) -> int:
+    if not os.path.exists(args.store):
+        print(f"kg: {args.store} does not exist", file=sys.stderr)
+        return 2
     import numpy as np
 
     from moe_framework.knowledge_graph import KnowledgeGraph
 
-    if not os.path.exists(args.store):
-        print(f"kg: {args.store} does not exist", file=sys.stderr)
-        return 2
     with KnowledgeGraph.open(args.store, readonly=True) as kg:
         print(f"store: {args.store}")
         print(f"  nodes: {len(kg)}  edges: {kg.num_edges()}  dim: {kg.dim}")

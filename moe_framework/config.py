@@ -248,9 +248,7 @@ class MoEConfig:
         names = self.specialisation_names
         if names is not None:
             if len(names) != E:
-                raise _bad(
-                    "specialisation_names", f"one name per expert ({E} names)", list(names)
-                )
+                raise _bad("specialisation_names", f"one name per expert ({E} names)", list(names))
             if len(set(names)) != len(names):
                 raise _bad("specialisation_names", "distinct names", list(names))
         if self.kg_path is None:
@@ -289,7 +287,7 @@ class MoEConfig:
             return tuple(self.specialisation_names)
         return tuple(f"expert_{i}" for i in range(self.num_experts))
 
-    def replace(self, **changes: Any) -> "MoEConfig":
+    def replace(self, **changes: Any) -> MoEConfig:
         """A validated copy with some fields changed."""
         d = self.to_dict()
         d.pop("format")
@@ -307,7 +305,7 @@ class MoEConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MoEConfig":
+    def from_dict(cls, d: dict) -> MoEConfig:
         """Inverse of :meth:`to_dict`; unknown keys or a foreign ``format`` raise ValueError."""
         if not isinstance(d, dict):
             raise _bad("JSON document", "an object", type(d).__name__)
@@ -334,7 +332,7 @@ class MoEConfig:
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: Union[str, os.PathLike]) -> "MoEConfig":
+    def from_json(cls, text_or_path: Union[str, os.PathLike]) -> MoEConfig:
         """Parse a JSON string, or read a file when given a path to an existing file."""
         s = os.fspath(text_or_path)
         if not s.lstrip().startswith("{") and os.path.exists(s):
