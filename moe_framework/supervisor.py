@@ -14,6 +14,7 @@ an unused expert-choice slot) and has weight 0. See ``docs/routing.md`` for the 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -366,11 +367,11 @@ class Supervisor(nn.Module):
 
         if strategy not in STRATEGIES:
             bad("strategy", f"one of {STRATEGIES}", strategy)
-        if not isinstance(d_model, int) or d_model < 1:
+        if not isinstance(d_model, numbers.Integral) or d_model < 1:
             bad("d_model", "a positive int", d_model)
-        if not isinstance(num_experts, int) or num_experts < 1:
+        if not isinstance(num_experts, numbers.Integral) or num_experts < 1:
             bad("num_experts", "a positive int", num_experts)
-        if not isinstance(k, int) or not 1 <= k <= num_experts:
+        if not isinstance(k, numbers.Integral) or not 1 <= k <= num_experts:
             bad("k", f"in [1, num_experts={num_experts}]", k)
         if strategy == "switch" and k != 1:
             bad("k", "1 for strategy='switch' (top-1 routing)", k)
@@ -394,9 +395,9 @@ class Supervisor(nn.Module):
             bad("jitter_eps", "in [0, 1)", jitter_eps)
         if not (routed_scaling_factor > 0 and math.isfinite(routed_scaling_factor)):
             bad("routed_scaling_factor", "a finite float > 0", routed_scaling_factor)
-        if not isinstance(n_group, int) or n_group < 1 or num_experts % n_group != 0:
+        if not isinstance(n_group, numbers.Integral) or n_group < 1 or num_experts % n_group != 0:
             bad("n_group", f"a positive divisor of num_experts={num_experts}", n_group)
-        if not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
+        if not isinstance(topk_group, numbers.Integral) or not 1 <= topk_group <= n_group:
             bad("topk_group", f"in [1, n_group={n_group}]", topk_group)
         if k > topk_group * (num_experts // n_group):
             bad(
@@ -423,9 +424,9 @@ class Supervisor(nn.Module):
         if attention_dim is not None and (not isinstance(attention_dim, int) or attention_dim < 1):
             bad("attention_dim", "None or a positive int", attention_dim)
 
-        self.d_model = d_model
-        self.num_experts = num_experts
-        self.k = k
+        self.d_model = int(d_model)
+        self.num_experts = int(num_experts)
+        self.k = int(k)
         self.strategy = strategy
         self.renormalize = renormalize
         self.temperature = float(temperature)
@@ -435,8 +436,8 @@ class Supervisor(nn.Module):
         self.z_loss_coef = float(z_loss_coef)
         self.bias_update_rate = float(bias_update_rate)
         self.auto_update_bias = auto_update_bias
-        self.n_group = n_group
-        self.topk_group = topk_group
+        self.n_group = int(n_group)
+        self.topk_group = int(topk_group)
         self.routed_scaling_factor = float(routed_scaling_factor)
         self.noise_eps = float(noise_eps)
         self.jitter_eps = float(jitter_eps)
@@ -618,14 +619,16 @@ class Supervisor(nn.Module):
         aux = logits.new_zeros(())
         want_stats = self.track_stats
         if self.load_balance_coef > 0 or want_stats:
-            probs = self._probs(logits)
-            scope_len = seq_len if self.load_balance_scope == "sequence" else None
-            lb = load_balancing_loss(probs, selected, mask, scope_len)
+            # Telemetry-only losses are computed without building an autograd graph.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.load_balance_coef > 0):
+                scope_len = seq_len if self.load_balance_scope == "sequence" else None
+                lb = load_balancing_loss(self._probs(logits), selected, mask, scope_len)
             stats["load_loss"] = lb.detach()
             if self.load_balance_coef > 0:
                 aux = aux + self.load_balance_coef * lb
         if self.z_loss_coef > 0 or want_stats:
-            z = router_z_loss(logits, mask)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.z_loss_coef > 0):
+                z = router_z_loss(logits, mask)
             stats["z_loss"] = z.detach()
             if self.z_loss_coef > 0:
                 aux = aux + self.z_loss_coef * z
