@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace moe_framework {
@@ -251,6 +252,7 @@ int64_t search_blocks(const acc_t* qn, int64_t q, int64_t d, const scalar_t* ban
   std::vector<int64_t> bad(static_cast<size_t>(tasks), -1);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor bank_buf, score_buf;
+    std::vector<acc_t> scale(static_cast<size_t>(NB));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / segs;
       const int64_t s = t % segs;
@@ -272,21 +274,39 @@ int64_t search_blocks(const acc_t* qn, int64_t q, int64_t d, const scalar_t* ban
         const int64_t c0 = blk * NB;
         const int64_t c1 = std::min(nv, c0 + NB);
         if (causal && c0 + 1 >= row_end) break;  // no row of this group sees column c0
-        const acc_t* b;
-        int64_t ldb;
+        const acc_t* b = nullptr;
+        int64_t ldb = d;
+        bool scaled = false;
         if (bank_normalized) {
           // scalar_t == acc_t here (dedup passes its normalised copy).
           b = reinterpret_cast<const acc_t*>(bank) + c0 * bank_stride;
           ldb = bank_stride;
         } else {
-          acc_t* buf = bank_buf.data_ptr<acc_t>();
-          const int64_t r = normalize_rows(bank, bank_stride, c0, c1, d, buf);
-          if (r >= 0) {
-            bad[t] = r;
-            break;
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            // Raw rows straight into the GEMM, scores scaled by 1/||row|| afterwards: no copy of
+            // the block. Only when every squared norm is a normal acc_t number, so the raw
+            // products neither overflow nor lose bits to subnormals; else the normalised copy.
+            scaled = true;
+            for (int64_t row = c0; row < c1 && scaled; ++row) {
+              const acc_t ss = sum_of_squares<acc_t>(bank + row * bank_stride, d);
+              scaled = norm_ok(ss) && ss >= std::numeric_limits<acc_t>::min();
+              scale[row - c0] = scaled ? static_cast<acc_t>(inv_norm(ss)) : acc_t(0);
+            }
+            if (scaled) {
+              b = bank + c0 * bank_stride;
+              ldb = bank_stride;
+            }
           }
-          b = buf;
-          ldb = d;
+          if (!scaled) {
+            acc_t* buf = bank_buf.data_ptr<acc_t>();
+            const int64_t r = normalize_rows(bank, bank_stride, c0, c1, d, buf);
+            if (r >= 0) {
+              bad[t] = r;
+              break;
+            }
+            b = buf;
+            ldb = d;
+          }
         }
         const int64_t nb = c1 - c0;
         for (int64_t r0 = row_begin; r0 < row_end; r0 += QB) {
@@ -294,7 +314,10 @@ int64_t search_blocks(const acc_t* qn, int64_t q, int64_t d, const scalar_t* ban
           if (causal && r1 - 1 <= c0) continue;  // every row here precedes the block
           scores_gemm(qn + r0 * d, r1 - r0, b, nb, ldb, d, sbuf);
           for (int64_t r = r0; r < r1; ++r) {
-            const acc_t* srow = sbuf + (r - r0) * nb;
+            acc_t* srow = sbuf + (r - r0) * nb;
+            if (scaled) {
+              for (int64_t j = 0; j < nb; ++j) srow[j] *= scale[j];
+            }
             acc_t* hs = part_score + r * k;
             int64_t* hi = part_id + r * k;
             int64_t& size = part_size[r];
