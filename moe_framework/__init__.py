@@ -8,6 +8,7 @@ import torch  # noqa: F401  (libtorch must be loaded before our extension)
 
 from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
 from . import ops
+from .constellation import DraftReports, ExpertBank, MoELayer, RoutingInfo  # noqa: F401
 
 __version__ = "0.1.0"
 
