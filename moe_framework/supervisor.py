@@ -467,6 +467,16 @@ class Supervisor(nn.Module):
         self.register_buffer("noise_step", torch.zeros((), dtype=torch.int64))
         self.stats = RoutingStats(num_experts)
 
+    def _apply(self, fn, recurse=True):
+        # The selection bias stays float32 under module.to(torch.bfloat16): updates of u = 1e-3
+        # would vanish in bf16's 8-bit mantissa (DeepSeek-V3 keeps it in fp32 too).
+        old = self._buffers["selection_bias"]
+        super()._apply(fn, recurse)
+        new = self._buffers["selection_bias"]
+        if new.dtype != torch.float32:
+            self._buffers["selection_bias"] = old.to(device=new.device)
+        return self
+
     @property
     def slots_per_token(self) -> int:
         """Static number of slots per token in the decisions this supervisor returns."""

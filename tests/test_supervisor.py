@@ -772,3 +772,19 @@ def test_cuda_graph_capture_replays_routing_with_capacity_stats_and_bias(seed):
         assert torch.equal(out.ids, want.ids)
         assert int(out.stats["dropped"]) == int(want.stats["dropped"])
     assert sup.routing_stats()["steps"] == 3  # capture itself records nothing; 3 replays do
+
+
+def test_bf16_module_keeps_fp32_bias_and_fp64_telemetry(seed):
+    sup = make("topk", 8, 4, 2, bias_update_rate=1e-3, track_stats=True).to(torch.bfloat16)
+    assert sup.gate.weight.dtype == torch.bfloat16
+    assert sup.selection_bias.dtype == torch.float32
+    assert sup.stats.entropy_sum.dtype == torch.float64
+    with torch.no_grad():
+        sup.selection_bias.fill_(0.5)
+    for _ in range(5):
+        sup.update_bias(torch.tensor([9, 1, 1, 1]))
+    # In bf16, 0.5 + 0.001 rounds back to 0.5; in fp32 the five updates add up.
+    torch.testing.assert_close(sup.selection_bias[1], torch.tensor(0.505))
+    dec = sup.train()(torch.randn(6, 8, dtype=torch.bfloat16))
+    assert dec.weights.dtype == torch.float32 and dec.logits.dtype == torch.float32
+    assert sup.routing_stats()["tokens"] == 6
