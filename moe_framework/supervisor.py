@@ -174,7 +174,9 @@ def load_balancing_loss(
     T, E = probs.shape
     w = _token_weights(mask, T, probs.device)
     sel = _selection_matrix(ids, E)
-    p = probs.float()
+    # float32 at least; float64 stays float64 (gradcheck).
+    p = probs.to(torch.promote_types(probs.dtype, torch.float32))
+    w, sel = w.to(p.dtype), sel.to(p.dtype)
     if seq_len is None:
         n = w.sum().clamp_min(1.0)
         f = (sel * w[:, None]).sum(0) / n
@@ -199,7 +201,8 @@ def router_z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> 
     """ST-MoE router z-loss ``mean_t logsumexp(logits_t)^2`` over real tokens (0-dim float32)."""
     T = logits.shape[0]
     w = _token_weights(mask, T, logits.device)
-    lse = torch.logsumexp(logits.float(), dim=-1)
+    lse = torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    w = w.to(lse.dtype)
     return (lse.square() * w).sum() / w.sum().clamp_min(1.0)
 
 
