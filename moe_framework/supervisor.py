@@ -268,31 +268,7 @@ def counter_normal(seed: int, step: torch.Tensor, shape, stream: int = 0, device
 # ------------------------------------------------------------------------------------------------
 
 
-def _route_torch(logits, k, scoring, correction_bias, n_group, topk_group, renormalize, scale):
-    # TEMPORARY stand-in for ops.route until the fused op lands on main.
-    scores = torch.softmax(logits, -1) if scoring == "softmax" else torch.sigmoid(logits)
-    choice = scores if correction_bias is None else scores + correction_bias
-    T, E = logits.shape
-    if n_group > 1:
-        g = choice.reshape(T, n_group, E // n_group)
-        gs = g.topk(min(2, E // n_group), dim=-1).values.sum(-1)
-        gi = gs.topk(topk_group, dim=-1).indices
-        gm = torch.zeros_like(gs, dtype=torch.bool).scatter(1, gi, True)
-        gm = gm[:, :, None].expand(T, n_group, E // n_group).reshape(T, E)
-        choice = choice.masked_fill(~gm, float("-inf"))
-    ids = choice.topk(k, dim=-1).indices
-    w = scores.gather(1, ids)
-    if renormalize:
-        w = w / w.sum(-1, keepdim=True)
-    w = w * scale
-    return w.float(), ids.to(torch.int32), expert_counts(ids, E)
-
-
 def _route(logits, k, scoring, correction_bias, n_group, topk_group, renormalize, scaling_factor):
-    if not callable(getattr(ops, "route", None)):
-        return _route_torch(
-            logits, k, scoring, correction_bias, n_group, topk_group, renormalize, scaling_factor
-        )
     return ops.route(
         logits,
         k,
