@@ -1,0 +1,149 @@
+import dataclasses
+import json
+
+import pytest
+
+from moe_framework.config import (
+    ACTIVATIONS,
+    AMP_DTYPES,
+    COMPILE_MODES,
+    INDEX_TYPES,
+    ROUTING_STRATEGIES,
+    MoEConfig,
+)
+
+
+def test_config_defaults_are_valid_and_json_round_trips():
+    cfg = MoEConfig(input_dim=64, specialisation_names=[f"e{i}" for i in range(8)])
+    back = MoEConfig.from_json(cfg.to_json())
+    assert back == cfg
+    assert back.specialisation_names == tuple(f"e{i}" for i in range(8))
+    assert json.loads(cfg.to_json())["format"] == "moe_framework.MoEConfig/1"
+
+
+def test_config_json_file_round_trip_keeps_every_field(tmp_path):
+    cfg = MoEConfig(
+        d_model=32,
+        d_hidden=48,
+        num_layers=3,
+        vocab_size=100,
+        output_dim=100,
+        num_experts=16,
+        top_k=4,
+        activation="gelu",
+        num_shared_experts=1,
+        routing_strategy="grouped_sigmoid",
+        num_groups=4,
+        topk_groups=2,
+        routed_scaling_factor=2.5,
+        bias_update_rate=1e-3,
+        capacity_factor=1.25,
+        kg_path=str(tmp_path / "kg.sqlite"),
+        consolidation_interval=10,
+        kg_checkpoint_interval=100,
+        compile_mode="max-autotune",
+        amp_dtype="bf16",
+        gradient_checkpointing=True,
+        grad_clip_norm=None,
+        max_seq_len=128,
+    )
+    path = tmp_path / "config.json"
+    cfg.to_json(path)
+    back = MoEConfig.from_json(path)
+    assert back == cfg
+    for f in dataclasses.fields(MoEConfig):
+        assert getattr(back, f.name) == getattr(cfg, f.name), f.name
+
+
+def test_config_from_json_rejects_unknown_keys():
+    d = json.loads(MoEConfig().to_json())
+    d["num_expertz"] = 4
+    with pytest.raises(ValueError, match="unknown field.*num_expertz"):
+        MoEConfig.from_json(json.dumps(d))
+
+
+def test_config_from_json_rejects_foreign_format_and_bad_json():
+    d = json.loads(MoEConfig().to_json())
+    d["format"] = "something/else"
+    with pytest.raises(ValueError, match="format"):
+        MoEConfig.from_dict(d)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        MoEConfig.from_json("{not json")
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(top_k=9, num_experts=8), "top_k"),
+        (dict(top_k=0), "top_k"),
+        (dict(routing_strategy="switch", top_k=2), "top_k"),
+        (dict(num_experts=8, num_groups=3), "num_groups"),
+        (dict(num_experts=8, num_groups=2, topk_groups=3), "topk_groups"),
+        (dict(num_experts=8, num_groups=4, topk_groups=1, top_k=3), "top_k"),
+        (dict(routing_strategy="expert_choice", bias_update_rate=0.01), "bias_update_rate"),
+        (dict(routing_strategy="expert_choice", num_groups=2), "num_groups"),
+        (dict(routing_strategy="expert_choice", causal=True), "expert_choice"),
+        (dict(routing_strategy="topk", router_noise_eps=0.1), "router_noise_eps"),
+        (dict(specialisation_names=["a", "b"]), "specialisation_names"),
+        (dict(num_experts=2, top_k=1, specialisation_names=["a", "a"]), "specialisation_names"),
+        (dict(consolidation_interval=5), "kg_path"),
+        (dict(kg_checkpoint_interval=5), "kg_path"),
+        (dict(cuda_graphs=True, compile_mode="reduce-overhead"), "cuda_graphs"),
+        (dict(input_dim=4, vocab_size=10), "input_dim"),
+        (dict(activation="tanh"), "activation"),
+        (dict(routing_strategy="hash"), "routing_strategy"),
+        (dict(compile_mode="fast"), "compile_mode"),
+        (dict(amp_dtype="fp8"), "amp_dtype"),
+        (dict(kg_index_type="annoy"), "kg_index_type"),
+        (dict(router_temperature=0.0), "router_temperature"),
+        (dict(capacity_factor=0.0), "capacity_factor"),
+        (dict(capacity_factor=float("nan")), "capacity_factor"),
+        (dict(router_jitter=1.0), "router_jitter"),
+        (dict(aux_loss_weight=-1.0), "aux_loss_weight"),
+        (dict(z_loss_weight=float("inf")), "z_loss_weight"),
+        (dict(dedup_threshold=0.0), "dedup_threshold"),
+        (dict(dedup_threshold=1.5), "dedup_threshold"),
+        (dict(kg_merge_threshold=-0.1), "kg_merge_threshold"),
+        (dict(kg_snapshots_kept=0), "kg_snapshots_kept"),
+        (dict(grad_clip_norm=0.0), "grad_clip_norm"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(d_model=0), "d_model"),
+        (dict(d_hidden=2.5), "d_hidden"),
+        (dict(num_layers=True), "num_layers"),
+        (dict(max_batch_size=0), "max_batch_size"),
+        (dict(max_seq_len=None), "max_seq_len"),
+        (dict(num_shared_experts=-1), "num_shared_experts"),
+        (dict(cuda_graphs="yes"), "cuda_graphs"),
+        (dict(kg_path=3), "kg_path"),
+    ],
+)
+def test_config_rejects_invalid_value_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        MoEConfig(**kwargs)
+
+
+def test_config_unknown_constructor_argument_is_an_error():
+    with pytest.raises(TypeError):
+        MoEConfig(num_expertz=4)
+
+
+def test_config_replace_validates_the_copy():
+    cfg = MoEConfig(num_experts=8, top_k=2)
+    assert cfg.replace(top_k=4).top_k == 4
+    assert cfg.top_k == 2
+    with pytest.raises(ValueError, match="top_k"):
+        cfg.replace(top_k=16)
+
+
+def test_config_expert_names_default_and_given():
+    assert MoEConfig(num_experts=3, top_k=1).expert_names == ("expert_0", "expert_1", "expert_2")
+    names = ("a", "b", "c")
+    assert MoEConfig(num_experts=3, top_k=1, specialisation_names=names).expert_names == names
+
+
+def test_config_choices_match_the_modules_they_configure():
+    from moe_framework.supervisor import STRATEGIES
+
+    assert set(ROUTING_STRATEGIES) == set(STRATEGIES)
+    assert "none" in COMPILE_MODES and "none" in AMP_DTYPES
+    assert "flat" in INDEX_TYPES and "swiglu" in ACTIVATIONS
