@@ -15,12 +15,6 @@ from moe_framework.integrations.transformers import (
 
 transformers = pytest.importorskip("transformers")
 
-# Until ops.route and ops.grouped_gemm land on main (parallel work), these tests cannot run.
-pytestmark = pytest.mark.skipif(
-    not callable(getattr(moe_framework.ops, "route", None))
-    or not torch._C._dispatch_has_kernel_for_dispatch_key("moe_framework::grouped_gemm", "CPU"),
-    reason="needs ops.route and the grouped_gemm CPU kernel",
-)
 
 COMMON = dict(
     hidden_size=32,
