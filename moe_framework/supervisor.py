@@ -174,7 +174,9 @@ def load_balancing_loss(
     T, E = probs.shape
     w = _token_weights(mask, T, probs.device)
     sel = _selection_matrix(ids, E)
-    p = probs.float()
+    # float32 at least; float64 stays float64 (gradcheck).
+    p = probs.to(torch.promote_types(probs.dtype, torch.float32))
+    w, sel = w.to(p.dtype), sel.to(p.dtype)
     if seq_len is None:
         n = w.sum().clamp_min(1.0)
         f = (sel * w[:, None]).sum(0) / n
@@ -199,7 +201,8 @@ def router_z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> 
     """ST-MoE router z-loss ``mean_t logsumexp(logits_t)^2`` over real tokens (0-dim float32)."""
     T = logits.shape[0]
     w = _token_weights(mask, T, logits.device)
-    lse = torch.logsumexp(logits.float(), dim=-1)
+    lse = torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    w = w.to(lse.dtype)
     return (lse.square() * w).sum() / w.sum().clamp_min(1.0)
 
 
@@ -265,31 +268,7 @@ def counter_normal(seed: int, step: torch.Tensor, shape, stream: int = 0, device
 # ------------------------------------------------------------------------------------------------
 
 
-def _route_torch(logits, k, scoring, correction_bias, n_group, topk_group, renormalize, scale):
-    # TEMPORARY stand-in for ops.route until the fused op lands on main.
-    scores = torch.softmax(logits, -1) if scoring == "softmax" else torch.sigmoid(logits)
-    choice = scores if correction_bias is None else scores + correction_bias
-    T, E = logits.shape
-    if n_group > 1:
-        g = choice.reshape(T, n_group, E // n_group)
-        gs = g.topk(min(2, E // n_group), dim=-1).values.sum(-1)
-        gi = gs.topk(topk_group, dim=-1).indices
-        gm = torch.zeros_like(gs, dtype=torch.bool).scatter(1, gi, True)
-        gm = gm[:, :, None].expand(T, n_group, E // n_group).reshape(T, E)
-        choice = choice.masked_fill(~gm, float("-inf"))
-    ids = choice.topk(k, dim=-1).indices
-    w = scores.gather(1, ids)
-    if renormalize:
-        w = w / w.sum(-1, keepdim=True)
-    w = w * scale
-    return w.float(), ids.to(torch.int32), expert_counts(ids, E)
-
-
 def _route(logits, k, scoring, correction_bias, n_group, topk_group, renormalize, scaling_factor):
-    if not callable(getattr(ops, "route", None)):
-        return _route_torch(
-            logits, k, scoring, correction_bias, n_group, topk_group, renormalize, scaling_factor
-        )
     return ops.route(
         logits,
         k,
@@ -466,6 +445,16 @@ class Supervisor(nn.Module):
         self.register_buffer("load_accumulator", torch.zeros(num_experts, dtype=torch.int64))
         self.register_buffer("noise_step", torch.zeros((), dtype=torch.int64))
         self.stats = RoutingStats(num_experts)
+
+    def _apply(self, fn, recurse=True):
+        # The selection bias stays float32 under module.to(torch.bfloat16): updates of u = 1e-3
+        # would vanish in bf16's 8-bit mantissa (DeepSeek-V3 keeps it in fp32 too).
+        old = self._buffers["selection_bias"]
+        super()._apply(fn, recurse)
+        new = self._buffers["selection_bias"]
+        if new.dtype != torch.float32:
+            self._buffers["selection_bias"] = old.to(device=new.device)
+        return self
 
     @property
     def slots_per_token(self) -> int:

@@ -519,7 +519,7 @@ def test_z_loss_matches_formula_and_is_in_aux_loss(seed):
     z = [math.log(sum(math.exp(float(v)) for v in lg[t])) ** 2 for t in range(T) if mask[t]]
     assert float(dec.stats["z_loss"]) == pytest.approx(sum(z) / len(z), rel=1e-5)
     torch.testing.assert_close(dec.aux_loss, 0.1 * dec.stats["z_loss"])
-    assert float(router_z_loss(dec.logits)) > 0
+    assert float(router_z_loss(dec.logits.detach())) > 0
     dec.aux_loss.backward()
     assert sup.gate.weight.grad.abs().sum() > 0
 
@@ -772,3 +772,35 @@ def test_cuda_graph_capture_replays_routing_with_capacity_stats_and_bias(seed):
         assert torch.equal(out.ids, want.ids)
         assert int(out.stats["dropped"]) == int(want.stats["dropped"])
     assert sup.routing_stats()["steps"] == 3  # capture itself records nothing; 3 replays do
+
+
+def test_bf16_module_keeps_fp32_bias_and_fp64_telemetry(seed):
+    sup = make("topk", 8, 4, 2, bias_update_rate=1e-3, track_stats=True).to(torch.bfloat16)
+    assert sup.gate.weight.dtype == torch.bfloat16
+    assert sup.selection_bias.dtype == torch.float32
+    assert sup.stats.entropy_sum.dtype == torch.float64
+    with torch.no_grad():
+        sup.selection_bias.fill_(0.5)
+    for _ in range(5):
+        sup.update_bias(torch.tensor([9, 1, 1, 1]))
+    # In bf16, 0.5 + 0.001 rounds back to 0.5; in fp32 the five updates add up.
+    torch.testing.assert_close(sup.selection_bias[1], torch.tensor(0.505))
+    dec = sup.train()(torch.randn(6, 8, dtype=torch.bfloat16))
+    assert dec.weights.dtype == torch.float32 and dec.logits.dtype == torch.float32
+    assert sup.routing_stats()["tokens"] == 6
+
+
+@pytest.mark.parametrize("seq_len", [None, 4])
+def test_balancing_losses_gradcheck_float64(seed, seq_len):
+    T, E, k = 8, 5, 2
+    logits = torch.randn(T, E, dtype=torch.float64, requires_grad=True)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    mask = torch.rand(T) > 0.25
+    mask[0] = True
+
+    def lb(lg):
+        return load_balancing_loss(torch.softmax(lg, -1), ids, mask, seq_len)
+
+    assert lb(logits).dtype == torch.float64
+    torch.autograd.gradcheck(lb, (logits,))
+    torch.autograd.gradcheck(lambda lg: router_z_loss(lg, mask), (logits,))
