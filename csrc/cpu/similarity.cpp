@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -41,6 +42,8 @@ constexpr int64_t kQueryBlock = 256;
 constexpr int64_t kBankBlockBytes = 384 * 1024;
 // Parallel tasks per thread of torch's pool: some slack for uneven blocks.
 constexpr int64_t kTasksPerThread = 4;
+// Multiply-adds below which another task costs more than it saves (~50 us of one core).
+constexpr double kMinTaskWork = double(1 << 22);
 // Cap on partial top-k entries (all tasks together) before fewer bank segments are used.
 constexpr int64_t kMaxPartialEntries = int64_t{1} << 25;
 
@@ -170,6 +173,15 @@ struct Plan {
   int64_t segs() const { return static_cast<int64_t>(segment.size()) - 1; }
 };
 
+// Tasks for `work` multiply-adds: a few per thread of torch's pool, none smaller than
+// kMinTaskWork (small searches run inline, without waking the pool).
+int64_t task_target(double work) {
+  const int64_t by_threads = kTasksPerThread * std::max<int64_t>(1, at::get_num_threads());
+  const double by_work = std::max(1.0, std::floor(work / kMinTaskWork));
+  return std::max<int64_t>(
+      1, std::min<int64_t>(by_threads, static_cast<int64_t>(std::min(by_work, 1e9))));
+}
+
 std::vector<int64_t> even_bounds(int64_t items, int64_t parts) {
   std::vector<int64_t> b(static_cast<size_t>(parts + 1));
   for (int64_t p = 0; p <= parts; ++p) b[p] = items * p / parts;
@@ -183,7 +195,7 @@ Plan plan_search(int64_t q, int64_t nv, int64_t k, int64_t elem_size, int64_t d)
   p.bank_block = bank_block_rows(d, elem_size);
   const int64_t qblocks = ceil_div(q, p.query_block);
   const int64_t bblocks = ceil_div(nv, p.bank_block);
-  const int64_t target = kTasksPerThread * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t target = task_target(static_cast<double>(q) * static_cast<double>(nv) * d);
   int64_t segs = std::min(bblocks, target);
   segs = std::max<int64_t>(1, std::min(segs, kMaxPartialEntries / std::max<int64_t>(1, q * k)));
   const int64_t groups = std::max<int64_t>(1, std::min(qblocks, ceil_div(target, segs)));
@@ -198,7 +210,7 @@ Plan plan_causal(int64_t n, int64_t elem_size, int64_t d) {
   Plan p;
   p.bank_block = bank_block_rows(d, elem_size);
   const int64_t qblocks = ceil_div(n, p.query_block);
-  const int64_t target = kTasksPerThread * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t target = task_target(0.5 * static_cast<double>(n) * static_cast<double>(n) * d);
   const int64_t groups = std::max<int64_t>(1, std::min(qblocks, target));
   p.segment = {0, ceil_div(n, p.bank_block)};
   p.qgroup.assign(1, 0);
