@@ -143,11 +143,11 @@ def main():
                 res = {}
                 for _ in range(1 if args.quick else 3):
                     for name, fn in (("ours", ours), ("eager", eager)):
-                        t = run_config(fn, x, ids, w, E, backward, grad_y, args.quick)
+                        timing = run_config(fn, x, ids, w, E, backward, grad_y, args.quick)
                         if name not in res:
-                            res[name] = {"min_s": t["min_s"], "medians": []}
-                        res[name]["min_s"] = min(res[name]["min_s"], t["min_s"])
-                        res[name]["medians"].append(t["median_s"])
+                            res[name] = {"min_s": timing["min_s"], "medians": []}
+                        res[name]["min_s"] = min(res[name]["min_s"], timing["min_s"])
+                        res[name]["medians"].append(timing["median_s"])
                 for r in res.values():
                     r["median_s"] = sorted(r["medians"])[len(r["medians"]) // 2]
                 # Fastest rep: the development machine is shared, and slow reps there measure the
