@@ -97,7 +97,9 @@ def _file_and_check(tmp_path, seed, device):
         assert [p["action"] for p in prov] == ["insert", "duplicate", "duplicate"]
         assert [p["metadata"]["expert"] for p in prov] == [0, 1, 2]
         assert prov[1]["embedding"].tobytes() == mean[1].tobytes()
-        assert prov[1]["similarity"] == pytest.approx(float(_unit(mean[1]) @ _unit(mean[0])), abs=1e-5)
+        assert prov[1]["similarity"] == pytest.approx(
+            float(_unit(mean[1]) @ _unit(mean[0])), abs=1e-5
+        )
         # Similarity edges: each filed node -> its top-5 other nodes with cosine > 0.2.
         ids = [s.node_ids[e] for e in kept]
         u = _unit(mean[kept])
@@ -133,8 +135,12 @@ def test_file_reports_accepts_device_tensors(tmp_path, seed):
 def test_file_reports_with_nothing_to_file(tmp_path):
     with KnowledgeGraph.open(tmp_path / "kg.sqlite", dim=4) as kg:
         lib = Librarian(kg)
-        r = Reports(torch.zeros(3, 4), torch.zeros(3), torch.zeros(3, dtype=torch.int64),
-                    torch.full((3, 2), -1))
+        r = Reports(
+            torch.zeros(3, 4),
+            torch.zeros(3),
+            torch.zeros(3, dtype=torch.int64),
+            torch.full((3, 2), -1),
+        )
         s = lib.file_reports(r)
         assert (s.filed, s.skipped_empty, s.node_ids) == (0, 3, [-1, -1, -1])
         assert len(kg) == 0
@@ -143,8 +149,12 @@ def test_file_reports_with_nothing_to_file(tmp_path):
 def test_bad_reports_are_refused_with_clear_errors(tmp_path):
     with KnowledgeGraph.open(tmp_path / "kg.sqlite", dim=4) as kg:
         lib = Librarian(kg)
-        ok = Reports(torch.ones(2, 4), torch.ones(2), torch.ones(2, dtype=torch.int64),
-                     torch.zeros(2, 1, dtype=torch.int64))
+        ok = Reports(
+            torch.ones(2, 4),
+            torch.ones(2),
+            torch.ones(2, dtype=torch.int64),
+            torch.zeros(2, 1, dtype=torch.int64),
+        )
         with pytest.raises(ValueError, match="d=5, the graph has dim=4"):
             lib.file_reports(ok._replace(mean_output=torch.ones(2, 5)))
         with pytest.raises(ValueError, match="expert 1 mean_output has NaN"):
