@@ -179,3 +179,28 @@ def test_maybe_file_reports_files_every_n_steps(tmp_path, seed):
         reports = _reports(rng)
         filed = [lib.maybe_file_reports(reports, step=s) is not None for s in range(7)]
         assert filed == [True, False, False, True, False, False, True]
+
+
+def test_librarian_files_the_reports_of_a_real_moe_layer(tmp_path, seed):
+    from moe_framework.constellation import DraftReports, MoELayer
+
+    layer = MoELayer(d_model=16, d_hidden=32, num_experts=8, k=2)
+    x = torch.randn(3, 20, 16)
+    with torch.no_grad():
+        _, info = layer(x)
+    reports = info.reports
+    assert isinstance(reports, DraftReports)
+    count = reports.token_count.numpy()
+    with KnowledgeGraph.open(tmp_path / "kg.sqlite", dim=16) as kg:
+        s = Librarian(kg, dedup_threshold=0.999).file_reports(reports, layer=0, step=1)
+        assert s.filed + s.duplicates_dropped + s.skipped_empty + s.skipped_zero == 8
+        assert s.skipped_empty == int((count == 0).sum())
+        mean = reports.mean_output.numpy()
+        for e in range(8):  # every report with tokens is in the graph, as a node or provenance
+            if count[e] == 0:
+                assert s.node_ids[e] == -1
+                continue
+            rows = [p for p in kg.get_provenance(s.node_ids[e]) if p["metadata"]["expert"] == e]
+            assert len(rows) == 1 and rows[0]["metadata"]["token_count"] == int(count[e])
+            assert rows[0]["embedding"].tobytes() == mean[e].tobytes()
+        assert sum(int(c) for c in count) == 3 * 20 * 2  # dropless: every slot is counted
