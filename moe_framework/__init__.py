@@ -11,6 +11,7 @@ from . import ops
 from .config import MoEConfig  # noqa: F401
 from .constellation import DraftReports, ExpertBank, MoELayer, RoutingInfo  # noqa: F401
 from .cuda_graphs import CUDAGraphInference  # noqa: F401
+from .librarian import KnowledgeGraph, KnowledgeGraphError, Librarian  # noqa: F401
 from .supervisor import RoutingDecision, RoutingStats, Supervisor  # noqa: F401
 
 __version__ = "0.1.0"
