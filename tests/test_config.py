@@ -90,7 +90,7 @@ def test_config_from_json_rejects_foreign_format_and_bad_json():
         (dict(kg_checkpoint_interval=5), "kg_path"),
         (dict(cuda_graphs=True, compile_mode="reduce-overhead"), "cuda_graphs"),
         (dict(input_dim=4, vocab_size=10), "input_dim"),
-        (dict(activation="tanh"), "activation"),
+        (dict(activation="relu"), "activation"),
         (dict(routing_strategy="hash"), "routing_strategy"),
         (dict(compile_mode="fast"), "compile_mode"),
         (dict(amp_dtype="fp8"), "amp_dtype"),
