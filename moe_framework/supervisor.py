@@ -14,6 +14,7 @@ an unused expert-choice slot) and has weight 0. See ``docs/routing.md`` for the 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -173,7 +174,9 @@ def load_balancing_loss(
     T, E = probs.shape
     w = _token_weights(mask, T, probs.device)
     sel = _selection_matrix(ids, E)
-    p = probs.float()
+    # float32 at least; float64 stays float64 (gradcheck).
+    p = probs.to(torch.promote_types(probs.dtype, torch.float32))
+    w, sel = w.to(p.dtype), sel.to(p.dtype)
     if seq_len is None:
         n = w.sum().clamp_min(1.0)
         f = (sel * w[:, None]).sum(0) / n
@@ -198,7 +201,8 @@ def router_z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> 
     """ST-MoE router z-loss ``mean_t logsumexp(logits_t)^2`` over real tokens (0-dim float32)."""
     T = logits.shape[0]
     w = _token_weights(mask, T, logits.device)
-    lse = torch.logsumexp(logits.float(), dim=-1)
+    lse = torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    w = w.to(lse.dtype)
     return (lse.square() * w).sum() / w.sum().clamp_min(1.0)
 
 
@@ -264,31 +268,7 @@ def counter_normal(seed: int, step: torch.Tensor, shape, stream: int = 0, device
 # ------------------------------------------------------------------------------------------------
 
 
-def _route_torch(logits, k, scoring, correction_bias, n_group, topk_group, renormalize, scale):
-    # TEMPORARY stand-in for ops.route until the fused op lands on main.
-    scores = torch.softmax(logits, -1) if scoring == "softmax" else torch.sigmoid(logits)
-    choice = scores if correction_bias is None else scores + correction_bias
-    T, E = logits.shape
-    if n_group > 1:
-        g = choice.reshape(T, n_group, E // n_group)
-        gs = g.topk(min(2, E // n_group), dim=-1).values.sum(-1)
-        gi = gs.topk(topk_group, dim=-1).indices
-        gm = torch.zeros_like(gs, dtype=torch.bool).scatter(1, gi, True)
-        gm = gm[:, :, None].expand(T, n_group, E // n_group).reshape(T, E)
-        choice = choice.masked_fill(~gm, float("-inf"))
-    ids = choice.topk(k, dim=-1).indices
-    w = scores.gather(1, ids)
-    if renormalize:
-        w = w / w.sum(-1, keepdim=True)
-    w = w * scale
-    return w.float(), ids.to(torch.int32), expert_counts(ids, E)
-
-
 def _route(logits, k, scoring, correction_bias, n_group, topk_group, renormalize, scaling_factor):
-    if not callable(getattr(ops, "route", None)):
-        return _route_torch(
-            logits, k, scoring, correction_bias, n_group, topk_group, renormalize, scaling_factor
-        )
     return ops.route(
         logits,
         k,
@@ -366,11 +346,11 @@ class Supervisor(nn.Module):
 
         if strategy not in STRATEGIES:
             bad("strategy", f"one of {STRATEGIES}", strategy)
-        if not isinstance(d_model, int) or d_model < 1:
+        if not isinstance(d_model, numbers.Integral) or d_model < 1:
             bad("d_model", "a positive int", d_model)
-        if not isinstance(num_experts, int) or num_experts < 1:
+        if not isinstance(num_experts, numbers.Integral) or num_experts < 1:
             bad("num_experts", "a positive int", num_experts)
-        if not isinstance(k, int) or not 1 <= k <= num_experts:
+        if not isinstance(k, numbers.Integral) or not 1 <= k <= num_experts:
             bad("k", f"in [1, num_experts={num_experts}]", k)
         if strategy == "switch" and k != 1:
             bad("k", "1 for strategy='switch' (top-1 routing)", k)
@@ -394,9 +374,9 @@ class Supervisor(nn.Module):
             bad("jitter_eps", "in [0, 1)", jitter_eps)
         if not (routed_scaling_factor > 0 and math.isfinite(routed_scaling_factor)):
             bad("routed_scaling_factor", "a finite float > 0", routed_scaling_factor)
-        if not isinstance(n_group, int) or n_group < 1 or num_experts % n_group != 0:
+        if not isinstance(n_group, numbers.Integral) or n_group < 1 or num_experts % n_group != 0:
             bad("n_group", f"a positive divisor of num_experts={num_experts}", n_group)
-        if not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
+        if not isinstance(topk_group, numbers.Integral) or not 1 <= topk_group <= n_group:
             bad("topk_group", f"in [1, n_group={n_group}]", topk_group)
         if k > topk_group * (num_experts // n_group):
             bad(
@@ -423,9 +403,9 @@ class Supervisor(nn.Module):
         if attention_dim is not None and (not isinstance(attention_dim, int) or attention_dim < 1):
             bad("attention_dim", "None or a positive int", attention_dim)
 
-        self.d_model = d_model
-        self.num_experts = num_experts
-        self.k = k
+        self.d_model = int(d_model)
+        self.num_experts = int(num_experts)
+        self.k = int(k)
         self.strategy = strategy
         self.renormalize = renormalize
         self.temperature = float(temperature)
@@ -435,8 +415,8 @@ class Supervisor(nn.Module):
         self.z_loss_coef = float(z_loss_coef)
         self.bias_update_rate = float(bias_update_rate)
         self.auto_update_bias = auto_update_bias
-        self.n_group = n_group
-        self.topk_group = topk_group
+        self.n_group = int(n_group)
+        self.topk_group = int(topk_group)
         self.routed_scaling_factor = float(routed_scaling_factor)
         self.noise_eps = float(noise_eps)
         self.jitter_eps = float(jitter_eps)
@@ -465,6 +445,16 @@ class Supervisor(nn.Module):
         self.register_buffer("load_accumulator", torch.zeros(num_experts, dtype=torch.int64))
         self.register_buffer("noise_step", torch.zeros((), dtype=torch.int64))
         self.stats = RoutingStats(num_experts)
+
+    def _apply(self, fn, recurse=True):
+        # The selection bias stays float32 under module.to(torch.bfloat16): updates of u = 1e-3
+        # would vanish in bf16's 8-bit mantissa (DeepSeek-V3 keeps it in fp32 too).
+        old = self._buffers["selection_bias"]
+        super()._apply(fn, recurse)
+        new = self._buffers["selection_bias"]
+        if new.dtype != torch.float32:
+            self._buffers["selection_bias"] = old.to(device=new.device)
+        return self
 
     @property
     def slots_per_token(self) -> int:
@@ -618,14 +608,16 @@ class Supervisor(nn.Module):
         aux = logits.new_zeros(())
         want_stats = self.track_stats
         if self.load_balance_coef > 0 or want_stats:
-            probs = self._probs(logits)
-            scope_len = seq_len if self.load_balance_scope == "sequence" else None
-            lb = load_balancing_loss(probs, selected, mask, scope_len)
+            # Telemetry-only losses are computed without building an autograd graph.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.load_balance_coef > 0):
+                scope_len = seq_len if self.load_balance_scope == "sequence" else None
+                lb = load_balancing_loss(self._probs(logits), selected, mask, scope_len)
             stats["load_loss"] = lb.detach()
             if self.load_balance_coef > 0:
                 aux = aux + self.load_balance_coef * lb
         if self.z_loss_coef > 0 or want_stats:
-            z = router_z_loss(logits, mask)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.z_loss_coef > 0):
+                z = router_z_loss(logits, mask)
             stats["z_loss"] = z.detach()
             if self.z_loss_coef > 0:
                 aux = aux + self.z_loss_coef * z

@@ -469,3 +469,41 @@ def test_cuda_gradcheck_and_opcheck(seed):
     xs, ros, off = permute(x.detach(), ids, E)
     opcheck(ops.unpermute.default, (xs, ros, w))
     opcheck(ops.permute_backward.default, (xs, ros, off, k))
+
+
+_ISA_SCRIPT = """
+import sys, torch, moe_framework
+from moe_framework.ops import permute, unpermute
+ops = torch.ops.moe_framework
+g = torch.Generator().manual_seed(int(sys.argv[1]))
+out = []
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    T, k, E, d = 77, 4, 8, 45
+    x = torch.randn(T, d, generator=g).to(dtype)
+    ids = torch.randint(-1, E, (T, k), generator=g)
+    w = torch.rand(T, k, generator=g)
+    xs, ros, off = permute(x, ids, E)
+    gys, gw = ops.unpermute_backward(x, xs, ros, w)
+    out += [unpermute(xs, ros, w), gys, gw, ops.permute_backward(gys, ros, off, k)]
+sys.stdout.buffer.write(b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in out))
+"""
+
+
+def test_cpu_avx2_and_baseline_builds_give_identical_bits(seed):
+    import os
+    import subprocess
+    import sys
+
+    def run(extra_env):
+        env = dict(os.environ, OMP_NUM_THREADS="1", **extra_env)
+        return subprocess.run(
+            [sys.executable, "-c", _ISA_SCRIPT, str(seed)],
+            env=env,
+            check=True,
+            capture_output=True,
+            cwd=os.path.dirname(os.path.dirname(moe_framework.__file__)),
+        ).stdout
+
+    baseline = run({"MOE_FRAMEWORK_CPU_BASELINE": "1"})
+    default = run({})
+    assert len(baseline) > 0 and baseline == default

@@ -515,11 +515,11 @@ def test_z_loss_matches_formula_and_is_in_aux_loss(seed):
     mask = torch.rand(T) > 0.3
     mask[0] = True
     dec = sup(x, mask)
-    lg = dec.logits.double()
+    lg = dec.logits.detach().double()
     z = [math.log(sum(math.exp(float(v)) for v in lg[t])) ** 2 for t in range(T) if mask[t]]
     assert float(dec.stats["z_loss"]) == pytest.approx(sum(z) / len(z), rel=1e-5)
     torch.testing.assert_close(dec.aux_loss, 0.1 * dec.stats["z_loss"])
-    assert float(router_z_loss(dec.logits)) > 0
+    assert float(router_z_loss(dec.logits.detach())) > 0
     dec.aux_loss.backward()
     assert sup.gate.weight.grad.abs().sum() > 0
 
@@ -717,3 +717,90 @@ def test_docs_routing_example_runs(capsys):
     code = re.search(r"```python\n(.*?)```", doc.read_text(), re.S).group(1)
     exec(compile(code, str(doc), "exec"), {})
     assert "torch.Size([64, 2])" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cuda_routing_matches_cpu(seed, strategy):
+    k = 1 if strategy == "switch" else 2
+    kw = {"n_group": 2, "topk_group": 1} if strategy == "grouped_sigmoid" else {}
+    cpu = make(strategy, 16, 8, k, capacity_factor=1.0, load_balance_coef=0.01, z_loss_coef=1e-3,
+               track_stats=True, **kw).train()  # fmt: skip
+    gpu = make(strategy, 16, 8, k, capacity_factor=1.0, load_balance_coef=0.01, z_loss_coef=1e-3,
+               track_stats=True, **kw).train()  # fmt: skip
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.cuda()
+    x = torch.randn(37, 16)
+    a, b = cpu(x), gpu(x.cuda())
+    assert_same_routing(b.weights.cpu(), b.ids.cpu(), a.weights, a.ids, atol=1e-4)
+    assert torch.equal(a.counts, b.counts.cpu())
+    torch.testing.assert_close(a.aux_loss, b.aux_loss.cpu(), atol=1e-5, rtol=1e-4)
+    assert int(a.stats["dropped"]) == int(b.stats["dropped"])
+    assert cpu.routing_stats()["tokens_per_expert"] == gpu.routing_stats()["tokens_per_expert"]
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_replays_routing_with_capacity_stats_and_bias(seed):
+    sup = make("topk", 16, 8, 2, capacity_factor=1.0, load_balance_coef=0.01,
+               bias_update_rate=1e-3, auto_update_bias=True, track_stats=True).cuda().train()  # fmt: skip
+    static_x = torch.randn(64, 16, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        for _ in range(2):
+            sup(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    sup.reset_stats()
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = sup(static_x)
+    for _ in range(3):
+        static_x.copy_(torch.randn(64, 16, device="cuda"))
+        bias_before = sup.selection_bias.clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = make("topk", 16, 8, 2, capacity_factor=1.0).cuda()
+        ref.gate.weight.data.copy_(sup.gate.weight.data)
+        ref.selection_bias.copy_(bias_before)
+        ref.bias_update_rate = 1e-3  # selection uses the bias, no update
+        want = ref.eval()(static_x)
+        assert torch.equal(out.ids, want.ids)
+        assert int(out.stats["dropped"]) == int(want.stats["dropped"])
+    assert sup.routing_stats()["steps"] == 3  # capture itself records nothing; 3 replays do
+
+
+def test_bf16_module_keeps_fp32_bias_and_fp64_telemetry(seed):
+    sup = make("topk", 8, 4, 2, bias_update_rate=1e-3, track_stats=True).to(torch.bfloat16)
+    assert sup.gate.weight.dtype == torch.bfloat16
+    assert sup.selection_bias.dtype == torch.float32
+    assert sup.stats.entropy_sum.dtype == torch.float64
+    with torch.no_grad():
+        sup.selection_bias.fill_(0.5)
+    for _ in range(5):
+        sup.update_bias(torch.tensor([9, 1, 1, 1]))
+    # In bf16, 0.5 + 0.001 rounds back to 0.5; in fp32 the five updates add up.
+    torch.testing.assert_close(sup.selection_bias[1], torch.tensor(0.505))
+    dec = sup.train()(torch.randn(6, 8, dtype=torch.bfloat16))
+    assert dec.weights.dtype == torch.float32 and dec.logits.dtype == torch.float32
+    assert sup.routing_stats()["tokens"] == 6
+
+
+@pytest.mark.parametrize("seq_len", [None, 4])
+def test_balancing_losses_gradcheck_float64(seed, seq_len):
+    T, E, k = 8, 5, 2
+    logits = torch.randn(T, E, dtype=torch.float64, requires_grad=True)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    mask = torch.rand(T) > 0.25
+    mask[0] = True
+
+    def lb(lg):
+        return load_balancing_loss(torch.softmax(lg, -1), ids, mask, seq_len)
+
+    assert lb(logits).dtype == torch.float64
+    torch.autograd.gradcheck(lb, (logits,))
+    torch.autograd.gradcheck(lambda lg: router_z_loss(lg, mask), (logits,))

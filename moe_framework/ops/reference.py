@@ -9,12 +9,85 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "route_ref",
     "permute_ref",
     "unpermute_ref",
     "grouped_gemm_ref",
     "dedup_ref",
     "kg_search_ref",
 ]
+
+
+def _softmax_with_limits(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim with the limits route documents: +inf logits share all the mass,
+    an all -inf row has none (zeros). NaN is ignored here (the caller marks NaN rows)."""
+    inf = float("inf")
+    m = torch.where(x.isnan(), -inf, x).amax(-1, keepdim=True)
+    shift = torch.where(
+        m == inf,
+        torch.where(x == inf, 0.0, -inf),
+        torch.where(m == -inf, -inf, x - m),
+    )
+    num = shift.exp()
+    den = num.sum(-1, keepdim=True)
+    return torch.where(den > 0, num / den, torch.zeros_like(num))
+
+
+def route_ref(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    scoring: str = "softmax",
+    correction_bias=None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = True,
+    scaling_factor: float = 1.0,
+):
+    """Eager chain of ``ops.route``: scores -> (+ bias) -> group mask -> top-k -> renormalise ->
+    scale -> bincount. Returns (weights [T, k] f32 (f64 for f64 logits), ids [T, k] i32,
+    counts [E] i32); ids are ordered best first (key descending, lowest id first on ties)."""
+    inf = float("inf")
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(acc)
+    T, E = x.shape
+    nan_row = x.isnan().any(-1, keepdim=True)
+    scores = _softmax_with_limits(x) if scoring == "softmax" else torch.sigmoid(x)
+    if correction_bias is None and n_group == 1:
+        key = x  # both scorings are monotone in the logit
+    else:
+        key = scores if correction_bias is None else scores + correction_bias.to(acc)
+    key = torch.where(key.isnan(), -inf, key)
+    allowed = torch.ones(T, E, dtype=torch.bool, device=x.device)
+    if n_group > 1:
+        gs = E // n_group
+        grouped = torch.sort(key.view(T, n_group, gs), dim=-1, descending=True).values
+        gscore = grouped[..., 0] + grouped[..., 1] if gs >= 2 else grouped[..., 0]
+        gscore = torch.where(gscore.isnan(), -inf, gscore)
+        gorder = torch.sort(gscore, dim=-1, descending=True, stable=True).indices[:, :topk_group]
+        gmask = torch.zeros(T, n_group, dtype=torch.bool, device=x.device)
+        gmask.scatter_(1, gorder, True)
+        allowed = gmask.repeat_interleave(gs, dim=1)
+    # Lexicographic (allowed, key desc, id asc) by two stable sorts.
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    order = order.gather(
+        1,
+        torch.sort(
+            allowed.gather(1, order).to(torch.int8), dim=-1, descending=True, stable=True
+        ).indices,
+    )
+    ids = order[:, :k]
+    x_sel = x.gather(1, ids)
+    if scoring == "softmax":
+        w = _softmax_with_limits(x_sel) if renormalize else scores.gather(1, ids)
+    else:
+        w = torch.sigmoid(x_sel)
+        if renormalize:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    w = w * scaling_factor
+    w = torch.where(nan_row, float("nan"), w)
+    counts = torch.bincount(ids.reshape(-1), minlength=E).to(torch.int32)
+    return w, ids.to(torch.int32), counts
 
 
 def permute_ref(x: torch.Tensor, ids: torch.Tensor, num_experts: int):
@@ -47,7 +120,9 @@ def unpermute_ref(y_sorted: torch.Tensor, row_of_slot: torch.Tensor, weights: to
     return out
 
 
-def grouped_gemm_ref(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, trans_b: bool = False):
+def grouped_gemm_ref(
+    a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, trans_b: bool = False
+):
     """out[offsets[e]:offsets[e+1]] = a[offsets[e]:offsets[e+1]] @ (b[e].T if trans_b else b[e]).
 
     Rows outside [offsets[0], offsets[E]) are zero. Accumulates in float32 for half types.
@@ -67,11 +142,14 @@ def grouped_gemm_ref(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, tr
 
 def dedup_ref(emb: torch.Tensor, threshold: float):
     """keep[j] = no earlier i < j has cosine(i, j) > threshold; representative[j] = argmax over
-    those earlier items (lowest index on ties), or j itself when kept."""
+    those earlier items (lowest index on ties), or j itself when kept.
+
+    Cosines are clamped to [-1, 1] (rounding can step outside), as the kernels do.
+    """
     n = emb.shape[0]
     e = emb.double()
     e = e / e.norm(dim=1, keepdim=True)
-    sim = e @ e.t()
+    sim = (e @ e.t()).clamp(-1.0, 1.0)
     keep = torch.ones(n, dtype=torch.bool)
     rep = torch.arange(n, dtype=torch.long)
     for j in range(n):
@@ -88,13 +166,14 @@ def dedup_ref(emb: torch.Tensor, threshold: float):
 def kg_search_ref(queries: torch.Tensor, bank: torch.Tensor, k: int, n_valid: int):
     """Cosine top-k of each query over bank[:n_valid]: (scores [q, k] f32, ids [q, k] i64).
 
-    Ties go to the lower id; missing entries (k > n_valid) have id -1 and score -inf.
+    Ties go to the lower id; missing entries (k > n_valid) have id -1 and score -inf. Cosines are
+    clamped to [-1, 1], as the kernels do.
     """
     q = queries.double()
     b = bank[:n_valid].double()
     qn = q / q.norm(dim=1, keepdim=True)
     bn = b / b.norm(dim=1, keepdim=True)
-    sim = qn @ bn.t()
+    sim = (qn @ bn.t()).clamp(-1.0, 1.0)
     scores = torch.full((q.shape[0], k), float("-inf"), dtype=torch.float64)
     ids = torch.full((q.shape[0], k), -1, dtype=torch.long)
     for i in range(q.shape[0]):

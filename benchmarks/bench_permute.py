@@ -1,0 +1,147 @@
+"""permute + unpermute vs the eager PyTorch version (argsort + index_select + index_add).
+
+Both paths do the same work: sort the T*k slots by expert, gather x into the expert-sorted buffer,
+then combine the buffer back with the gate weights (the expert computation in between is left
+out: y_sorted = x_sorted). "fwd" times the forward, "fwd+bwd" adds the backward to x and weights.
+
+Achieved GB/s counts the bytes each pass must move at least once (rows of x, x_sorted, y, grads;
+index tensors are negligible), against the measured DRAM triad bandwidth of the same thread count.
+
+    python -m benchmarks.bench_permute            # full matrix (several minutes)
+    python -m benchmarks.bench_permute --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+import moe_framework  # noqa: F401
+from benchmarks import common
+from moe_framework.ops import permute, unpermute
+
+
+def eager_permute(x, ids, num_experts):
+    """What an MoE layer written in plain PyTorch does: argsort + index_select."""
+    k = ids.shape[1]
+    flat = ids.reshape(-1).long()
+    key = torch.where(flat < 0, torch.full_like(flat, num_experts), flat)
+    slot_of_row = torch.argsort(key, stable=True)
+    x_sorted = x.index_select(0, slot_of_row // k)
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    return x_sorted, slot_of_row, offsets
+
+
+def eager_unpermute(y_sorted, slot_of_row, weights):
+    """Weighted scatter-add back to tokens (index_add: atomic-free on CPU, not ordered on GPU)."""
+    T, k = weights.shape
+    w = weights.reshape(-1)[slot_of_row].to(y_sorted.dtype).unsqueeze(1)
+    out = torch.zeros(T, y_sorted.shape[1], dtype=y_sorted.dtype, device=y_sorted.device)
+    return out.index_add_(0, slot_of_row // k, y_sorted * w)
+
+
+def ours(x, ids, weights, E):
+    x_sorted, row_of_slot, _ = permute(x, ids, E)
+    return unpermute(x_sorted, row_of_slot, weights)
+
+
+def eager(x, ids, weights, E):
+    x_sorted, slot_of_row, _ = eager_permute(x, ids, E)
+    return eager_unpermute(x_sorted, slot_of_row, weights)
+
+
+def bytes_moved(T, k, d, esize, backward):
+    n = T * k
+    fwd = (T + n) * d + (n + T) * d  # permute: read x, write x_sorted; unpermute: read, write y
+    bwd = (T + 2 * n) * d + (n + T) * d  # unpermute_backward + permute_backward
+    return esize * (fwd + (bwd if backward else 0))
+
+
+def run_config(fn, x, ids, w, E, backward, grad_y, quick):
+    if backward:
+        xg = x.detach().requires_grad_()
+        wg = w.detach().requires_grad_()
+
+        def step():
+            y = fn(xg, ids, wg, E)
+            torch.autograd.backward(y, grad_y)
+            xg.grad = None
+            wg.grad = None
+
+    else:
+
+        def step():
+            with torch.no_grad():
+                fn(x, ids, w, E)
+
+    return common.timeit(
+        step, warmup=1, min_reps=2 if quick else 3, min_time=0.05 if quick else 0.3
+    )
+
+
+def main():
+    p = common.base_parser(__doc__.splitlines()[0])
+    p.add_argument(
+        "--max-bytes", type=float, default=1.2e9, help="skip configs whose x_sorted is larger"
+    )
+    args = p.parse_args()
+    Ts = [64, 2048] if args.quick else [64, 2048, 16384]
+    ds = [512] if args.quick else [512, 2048]
+    Es = [8, 64]
+    ks = [2, 8]
+    dtypes = [torch.float32, torch.bfloat16]
+    threads = common.thread_counts(args.threads or [1, 2])
+    info = common.machine_info("cpu")
+    rows = []
+    for t in threads:
+        torch.set_num_threads(t)
+        roof = common.roofline(t, quick=args.quick)
+        bw = roof["triad_gbs"]
+        print(f"threads={t}: measured triad {bw:.1f} GB/s", flush=True)
+        for T, d, E, k, dtype in itertools.product(Ts, ds, Es, ks, dtypes):
+            esize = torch.finfo(dtype).bits // 8
+            if T * k * d * esize > args.max_bytes:
+                continue
+            gen = torch.Generator().manual_seed(T * 1000 + d + E + k)
+            x = torch.randn(T, d, generator=gen).to(dtype)
+            ids = torch.randint(0, E, (T, k), generator=gen, dtype=torch.int32)
+            w = torch.rand(T, k, generator=gen)
+            grad_y = torch.randn(T, d, generator=gen).to(dtype)
+            for backward in (False, True):
+                res = {}
+                for name, fn in (("ours", ours), ("eager", eager)):
+                    res[name] = run_config(fn, x, ids, w, E, backward, grad_y, args.quick)
+                ours_s = res["ours"]["median_s"]
+                eager_s = res["eager"]["median_s"]
+                gbs = bytes_moved(T, k, d, esize, backward) / ours_s / 1e9
+                rows.append(
+                    {
+                        "threads": t,
+                        "T": T,
+                        "d": d,
+                        "E": E,
+                        "k": k,
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "pass": "fwd+bwd" if backward else "fwd",
+                        "ours_ms": ours_s * 1e3,
+                        "eager_ms": eager_s * 1e3,
+                        "speedup": eager_s / ours_s,
+                        "ours_GB/s": gbs,
+                        "%triad": 100.0 * gbs / bw,
+                    }
+                )
+                print(rows[-1], flush=True)
+    common.print_table(
+        rows, title="permute + unpermute vs eager (argsort + index_select + index_add)"
+    )
+    common.write_json(
+        "bench_permute",
+        {"machine": info, "rows": rows},
+        out_dir=args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()

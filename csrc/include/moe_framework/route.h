@@ -1,0 +1,340 @@
+// Math and input checks shared by the CPU and CUDA kernels of route / route_backward.
+//
+// Semantics (docs/operators.md, section route):
+//   score   = softmax(logits) or sigmoid(logits), in the accumulation type (fp32, fp64 for fp64).
+//   key     = score + correction_bias (selection only). Without bias and groups the key is the
+//             logit itself: both scorings are monotone in it, and ranking logits avoids the ties
+//             that rounding creates (sigmoid saturates to 1.0 in fp32 for logits above ~17).
+//   ranking = key descending, NaN keys rank as -inf, equal keys: lowest expert id first. Every
+//             row therefore gets k distinct, in-range experts, whatever its values.
+//   groups  = experts split into n_group contiguous groups; a group's score is the sum of its two
+//             best keys (its best key if it has one expert); the topk_group best groups (lowest
+//             group id first on ties) hold the candidates, the other experts are excluded.
+//   weights = computed from the selected logits only (never from the bias):
+//             softmax + renormalize: softmax over the k selected logits (the row's denominator
+//                                    cancels), times scaling_factor;
+//             softmax:               softmax(logits)[id] * scaling_factor;
+//             sigmoid:               sigmoid(logit) (/ (sum of the k + 1e-20) with renormalize)
+//                                    * scaling_factor.
+//             A row with a NaN logit gets NaN weights (never hidden). +-Inf follow the limits:
+//             sigmoid(+-inf) = 1 / 0; softmax puts all mass uniformly on the +inf logits; an
+//             all -inf softmax row has zero weights.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string_view>
+
+#include "moe_framework/common.h"
+
+namespace moe_framework {
+namespace route {
+
+// fp32 for fp32/bf16/fp16 logits, fp64 for fp64 (so gradcheck sees double precision).
+template <typename scalar_t>
+using acc_t = at::opmath_type<scalar_t>;
+
+enum Scoring : int { kSoftmax = 0, kSigmoid = 1 };
+
+// Added to the denominator of the sigmoid renormalisation (as DeepSeek-V3 does): an all-zero
+// selection then gets zero weights instead of 0/0.
+constexpr double kSigmoidRenormEps = 1e-20;
+
+template <typename T>
+MOE_HD T pos_inf() {
+  return std::numeric_limits<T>::infinity();
+}
+
+template <typename T>
+MOE_HD bool is_nan(T v) {
+  return v != v;
+}
+
+MOE_HD float float_from_bits(int32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+#endif
+}
+
+// exp for fp32 with no branches and no library call, so the CPU loops that apply it to a whole
+// row vectorise (libm's expf does not without -ffast-math), and CPU and GPU use one formula.
+// exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by the classic Cephes
+// degree-6 polynomial: within 2 ulp of the exact result for normal outputs. Results below
+// FLT_MIN flush to 0 (softmax probabilities under 1e-38), exp(-inf) = 0, exp(+inf) = +inf,
+// exp(NaN) = NaN.
+MOE_HD float exp_acc(float x) {
+  constexpr float kHi = 88.3762626647949f;   // above: +inf
+  constexpr float kLo = -87.3365447505531f;  // below: 0 (log of FLT_MIN)
+  float xc = x > kHi ? kHi : x;
+  xc = xc < kLo ? kLo : xc;  // NaN passes both comparisons unchanged
+  // Round to nearest integer by the 1.5 * 2^23 trick (no rint call, vectorises).
+  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  n = is_nan(n) ? 0.0f : n;  // keeps the int conversion below defined
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float er = (p * r * r + r) + 1.0f;
+  const float scale = float_from_bits((static_cast<int32_t>(n) + 127) << 23);
+  float y = er * scale;
+  y = x < kLo ? 0.0f : y;
+  y = x > kHi ? pos_inf<float>() : y;
+  return y;
+}
+
+MOE_HD double exp_acc(double x) {
+  return ::exp(x);
+}
+
+template <typename T>
+MOE_HD T sigmoid(T x) {
+  return T(1) / (T(1) + exp_acc(-x));
+}
+
+// x - row_max for a softmax, with the limits of +-inf: when the row holds +inf logits, they share
+// all the mass (shift 0) and finite logits get none (shift -inf); an all -inf row has no mass.
+template <typename T>
+MOE_HD T softmax_shift(T x, T row_max) {
+  if (row_max == pos_inf<T>()) return x == pos_inf<T>() ? T(0) : -pos_inf<T>();
+  if (row_max == -pos_inf<T>()) return -pos_inf<T>();
+  return x - row_max;
+}
+
+// exp(x - row_max) with the limits above.
+template <typename T>
+MOE_HD T softmax_numerator(T x, T row_max) {
+  return exp_acc(softmax_shift(x, row_max));
+}
+
+// 1 / sum of the numerators; 0 for an all -inf row (whose numerators are all 0).
+template <typename T>
+MOE_HD T safe_inverse(T sum) {
+  return sum > T(0) ? T(1) / sum : T(0);
+}
+
+// ---- ranking ----
+
+// NaN ranks like -inf: a NaN expert is only chosen when nothing better is left.
+template <typename T>
+MOE_HD T rank_key(T v) {
+  return is_nan(v) ? -pos_inf<T>() : v;
+}
+
+// Total order of the selection: larger key first, lower id first among equal keys.
+template <typename T>
+MOE_HD bool ranks_before(T key_a, int64_t id_a, T key_b, int64_t id_b) {
+  return key_a > key_b || (key_a == key_b && id_a < id_b);
+}
+
+// Insert (key, id) into the best-first list keys/ids of n <= k entries. Candidates must arrive in
+// increasing id: then "strictly greater" is the whole tie rule (an equal key never overtakes the
+// lower id already in the list).
+template <typename T>
+MOE_HD void topk_push(T* keys, int32_t* ids, int k, int& n, T key, int32_t id) {
+  key = rank_key(key);
+  if (n == k) {
+    if (!(key > keys[k - 1])) return;
+    --n;
+  }
+  int pos = n;
+  while (pos > 0 && key > keys[pos - 1]) {
+    keys[pos] = keys[pos - 1];
+    ids[pos] = ids[pos - 1];
+    --pos;
+  }
+  keys[pos] = key;
+  ids[pos] = id;
+  ++n;
+}
+
+// Running best two keys (first >= second) of a group; start both at -inf.
+template <typename T>
+MOE_HD void top2_push(T& first, T& second, T key) {
+  key = rank_key(key);
+  if (key > first) {
+    second = first;
+    first = key;
+  } else if (key > second) {
+    second = key;
+  }
+}
+
+// A group's score: the sum of its two best keys, or its best key when it has a single expert.
+// (+inf) + (-inf) = NaN ranks as -inf.
+template <typename T>
+MOE_HD T group_score(T first, T second, int64_t group_size) {
+  return rank_key(group_size >= 2 ? first + second : first);
+}
+
+// ---- weights ----
+
+// The k weights of a row from its selected logits x_sel (selection order). row_max / row_inv_sum
+// (max and 1 / sum of exp(x - max) over the whole row) are read only by softmax without
+// renormalisation. row_has_nan makes every weight NaN.
+template <typename T>
+MOE_HD void selected_weights(const T* x_sel, int k, int scoring, bool renormalize, T scale,
+                             T row_max, T row_inv_sum, bool row_has_nan, T* w) {
+  if (row_has_nan) {
+    for (int j = 0; j < k; ++j) w[j] = std::numeric_limits<T>::quiet_NaN();
+    return;
+  }
+  if (scoring == kSoftmax) {
+    if (renormalize) {
+      T m = -pos_inf<T>();
+      for (int j = 0; j < k; ++j) m = x_sel[j] > m ? x_sel[j] : m;
+      T sum = T(0);
+      for (int j = 0; j < k; ++j) {
+        w[j] = softmax_numerator(x_sel[j], m);
+        sum += w[j];
+      }
+      const T inv = safe_inverse(sum) * scale;
+      for (int j = 0; j < k; ++j) w[j] *= inv;
+    } else {
+      for (int j = 0; j < k; ++j) w[j] = softmax_numerator(x_sel[j], row_max) * row_inv_sum * scale;
+    }
+    return;
+  }
+  T sum = T(0);
+  for (int j = 0; j < k; ++j) {
+    w[j] = sigmoid(x_sel[j]);
+    sum += w[j];
+  }
+  const T factor = renormalize ? scale / (sum + T(kSigmoidRenormEps)) : scale;
+  for (int j = 0; j < k; ++j) w[j] *= factor;
+}
+
+// Backward of selected_weights with respect to the selected logits, for the scorings whose
+// gradient is zero outside the selection (sigmoid, and softmax with renormalisation): g [k] is the
+// gradient of the weights, gx [k] receives the gradient of x_sel. A NaN row gets NaN gradients.
+template <typename T>
+MOE_HD void selected_weights_backward(const T* x_sel, const T* g, int k, int scoring,
+                                      bool renormalize, T scale, bool row_has_nan, T* gx) {
+  if (row_has_nan) {
+    for (int j = 0; j < k; ++j) gx[j] = std::numeric_limits<T>::quiet_NaN();
+    return;
+  }
+  if (scoring == kSoftmax) {  // renormalize: w = scale * q, q = softmax over the selection
+    T m = -pos_inf<T>();
+    for (int j = 0; j < k; ++j) m = x_sel[j] > m ? x_sel[j] : m;
+    T sum = T(0);
+    for (int j = 0; j < k; ++j) {
+      gx[j] = softmax_numerator(x_sel[j], m);  // holds the numerators until the end
+      sum += gx[j];
+    }
+    const T inv = safe_inverse(sum);
+    T dot = T(0);
+    for (int j = 0; j < k; ++j) dot += g[j] * gx[j] * inv;
+    for (int j = 0; j < k; ++j) gx[j] = scale * gx[j] * inv * (g[j] - dot);
+    return;
+  }
+  // sigmoid: w_j = scale * s_j / D (D = sum s + eps with renormalize, else 1)
+  T sum = T(0), dot = T(0);
+  for (int j = 0; j < k; ++j) {
+    const T s = sigmoid(x_sel[j]);
+    sum += s;
+    dot += g[j] * s;
+  }
+  const T denom = renormalize ? sum + T(kSigmoidRenormEps) : T(1);
+  for (int j = 0; j < k; ++j) {
+    const T s = sigmoid(x_sel[j]);
+    const T gs = renormalize ? scale * (g[j] - dot / denom) / denom : scale * g[j];
+    gx[j] = gs * s * (T(1) - s);
+  }
+}
+
+// Softmax without renormalisation (w_j = scale * p[id_j]) has a dense gradient:
+// dL/dx_e = p_e * (G_e - dot), with G_e = scale * g_j when e = id_j (else 0) and
+// dot = sum_j G_j * p[id_j].
+template <typename T>
+MOE_HD T softmax_dense_grad(T p, T G, T dot) {
+  return p * (G - dot);
+}
+
+// Does the backward touch every logit of the row (softmax without renormalisation), or only the k
+// selected ones?
+MOE_HD bool backward_is_dense(int scoring, bool renormalize) {
+  return scoring == kSoftmax && !renormalize;
+}
+
+// Is the selection key the logit itself? (No bias and no groups: both scorings are monotone.)
+MOE_HD bool key_is_logit(bool has_bias, int64_t n_group) {
+  return !has_bias && n_group == 1;
+}
+
+// ---- input checks shared by the CPU and CUDA entry points ----
+
+inline int parse_scoring(std::string_view scoring, const char* op) {
+  if (scoring == "softmax") return kSoftmax;
+  if (scoring == "sigmoid") return kSigmoid;
+  TORCH_CHECK(false, op, ": scoring must be \"softmax\" or \"sigmoid\", got \"", scoring, "\"");
+  return kSoftmax;
+}
+
+inline void check_route_inputs(const at::Tensor& logits, int64_t k,
+                               const std::optional<at::Tensor>& correction_bias, int64_t n_group,
+                               int64_t topk_group, double scaling_factor) {
+  constexpr const char* op = "route";
+  check_tensor(logits, op, "logits", 2, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
+  const int64_t E = logits.size(1);
+  TORCH_CHECK(E >= 1, op, ": logits must have at least one expert column, got shape ",
+              logits.sizes());
+  TORCH_CHECK(E <= std::numeric_limits<int32_t>::max(), op,
+              ": num_experts (logits.shape[1]) must fit in int32, got ", E);
+  TORCH_CHECK(k >= 1 && k <= E, op, ": k must be in [1, num_experts=", E, "], got ", k);
+  TORCH_CHECK(n_group >= 1, op, ": n_group must be >= 1, got ", n_group);
+  TORCH_CHECK(E % n_group == 0, op, ": n_group must divide num_experts=", E, ", got n_group=",
+              n_group);
+  TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, op, ": topk_group must be in [1, n_group=",
+              n_group, "], got ", topk_group);
+  TORCH_CHECK(k <= topk_group * (E / n_group), op, ": k must be <= topk_group * (num_experts / ",
+              "n_group) = ", topk_group * (E / n_group), " (the experts of the chosen groups), got ",
+              k);
+  TORCH_CHECK(std::isfinite(scaling_factor), op, ": scaling_factor must be finite, got ",
+              scaling_factor);
+  if (correction_bias.has_value()) {
+    const at::Tensor& b = *correction_bias;
+    check_tensor(b, op, "correction_bias", 1, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
+    check_same_device(b, logits, op, "correction_bias", "logits");
+    TORCH_CHECK(b.size(0) == E, op, ": correction_bias must have num_experts=", E,
+                " entries, got ", b.size(0));
+  }
+}
+
+inline void check_route_backward_inputs(const at::Tensor& grad_weights, const at::Tensor& logits,
+                                        const at::Tensor& ids) {
+  constexpr const char* op = "route_backward";
+  check_tensor(logits, op, "logits", 2, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
+  check_tensor(grad_weights, op, "grad_weights", 2, {at::kFloat, at::kDouble});
+  check_tensor(ids, op, "ids", 2, {at::kInt});
+  check_same_device(grad_weights, logits, op, "grad_weights", "logits");
+  check_same_device(ids, logits, op, "ids", "logits");
+  TORCH_CHECK(ids.size(0) == logits.size(0), op, ": ids must have one row per token (",
+              logits.size(0), "), got ", ids.size(0));
+  TORCH_CHECK(grad_weights.sizes() == ids.sizes(), op, ": grad_weights must have the shape of ids ",
+              ids.sizes(), ", got ", grad_weights.sizes());
+  TORCH_CHECK(ids.size(1) >= 1 && ids.size(1) <= logits.size(1), op,
+              ": ids must have k in [1, num_experts=", logits.size(1), "] columns, got ",
+              ids.size(1));
+}
+
+// Weights are fp32, or fp64 for fp64 logits.
+inline at::ScalarType weights_dtype(at::ScalarType logits_dtype) {
+  return logits_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace route
+}  // namespace moe_framework

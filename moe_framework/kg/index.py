@@ -1,0 +1,292 @@
+"""The FAISS side of the knowledge graph: a derived, in-memory search index.
+
+The SQLite store is the truth; this index is rebuilt from it on open and updated after each
+committed write. It is never written to or read from a file (FAISS index files are not safe to
+load from untrusted sources and FAISS writes them without fsync).
+
+Index types (all on unit-normalised vectors, inner product = cosine):
+
+* ``flat``  — ``IndexIDMap(IndexFlatIP)``: exact, recall 1.0, O(N·d) per query.  An EMA update
+  rewrites the stored vector in place (O(d)), so merges never shift the index.
+* ``hnsw``  — ``IndexIDMap(IndexHNSWFlat)``: graph search, approximate (recall depends on
+  ``ef_search``), sub-linear queries, slow to build.
+* ``ivfpq`` — ``IndexIDMap(IndexIVFPQ)``: inverted lists of product-quantised codes, approximate
+  (recall depends on ``nprobe`` and the code size), small memory. Needs training: until the
+  store holds ``train_min`` vectors it behaves as ``flat``.
+
+Approximate indexes cannot update a vector in place: an updated node is re-added under the same
+id and its old entry becomes stale. Searches over-fetch, drop duplicate ids and re-score every
+candidate exactly against its current embedding, so results and scores are always exact cosines
+of current embeddings (only *which* candidates are found is approximate). The index is rebuilt
+when stale entries exceed a quarter of it.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional
+
+import faiss
+import numpy as np
+
+INDEX_TYPES = ("flat", "hnsw", "ivfpq")
+
+DEFAULT_PARAMS = {
+    "hnsw": {"M": 32, "ef_construction": 80, "ef_search": 128, "rerank": 2},
+    "ivfpq": {"nlist": None, "m": None, "nbits": 8, "nprobe": 32, "train_min": 20000, "rerank": 8},
+}
+
+
+class RWLock:
+    """Many concurrent readers or one writer (FAISS: concurrent searches are safe, mutation is
+    not). Writers are preferred so a stream of searches cannot starve a write."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+
+    def acquire_read(self) -> None:
+        with self._cond:
+            while self._writer or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if self._readers == 0:
+                self._cond.notify_all()
+
+    def acquire_write(self) -> None:
+        with self._cond:
+            self._waiting_writers += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writer = True
+
+    def release_write(self) -> None:
+        with self._cond:
+            self._writer = False
+            self._cond.notify_all()
+
+
+class VectorIndex:
+    """Cosine top-k over node embeddings, keyed by node id.
+
+    ``add``/``update`` take unit-normalised float32 rows. Thread-safe: searches run concurrently,
+    mutations take the write side of an :class:`RWLock`.
+    """
+
+    def __init__(self, dim: int, index_type: str = "flat", params: Optional[dict] = None) -> None:
+        if index_type not in INDEX_TYPES:
+            raise ValueError(
+                f"KnowledgeGraph: index_type must be one of {INDEX_TYPES}, got {index_type!r}"
+            )
+        self.dim = dim
+        self.index_type = index_type
+        self.params = dict(DEFAULT_PARAMS.get(index_type, {}))
+        unknown = set(params or {}) - set(self.params)
+        if unknown:
+            raise ValueError(
+                f"KnowledgeGraph: unknown index_params {sorted(unknown)} for {index_type!r} "
+                f"(known: {sorted(self.params)})"
+            )
+        self.params.update(params or {})
+        self.lock = RWLock()
+        self._reset()
+
+    # ------------------------------------------------------------------ construction
+
+    def _reset(self) -> None:
+        self._pos: dict = {}  # node id -> row of the flat storage (flat only)
+        self._live: set = set()  # node ids present (approximate indexes)
+        self._stale = 0
+        self._trained_kind = "flat"
+        self._index = faiss.IndexIDMap(faiss.IndexFlatIP(self.dim))
+
+    def _new_approx(self, sample: np.ndarray):
+        d = self.dim
+        if self.index_type == "hnsw":
+            inner = faiss.IndexHNSWFlat(d, int(self.params["M"]), faiss.METRIC_INNER_PRODUCT)
+            inner.hnsw.efConstruction = int(self.params["ef_construction"])
+            inner.hnsw.efSearch = int(self.params["ef_search"])
+            return faiss.IndexIDMap(inner)
+        n = sample.shape[0]
+        nlist = self.params["nlist"] or int(max(16, min(65536, 4 * np.sqrt(n))))
+        nlist = min(nlist, max(1, n // 39))  # k-means wants ~39 points per centroid
+        m = self.params["m"] or _default_pq_m(d)
+        if d % m:
+            raise ValueError(f"KnowledgeGraph: ivfpq m={m} must divide dim={d}")
+        quantizer = faiss.IndexFlatIP(d)
+        inner = faiss.IndexIVFPQ(
+            quantizer, d, nlist, m, int(self.params["nbits"]), faiss.METRIC_INNER_PRODUCT
+        )
+        inner.train(np.ascontiguousarray(sample, dtype=np.float32))
+        inner.nprobe = min(int(self.params["nprobe"]), nlist)
+        self._quantizer = quantizer  # keep the Python object alive as long as the index
+        return faiss.IndexIDMap(inner)
+
+    def rebuild(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        """Replace the contents with ``vecs [n, d]`` (unit rows) under ``ids [n]``."""
+        self.lock.acquire_write()
+        try:
+            self._reset()
+            self._build(np.asarray(ids, dtype=np.int64), vecs)
+        finally:
+            self.lock.release_write()
+
+    def _build(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        if self.index_type == "hnsw" and len(ids):
+            self._index = self._new_approx(vecs)
+            self._trained_kind = "hnsw"
+        elif self.index_type == "ivfpq" and len(ids) >= int(self.params["train_min"]):
+            rng = np.random.default_rng(0)  # deterministic training sample
+            n_train = min(len(ids), 100_000)
+            sample = vecs[np.sort(rng.choice(len(ids), n_train, replace=False))]
+            self._index = self._new_approx(sample)
+            self._trained_kind = "ivfpq"
+        self._add_locked(ids, vecs)
+
+    # ------------------------------------------------------------------ mutation
+
+    @property
+    def approximate(self) -> bool:
+        return self._trained_kind != "flat"
+
+    def add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        """Append new nodes (ids never seen before)."""
+        self.lock.acquire_write()
+        try:
+            self._add_locked(np.asarray(ids, dtype=np.int64), vecs)
+        finally:
+            self.lock.release_write()
+
+    def _add_locked(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        if self.index_type == "hnsw" and not self.approximate:
+            self._index = self._new_approx(vecs)
+            self._trained_kind = "hnsw"
+        start = self._index.ntotal
+        self._index.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), ids)
+        if self.approximate:
+            self._live.update(ids.tolist())
+        else:
+            self._pos.update(zip(ids.tolist(), range(start, start + len(ids))))
+
+    def update(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        """New embeddings for existing nodes (after an EMA merge)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            return
+        self.lock.acquire_write()
+        try:
+            if not self.approximate:
+                # In-place rewrite of the flat storage: O(d) per node, no id shift.
+                xb = faiss.rev_swig_ptr(
+                    faiss.downcast_index(self._index.index).get_xb(),
+                    self._index.ntotal * self.dim,
+                ).reshape(self._index.ntotal, self.dim)
+                rows = np.fromiter((self._pos[i] for i in ids.tolist()), np.int64, len(ids))
+                xb[rows] = vecs
+            else:
+                self._index.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), ids)
+                self._stale += len(ids)
+        finally:
+            self.lock.release_write()
+
+    @property
+    def needs_rebuild(self) -> bool:
+        return self.approximate and self._stale > max(1000, self._index.ntotal // 4)
+
+    def wants_training(self) -> bool:
+        # ivfpq starts exact and switches once there is enough data to train on; the caller then
+        # rebuilds from the store.
+        return (
+            self.index_type == "ivfpq"
+            and not self.approximate
+            and self._index.ntotal >= int(self.params["train_min"])
+        )
+
+    # ------------------------------------------------------------------ queries
+
+    def __len__(self) -> int:
+        return self._index.ntotal - self._stale
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        exact_scores: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None,
+    ) -> tuple:
+        """Top-``k`` cosine matches of unit ``queries [q, d]``: ``(scores [q, k] f32,
+        ids [q, k] int64)``, -1 / -inf where fewer than ``k`` nodes exist. Sorted by descending
+        score, ties by ascending id.
+
+        For approximate indexes ``exact_scores(ids [m], queries_rows [m, d]) -> [m]`` re-scores
+        candidates against current embeddings (stale entries and quantisation error removed).
+        """
+        q = queries.shape[0]
+        self.lock.acquire_read()
+        try:
+            n = self._index.ntotal
+            if n == 0 or k == 0:
+                return (
+                    np.full((q, k), -np.inf, np.float32),
+                    np.full((q, k), -1, np.int64),
+                )
+            if not self.approximate:
+                kk = min(k, n)
+                scores, ids = self._index.search(queries, kk)
+            else:
+                # Over-fetch: candidates are re-scored exactly, so a wider net buys recall.
+                kk = max(int(self.params["rerank"]) * k, k + 16)
+                kk = min(n, kk + min(self._stale, kk))
+                scores, ids = self._index.search(queries, kk)
+        finally:
+            self.lock.release_read()
+        if self.approximate and exact_scores is not None:
+            scores, ids = self._rescore(queries, scores, ids, exact_scores)
+        scores, ids = _sort_rows(scores, ids, k)
+        return scores, ids
+
+    def _rescore(self, queries, scores, ids, exact_scores):
+        q, kk = ids.shape
+        out_s = np.full((q, kk), -np.inf, np.float32)
+        out_i = np.full((q, kk), -1, np.int64)
+        for r in range(q):
+            row = ids[r]
+            uniq = np.unique(row[row >= 0])
+            if len(uniq) == 0:
+                continue
+            s = exact_scores(uniq, np.broadcast_to(queries[r], (len(uniq), self.dim)))
+            ok = ~np.isnan(s)  # NaN: node vanished (not possible today: nodes are never deleted)
+            out_s[r, : ok.sum()] = s[ok]
+            out_i[r, : ok.sum()] = uniq[ok]
+        return out_s, out_i
+
+
+def _sort_rows(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple:
+    """Descending score, ascending id on ties, missing (-1) last; pad/trim to k columns."""
+    q, kk = ids.shape
+    scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
+    key_id = np.where(ids < 0, np.iinfo(np.int64).max, ids)
+    order = np.lexsort((key_id, -scores.astype(np.float64)), axis=1) if kk else None
+    if kk:
+        scores = np.take_along_axis(scores, order, 1)
+        ids = np.take_along_axis(ids, order, 1)
+    if kk < k:
+        scores = np.concatenate([scores, np.full((q, k - kk), -np.inf, np.float32)], 1)
+        ids = np.concatenate([ids, np.full((q, k - kk), -1, np.int64)], 1)
+    return scores[:, :k], ids[:, :k]
+
+
+def _default_pq_m(d: int) -> int:
+    # ~8 dimensions per sub-quantiser is FAISS's usual accuracy/size point.
+    for m in (d // 8, d // 4, d // 2, d):
+        if m >= 1 and d % m == 0:
+            return m
+    return d

@@ -1,0 +1,307 @@
+"""On-disk format of the knowledge-graph store: one SQLite file.
+
+Everything that touches the SQL schema or the header of the file lives here, so the format is in
+one place. See docs/knowledge_graph.md for the format description.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+from typing import Any
+
+import numpy as np
+
+from .errors import KnowledgeGraphError
+
+# PRAGMA application_id marks the file as ours ("MOKG"), so a foreign SQLite database is
+# recognised before we touch it; PRAGMA user_version is the schema version.
+APPLICATION_ID = 0x4D4F4B47
+SCHEMA_VERSION = 1
+FORMAT_NAME = "moe_framework.knowledge_graph"
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+SCHEMA = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE nodes (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    type        TEXT    NOT NULL,
+    embedding   BLOB    NOT NULL,
+    metadata    TEXT    NOT NULL DEFAULT '{}',
+    merge_count INTEGER NOT NULL DEFAULT 1,
+    created_at  REAL    NOT NULL,
+    updated_at  REAL    NOT NULL
+);
+CREATE TABLE edges (
+    src        INTEGER NOT NULL REFERENCES nodes(id),
+    dst        INTEGER NOT NULL REFERENCES nodes(id),
+    type       TEXT    NOT NULL,
+    weight     REAL    NOT NULL,
+    created_at REAL    NOT NULL,
+    PRIMARY KEY (src, dst, type)
+) WITHOUT ROWID;
+CREATE INDEX edges_by_dst ON edges (dst, src);
+CREATE TABLE provenance (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    node_id    INTEGER NOT NULL REFERENCES nodes(id),
+    action     TEXT    NOT NULL,
+    similarity REAL,
+    source     TEXT    NOT NULL DEFAULT '{}',
+    metadata   TEXT    NOT NULL DEFAULT '{}',
+    embedding  BLOB,
+    created_at REAL    NOT NULL
+);
+CREATE INDEX provenance_by_node ON provenance (node_id);
+"""
+
+# ------------------------------------------------------------------------------ values
+
+
+def dumps_json(value: Any, what: str) -> str:
+    """Strict JSON (no NaN/Inf, str keys) so every reader of the file can parse it."""
+    if not isinstance(value, dict):
+        raise ValueError(f"KnowledgeGraph: {what} must be a dict, got {type(value).__name__}")
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"KnowledgeGraph: {what} must be JSON-serialisable (no NaN/Inf): {exc}"
+        ) from None
+
+
+def loads_json(text: str) -> Any:
+    return json.loads(text)
+
+
+def check_embeddings(x: Any, dim: int, what: str = "embedding") -> np.ndarray:
+    """[n, dim] float32 C-contiguous copy of ``x``; finite, non-zero rows (cosine needs a norm)."""
+    if hasattr(x, "detach"):  # a torch tensor: move it off the device without importing torch
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise ValueError(
+            f"KnowledgeGraph: {what} must have shape [n, {dim}] or [{dim}], got {list(arr.shape)}"
+        )
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"KnowledgeGraph: {what} must be a float array, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        bad = int(np.nonzero(~np.isfinite(arr).all(axis=1))[0][0])
+        raise ValueError(f"KnowledgeGraph: {what} row {bad} has NaN or Inf values")
+    norms = np.linalg.norm(arr.astype(np.float64), axis=1)
+    if arr.shape[0] and not (norms > 0).all():
+        bad = int(np.nonzero(~(norms > 0))[0][0])
+        raise ValueError(
+            f"KnowledgeGraph: {what} row {bad} has zero norm (cosine similarity is undefined)"
+        )
+    return arr
+
+
+def normalize(arr: np.ndarray) -> np.ndarray:
+    """Unit rows in float32 (norms computed in float64 so tiny/huge values do not over/underflow)."""
+    norms = np.linalg.norm(arr.astype(np.float64), axis=1, keepdims=True)
+    return (arr / norms).astype(np.float32)
+
+
+def to_blob(vec: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vec, dtype="<f4").tobytes()
+
+
+def from_blob(blob: bytes, dim: int, where: str) -> np.ndarray:
+    if not isinstance(blob, bytes) or len(blob) != 4 * dim:
+        size = len(blob) if isinstance(blob, (bytes, bytearray)) else type(blob).__name__
+        raise KnowledgeGraphError(f"{where}: embedding blob must be {4 * dim} bytes, got {size}")
+    return np.frombuffer(blob, dtype="<f4").astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ file checks
+
+
+def sniff_file(path: str) -> str:
+    """Classify an existing file without letting SQLite touch it: 'empty', 'sqlite', or raise.
+
+    We read the header ourselves first: SQLite would happily open (and, in write mode, modify) an
+    empty or foreign file, and we want a pickle renamed to the store's name to be named as such.
+    """
+    with open(path, "rb") as f:
+        head = f.read(100)
+    if len(head) == 0:
+        return "empty"
+    if head.startswith(_SQLITE_MAGIC):
+        if len(head) < 100:
+            raise KnowledgeGraphError(f"{path}: truncated SQLite file ({len(head)} bytes)")
+        return "sqlite"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
+        found = f"a Python pickle (protocol {head[1]})"
+    elif head.startswith(b"PK\x03\x04"):
+        found = "a zip archive (torch.save files are zip archives)"
+    elif head[:1] in (b"{", b"["):
+        found = "a JSON/text file"
+    else:
+        found = f"unknown content (first bytes {head[:8]!r})"
+    raise KnowledgeGraphError(
+        f"{path}: not a knowledge-graph store: found {found}. The store is a SQLite file; "
+        "it is never unpickled or executed."
+    )
+
+
+def connect(path: str, readonly: bool, timeout: float = 30.0) -> sqlite3.Connection:
+    """A connection in autocommit mode (we issue BEGIN/COMMIT ourselves)."""
+    if readonly:
+        uri = "file:" + _quote_uri(os.path.abspath(path)) + "?mode=ro"
+        conn = sqlite3.connect(
+            uri, uri=True, isolation_level=None, check_same_thread=False, timeout=timeout
+        )
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=timeout)
+    return conn
+
+
+def _quote_uri(path: str) -> str:
+    from urllib.parse import quote
+
+    return quote(path, safe="/")
+
+
+def configure_writer(conn: sqlite3.Connection) -> None:
+    # WAL: readers never block the writer and a crash leaves the last committed state;
+    # synchronous=FULL: each commit fsyncs the WAL, so a committed transaction survives power loss.
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise KnowledgeGraphError(f"KnowledgeGraph: could not enable WAL mode (got {mode})")
+    configure_common(conn)
+
+
+def configure_common(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+
+
+def init_schema(conn: sqlite3.Connection, dim: int, now: float) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for stmt in SCHEMA.split(";"):
+            if stmt.strip():
+                conn.execute(stmt)
+        conn.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?)",
+            [
+                ("format", FORMAT_NAME),
+                ("schema_version", str(SCHEMA_VERSION)),
+                ("dim", str(dim)),
+                ("created_at", repr(now)),
+            ],
+        )
+        conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def read_header(conn: sqlite3.Connection, path: str) -> tuple:
+    """(application_id, user_version, number of tables) — reads only, never writes."""
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    n_tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    return app_id, version, n_tables
+
+
+def check_header(path: str, app_id: int, version: int) -> None:
+    if app_id != APPLICATION_ID:
+        raise KnowledgeGraphError(
+            f"{path}: a SQLite database, but not a knowledge-graph store "
+            f"(application_id {app_id:#x}, expected {APPLICATION_ID:#x})"
+        )
+    if version != SCHEMA_VERSION:
+        raise KnowledgeGraphError(
+            f"{path}: knowledge-graph schema version {version} is not supported "
+            f"(this library reads version {SCHEMA_VERSION})"
+        )
+
+
+def read_meta(conn: sqlite3.Connection, path: str) -> dict:
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    if meta.get("format") != FORMAT_NAME:
+        raise KnowledgeGraphError(f"{path}: meta.format is {meta.get('format')!r}")
+    if meta.get("schema_version") != str(SCHEMA_VERSION):
+        raise KnowledgeGraphError(
+            f"{path}: meta.schema_version {meta.get('schema_version')!r} != {SCHEMA_VERSION}"
+        )
+    try:
+        dim = int(meta["dim"])
+    except (KeyError, ValueError):
+        raise KnowledgeGraphError(f"{path}: meta.dim missing or not an integer") from None
+    if dim <= 0:
+        raise KnowledgeGraphError(f"{path}: meta.dim must be positive, got {dim}")
+    meta["dim"] = dim
+    return meta
+
+
+def check_integrity(conn: sqlite3.Connection, path: str, level: str) -> None:
+    if level == "none":
+        return
+    pragma = "integrity_check" if level == "full" else "quick_check"
+    rows = conn.execute(f"PRAGMA {pragma}").fetchall()
+    if rows != [("ok",)]:
+        detail = "; ".join(str(r[0]) for r in rows[:5])
+        raise KnowledgeGraphError(f"{path}: SQLite {pragma} failed: {detail}")
+
+
+def check_references(conn: sqlite3.Connection, path: str) -> None:
+    """Every edge and provenance row points at an existing node (a tampered file could break it)."""
+    bad = conn.execute(
+        "SELECT e.src, e.dst FROM edges e LEFT JOIN nodes a ON a.id = e.src "
+        "LEFT JOIN nodes b ON b.id = e.dst WHERE a.id IS NULL OR b.id IS NULL LIMIT 1"
+    ).fetchone()
+    if bad is not None:
+        raise KnowledgeGraphError(f"{path}: edge {bad[0]} -> {bad[1]} points at a missing node")
+    bad = conn.execute(
+        "SELECT p.id, p.node_id FROM provenance p LEFT JOIN nodes n ON n.id = p.node_id "
+        "WHERE n.id IS NULL LIMIT 1"
+    ).fetchone()
+    if bad is not None:
+        raise KnowledgeGraphError(
+            f"{path}: provenance row {bad[0]} points at missing node {bad[1]}"
+        )
+    bad = conn.execute(
+        "SELECT src, dst, weight FROM edges WHERE typeof(weight) NOT IN ('real', 'integer') "
+        "OR weight != weight OR abs(weight) > 1.7976931348623157e308 LIMIT 1"
+    ).fetchone()
+    if bad is not None:
+        raise KnowledgeGraphError(f"{path}: edge {bad[0]} -> {bad[1]} has weight {bad[2]!r}")
+
+
+def finite_float(x: Any, what: str) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"KnowledgeGraph: {what} must be a number, got {x!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"KnowledgeGraph: {what} must be finite, got {v}")
+    return v
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
