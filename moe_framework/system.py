@@ -73,7 +73,15 @@ class _Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor):
-        y, info = self.moe(self.norm(x))
+        h = self.norm(x)
+        if torch.is_autocast_enabled(h.device.type):
+            # Our custom ops have no autocast rule (they require matching dtypes and would see
+            # low-precision activations with float32 expert weights): under AMP the MoE layer
+            # runs as a float32 island; the embedding, norms and head still use autocast.
+            with torch.autocast(h.device.type, enabled=False):
+                y, info = self.moe(h.float())
+        else:
+            y, info = self.moe(h)
         return x + self.dropout(y), info
 
 
@@ -433,13 +441,15 @@ class MixtureOfExpertsSystem(nn.Module):
         from_inputs: bool = False,
         layer: int = -1,
         types: Optional[Sequence[str]] = None,
+        where: Optional[dict] = None,
     ) -> list:
         """Nodes of the knowledge graph most similar to ``query``, best first.
 
         query: an embedding ``[d_model]`` or ``[q, d_model]`` (tensor or array), or, with
             ``from_inputs=True``, model inputs whose embedding is the mean MoE output of
             ``layer`` over all their tokens (the same space the experts' reports live in).
-        types: keep only nodes of these types (e.g. ``("report",)``).
+        types: keep only nodes of these types (e.g. ``("expert_report",)``).
+        where: keep only nodes whose metadata has these key/value pairs (e.g. ``{"layer": 1}``).
         Returns, per query (a flat list for a single query), dicts ``{"id", "similarity",
         "type", "metadata"}``.
         """
@@ -461,7 +471,7 @@ class MixtureOfExpertsSystem(nn.Module):
         kg = self.knowledge_graph
         out = []
         for row in q:
-            hits = _search(kg, row, top_k, types)
+            hits = _search(kg, row, top_k, types, where)
             out.append(
                 [
                     {"id": h.id, "similarity": h.score, "type": h.type, "metadata": h.metadata}
@@ -568,13 +578,19 @@ class MixtureOfExpertsSystem(nn.Module):
         )
 
 
-def _search(kg, row, top_k: int, types: Optional[Sequence[str]]) -> list:
-    if types is None:
+def _search(kg, row, top_k: int, types, where) -> list:
+    if types is None and not where:
         return kg.find_similar_nodes(row, top_k=top_k)
-    # The index has no type filter: widen the search until enough hits pass it.
+
+    def keep(h) -> bool:
+        if types is not None and h.type not in types:
+            return False
+        return all(h.metadata.get(k) == v for k, v in (where or {}).items())
+
+    # The index has no filters: widen the search until enough hits pass them.
     fetch = max(4 * top_k, 16)
     while True:
-        hits = [h for h in kg.find_similar_nodes(row, top_k=fetch) if h.type in types]
+        hits = [h for h in kg.find_similar_nodes(row, top_k=fetch) if keep(h)]
         if len(hits) >= top_k or fetch >= len(kg):
             return hits[:top_k]
         fetch *= 4
