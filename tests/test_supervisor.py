@@ -804,3 +804,36 @@ def test_balancing_losses_gradcheck_float64(seed, seq_len):
     assert lb(logits).dtype == torch.float64
     torch.autograd.gradcheck(lb, (logits,))
     torch.autograd.gradcheck(lambda lg: router_z_loss(lg, mask), (logits,))
+
+
+def test_track_stats_in_eval_matches_direct_computation(seed):
+    T, d, E, k = 21, 8, 5, 2
+    sup = make("topk", d, E, k, capacity_factor=0.8, track_stats=True).eval()
+    xs = [torch.randn(T, d) for _ in range(3)]
+    decs = [sup(x) for x in xs]
+    out = sup.routing_stats()
+    assert out["steps"] == 3 and out["tokens"] == 3 * T
+    ids = torch.cat([dd.ids for dd in decs]).long()
+    assert out["tokens_per_expert"] == [int((ids == e).sum()) for e in range(E)]
+    assert out["dropped"] == sum(int(dd.stats["dropped"]) for dd in decs)
+    p = torch.softmax(torch.cat([dd.logits.detach() for dd in decs]).double(), -1)
+    assert out["entropy"] == pytest.approx(float(-(p * p.log()).sum(-1).mean()), rel=1e-5)
+    lb = [float(dd.stats["load_loss"]) for dd in decs]
+    assert out["load_loss"] == pytest.approx(sum(lb) / 3, rel=1e-6)
+    sup.reset_stats()
+    assert sup.routing_stats()["steps"] == 0
+
+
+def test_resumed_noisy_router_draws_the_same_noise(seed):
+    d, E, k = 8, 6, 2
+    a = make("noisy_topk", d, E, k, seed=11).train()
+    with torch.no_grad():
+        a.noise_gate.weight.normal_()
+    x = torch.randn(30, d)
+    for _ in range(3):
+        a(x)
+    b = make("noisy_topk", d, E, k, seed=11).train()
+    b.load_state_dict(a.state_dict())
+    assert int(b.noise_step) == 3
+    da, db = a(x), b(x)
+    assert torch.equal(da.ids, db.ids) and torch.equal(da.weights, db.weights)
