@@ -24,7 +24,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace moe_framework {
@@ -40,6 +42,8 @@ constexpr int64_t kQueryBlock = 256;
 constexpr int64_t kBankBlockBytes = 384 * 1024;
 // Parallel tasks per thread of torch's pool: some slack for uneven blocks.
 constexpr int64_t kTasksPerThread = 4;
+// Multiply-adds below which another task costs more than it saves (~50 us of one core).
+constexpr double kMinTaskWork = double(1 << 22);
 // Cap on partial top-k entries (all tasks together) before fewer bank segments are used.
 constexpr int64_t kMaxPartialEntries = int64_t{1} << 25;
 
@@ -169,6 +173,15 @@ struct Plan {
   int64_t segs() const { return static_cast<int64_t>(segment.size()) - 1; }
 };
 
+// Tasks for `work` multiply-adds: a few per thread of torch's pool, none smaller than
+// kMinTaskWork (small searches run inline, without waking the pool).
+int64_t task_target(double work) {
+  const int64_t by_threads = kTasksPerThread * std::max<int64_t>(1, at::get_num_threads());
+  const double by_work = std::max(1.0, std::floor(work / kMinTaskWork));
+  return std::max<int64_t>(
+      1, std::min<int64_t>(by_threads, static_cast<int64_t>(std::min(by_work, 1e9))));
+}
+
 std::vector<int64_t> even_bounds(int64_t items, int64_t parts) {
   std::vector<int64_t> b(static_cast<size_t>(parts + 1));
   for (int64_t p = 0; p <= parts; ++p) b[p] = items * p / parts;
@@ -182,7 +195,7 @@ Plan plan_search(int64_t q, int64_t nv, int64_t k, int64_t elem_size, int64_t d)
   p.bank_block = bank_block_rows(d, elem_size);
   const int64_t qblocks = ceil_div(q, p.query_block);
   const int64_t bblocks = ceil_div(nv, p.bank_block);
-  const int64_t target = kTasksPerThread * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t target = task_target(static_cast<double>(q) * static_cast<double>(nv) * d);
   int64_t segs = std::min(bblocks, target);
   segs = std::max<int64_t>(1, std::min(segs, kMaxPartialEntries / std::max<int64_t>(1, q * k)));
   const int64_t groups = std::max<int64_t>(1, std::min(qblocks, ceil_div(target, segs)));
@@ -197,7 +210,7 @@ Plan plan_causal(int64_t n, int64_t elem_size, int64_t d) {
   Plan p;
   p.bank_block = bank_block_rows(d, elem_size);
   const int64_t qblocks = ceil_div(n, p.query_block);
-  const int64_t target = kTasksPerThread * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t target = task_target(0.5 * static_cast<double>(n) * static_cast<double>(n) * d);
   const int64_t groups = std::max<int64_t>(1, std::min(qblocks, target));
   p.segment = {0, ceil_div(n, p.bank_block)};
   p.qgroup.assign(1, 0);
@@ -251,6 +264,7 @@ int64_t search_blocks(const acc_t* qn, int64_t q, int64_t d, const scalar_t* ban
   std::vector<int64_t> bad(static_cast<size_t>(tasks), -1);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor bank_buf, score_buf;
+    std::vector<acc_t> scale(static_cast<size_t>(NB));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / segs;
       const int64_t s = t % segs;
@@ -272,21 +286,39 @@ int64_t search_blocks(const acc_t* qn, int64_t q, int64_t d, const scalar_t* ban
         const int64_t c0 = blk * NB;
         const int64_t c1 = std::min(nv, c0 + NB);
         if (causal && c0 + 1 >= row_end) break;  // no row of this group sees column c0
-        const acc_t* b;
-        int64_t ldb;
+        const acc_t* b = nullptr;
+        int64_t ldb = d;
+        bool scaled = false;
         if (bank_normalized) {
           // scalar_t == acc_t here (dedup passes its normalised copy).
           b = reinterpret_cast<const acc_t*>(bank) + c0 * bank_stride;
           ldb = bank_stride;
         } else {
-          acc_t* buf = bank_buf.data_ptr<acc_t>();
-          const int64_t r = normalize_rows(bank, bank_stride, c0, c1, d, buf);
-          if (r >= 0) {
-            bad[t] = r;
-            break;
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            // Raw rows straight into the GEMM, scores scaled by 1/||row|| afterwards: no copy of
+            // the block. Only when every squared norm is a normal acc_t number, so the raw
+            // products neither overflow nor lose bits to subnormals; else the normalised copy.
+            scaled = true;
+            for (int64_t row = c0; row < c1 && scaled; ++row) {
+              const acc_t ss = sum_of_squares<acc_t>(bank + row * bank_stride, d);
+              scaled = norm_ok(ss) && ss >= std::numeric_limits<acc_t>::min();
+              scale[row - c0] = scaled ? static_cast<acc_t>(inv_norm(ss)) : acc_t(0);
+            }
+            if (scaled) {
+              b = bank + c0 * bank_stride;
+              ldb = bank_stride;
+            }
           }
-          b = buf;
-          ldb = d;
+          if (!scaled) {
+            acc_t* buf = bank_buf.data_ptr<acc_t>();
+            const int64_t r = normalize_rows(bank, bank_stride, c0, c1, d, buf);
+            if (r >= 0) {
+              bad[t] = r;
+              break;
+            }
+            b = buf;
+            ldb = d;
+          }
         }
         const int64_t nb = c1 - c0;
         for (int64_t r0 = row_begin; r0 < row_end; r0 += QB) {
@@ -294,7 +326,10 @@ int64_t search_blocks(const acc_t* qn, int64_t q, int64_t d, const scalar_t* ban
           if (causal && r1 - 1 <= c0) continue;  // every row here precedes the block
           scores_gemm(qn + r0 * d, r1 - r0, b, nb, ldb, d, sbuf);
           for (int64_t r = r0; r < r1; ++r) {
-            const acc_t* srow = sbuf + (r - r0) * nb;
+            acc_t* srow = sbuf + (r - r0) * nb;
+            if (scaled) {
+              for (int64_t j = 0; j < nb; ++j) srow[j] *= scale[j];
+            }
             acc_t* hs = part_score + r * k;
             int64_t* hi = part_id + r * k;
             int64_t& size = part_size[r];
