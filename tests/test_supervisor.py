@@ -684,6 +684,9 @@ def test_capacity_routing_compiles_with_inductor(seed):
         ({"strategy": "expert_choice", "expert_choice_slots": 9}, "expert_choice_slots"),
         ({"strategy": "expert_choice", "bias_update_rate": 0.1}, "bias_update_rate"),
         ({"strategy": "expert_choice", "causal": True}, "causal"),
+        ({"expert_choice_slots": 2}, "expert_choice_slots"),
+        ({"attention_dim": 4}, "attention_dim"),
+        ({"strategy": "attention", "attention_dim": 0}, "attention_dim"),
     ],
 )
 def test_bad_config_raises_value_error_naming_the_argument(kwargs, arg):
@@ -837,3 +840,18 @@ def test_resumed_noisy_router_draws_the_same_noise(seed):
     assert int(b.noise_step) == 3
     da, db = a(x), b(x)
     assert torch.equal(da.ids, db.ids) and torch.equal(da.weights, db.weights)
+
+
+@pytest.mark.parametrize("strategy", ["topk", "expert_choice"])
+def test_compiles_with_dynamic_token_count(seed, strategy):
+    kw = {} if strategy == "expert_choice" else {"bias_update_rate": 1e-3}
+    sup = make(strategy, 8, 4, 2, capacity_factor=1.0, load_balance_coef=0.01,
+               z_loss_coef=0.1, track_stats=True, **kw).eval()  # fmt: skip
+    torch._dynamo.reset()
+    compiled = torch.compile(sup, fullgraph=True, backend="aot_eager", dynamic=True)
+    for T in (16, 23, 40):
+        x = torch.randn(T, 8)
+        got, want = compiled(x), sup(x)
+        assert torch.equal(got.ids, want.ids)
+        assert int(got.stats["dropped"]) == int(want.stats["dropped"])
+        torch.testing.assert_close(got.aux_loss, want.aux_loss)
