@@ -896,3 +896,16 @@ def test_grouped_sigmoid_matches_transformers_deepseek_v3_router(seed, norm):
         dec = sup(x)
     torch.testing.assert_close(dec.logits, logits)
     assert_same_routing(dec.weights, dec.ids, w, ids)
+
+
+def test_auto_bias_update_compiles_and_matches_eager(seed):
+    sup = make("topk", 8, 4, 2, bias_update_rate=1e-2, auto_update_bias=True).train()
+    ref = make("topk", 8, 4, 2, bias_update_rate=1e-2, auto_update_bias=True).train()
+    ref.load_state_dict(sup.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(sup, fullgraph=True, backend="aot_eager")
+    for _ in range(3):
+        x = torch.randn(20, 8) + 1.0
+        assert torch.equal(compiled(x).ids, ref(x).ids)
+    assert float(sup.selection_bias.abs().sum()) > 0
+    torch.testing.assert_close(sup.selection_bias, ref.selection_bias)
