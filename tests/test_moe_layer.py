@@ -11,7 +11,7 @@ from torch import nn
 
 import moe_framework  # noqa: F401
 from moe_framework.constellation import DraftReports, MoELayer, RoutingInfo
-from moe_framework.experts import DenseFFN, ExpertBank
+from moe_framework.experts import DenseFFN, ExpertBank, swiglu
 from moe_framework.supervisor import RoutingDecision
 
 # Compared with a float64 reference of the same parameters. fp32: both sides round products and
@@ -299,6 +299,17 @@ def test_expert_bank_parameter_shapes_and_default_init_follow_nn_linear(seed, ac
     std_bank = ExpertBank(E, d, h, activation, bias=True, init_std=0.02)
     assert abs(float(std_bank.w_out.detach().std()) / 0.02 - 1) < 0.05
     assert torch.count_nonzero(std_bank.b_out) == 0
+
+
+def test_swiglu_gradients_match_autograd_of_the_plain_formula(seed):
+    h = torch.randn(7, 2 * 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu, (h,))
+    g = torch.randn(7, 5, dtype=torch.float64)
+    (got,) = torch.autograd.grad(swiglu(h), h, g)
+    (want,) = torch.autograd.grad(F.silu(h[:, :5]) * h[:, 5:], h, g)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # Another gate activation takes the plain path.
+    torch.testing.assert_close(swiglu(h, F.gelu), F.gelu(h[:, :5]) * h[:, 5:])
 
 
 # ------------------------------------------------------------------------------------------------
