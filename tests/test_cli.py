@@ -48,10 +48,13 @@ def test_cli_without_subcommand_fails_with_usage():
 
 
 def test_cli_bench_finds_scripts_and_skips_harness(tmp_path):
+    tmp_path = tmp_path / "benchmarks"
+    tmp_path.mkdir()
     (tmp_path / "common.py").write_text("raise SystemExit('harness must not run')\n")
     (tmp_path / "_helper.py").write_text("raise SystemExit(3)\n")
     (tmp_path / "bench_ok.py").write_text(
-        "import sys\nassert sys.argv[1:] == ['--quick'], sys.argv\nprint('| table |')\n"
+        "import sys\nassert sys.argv[1:] == ['--quick'], sys.argv\n"
+        "assert __name__ == '__main__' and __spec__.name == 'benchmarks.bench_ok'\n"
     )
     (tmp_path / "bench_fail.py").write_text("raise SystemExit(4)\n")
     assert [os.path.basename(p) for p in cli.find_benchmarks(str(tmp_path))] == [
