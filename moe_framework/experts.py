@@ -83,7 +83,7 @@ class _SwiGLU(torch.autograd.Function):
     def forward(ctx, h):
         half = h.shape[-1] // 2
         ctx.save_for_backward(h)
-        return F.silu(h[..., :half]) * h[..., half:]
+        return F.silu(h[..., :half]).mul_(h[..., half:])
 
     @staticmethod
     def backward(ctx, grad):
@@ -91,7 +91,7 @@ class _SwiGLU(torch.autograd.Function):
         half = h.shape[-1] // 2
         gate, up = h[..., :half], h[..., half:]
         grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
-        grad_up = grad * F.silu(gate)
+        grad_up = F.silu(gate).mul_(grad)
         return torch.cat([grad_gate, grad_up], -1)
 
 
