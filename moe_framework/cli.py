@@ -230,6 +230,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         tiny=args.tiny,
         seed=args.seed,
         progress=not args.no_progress,
+        threads=args.threads or None,
     )
     return 0
 
@@ -251,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tiny", action="store_true", help="a few seconds: for tests and smoke runs")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the model is tiny; 0 = torch's default)",
+    )
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="run the benchmark suite in benchmarks/ and print tables")
