@@ -99,7 +99,7 @@ def main() -> None:
                     res = {}
                     for name, fn in methods.items():
                         try:
-                            t = common.timeit(fn, device=device, min_reps=3, min_time=0.3)
+                            t = common.timeit(fn, device=device, warmup=1, min_reps=3, min_time=0.1)
                             res[name] = mult * flops / t["min_s"] / 1e9
                         except (RuntimeError, NotImplementedError) as exc:
                             res[name] = None
