@@ -755,3 +755,21 @@ def test_device_bank_search_matches_store_and_follows_writes(tmp_path, seed):
             assert bank.bank.data_ptr() == before and int(bank.n_valid) == 50 + 10 * step
         s, i = bank.search(torch.from_numpy(q), 100)  # k > n_valid: -1 padded
         assert (i[:, len(kg) :] == -1).all() and torch.isneginf(s[:, len(kg) :]).all()
+
+
+def test_failed_index_update_keeps_the_write_and_rebuilds_the_index(tmp_path, monkeypatch, seed):
+    rng = _rng(seed)
+    with _store(tmp_path, dim=8) as kg:
+        kg.add_nodes_batch(rng.standard_normal((5, 8)))
+        x = rng.standard_normal(8).astype(np.float32)
+
+        def broken(*args):
+            raise MemoryError("simulated")
+
+        monkeypatch.setattr(kg._index, "add", broken)
+        with pytest.warns(RuntimeWarning, match="rebuilding it from the store"):
+            new = kg.add_node(x)
+        monkeypatch.undo()
+        assert len(kg) == 6 and kg.get_node(new).embedding.tobytes() == x.tobytes()
+        hit = kg.find_similar_nodes(x, 1)[0]  # the index was rebuilt from the store
+        assert hit.id == new and hit.score == pytest.approx(1.0, abs=1e-6)
