@@ -252,6 +252,8 @@ def test_search_matches_brute_force_cosine(tmp_path, seed, n):
             scores[:, : min(k, n)], np.take_along_axis(sims, order, 1), atol=1e-5
         )
         assert (got[:, n:] == -1).all() and np.isneginf(scores[:, n:]).all()
+        s_t, i_t = kg.search(torch.from_numpy(q), k)  # torch tensors are accepted as well
+        np.testing.assert_array_equal(i_t, got)
         hits = kg.find_similar_nodes(q[0], top_k=k, threshold=0.1)
         assert [h.id for h in hits] == [i for i, s in zip(got[0], scores[0]) if i >= 0 and s >= 0.1]
 
