@@ -50,7 +50,10 @@ def main():
     ]
     rows = []
     base = Supervisor(d, E, k).to(dev)
-    t_base = common.timeit(lambda: mixtral_router(x, base.gate.weight, k), device=dev)
+    with torch.no_grad():
+        t_base = common.timeit(
+            lambda: mixtral_router(x, base.gate.weight, k), device=dev, warmup=3, min_time=1.0
+        )
     rows.append({"router": "plain-torch Mixtral (baseline)", "ms": t_base["median_s"] * 1e3})
     for strategy, kw in configs:
         sup = Supervisor(d, E, 1 if strategy == "switch" else k, strategy=strategy, **kw).to(dev)
@@ -58,7 +61,7 @@ def main():
         if strategy != "attention":
             sup.gate.weight.data.copy_(base.gate.weight.data)
         with torch.no_grad():
-            t = common.timeit(lambda sup=sup: sup(x), device=dev)
+            t = common.timeit(lambda sup=sup: sup(x), device=dev, warmup=3, min_time=1.0)
         name = strategy + ("" if not kw else " " + ",".join(f"{a}={b}" for a, b in kw.items()))
         rows.append(
             {

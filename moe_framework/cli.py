@@ -129,6 +129,8 @@ def find_benchmarks(bench_dir: str, pattern: Optional[str] = None) -> list:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     bench_dir = _benchmark_dir(args.dir)
+    if bench_dir is not None:
+        bench_dir = os.path.abspath(bench_dir)
     if bench_dir is None or not os.path.isdir(bench_dir):
         print(
             "bench: no benchmarks/ folder found (run from the source checkout or pass --dir)",
@@ -145,8 +147,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         name = os.path.basename(path)
         print(f"\n=== {name} {' '.join(extra)}", flush=True)
         t0 = time.perf_counter()
-        # Each script prints its own table and writes its JSON under bench_results/.
-        rc = subprocess.call([sys.executable, path, *extra], cwd=os.path.dirname(bench_dir))
+        # Run as a module from the folder holding benchmarks/ (the scripts import
+        # ``benchmarks.common``); each prints its own table and writes JSON under bench_results/.
+        module = f"{os.path.basename(bench_dir)}.{os.path.splitext(name)[0]}"
+        rc = subprocess.call([sys.executable, "-m", module, *extra], cwd=os.path.dirname(bench_dir))
         results.append((name, rc, time.perf_counter() - t0))
     print("\nbenchmark suite")
     print(f"  {'script':<32} {'status':<8} {'seconds':>8}")
@@ -230,6 +234,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         tiny=args.tiny,
         seed=args.seed,
         progress=not args.no_progress,
+        threads=args.threads or None,
     )
     return 0
 
@@ -251,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tiny", action="store_true", help="a few seconds: for tests and smoke runs")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the model is tiny; 0 = torch's default)",
+    )
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="run the benchmark suite in benchmarks/ and print tables")
