@@ -1048,6 +1048,23 @@ class KnowledgeGraph:
                 self._conn, self.checkpoint_dir, self.keep_checkpoints, self._checkpoint_hook
             )
 
+    def backup(self, path: PathLike) -> str:
+        """Write a consistent copy of the store to ``path`` (SQLite backup API into a temporary
+        file next to it, quick_check, fsync, atomic rename, directory fsync). Works on readonly
+        handles too; ``path`` must not be this store. Returns the path."""
+        from .kg.snapshots import write_copy
+
+        self._check_open()
+        dst = os.path.abspath(os.fspath(path))
+        if dst == os.path.abspath(self.path):
+            raise ValueError("KnowledgeGraph.backup: the destination is the store itself")
+        folder = os.path.dirname(dst)
+        tmp = os.path.join(folder, f".{os.path.basename(dst)}.tmp-{os.getpid()}")
+        with self._wlock:
+            write_copy(self._conn, tmp, dst)
+        _s.fsync_dir(folder)
+        return dst
+
     def list_checkpoints(self) -> list:
         """Complete snapshots, oldest first."""
         from .kg.snapshots import list_snapshots

@@ -775,3 +775,21 @@ def test_failed_index_update_keeps_the_write_and_rebuilds_the_index(tmp_path, mo
         assert len(kg) == 6 and kg.get_node(new).embedding.tobytes() == x.tobytes()
         hit = kg.find_similar_nodes(x, 1)[0]  # the index was rebuilt from the store
         assert hit.id == new and hit.score == pytest.approx(1.0, abs=1e-6)
+
+
+def test_backup_writes_a_consistent_standalone_copy(tmp_path, seed):
+    rng = _rng(seed)
+    with _store(tmp_path, dim=8) as kg:
+        ids = kg.add_nodes_batch(rng.standard_normal((20, 8)), "n", [{"i": i} for i in range(20)])
+        kg.add_edge(int(ids[0]), int(ids[1]), "t", 0.5)
+        out = kg.backup(tmp_path / "copy.sqlite")
+        with pytest.raises(ValueError, match="store itself"):
+            kg.backup(tmp_path / "kg.sqlite")
+        with KnowledgeGraph.open(tmp_path / "kg.sqlite", readonly=True) as ro:
+            ro.backup(tmp_path / "copy2.sqlite")
+    assert not os.path.exists(out + "-wal")
+    for p in (out, tmp_path / "copy2.sqlite"):
+        with KnowledgeGraph.open(p, readonly=True, verify="full") as copy:
+            assert copy.node_ids().tolist() == ids.tolist()
+            assert copy.edges() == [(int(ids[0]), int(ids[1]), "t", 0.5)]
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]

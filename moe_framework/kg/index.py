@@ -34,7 +34,7 @@ INDEX_TYPES = ("flat", "hnsw", "ivfpq")
 
 DEFAULT_PARAMS = {
     "hnsw": {"M": 32, "ef_construction": 80, "ef_search": 128, "rerank": 2},
-    "ivfpq": {"nlist": None, "m": None, "nbits": 8, "nprobe": 32, "train_min": 20000, "rerank": 8},
+    "ivfpq": {"nlist": None, "m": None, "nbits": 8, "nprobe": 32, "train_min": 20000, "rerank": 32},
 }
 
 
