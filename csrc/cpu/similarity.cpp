@@ -25,6 +25,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -162,6 +164,174 @@ void scores_gemm(const acc_t* qn, int64_t nq, const acc_t* b, int64_t nb, int64_
   at::mm_out(st, qt, bt);
 }
 
+// ---------------------------------------------------------------------------------------------
+// A few queries against an fp32/fp64 bank: one fused pass per bank row computes its squared norm
+// and its dot products with every query, so the row is read from memory once (the GEMM path
+// would read each block twice, for the norms and for a matrix-vector product).
+//
+// The loop is compiled twice, for baseline x86-64 and with target("avx2"), picked at run time.
+// FMA is deliberately not enabled: both builds round every product and sum the same way, so the
+// results are bitwise identical whichever build runs (MOE_FRAMEWORK_CPU_BASELINE=1 forces the
+// baseline build; a test compares both).
+
+constexpr int64_t kFusedMaxQueries = 4;
+
+#define MOE_SIM_ALWAYS_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MOE_SIM_AVX2_CLONE 1
+#define MOE_SIM_TARGET_AVX2 __attribute__((target("avx2")))
+#else
+#define MOE_SIM_AVX2_CLONE 0
+#endif
+
+bool use_avx2() {
+#if MOE_SIM_AVX2_CLONE
+  static const bool has =
+      __builtin_cpu_supports("avx2") && std::getenv("MOE_FRAMEWORK_CPU_BASELINE") == nullptr;
+  return has;
+#else
+  return false;
+#endif
+}
+
+// 32 bytes of T as one GCC vector: 8 floats or 4 doubles; two AVX or four SSE registers' work.
+template <typename T>
+struct Vec32;
+template <>
+struct Vec32<float> {
+  typedef float type __attribute__((vector_size(32)));
+  static constexpr int lanes = 8;
+};
+template <>
+struct Vec32<double> {
+  typedef double type __attribute__((vector_size(32)));
+  static constexpr int lanes = 4;
+};
+
+// Vectors pass by reference: returning or passing them by value would change the ABI between the
+// baseline and AVX2 builds (-Wpsabi).
+template <typename V>
+MOE_SIM_ALWAYS_INLINE void load_vec(V& v, const void* p) {
+  std::memcpy(&v, p, sizeof(V));
+}
+
+template <typename T, typename V>
+MOE_SIM_ALWAYS_INLINE T lane_sum(const V& v) {
+  T out = T(0);
+  for (int l = 0; l < static_cast<int>(sizeof(V) / sizeof(T)); ++l) out += v[l];
+  return out;
+}
+
+// Rows [c0, c1) of bank against kQ normalised queries: heaps of query i at (hs + i*k, hi + i*k,
+// sizes[i]). Returns the first row without a direction, or -1.
+template <int kQ, typename T>
+MOE_SIM_ALWAYS_INLINE int64_t fused_rows_impl(const T* qn, const T* bank, int64_t stride,
+                                              int64_t c0, int64_t c1, int64_t d, int64_t k, T* hs,
+                                              int64_t* hi, int64_t* sizes) {
+  using V = typename Vec32<T>::type;
+  constexpr int W = Vec32<T>::lanes;
+  T floor_score[kQ];
+  for (int i = 0; i < kQ; ++i) {
+    floor_score[i] = sizes[i] < k ? -std::numeric_limits<T>::infinity() : hs[i * k];
+  }
+  for (int64_t row = c0; row < c1; ++row) {
+    const T* x = bank + row * stride;
+    // two interleaved accumulator sets halve the add latency chain
+    V ss0 = {}, ss1 = {};
+    V dot0[kQ] = {}, dot1[kQ] = {};
+    int64_t j = 0;
+    for (; j + 2 * W <= d; j += 2 * W) {
+      V a, b, qa, qb;
+      load_vec(a, x + j);
+      load_vec(b, x + j + W);
+      ss0 += a * a;
+      ss1 += b * b;
+      for (int i = 0; i < kQ; ++i) {
+        load_vec(qa, qn + i * d + j);
+        load_vec(qb, qn + i * d + j + W);
+        dot0[i] += qa * a;
+        dot1[i] += qb * b;
+      }
+    }
+    ss0 += ss1;
+    T ss = lane_sum<T>(ss0);
+    T dot[kQ];
+    for (int i = 0; i < kQ; ++i) {
+      dot0[i] += dot1[i];
+      dot[i] = lane_sum<T>(dot0[i]);
+    }
+    for (; j < d; ++j) {
+      ss += x[j] * x[j];
+      for (int i = 0; i < kQ; ++i) dot[i] += qn[i * d + j] * x[j];
+    }
+    T score[kQ];
+    if (norm_ok(ss) && ss >= std::numeric_limits<T>::min()) {
+      const T inv = static_cast<T>(inv_norm(static_cast<double>(ss)));
+      for (int i = 0; i < kQ; ++i) score[i] = clamp_cosine(dot[i] * inv);
+    } else {
+      // squares over/underflow T (or the row is bad): redo this row in fp64
+      const double ss64 = sum_of_squares<double>(x, d);
+      if (!norm_ok(ss64)) return row;
+      const double inv = inv_norm(ss64);
+      for (int i = 0; i < kQ; ++i) {
+        double dd = 0.0;
+        for (int64_t jj = 0; jj < d; ++jj) {
+          dd += static_cast<double>(qn[i * d + jj]) * static_cast<double>(x[jj]);
+        }
+        score[i] = static_cast<T>(clamp_cosine(dd * inv));
+      }
+    }
+    for (int i = 0; i < kQ; ++i) {
+      if (score[i] >= floor_score[i]) {
+        topk_push(hs + i * k, hi + i * k, sizes[i], k, score[i], row);
+        if (sizes[i] == k) floor_score[i] = hs[i * k];
+      }
+    }
+  }
+  return -1;
+}
+
+template <int kQ, typename T>
+int64_t fused_rows_baseline(const T* qn, const T* bank, int64_t stride, int64_t c0, int64_t c1,
+                            int64_t d, int64_t k, T* hs, int64_t* hi, int64_t* sizes) {
+  return fused_rows_impl<kQ, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes);
+}
+
+#if MOE_SIM_AVX2_CLONE
+template <int kQ, typename T>
+MOE_SIM_TARGET_AVX2 int64_t fused_rows_avx2(const T* qn, const T* bank, int64_t stride, int64_t c0,
+                                            int64_t c1, int64_t d, int64_t k, T* hs, int64_t* hi,
+                                            int64_t* sizes) {
+  return fused_rows_impl<kQ, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes);
+}
+#endif
+
+// Queries [0, nq) (nq <= kFusedMaxQueries; their heaps are consecutive in hs/hi/sizes).
+template <typename T>
+int64_t fused_rows(const T* qn, int64_t nq, const T* bank, int64_t stride, int64_t c0, int64_t c1,
+                   int64_t d, int64_t k, T* hs, int64_t* hi, int64_t* sizes) {
+#if MOE_SIM_AVX2_CLONE
+  const bool avx2 = use_avx2();
+#define MOE_SIM_FUSED(Q)                                                             \
+  return avx2 ? fused_rows_avx2<Q, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes) \
+              : fused_rows_baseline<Q, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes)
+#else
+#define MOE_SIM_FUSED(Q) \
+  return fused_rows_baseline<Q, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes)
+#endif
+  switch (nq) {
+    case 1:
+      MOE_SIM_FUSED(1);
+    case 2:
+      MOE_SIM_FUSED(2);
+    case 3:
+      MOE_SIM_FUSED(3);
+    default:
+      MOE_SIM_FUSED(4);
+  }
+#undef MOE_SIM_FUSED
+}
+
 // How the (query block x bank block) grid is cut into tasks. Query blocks [qgroup[g], qgroup[g+1])
 // form group g; bank blocks [segment[s], segment[s+1]) form segment s; task t = g * segs + s.
 struct Plan {
@@ -282,6 +452,15 @@ int64_t search_blocks(const acc_t* qn, int64_t q, int64_t d, const scalar_t* ban
       acc_t* part_score = part.score.data() + s * q * k;
       int64_t* part_id = part.id.data() + s * q * k;
       int64_t* part_size = part.size.data() + s * q;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (!bank_normalized && !causal && q <= kFusedMaxQueries) {
+          const int64_t c0 = plan.segment[s] * NB;
+          const int64_t c1 = std::min(nv, plan.segment[s + 1] * NB);
+          bad[t] =
+              fused_rows(qn, q, bank, bank_stride, c0, c1, d, k, part_score, part_id, part_size);
+          continue;
+        }
+      }
       for (int64_t blk = plan.segment[s]; blk < plan.segment[s + 1]; ++blk) {
         const int64_t c0 = blk * NB;
         const int64_t c1 = std::min(nv, c0 + NB);
