@@ -7,14 +7,16 @@ import pytest
 
 from moe_framework import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The subprocesses import the same moe_framework as this test process (the installed wheel under
+# `make test`, the source tree after an in-place build), never whichever one the cwd would give.
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
 
 
-def _run(*args, timeout=300, cwd=ROOT):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def _run(*args, timeout=300, cwd=None):
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(
         [sys.executable, "-m", "moe_framework", *args],
-        cwd=cwd,
+        cwd=cwd or os.path.dirname(os.path.abspath(__file__)),
         env=env,
         capture_output=True,
         text=True,
