@@ -13,6 +13,7 @@ from .constellation import DraftReports, ExpertBank, MoELayer, RoutingInfo  # no
 from .cuda_graphs import CUDAGraphInference  # noqa: F401
 from .librarian import KnowledgeGraph, KnowledgeGraphError, Librarian  # noqa: F401
 from .supervisor import RoutingDecision, RoutingStats, Supervisor  # noqa: F401
+from .system import MixtureOfExpertsSystem  # noqa: F401
 
 __version__ = "0.1.0"
 

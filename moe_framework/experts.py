@@ -40,7 +40,15 @@ from torch import nn
 
 from . import ops
 
-__all__ = ["ACTIVATIONS", "LAYOUTS", "ExpertBank", "DenseFFN", "expert_ffn", "expert_of_row"]
+__all__ = [
+    "ACTIVATIONS",
+    "LAYOUTS",
+    "ExpertBank",
+    "DenseFFN",
+    "expert_ffn",
+    "expert_of_row",
+    "swiglu",
+]
 
 ACTIVATIONS = ("swiglu", "gelu")
 LAYOUTS = ("in_out", "out_in")
@@ -62,6 +70,38 @@ def _row_bias(bias: torch.Tensor, rows_expert: torch.Tensor) -> torch.Tensor:
     # reduction on both CPU and CUDA (sort-based on CUDA), so the bias gradient stays deterministic.
     padded = torch.cat([bias, bias.new_zeros(1, bias.shape[1])], 0)
     return F.embedding(rows_expert, padded)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(h[:, :H]) * h[:, H:]`` saving only ``h``.
+
+    Autograd through the two slices would keep the SiLU output alive and, in backward, build two
+    zero-filled ``[M, 2H]`` gradients (one per slice) and add them; this writes the gradient once.
+    """
+
+    @staticmethod
+    def forward(ctx, h):
+        half = h.shape[-1] // 2
+        ctx.save_for_backward(h)
+        return F.silu(h[..., :half]).mul_(h[..., half:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        half = h.shape[-1] // 2
+        gate, up = h[..., :half], h[..., half:]
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        grad_up = F.silu(gate).mul_(grad)
+        return torch.cat([grad_gate, grad_up], -1)
+
+
+def swiglu(h: torch.Tensor, act_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+    """``act(h[..., :H]) * h[..., H:]`` for ``h [..., 2H]`` (``act`` defaults to SiLU, which takes
+    a memory-saving fused path)."""
+    if act_fn is None or isinstance(act_fn, nn.SiLU) or act_fn is F.silu:
+        return _SwiGLU.apply(h)
+    half = h.shape[-1] // 2
+    return act_fn(h[..., :half]) * h[..., half:]
 
 
 def _check_layout(name: str, layout: str) -> None:
@@ -107,9 +147,7 @@ def expert_ffn(
     if b_in is not None:
         h = h + _row_bias(b_in, rows_expert)
     if activation == "swiglu":
-        half = h.shape[1] // 2
-        gate, up = h[:, :half], h[:, half:]
-        h = (act_fn or F.silu)(gate) * up
+        h = swiglu(h, act_fn)
     else:
         h = F.gelu(h)
     y = ops.grouped_gemm(h, w_out, offsets, trans_b=trans_b)
@@ -293,8 +331,7 @@ class DenseFFN(nn.Module):
         if self.b_in is not None:
             h = h + self.b_in
         if self.activation == "swiglu":
-            half = h.shape[-1] // 2
-            h = F.silu(h[..., :half]) * h[..., half:]
+            h = swiglu(h)
         else:
             h = F.gelu(h)
         y = h @ self.w_out

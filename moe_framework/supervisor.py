@@ -299,7 +299,8 @@ class Supervisor(nn.Module):
         jitter_eps: multiplicative input jitter ``x * U(1 - eps, 1 + eps)`` in training (Switch).
         seed: seed of the counter-based noise (noise is a function of seed, step, token, expert).
         causal: the model is autoregressive; refuses "expert_choice" (it looks at future tokens).
-        expert_choice_slots: static slots per token for "expert_choice" (default min(E, 2k)).
+        expert_choice_slots: static slots per token for "expert_choice" (default k: the static
+            shapes of top-k routing; picks beyond it are dropped and counted).
         attention_score: "cosine" or "dot" for the "attention" strategy; attention_dim its width.
         track_stats: update ``self.stats`` (a :class:`~moe_framework.metrics.RoutingStats`) in
             every forward, training or eval.
@@ -391,6 +392,10 @@ class Supervisor(nn.Module):
             isinstance(expert_choice_slots, int) and 1 <= expert_choice_slots <= num_experts
         ):
             bad("expert_choice_slots", f"None or an int in [1, {num_experts}]", expert_choice_slots)
+        if expert_choice_slots is not None and strategy != "expert_choice":
+            bad("expert_choice_slots", "None unless strategy='expert_choice'", expert_choice_slots)
+        if attention_dim is not None and strategy != "attention":
+            bad("attention_dim", "None unless strategy='attention'", attention_dim)
         if attention_score not in ("cosine", "dot"):
             bad("attention_score", "'cosine' or 'dot'", attention_score)
         if attention_dim is not None and (not isinstance(attention_dim, int) or attention_dim < 1):
@@ -418,7 +423,7 @@ class Supervisor(nn.Module):
         self.attention_score = attention_score
         self.track_stats = track_stats
         if strategy == "expert_choice":
-            self._slots = expert_choice_slots or min(num_experts, 2 * k)
+            self._slots = int(expert_choice_slots or k)
         else:
             self._slots = k
 
@@ -525,7 +530,8 @@ class Supervisor(nn.Module):
                           True, self.routed_scaling_factor)  # fmt: skip
         if s == "switch":
             # The top-1 weight stays the probability itself (renormalising would make it 1).
-            return _route(logits, 1, "softmax", bias, 1, 1, False, self.routed_scaling_factor)
+            return _route(logits, 1, "softmax", bias, self.n_group, self.topk_group, False,
+                          self.routed_scaling_factor)  # fmt: skip
         if s == "noisy_topk":
             sel = logits
             if self.training:
@@ -601,21 +607,26 @@ class Supervisor(nn.Module):
         aux = logits.new_zeros(())
         want_stats = self.track_stats
         probs = None
-        if self.load_balance_coef > 0 or want_stats:
-            # Telemetry-only losses are computed without building an autograd graph.
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.load_balance_coef > 0):
-                scope_len = seq_len if self.load_balance_scope == "sequence" else None
+        lb_on, z_on = self.load_balance_coef > 0, self.z_loss_coef > 0
+        if lb_on or want_stats:
+            scope_len = seq_len if self.load_balance_scope == "sequence" else None
+            if lb_on:
                 probs = self._probs(logits)
                 lb = load_balancing_loss(probs, selected, mask, scope_len)
-            stats["load_loss"] = lb.detach()
-            if self.load_balance_coef > 0:
                 aux = aux + self.load_balance_coef * lb
-        if self.z_loss_coef > 0 or want_stats:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.z_loss_coef > 0):
+            else:  # telemetry only: no autograd graph
+                with torch.no_grad():
+                    probs = self._probs(logits)
+                    lb = load_balancing_loss(probs, selected, mask, scope_len)
+            stats["load_loss"] = lb.detach()
+        if z_on or want_stats:
+            if z_on:
                 z = router_z_loss(logits, mask)
-            stats["z_loss"] = z.detach()
-            if self.z_loss_coef > 0:
                 aux = aux + self.z_loss_coef * z
+            else:
+                with torch.no_grad():
+                    z = router_z_loss(logits, mask)
+            stats["z_loss"] = z.detach()
         if want_stats:
             with torch.no_grad():
                 stats["entropy_sum"] = router_entropy(probs.detach(), mask)

@@ -321,6 +321,39 @@ def test_kg_search_is_bitwise_deterministic_across_thread_counts(seed):
         assert torch.equal(kk, k0) and torch.equal(r, r0)
 
 
+_BUILD_SCRIPT = """
+import torch, moe_framework
+from moe_framework.ops import kg_search
+g = torch.Generator().manual_seed(7)
+for dtype in (torch.float32, torch.float64):
+    bank = torch.randn(3000, 100, generator=g).to(dtype)
+    bank[5] *= 1e30  # a row whose squares overflow fp32: the fp64 fallback
+    for q in (1, 4, 9):
+        s, i = kg_search(torch.randn(q, 100, generator=g).to(dtype), bank, 7, 2990)
+        print(s.tolist(), i.tolist())  # float reprs round-trip: a bitwise comparison
+"""
+
+
+def test_kg_search_baseline_and_avx2_builds_agree_bitwise():
+    import os
+    import subprocess
+    import sys
+
+    outs = []
+    for baseline in (False, True):
+        env = dict(os.environ)
+        env.pop("MOE_FRAMEWORK_CPU_BASELINE", None)
+        if baseline:
+            env["MOE_FRAMEWORK_CPU_BASELINE"] = "1"
+        outs.append(
+            subprocess.run(
+                [sys.executable, "-c", _BUILD_SCRIPT], env=env, capture_output=True, text=True
+            )
+        )
+        assert outs[-1].returncode == 0, outs[-1].stderr
+    assert outs[0].stdout == outs[1].stdout and outs[0].stdout
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input: clear errors
 
@@ -344,6 +377,25 @@ def test_rows_without_a_direction_are_errors_naming_the_row(dtype, bad):
         kg_search(emb, torch.randn(5, 6).to(dtype), 3, 5)
     # rows past n_valid are not part of the bank
     kg_search(torch.randn(2, 6).to(dtype), bank, 3, 4)
+
+
+def test_cuda_wrapper_check_flags_the_rows_the_cpu_kernels_refuse(seed):
+    # The eager CUDA check is plain torch, so its criterion is pinned here on CPU tensors.
+    from moe_framework.ops.similarity import _first_bad_row
+
+    for dtype in DTYPES:
+        t = torch.randn(20000, 12).to(dtype)
+        assert _first_bad_row(t) == -1
+        t[19999] = 0.0
+        assert _first_bad_row(t) == 19999
+        assert _first_bad_row(t, n_rows=torch.tensor(19999)) == -1
+        t[9001, 3] = float("inf")
+        t[12000, 0] = float("nan")
+        assert _first_bad_row(t) == 9001
+        with pytest.raises(RuntimeError, match="row 9001 "):
+            kg_search(t[:1].clone().fill_(1), t, 2, 20000)
+    tiny = torch.full((2, 8), 1e-30)  # squares underflow fp32, not fp64: a valid row
+    assert _first_bad_row(tiny) == -1
 
 
 def test_bad_row_error_names_the_first_bad_row_of_a_large_bank(seed):

@@ -24,7 +24,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace moe_framework {
@@ -40,6 +44,8 @@ constexpr int64_t kQueryBlock = 256;
 constexpr int64_t kBankBlockBytes = 384 * 1024;
 // Parallel tasks per thread of torch's pool: some slack for uneven blocks.
 constexpr int64_t kTasksPerThread = 4;
+// Multiply-adds below which another task costs more than it saves (~50 us of one core).
+constexpr double kMinTaskWork = double(1 << 22);
 // Cap on partial top-k entries (all tasks together) before fewer bank segments are used.
 constexpr int64_t kMaxPartialEntries = int64_t{1} << 25;
 
@@ -158,6 +164,174 @@ void scores_gemm(const acc_t* qn, int64_t nq, const acc_t* b, int64_t nb, int64_
   at::mm_out(st, qt, bt);
 }
 
+// ---------------------------------------------------------------------------------------------
+// A few queries against an fp32/fp64 bank: one fused pass per bank row computes its squared norm
+// and its dot products with every query, so the row is read from memory once (the GEMM path
+// would read each block twice, for the norms and for a matrix-vector product).
+//
+// The loop is compiled twice, for baseline x86-64 and with target("avx2"), picked at run time.
+// FMA is deliberately not enabled: both builds round every product and sum the same way, so the
+// results are bitwise identical whichever build runs (MOE_FRAMEWORK_CPU_BASELINE=1 forces the
+// baseline build; a test compares both).
+
+constexpr int64_t kFusedMaxQueries = 4;
+
+#define MOE_SIM_ALWAYS_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MOE_SIM_AVX2_CLONE 1
+#define MOE_SIM_TARGET_AVX2 __attribute__((target("avx2")))
+#else
+#define MOE_SIM_AVX2_CLONE 0
+#endif
+
+bool use_avx2() {
+#if MOE_SIM_AVX2_CLONE
+  static const bool has =
+      __builtin_cpu_supports("avx2") && std::getenv("MOE_FRAMEWORK_CPU_BASELINE") == nullptr;
+  return has;
+#else
+  return false;
+#endif
+}
+
+// 32 bytes of T as one GCC vector: 8 floats or 4 doubles; two AVX or four SSE registers' work.
+template <typename T>
+struct Vec32;
+template <>
+struct Vec32<float> {
+  typedef float type __attribute__((vector_size(32)));
+  static constexpr int lanes = 8;
+};
+template <>
+struct Vec32<double> {
+  typedef double type __attribute__((vector_size(32)));
+  static constexpr int lanes = 4;
+};
+
+// Vectors pass by reference: returning or passing them by value would change the ABI between the
+// baseline and AVX2 builds (-Wpsabi).
+template <typename V>
+MOE_SIM_ALWAYS_INLINE void load_vec(V& v, const void* p) {
+  std::memcpy(&v, p, sizeof(V));
+}
+
+template <typename T, typename V>
+MOE_SIM_ALWAYS_INLINE T lane_sum(const V& v) {
+  T out = T(0);
+  for (int l = 0; l < static_cast<int>(sizeof(V) / sizeof(T)); ++l) out += v[l];
+  return out;
+}
+
+// Rows [c0, c1) of bank against kQ normalised queries: heaps of query i at (hs + i*k, hi + i*k,
+// sizes[i]). Returns the first row without a direction, or -1.
+template <int kQ, typename T>
+MOE_SIM_ALWAYS_INLINE int64_t fused_rows_impl(const T* qn, const T* bank, int64_t stride,
+                                              int64_t c0, int64_t c1, int64_t d, int64_t k, T* hs,
+                                              int64_t* hi, int64_t* sizes) {
+  using V = typename Vec32<T>::type;
+  constexpr int W = Vec32<T>::lanes;
+  T floor_score[kQ];
+  for (int i = 0; i < kQ; ++i) {
+    floor_score[i] = sizes[i] < k ? -std::numeric_limits<T>::infinity() : hs[i * k];
+  }
+  for (int64_t row = c0; row < c1; ++row) {
+    const T* x = bank + row * stride;
+    // two interleaved accumulator sets halve the add latency chain
+    V ss0 = {}, ss1 = {};
+    V dot0[kQ] = {}, dot1[kQ] = {};
+    int64_t j = 0;
+    for (; j + 2 * W <= d; j += 2 * W) {
+      V a, b, qa, qb;
+      load_vec(a, x + j);
+      load_vec(b, x + j + W);
+      ss0 += a * a;
+      ss1 += b * b;
+      for (int i = 0; i < kQ; ++i) {
+        load_vec(qa, qn + i * d + j);
+        load_vec(qb, qn + i * d + j + W);
+        dot0[i] += qa * a;
+        dot1[i] += qb * b;
+      }
+    }
+    ss0 += ss1;
+    T ss = lane_sum<T>(ss0);
+    T dot[kQ];
+    for (int i = 0; i < kQ; ++i) {
+      dot0[i] += dot1[i];
+      dot[i] = lane_sum<T>(dot0[i]);
+    }
+    for (; j < d; ++j) {
+      ss += x[j] * x[j];
+      for (int i = 0; i < kQ; ++i) dot[i] += qn[i * d + j] * x[j];
+    }
+    T score[kQ];
+    if (norm_ok(ss) && ss >= std::numeric_limits<T>::min()) {
+      const T inv = static_cast<T>(inv_norm(static_cast<double>(ss)));
+      for (int i = 0; i < kQ; ++i) score[i] = clamp_cosine(dot[i] * inv);
+    } else {
+      // squares over/underflow T (or the row is bad): redo this row in fp64
+      const double ss64 = sum_of_squares<double>(x, d);
+      if (!norm_ok(ss64)) return row;
+      const double inv = inv_norm(ss64);
+      for (int i = 0; i < kQ; ++i) {
+        double dd = 0.0;
+        for (int64_t jj = 0; jj < d; ++jj) {
+          dd += static_cast<double>(qn[i * d + jj]) * static_cast<double>(x[jj]);
+        }
+        score[i] = static_cast<T>(clamp_cosine(dd * inv));
+      }
+    }
+    for (int i = 0; i < kQ; ++i) {
+      if (score[i] >= floor_score[i]) {
+        topk_push(hs + i * k, hi + i * k, sizes[i], k, score[i], row);
+        if (sizes[i] == k) floor_score[i] = hs[i * k];
+      }
+    }
+  }
+  return -1;
+}
+
+template <int kQ, typename T>
+int64_t fused_rows_baseline(const T* qn, const T* bank, int64_t stride, int64_t c0, int64_t c1,
+                            int64_t d, int64_t k, T* hs, int64_t* hi, int64_t* sizes) {
+  return fused_rows_impl<kQ, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes);
+}
+
+#if MOE_SIM_AVX2_CLONE
+template <int kQ, typename T>
+MOE_SIM_TARGET_AVX2 int64_t fused_rows_avx2(const T* qn, const T* bank, int64_t stride, int64_t c0,
+                                            int64_t c1, int64_t d, int64_t k, T* hs, int64_t* hi,
+                                            int64_t* sizes) {
+  return fused_rows_impl<kQ, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes);
+}
+#endif
+
+// Queries [0, nq) (nq <= kFusedMaxQueries; their heaps are consecutive in hs/hi/sizes).
+template <typename T>
+int64_t fused_rows(const T* qn, int64_t nq, const T* bank, int64_t stride, int64_t c0, int64_t c1,
+                   int64_t d, int64_t k, T* hs, int64_t* hi, int64_t* sizes) {
+#if MOE_SIM_AVX2_CLONE
+  const bool avx2 = use_avx2();
+#define MOE_SIM_FUSED(Q)                                                             \
+  return avx2 ? fused_rows_avx2<Q, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes) \
+              : fused_rows_baseline<Q, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes)
+#else
+#define MOE_SIM_FUSED(Q) \
+  return fused_rows_baseline<Q, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes)
+#endif
+  switch (nq) {
+    case 1:
+      MOE_SIM_FUSED(1);
+    case 2:
+      MOE_SIM_FUSED(2);
+    case 3:
+      MOE_SIM_FUSED(3);
+    default:
+      MOE_SIM_FUSED(4);
+  }
+#undef MOE_SIM_FUSED
+}
+
 // How the (query block x bank block) grid is cut into tasks. Query blocks [qgroup[g], qgroup[g+1])
 // form group g; bank blocks [segment[s], segment[s+1]) form segment s; task t = g * segs + s.
 struct Plan {
@@ -168,6 +342,15 @@ struct Plan {
   int64_t groups() const { return static_cast<int64_t>(qgroup.size()) - 1; }
   int64_t segs() const { return static_cast<int64_t>(segment.size()) - 1; }
 };
+
+// Tasks for `work` multiply-adds: a few per thread of torch's pool, none smaller than
+// kMinTaskWork (small searches run inline, without waking the pool).
+int64_t task_target(double work) {
+  const int64_t by_threads = kTasksPerThread * std::max<int64_t>(1, at::get_num_threads());
+  const double by_work = std::max(1.0, std::floor(work / kMinTaskWork));
+  return std::max<int64_t>(
+      1, std::min<int64_t>(by_threads, static_cast<int64_t>(std::min(by_work, 1e9))));
+}
 
 std::vector<int64_t> even_bounds(int64_t items, int64_t parts) {
   std::vector<int64_t> b(static_cast<size_t>(parts + 1));
@@ -182,7 +365,7 @@ Plan plan_search(int64_t q, int64_t nv, int64_t k, int64_t elem_size, int64_t d)
   p.bank_block = bank_block_rows(d, elem_size);
   const int64_t qblocks = ceil_div(q, p.query_block);
   const int64_t bblocks = ceil_div(nv, p.bank_block);
-  const int64_t target = kTasksPerThread * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t target = task_target(static_cast<double>(q) * static_cast<double>(nv) * d);
   int64_t segs = std::min(bblocks, target);
   segs = std::max<int64_t>(1, std::min(segs, kMaxPartialEntries / std::max<int64_t>(1, q * k)));
   const int64_t groups = std::max<int64_t>(1, std::min(qblocks, ceil_div(target, segs)));
@@ -197,7 +380,7 @@ Plan plan_causal(int64_t n, int64_t elem_size, int64_t d) {
   Plan p;
   p.bank_block = bank_block_rows(d, elem_size);
   const int64_t qblocks = ceil_div(n, p.query_block);
-  const int64_t target = kTasksPerThread * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t target = task_target(0.5 * static_cast<double>(n) * static_cast<double>(n) * d);
   const int64_t groups = std::max<int64_t>(1, std::min(qblocks, target));
   p.segment = {0, ceil_div(n, p.bank_block)};
   p.qgroup.assign(1, 0);
@@ -251,6 +434,7 @@ int64_t search_blocks(const acc_t* qn, int64_t q, int64_t d, const scalar_t* ban
   std::vector<int64_t> bad(static_cast<size_t>(tasks), -1);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor bank_buf, score_buf;
+    std::vector<acc_t> scale(static_cast<size_t>(NB));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / segs;
       const int64_t s = t % segs;
@@ -268,25 +452,52 @@ int64_t search_blocks(const acc_t* qn, int64_t q, int64_t d, const scalar_t* ban
       acc_t* part_score = part.score.data() + s * q * k;
       int64_t* part_id = part.id.data() + s * q * k;
       int64_t* part_size = part.size.data() + s * q;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (!bank_normalized && !causal && q <= kFusedMaxQueries) {
+          const int64_t c0 = plan.segment[s] * NB;
+          const int64_t c1 = std::min(nv, plan.segment[s + 1] * NB);
+          bad[t] =
+              fused_rows(qn, q, bank, bank_stride, c0, c1, d, k, part_score, part_id, part_size);
+          continue;
+        }
+      }
       for (int64_t blk = plan.segment[s]; blk < plan.segment[s + 1]; ++blk) {
         const int64_t c0 = blk * NB;
         const int64_t c1 = std::min(nv, c0 + NB);
         if (causal && c0 + 1 >= row_end) break;  // no row of this group sees column c0
-        const acc_t* b;
-        int64_t ldb;
+        const acc_t* b = nullptr;
+        int64_t ldb = d;
+        bool scaled = false;
         if (bank_normalized) {
           // scalar_t == acc_t here (dedup passes its normalised copy).
           b = reinterpret_cast<const acc_t*>(bank) + c0 * bank_stride;
           ldb = bank_stride;
         } else {
-          acc_t* buf = bank_buf.data_ptr<acc_t>();
-          const int64_t r = normalize_rows(bank, bank_stride, c0, c1, d, buf);
-          if (r >= 0) {
-            bad[t] = r;
-            break;
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            // Raw rows straight into the GEMM, scores scaled by 1/||row|| afterwards: no copy of
+            // the block. Only when every squared norm is a normal acc_t number, so the raw
+            // products neither overflow nor lose bits to subnormals; else the normalised copy.
+            scaled = true;
+            for (int64_t row = c0; row < c1 && scaled; ++row) {
+              const acc_t ss = sum_of_squares<acc_t>(bank + row * bank_stride, d);
+              scaled = norm_ok(ss) && ss >= std::numeric_limits<acc_t>::min();
+              scale[row - c0] = scaled ? static_cast<acc_t>(inv_norm(ss)) : acc_t(0);
+            }
+            if (scaled) {
+              b = bank + c0 * bank_stride;
+              ldb = bank_stride;
+            }
           }
-          b = buf;
-          ldb = d;
+          if (!scaled) {
+            acc_t* buf = bank_buf.data_ptr<acc_t>();
+            const int64_t r = normalize_rows(bank, bank_stride, c0, c1, d, buf);
+            if (r >= 0) {
+              bad[t] = r;
+              break;
+            }
+            b = buf;
+            ldb = d;
+          }
         }
         const int64_t nb = c1 - c0;
         for (int64_t r0 = row_begin; r0 < row_end; r0 += QB) {
@@ -294,7 +505,10 @@ int64_t search_blocks(const acc_t* qn, int64_t q, int64_t d, const scalar_t* ban
           if (causal && r1 - 1 <= c0) continue;  // every row here precedes the block
           scores_gemm(qn + r0 * d, r1 - r0, b, nb, ldb, d, sbuf);
           for (int64_t r = r0; r < r1; ++r) {
-            const acc_t* srow = sbuf + (r - r0) * nb;
+            acc_t* srow = sbuf + (r - r0) * nb;
+            if (scaled) {
+              for (int64_t j = 0; j < nb; ++j) srow[j] *= scale[j];
+            }
             acc_t* hs = part_score + r * k;
             int64_t* hi = part_id + r * k;
             int64_t& size = part_size[r];

@@ -138,6 +138,10 @@ class HFMoEBlock(MoELayer):
 
     def _run_experts(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         ex = self.experts
+        # HF's SiLUActivation is F.silu: take swiglu's fused path; any other activation is called.
+        act = ex.act_fn
+        if isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation":
+            act = None
         return expert_ffn(
             x_sorted,
             offsets,
@@ -145,7 +149,7 @@ class HFMoEBlock(MoELayer):
             ex.down_proj,
             activation="swiglu",
             layout="out_in",
-            act_fn=ex.act_fn,
+            act_fn=act,
         )
 
     def _shared(self, x2: torch.Tensor) -> Optional[torch.Tensor]:

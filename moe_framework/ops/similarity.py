@@ -26,19 +26,34 @@ import torch
 __all__ = ["dedup", "kg_search"]
 
 
+# Rows per chunk of the eager CUDA check: bounds its fp64 temporary to ~chunk * d * 8 bytes.
+_CHECK_CHUNK_ROWS = 8192
+
+
+def _first_bad_row(t: torch.Tensor, n_rows=None) -> int:
+    """Index of the first row of ``t`` (among the first ``n_rows``) whose fp64 sum of squares is
+    not finite and positive (the kernels' criterion), or -1. One host sync; chunks of rows."""
+    rows = t.shape[0]
+    bad = torch.empty(rows, dtype=torch.bool, device=t.device)
+    for start in range(0, rows, _CHECK_CHUNK_ROWS):
+        ss = t[start : start + _CHECK_CHUNK_ROWS].double().square().sum(dim=1)
+        bad[start : start + _CHECK_CHUNK_ROWS] = ~(torch.isfinite(ss) & (ss > 0))
+    if n_rows is not None:
+        bad &= torch.arange(rows, device=t.device) < n_rows
+    if rows == 0 or not bool(bad.any()):
+        return -1
+    return int(torch.argmax(bad.to(torch.uint8)))
+
+
 def _eager_cuda_check(t: torch.Tensor, op: str, arg: str, n_rows=None) -> None:
-    """Raise if a row of ``t`` (the first ``n_rows``) has a zero, NaN or Inf norm (CUDA, eager)."""
-    if not t.is_cuda or t.shape[0] == 0 or t.shape[1] == 0:
+    """Raise if a row of ``t`` (the first ``n_rows``) has a zero, NaN or Inf norm: CUDA tensors
+    in eager mode only (CPU kernels check for themselves; compiled graphs cannot sync)."""
+    if not t.is_cuda or t.shape[0] == 0:
         return
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
         return
-    wide = torch.float64 if t.dtype == torch.float64 else torch.float32
-    ss = t.to(wide).square().sum(dim=1)
-    bad = ~(torch.isfinite(ss) & (ss > 0))
-    if n_rows is not None:
-        bad &= torch.arange(t.shape[0], device=t.device) < n_rows
-    if bool(bad.any()):
-        row = int(torch.argmax(bad.to(torch.uint8)))
+    row = _first_bad_row(t, n_rows)
+    if row >= 0:
         where = " (within the first n_valid rows)" if n_rows is not None else ""
         raise ValueError(
             f"{op}: {arg} row {row}{where} has a zero, NaN or Inf norm: "
