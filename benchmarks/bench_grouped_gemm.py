@@ -33,10 +33,11 @@ SHAPES = [
 QUICK_SHAPES = [(8, 128, 256, 256), (64, 8, 256, 256)]
 
 
-def loop_mm(a, b, offs):
-    """The per-expert loop (what torch._grouped_mm does on CPU): one torch.mm per expert."""
-    outs = [a[lo:hi] @ b[e] for e, (lo, hi) in enumerate(zip(offs[:-1], offs[1:]))]
-    return torch.cat(outs)
+def loop_mm(a, b, counts):
+    """The per-expert loop (what torch._grouped_mm does on CPU): one torch.mm per expert.
+    split/unbind (not slicing/indexing) so the backward gathers the per-expert grads with one
+    cat/stack instead of a zero-filled full-size gradient per expert."""
+    return torch.cat([x @ w for x, w in zip(torch.split(a, counts), b.unbind(0))])
 
 
 def _case(E, rows, K, N, dtype, device):
@@ -50,11 +51,11 @@ def _case(E, rows, K, N, dtype, device):
 
 
 def _methods(a, b, w, offsets, dy):
-    offs = offsets.tolist()  # the loop baseline needs host offsets (ours never does)
+    counts = offsets.diff().tolist()  # the loop baseline needs host sizes (ours never does)
     ends = offsets[1:].to(torch.int32)
     fwd = {
         "ours": lambda: grouped_gemm(a, b, offsets),
-        "loop": lambda: loop_mm(a, b, offs),
+        "loop": lambda: loop_mm(a, b, counts),
         "dense": lambda: torch.mm(a, w),
     }
     if hasattr(torch, "_grouped_mm"):
