@@ -4,7 +4,8 @@ Both paths do the same work: sort the T*k slots by expert, gather x into the exp
 then combine the buffer back with the gate weights (the expert computation in between is left
 out: y_sorted = x_sorted). "fwd" times the forward, "fwd+bwd" adds the backward to x and weights.
 
-Achieved GB/s counts the bytes each pass must move at least once (rows of x, x_sorted, y, grads;
+Times are the fastest of the repetitions (the development machine is shared; medians are in the
+JSON). Achieved GB/s counts the bytes each pass must move at least once (rows of x, x_sorted, y, grads;
 index tensors are negligible), against the measured DRAM triad bandwidth of the same thread count.
 
     python -m benchmarks.bench_permute            # full matrix (several minutes)
@@ -14,6 +15,7 @@ index tensors are negligible), against the measured DRAM triad bandwidth of the 
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -77,8 +79,35 @@ def run_config(fn, x, ids, w, E, backward, grad_y, quick):
                 fn(x, ids, w, E)
 
     return common.timeit(
-        step, warmup=1, min_reps=2 if quick else 3, min_time=0.05 if quick else 0.3
+        step, warmup=1, min_reps=2 if quick else 3, min_time=0.05 if quick else 0.1
     )
+
+
+def summarize(rows):
+    """Geometric-mean speedup and median GB/s per (threads, T, dtype, pass)."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["threads"], r["T"], r["dtype"], r["pass"]), []).append(r)
+    out = []
+    for (threads, T, dtype, pas), rs in sorted(groups.items()):
+        speedups = [r["speedup"] for r in rs]
+        gbs = sorted(r["ours_GB/s"] for r in rs)
+        triad = sorted(r["%triad"] for r in rs)
+        out.append(
+            {
+                "threads": threads,
+                "T": T,
+                "dtype": dtype,
+                "pass": pas,
+                "configs": len(rs),
+                "speedup_geomean": math.exp(sum(map(math.log, speedups)) / len(speedups)),
+                "speedup_min": min(speedups),
+                "speedup_max": max(speedups),
+                "ours_GB/s_median": gbs[len(gbs) // 2],
+                "%triad_median": triad[len(triad) // 2],
+            }
+        )
+    return out
 
 
 def main():
@@ -110,11 +139,21 @@ def main():
             w = torch.rand(T, k, generator=gen)
             grad_y = torch.randn(T, d, generator=gen).to(dtype)
             for backward in (False, True):
+                # Alternate the two paths over a few rounds so both see the same neighbours.
                 res = {}
-                for name, fn in (("ours", ours), ("eager", eager)):
-                    res[name] = run_config(fn, x, ids, w, E, backward, grad_y, args.quick)
-                ours_s = res["ours"]["median_s"]
-                eager_s = res["eager"]["median_s"]
+                for _ in range(1 if args.quick else 3):
+                    for name, fn in (("ours", ours), ("eager", eager)):
+                        timing = run_config(fn, x, ids, w, E, backward, grad_y, args.quick)
+                        if name not in res:
+                            res[name] = {"min_s": timing["min_s"], "medians": []}
+                        res[name]["min_s"] = min(res[name]["min_s"], timing["min_s"])
+                        res[name]["medians"].append(timing["median_s"])
+                for r in res.values():
+                    r["median_s"] = sorted(r["medians"])[len(r["medians"]) // 2]
+                # Fastest rep: the development machine is shared, and slow reps there measure the
+                # neighbours, not the kernel. Medians are kept in the JSON.
+                ours_s = res["ours"]["min_s"]
+                eager_s = res["eager"]["min_s"]
                 gbs = bytes_moved(T, k, d, esize, backward) / ours_s / 1e9
                 rows.append(
                     {
@@ -130,15 +169,20 @@ def main():
                         "speedup": eager_s / ours_s,
                         "ours_GB/s": gbs,
                         "%triad": 100.0 * gbs / bw,
+                        "ours_median_ms": res["ours"]["median_s"] * 1e3,
+                        "eager_median_ms": res["eager"]["median_s"] * 1e3,
                     }
                 )
                 print(rows[-1], flush=True)
+    columns = [c for c in rows[0] if not c.endswith("median_ms")] if rows else None
     common.print_table(
-        rows, title="permute + unpermute vs eager (argsort + index_select + index_add)"
+        rows, columns, title="permute + unpermute vs eager (argsort + index_select + index_add)"
     )
+    summary = summarize(rows)
+    common.print_table(summary, title="summary per (threads, T, dtype, pass) over d, E, k")
     common.write_json(
         "bench_permute",
-        {"machine": info, "rows": rows},
+        {"machine": info, "rows": rows, "summary": summary},
         out_dir=args.out,
     )
 

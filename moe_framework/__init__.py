@@ -9,8 +9,11 @@ import torch  # noqa: F401  (libtorch must be loaded before our extension)
 from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
 from . import ops
 from .config import MoEConfig  # noqa: F401
+from .constellation import DraftReports, ExpertBank, MoELayer, RoutingInfo  # noqa: F401
 from .cuda_graphs import CUDAGraphInference  # noqa: F401
+from .librarian import KnowledgeGraph, KnowledgeGraphError, Librarian  # noqa: F401
 from .supervisor import RoutingDecision, RoutingStats, Supervisor  # noqa: F401
+from .system import MixtureOfExpertsSystem  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -26,7 +26,7 @@ __all__ = [
 
 # Kept in sync with the Supervisor / ExpertBank / KnowledgeGraph choices; a test checks that
 # every value listed here is accepted by the module it is forwarded to.
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
+ACTIVATIONS = ("swiglu", "gelu")
 ROUTING_STRATEGIES = (
     "topk",
     "topk_then_softmax",

@@ -520,10 +520,12 @@ class KnowledgeGraph:
             n_before = len(self._index)
             cand_s = cand_i = None
             if n_before and n:
+                # A few candidates per report suffice: only the best node this batch has not
+                # touched is needed from the index (touched nodes are scored exactly below).
                 cand_s, cand_i = self._index.search(
-                    unit, min(n_before, n + 1), self._exact_scores_writer
+                    unit, min(n_before, 8), self._exact_scores_writer
                 )
-            touched: dict = {}  # node id -> [raw f32 embedding, unit embedding, metadata dict]
+            touched = _Touched(n, self.dim)
             inserted: list = []
             next_id = self._next_node_id(conn)
             for j in range(n):
@@ -531,7 +533,7 @@ class KnowledgeGraph:
                 sim = None if best_id is None else float(best_s)
                 if best_id is not None and best_s > self.merge_threshold:
                     if best_id in touched:
-                        old, _, old_meta = touched[best_id]
+                        old, old_meta = touched.get(best_id)
                     else:
                         row = conn.execute(
                             "SELECT embedding, metadata FROM nodes WHERE id = ?", (best_id,)
@@ -548,7 +550,7 @@ class KnowledgeGraph:
                         "updated_at = ? WHERE id = ?",
                         (_s.to_blob(new), _s.dumps_json(merged_meta, "metadata"), now, best_id),
                     )
-                    touched[best_id] = [new, _s.normalize(new[None])[0], merged_meta]
+                    touched.put(best_id, new, _s.normalize(new[None])[0], merged_meta)
                     node_id, action = best_id, "merged"
                 else:
                     node_id, action = next_id, "inserted"
@@ -558,7 +560,7 @@ class KnowledgeGraph:
                         "updated_at) VALUES (?, ?, ?, ?, 1, ?, ?)",
                         (node_id, types[j], _s.to_blob(x[j]), meta_json[j], now, now),
                     )
-                    touched[node_id] = [x[j], unit[j], dict(meta_in[j])]
+                    touched.put(node_id, x[j], unit[j], dict(meta_in[j]))
                     inserted.append(node_id)
                 conn.execute(
                     "INSERT INTO provenance (node_id, action, similarity, source, metadata, embedding, "
@@ -576,39 +578,35 @@ class KnowledgeGraph:
                 results.append(FilingResult(int(node_id), action, sim))
             new_set = set(inserted)
             add_ids = np.asarray(inserted, np.int64)
-            add_vecs = np.stack([touched[i][1] for i in inserted]) if inserted else None
-            upd = [i for i in touched if i not in new_set]
+            add_vecs = np.stack([touched.unit_of(i) for i in inserted]) if inserted else None
+            upd = [i for i in touched.slot if i not in new_set]
             upd_ids = np.asarray(upd, np.int64)
-            upd_vecs = np.stack([touched[i][1] for i in upd]) if upd else None
+            upd_vecs = np.stack([touched.unit_of(i) for i in upd]) if upd else None
             self._after_commit(conn, add_ids, add_vecs, upd_ids, upd_vecs)
         return results
 
     def _best_match(self, j, u, cand_s, cand_i, touched) -> tuple:
         best_id, best_s = None, -np.inf
         if cand_i is not None:
-            for s, i in zip(cand_s[j], cand_i[j]):
-                if i < 0:
+            row_s, row_i = cand_s[j], cand_i[j]
+            while True:
+                untouched = [
+                    (s, i) for s, i in zip(row_s, row_i) if i >= 0 and int(i) not in touched
+                ]
+                if untouched:
+                    best_id, best_s = int(untouched[0][1]), float(untouched[0][0])
                     break
-                if int(i) not in touched:
-                    best_id, best_s = int(i), float(s)
-                    break
-            else:
-                # Every candidate was touched by this batch: look further among the rest.
-                k = len(touched) + 1
-                s2, i2 = self._index.search(
-                    u[None], min(len(self._index), k), self._exact_scores_writer
-                )
-                for s, i in zip(s2[0], i2[0]):
-                    if i >= 0 and int(i) not in touched:
-                        best_id, best_s = int(i), float(s)
-                        break
-        if touched:
-            tids = np.fromiter(touched.keys(), np.int64, len(touched))
-            tsc = np.stack([v[1] for v in touched.values()]) @ u
-            m = tsc.max()
-            tid = int(tids[tsc == m].min())
+                n_index = len(self._index)
+                if (row_i < 0).any() or len(row_i) >= n_index:
+                    break  # every indexed node was touched by this batch
+                # Every candidate was touched by this batch (rare): look further.
+                k = min(n_index, 2 * len(row_i))
+                s2, i2 = self._index.search(u[None], k, self._exact_scores_writer)
+                row_s, row_i = s2[0], i2[0]
+        if len(touched):
+            tid, m = touched.best(u)
             if m > best_s or (m == best_s and (best_id is None or tid < best_id)):
-                best_id, best_s = tid, float(m)
+                best_id, best_s = tid, m
         return best_id, best_s
 
     def _after_commit(self, conn, add_ids, add_vecs, upd_ids, upd_vecs) -> None:
@@ -1074,6 +1072,49 @@ class KnowledgeGraph:
 
 
 # ====================================================================== helpers
+
+
+class _Touched:
+    """Nodes created or moved by the batch being filed: current raw and unit embeddings and
+    metadata, in arrays so each report scores all of them with one matrix-vector product."""
+
+    def __init__(self, capacity: int, dim: int) -> None:
+        self.slot: dict = {}
+        self.ids = np.empty(capacity, np.int64)
+        self.unit = np.empty((capacity, dim), np.float32)
+        self.raw: list = []
+        self.meta: list = []
+
+    def __contains__(self, node_id) -> bool:
+        return node_id in self.slot
+
+    def __len__(self) -> int:
+        return len(self.slot)
+
+    def get(self, node_id: int) -> tuple:
+        s = self.slot[node_id]
+        return self.raw[s], self.meta[s]
+
+    def unit_of(self, node_id: int) -> np.ndarray:
+        return self.unit[self.slot[node_id]]
+
+    def put(self, node_id: int, raw: np.ndarray, unit: np.ndarray, meta: dict) -> None:
+        s = self.slot.get(node_id)
+        if s is None:
+            s = self.slot[node_id] = len(self.raw)
+            self.ids[s] = node_id
+            self.raw.append(raw)
+            self.meta.append(meta)
+        else:
+            self.raw[s], self.meta[s] = raw, meta
+        self.unit[s] = unit
+
+    def best(self, u: np.ndarray) -> tuple:
+        """(id, cosine) of the touched node most similar to unit ``u`` (lower id on ties)."""
+        n = len(self.raw)
+        sc = self.unit[:n] @ u
+        m = sc.max()
+        return int(self.ids[:n][sc == m].min()), float(m)
 
 
 def _node(row, dim: int, path: str) -> Node:

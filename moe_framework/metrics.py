@@ -87,6 +87,19 @@ class RoutingStats(nn.Module):
                 "label_counts", torch.zeros(num_labels, num_experts, dtype=torch.int64), False
             )
 
+    def _apply(self, fn, recurse=True):
+        # module.to(torch.bfloat16) would cast the float64 accumulators too and lose the sums:
+        # they follow the device, never the dtype.
+        keep = {
+            n: b for n, b in self._buffers.items() if b is not None and b.dtype == torch.float64
+        }
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float64:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
     @torch.no_grad()
     def update(self, decision, mask: Optional[torch.Tensor] = None, labels=None) -> None:
         """Add one :class:`~moe_framework.supervisor.RoutingDecision` (no host sync).

@@ -14,6 +14,7 @@ an unused expert-choice slot) and has weight 0. See ``docs/routing.md`` for the 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -113,22 +114,20 @@ def apply_capacity(
     """Keep at most ``capacity`` slots per expert, first come first served in token order.
 
     Slots are ranked in the flattened token-major order ``s = t*k + j`` (the order ``ops.permute``
-    uses): a stable sort by expert followed by ``rank = sorted_index - first_index_of_expert``
-    gives each slot its position inside its expert without a [T*k, E] one-hot and without a host
-    sync. Slots at position >= capacity get id -1 and weight 0 and are counted in ``dropped``.
+    uses): the stable counting sort of ``ops.permute`` (run on a zero-width ``[T, 0]`` input, so
+    nothing but the order is computed) gives each slot its row ``row_of_slot[s]`` in the
+    expert-sorted layout, and ``position = row_of_slot[s] - offsets[expert]``: no [T*k, E] one-hot,
+    no comparison sort (torch's stable int64 CPU sort is ~300x slower), no host sync. Slots at
+    position >= capacity get id -1 and weight 0 and are counted in ``dropped``.
 
     weights [T, k] float, ids [T, k] int (-1 = already empty) -> :class:`CapacityResult`.
     """
     T, k = ids.shape
     flat = ids.reshape(-1).long()
-    n = flat.numel()
+    empty = torch.empty(T, 0, dtype=torch.float32, device=ids.device)
+    _, row_of_slot, offsets = ops.permute(empty, ids, num_experts)
     key = torch.where(flat < 0, torch.full_like(flat, num_experts), flat)
-    order = torch.sort(key, stable=True).indices
-    bins = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
-    bins = bins.scatter_add(0, key, torch.ones_like(key))
-    starts = torch.cumsum(bins, 0) - bins
-    rank_sorted = torch.arange(n, device=ids.device) - starts[key[order]]
-    position = torch.empty_like(flat).scatter(0, order, rank_sorted)
+    position = row_of_slot - offsets[key]
     routed = flat >= 0
     keep = routed & (position < capacity)
     dropped = (routed & ~keep).sum()
@@ -142,16 +141,6 @@ def _token_weights(mask: Optional[torch.Tensor], T: int, device) -> torch.Tensor
     if mask is None:
         return torch.ones(T, dtype=torch.float32, device=device)
     return mask.reshape(-1).to(device=device, dtype=torch.float32)
-
-
-def _selection_matrix(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """ids [T, k] (-1 ignored) -> [T, E] float32 number of slots of token t on expert e."""
-    T = ids.shape[0]
-    key = ids.long()
-    key = torch.where(key < 0, torch.full_like(key, num_experts), key)
-    sel = torch.zeros(T, num_experts + 1, dtype=torch.float32, device=ids.device)
-    sel = sel.scatter_add(1, key, torch.ones_like(key, dtype=torch.float32))
-    return sel[:, :num_experts]
 
 
 def load_balancing_loss(
@@ -171,26 +160,33 @@ def load_balancing_loss(
     one real token.
     """
     T, E = probs.shape
-    w = _token_weights(mask, T, probs.device)
-    sel = _selection_matrix(ids, E)
-    p = probs.float()
+    # float32 at least; float64 stays float64 (gradcheck).
+    p = probs.to(torch.promote_types(probs.dtype, torch.float32))
+    w = _token_weights(mask, T, probs.device).to(p.dtype)
+    k = ids.shape[1]
+    # f from a weighted bincount of the slots (O(T*k), no [T, E] one-hot); P as a mat-vec.
+    e = ids.reshape(-1).long()
+    slot_w = w.repeat_interleave(k) if k > 1 else w
     if seq_len is None:
         n = w.sum().clamp_min(1.0)
-        f = (sel * w[:, None]).sum(0) / n
-        P = (p * w[:, None]).sum(0) / n
-        return E * (f * P).sum()
+        key = torch.where(e < 0, torch.full_like(e, E), e)
+        f = torch.zeros(E + 1, dtype=p.dtype, device=p.device).scatter_add(0, key, slot_w)[:E]
+        P = w @ p
+        return E * (f * P).sum() / (n * n)
     if seq_len <= 0 or T % seq_len != 0:
         raise ValueError(
             f"load_balancing_loss: seq_len must divide the number of tokens T={T}, got {seq_len}"
         )
     B = T // seq_len
-    w = w.reshape(B, seq_len)
-    n_seq = w.sum(1)
-    n = n_seq.clamp_min(1.0)[:, None]
-    f = (sel.reshape(B, seq_len, E) * w[..., None]).sum(1) / n
-    P = (p.reshape(B, seq_len, E) * w[..., None]).sum(1) / n
-    per_seq = E * (f * P).sum(-1)
-    has_tokens = (n_seq > 0).float()
+    n_seq = w.reshape(B, seq_len).sum(1)
+    n = n_seq.clamp_min(1.0)
+    seq = torch.arange(T, device=p.device).repeat_interleave(k) // seq_len
+    key = torch.where(e < 0, torch.full_like(e, B * (E + 1) - 1), seq * (E + 1) + e)
+    f = torch.zeros(B * (E + 1), dtype=p.dtype, device=p.device).scatter_add(0, key, slot_w)
+    f = f.reshape(B, E + 1)[:, :E]
+    P = torch.bmm(w.reshape(B, 1, seq_len), p.reshape(B, seq_len, E)).reshape(B, E)
+    per_seq = E * (f * P).sum(-1) / (n * n)
+    has_tokens = (n_seq > 0).to(p.dtype)
     return (per_seq * has_tokens).sum() / has_tokens.sum().clamp_min(1.0)
 
 
@@ -198,7 +194,8 @@ def router_z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> 
     """ST-MoE router z-loss ``mean_t logsumexp(logits_t)^2`` over real tokens (0-dim float32)."""
     T = logits.shape[0]
     w = _token_weights(mask, T, logits.device)
-    lse = torch.logsumexp(logits.float(), dim=-1)
+    lse = torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    w = w.to(lse.dtype)
     return (lse.square() * w).sum() / w.sum().clamp_min(1.0)
 
 
@@ -219,10 +216,9 @@ _M32 = 0xFFFFFFFF
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    # (x * c) mod 2^32 with x < 2^32 in int64, split in 16-bit halves so no product overflows.
-    lo = x & 0xFFFF
-    hi = x >> 16
-    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
+    # (x * c) mod 2^32 for 0 <= x < 2^32 in int64. A multiplier >= 2^31 is replaced by c - 2^32
+    # (same product mod 2^32), so |x * c| < 2^63: no int64 overflow on any backend.
+    return (x * (c - (1 << 32) if c >= (1 << 31) else c)) & _M32
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -239,9 +235,10 @@ def _counter_bits(seed: int, step: torch.Tensor, shape, stream: int, device) -> 
     rows, cols = shape
     base = _hash32(_hash32(torch.full((), seed & _M32, dtype=torch.int64, device=device)) ^ step)
     base = _hash32(base ^ (stream * 0x9E3779B9 & _M32))
+    # Rows and columns are hashed separately (cheap: T + C hashes), then one hash per element.
     r = _hash32(torch.arange(rows, dtype=torch.int64, device=device) ^ base)[:, None]
-    c = torch.arange(cols, dtype=torch.int64, device=device)[None, :]
-    return _hash32(_hash32(r ^ c) + c)
+    c = _hash32(torch.arange(cols, dtype=torch.int64, device=device) * 0x27D4EB2F + 0x165667B1)
+    return _hash32(r ^ c[None, :])
 
 
 def counter_uniform(seed: int, step: torch.Tensor, shape, stream: int = 0, device=None):
@@ -264,31 +261,7 @@ def counter_normal(seed: int, step: torch.Tensor, shape, stream: int = 0, device
 # ------------------------------------------------------------------------------------------------
 
 
-def _route_torch(logits, k, scoring, correction_bias, n_group, topk_group, renormalize, scale):
-    # TEMPORARY stand-in for ops.route until the fused op lands on main.
-    scores = torch.softmax(logits, -1) if scoring == "softmax" else torch.sigmoid(logits)
-    choice = scores if correction_bias is None else scores + correction_bias
-    T, E = logits.shape
-    if n_group > 1:
-        g = choice.reshape(T, n_group, E // n_group)
-        gs = g.topk(min(2, E // n_group), dim=-1).values.sum(-1)
-        gi = gs.topk(topk_group, dim=-1).indices
-        gm = torch.zeros_like(gs, dtype=torch.bool).scatter(1, gi, True)
-        gm = gm[:, :, None].expand(T, n_group, E // n_group).reshape(T, E)
-        choice = choice.masked_fill(~gm, float("-inf"))
-    ids = choice.topk(k, dim=-1).indices
-    w = scores.gather(1, ids)
-    if renormalize:
-        w = w / w.sum(-1, keepdim=True)
-    w = w * scale
-    return w.float(), ids.to(torch.int32), expert_counts(ids, E)
-
-
 def _route(logits, k, scoring, correction_bias, n_group, topk_group, renormalize, scaling_factor):
-    if not callable(getattr(ops, "route", None)):
-        return _route_torch(
-            logits, k, scoring, correction_bias, n_group, topk_group, renormalize, scaling_factor
-        )
     return ops.route(
         logits,
         k,
@@ -326,7 +299,8 @@ class Supervisor(nn.Module):
         jitter_eps: multiplicative input jitter ``x * U(1 - eps, 1 + eps)`` in training (Switch).
         seed: seed of the counter-based noise (noise is a function of seed, step, token, expert).
         causal: the model is autoregressive; refuses "expert_choice" (it looks at future tokens).
-        expert_choice_slots: static slots per token for "expert_choice" (default min(E, 2k)).
+        expert_choice_slots: static slots per token for "expert_choice" (default k: the static
+            shapes of top-k routing; picks beyond it are dropped and counted).
         attention_score: "cosine" or "dot" for the "attention" strategy; attention_dim its width.
         track_stats: update ``self.stats`` (a :class:`~moe_framework.metrics.RoutingStats`) in
             every forward, training or eval.
@@ -366,11 +340,11 @@ class Supervisor(nn.Module):
 
         if strategy not in STRATEGIES:
             bad("strategy", f"one of {STRATEGIES}", strategy)
-        if not isinstance(d_model, int) or d_model < 1:
+        if not isinstance(d_model, numbers.Integral) or d_model < 1:
             bad("d_model", "a positive int", d_model)
-        if not isinstance(num_experts, int) or num_experts < 1:
+        if not isinstance(num_experts, numbers.Integral) or num_experts < 1:
             bad("num_experts", "a positive int", num_experts)
-        if not isinstance(k, int) or not 1 <= k <= num_experts:
+        if not isinstance(k, numbers.Integral) or not 1 <= k <= num_experts:
             bad("k", f"in [1, num_experts={num_experts}]", k)
         if strategy == "switch" and k != 1:
             bad("k", "1 for strategy='switch' (top-1 routing)", k)
@@ -394,9 +368,9 @@ class Supervisor(nn.Module):
             bad("jitter_eps", "in [0, 1)", jitter_eps)
         if not (routed_scaling_factor > 0 and math.isfinite(routed_scaling_factor)):
             bad("routed_scaling_factor", "a finite float > 0", routed_scaling_factor)
-        if not isinstance(n_group, int) or n_group < 1 or num_experts % n_group != 0:
+        if not isinstance(n_group, numbers.Integral) or n_group < 1 or num_experts % n_group != 0:
             bad("n_group", f"a positive divisor of num_experts={num_experts}", n_group)
-        if not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
+        if not isinstance(topk_group, numbers.Integral) or not 1 <= topk_group <= n_group:
             bad("topk_group", f"in [1, n_group={n_group}]", topk_group)
         if k > topk_group * (num_experts // n_group):
             bad(
@@ -418,14 +392,18 @@ class Supervisor(nn.Module):
             isinstance(expert_choice_slots, int) and 1 <= expert_choice_slots <= num_experts
         ):
             bad("expert_choice_slots", f"None or an int in [1, {num_experts}]", expert_choice_slots)
+        if expert_choice_slots is not None and strategy != "expert_choice":
+            bad("expert_choice_slots", "None unless strategy='expert_choice'", expert_choice_slots)
+        if attention_dim is not None and strategy != "attention":
+            bad("attention_dim", "None unless strategy='attention'", attention_dim)
         if attention_score not in ("cosine", "dot"):
             bad("attention_score", "'cosine' or 'dot'", attention_score)
         if attention_dim is not None and (not isinstance(attention_dim, int) or attention_dim < 1):
             bad("attention_dim", "None or a positive int", attention_dim)
 
-        self.d_model = d_model
-        self.num_experts = num_experts
-        self.k = k
+        self.d_model = int(d_model)
+        self.num_experts = int(num_experts)
+        self.k = int(k)
         self.strategy = strategy
         self.renormalize = renormalize
         self.temperature = float(temperature)
@@ -435,8 +413,8 @@ class Supervisor(nn.Module):
         self.z_loss_coef = float(z_loss_coef)
         self.bias_update_rate = float(bias_update_rate)
         self.auto_update_bias = auto_update_bias
-        self.n_group = n_group
-        self.topk_group = topk_group
+        self.n_group = int(n_group)
+        self.topk_group = int(topk_group)
         self.routed_scaling_factor = float(routed_scaling_factor)
         self.noise_eps = float(noise_eps)
         self.jitter_eps = float(jitter_eps)
@@ -445,7 +423,7 @@ class Supervisor(nn.Module):
         self.attention_score = attention_score
         self.track_stats = track_stats
         if strategy == "expert_choice":
-            self._slots = expert_choice_slots or min(num_experts, 2 * k)
+            self._slots = int(expert_choice_slots or k)
         else:
             self._slots = k
 
@@ -465,6 +443,16 @@ class Supervisor(nn.Module):
         self.register_buffer("load_accumulator", torch.zeros(num_experts, dtype=torch.int64))
         self.register_buffer("noise_step", torch.zeros((), dtype=torch.int64))
         self.stats = RoutingStats(num_experts)
+
+    def _apply(self, fn, recurse=True):
+        # The selection bias stays float32 under module.to(torch.bfloat16): updates of u = 1e-3
+        # would vanish in bf16's 8-bit mantissa (DeepSeek-V3 keeps it in fp32 too).
+        old = self._buffers["selection_bias"]
+        super()._apply(fn, recurse)
+        new = self._buffers["selection_bias"]
+        if new.dtype != torch.float32:
+            self._buffers["selection_bias"] = old.to(device=new.device)
+        return self
 
     @property
     def slots_per_token(self) -> int:
@@ -542,7 +530,8 @@ class Supervisor(nn.Module):
                           True, self.routed_scaling_factor)  # fmt: skip
         if s == "switch":
             # The top-1 weight stays the probability itself (renormalising would make it 1).
-            return _route(logits, 1, "softmax", bias, 1, 1, False, self.routed_scaling_factor)
+            return _route(logits, 1, "softmax", bias, self.n_group, self.topk_group, False,
+                          self.routed_scaling_factor)  # fmt: skip
         if s == "noisy_topk":
             sel = logits
             if self.training:
@@ -617,21 +606,30 @@ class Supervisor(nn.Module):
         stats: dict = {"dropped": dropped}
         aux = logits.new_zeros(())
         want_stats = self.track_stats
-        if self.load_balance_coef > 0 or want_stats:
-            probs = self._probs(logits)
+        probs = None
+        lb_on, z_on = self.load_balance_coef > 0, self.z_loss_coef > 0
+        if lb_on or want_stats:
             scope_len = seq_len if self.load_balance_scope == "sequence" else None
-            lb = load_balancing_loss(probs, selected, mask, scope_len)
-            stats["load_loss"] = lb.detach()
-            if self.load_balance_coef > 0:
+            if lb_on:
+                probs = self._probs(logits)
+                lb = load_balancing_loss(probs, selected, mask, scope_len)
                 aux = aux + self.load_balance_coef * lb
-        if self.z_loss_coef > 0 or want_stats:
-            z = router_z_loss(logits, mask)
-            stats["z_loss"] = z.detach()
-            if self.z_loss_coef > 0:
+            else:  # telemetry only: no autograd graph
+                with torch.no_grad():
+                    probs = self._probs(logits)
+                    lb = load_balancing_loss(probs, selected, mask, scope_len)
+            stats["load_loss"] = lb.detach()
+        if z_on or want_stats:
+            if z_on:
+                z = router_z_loss(logits, mask)
                 aux = aux + self.z_loss_coef * z
+            else:
+                with torch.no_grad():
+                    z = router_z_loss(logits, mask)
+            stats["z_loss"] = z.detach()
         if want_stats:
             with torch.no_grad():
-                stats["entropy_sum"] = router_entropy(self._probs(logits.detach()), mask)
+                stats["entropy_sum"] = router_entropy(probs.detach(), mask)
                 stats["tokens"] = (
                     torch.full((), T, dtype=torch.int64, device=x.device)
                     if mask is None

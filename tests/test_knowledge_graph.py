@@ -729,3 +729,29 @@ def test_draw_writes_png_coloured_by_expert(tmp_path, seed):
     img = mpimg.imread(tmp_path / "g.png")[..., :3]
     colours = {tuple(np.round(p, 2)) for p in img.reshape(-1, 3)[::7]}
     assert len(colours) > 4  # four experts in four colours (plus white, grey edges, black)
+
+
+# ============================================================================ device bank
+
+
+def test_device_bank_search_matches_store_and_follows_writes(tmp_path, seed):
+    rng = _rng(seed)
+    with _store(tmp_path, dim=16, merge_threshold=0.95, ema_rate=0.5) as kg:
+        kg.add_nodes_batch(rng.standard_normal((40, 16)))
+        bank = kg.device_bank(capacity=128)
+        q = rng.standard_normal((5, 16)).astype(np.float32)
+        fn = torch.compile(bank.search, fullgraph=True, backend="aot_eager")
+        for step in range(3):
+            scores, ids = fn(torch.from_numpy(q), 8)
+            ref_s, ref_i = kg.search(q, 8)
+            np.testing.assert_array_equal(ids.numpy(), ref_i)
+            np.testing.assert_allclose(scores.numpy(), ref_s, atol=1e-5)
+            # Writes reach the bank in place (no reallocation below capacity): the compiled
+            # search sees them through n_valid and the rows it reads.
+            before = bank.bank.data_ptr()
+            kg.add_nodes_batch(rng.standard_normal((10, 16)))
+            node = int(ref_i[0, 0])
+            kg.add_or_update_node(kg.get_node(node).embedding + 0.01)
+            assert bank.bank.data_ptr() == before and int(bank.n_valid) == 50 + 10 * step
+        s, i = bank.search(torch.from_numpy(q), 100)  # k > n_valid: -1 padded
+        assert (i[:, len(kg) :] == -1).all() and torch.isneginf(s[:, len(kg) :]).all()

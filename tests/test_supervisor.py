@@ -515,11 +515,11 @@ def test_z_loss_matches_formula_and_is_in_aux_loss(seed):
     mask = torch.rand(T) > 0.3
     mask[0] = True
     dec = sup(x, mask)
-    lg = dec.logits.double()
+    lg = dec.logits.detach().double()
     z = [math.log(sum(math.exp(float(v)) for v in lg[t])) ** 2 for t in range(T) if mask[t]]
     assert float(dec.stats["z_loss"]) == pytest.approx(sum(z) / len(z), rel=1e-5)
     torch.testing.assert_close(dec.aux_loss, 0.1 * dec.stats["z_loss"])
-    assert float(router_z_loss(dec.logits)) > 0
+    assert float(router_z_loss(dec.logits.detach())) > 0
     dec.aux_loss.backward()
     assert sup.gate.weight.grad.abs().sum() > 0
 
@@ -684,6 +684,9 @@ def test_capacity_routing_compiles_with_inductor(seed):
         ({"strategy": "expert_choice", "expert_choice_slots": 9}, "expert_choice_slots"),
         ({"strategy": "expert_choice", "bias_update_rate": 0.1}, "bias_update_rate"),
         ({"strategy": "expert_choice", "causal": True}, "causal"),
+        ({"expert_choice_slots": 2}, "expert_choice_slots"),
+        ({"attention_dim": 4}, "attention_dim"),
+        ({"strategy": "attention", "attention_dim": 0}, "attention_dim"),
     ],
 )
 def test_bad_config_raises_value_error_naming_the_argument(kwargs, arg):
@@ -717,3 +720,207 @@ def test_docs_routing_example_runs(capsys):
     code = re.search(r"```python\n(.*?)```", doc.read_text(), re.S).group(1)
     exec(compile(code, str(doc), "exec"), {})
     assert "torch.Size([64, 2])" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cuda_routing_matches_cpu(seed, strategy):
+    k = 1 if strategy == "switch" else 2
+    kw = {"n_group": 2, "topk_group": 1} if strategy == "grouped_sigmoid" else {}
+    cpu = make(strategy, 16, 8, k, capacity_factor=1.0, load_balance_coef=0.01, z_loss_coef=1e-3,
+               track_stats=True, **kw).train()  # fmt: skip
+    gpu = make(strategy, 16, 8, k, capacity_factor=1.0, load_balance_coef=0.01, z_loss_coef=1e-3,
+               track_stats=True, **kw).train()  # fmt: skip
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.cuda()
+    x = torch.randn(37, 16)
+    a, b = cpu(x), gpu(x.cuda())
+    assert_same_routing(b.weights.cpu(), b.ids.cpu(), a.weights, a.ids, atol=1e-4)
+    assert torch.equal(a.counts, b.counts.cpu())
+    torch.testing.assert_close(a.aux_loss, b.aux_loss.cpu(), atol=1e-5, rtol=1e-4)
+    assert int(a.stats["dropped"]) == int(b.stats["dropped"])
+    assert cpu.routing_stats()["tokens_per_expert"] == gpu.routing_stats()["tokens_per_expert"]
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_replays_routing_with_capacity_stats_and_bias(seed):
+    sup = make("topk", 16, 8, 2, capacity_factor=1.0, load_balance_coef=0.01,
+               bias_update_rate=1e-3, auto_update_bias=True, track_stats=True).cuda().train()  # fmt: skip
+    static_x = torch.randn(64, 16, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        for _ in range(2):
+            sup(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    sup.reset_stats()
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = sup(static_x)
+    for _ in range(3):
+        static_x.copy_(torch.randn(64, 16, device="cuda"))
+        bias_before = sup.selection_bias.clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = make("topk", 16, 8, 2, capacity_factor=1.0).cuda()
+        ref.gate.weight.data.copy_(sup.gate.weight.data)
+        ref.selection_bias.copy_(bias_before)
+        ref.bias_update_rate = 1e-3  # selection uses the bias, no update
+        want = ref.eval()(static_x)
+        assert torch.equal(out.ids, want.ids)
+        assert int(out.stats["dropped"]) == int(want.stats["dropped"])
+    assert sup.routing_stats()["steps"] == 3  # capture itself records nothing; 3 replays do
+
+
+def test_bf16_module_keeps_fp32_bias_and_fp64_telemetry(seed):
+    sup = make("topk", 8, 4, 2, bias_update_rate=1e-3, track_stats=True).to(torch.bfloat16)
+    assert sup.gate.weight.dtype == torch.bfloat16
+    assert sup.selection_bias.dtype == torch.float32
+    assert sup.stats.entropy_sum.dtype == torch.float64
+    with torch.no_grad():
+        sup.selection_bias.fill_(0.5)
+    for _ in range(5):
+        sup.update_bias(torch.tensor([9, 1, 1, 1]))
+    # In bf16, 0.5 + 0.001 rounds back to 0.5; in fp32 the five updates add up.
+    torch.testing.assert_close(sup.selection_bias[1], torch.tensor(0.505))
+    dec = sup.train()(torch.randn(6, 8, dtype=torch.bfloat16))
+    assert dec.weights.dtype == torch.float32 and dec.logits.dtype == torch.float32
+    assert sup.routing_stats()["tokens"] == 6
+
+
+@pytest.mark.parametrize("seq_len", [None, 4])
+def test_balancing_losses_gradcheck_float64(seed, seq_len):
+    T, E, k = 8, 5, 2
+    logits = torch.randn(T, E, dtype=torch.float64, requires_grad=True)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    mask = torch.rand(T) > 0.25
+    mask[0] = True
+
+    def lb(lg):
+        return load_balancing_loss(torch.softmax(lg, -1), ids, mask, seq_len)
+
+    assert lb(logits).dtype == torch.float64
+    torch.autograd.gradcheck(lb, (logits,))
+    torch.autograd.gradcheck(lambda lg: router_z_loss(lg, mask), (logits,))
+
+
+def test_track_stats_in_eval_matches_direct_computation(seed):
+    T, d, E, k = 21, 8, 5, 2
+    sup = make("topk", d, E, k, capacity_factor=0.8, track_stats=True).eval()
+    xs = [torch.randn(T, d) for _ in range(3)]
+    decs = [sup(x) for x in xs]
+    out = sup.routing_stats()
+    assert out["steps"] == 3 and out["tokens"] == 3 * T
+    ids = torch.cat([dd.ids for dd in decs]).long()
+    assert out["tokens_per_expert"] == [int((ids == e).sum()) for e in range(E)]
+    assert out["dropped"] == sum(int(dd.stats["dropped"]) for dd in decs)
+    p = torch.softmax(torch.cat([dd.logits.detach() for dd in decs]).double(), -1)
+    assert out["entropy"] == pytest.approx(float(-(p * p.log()).sum(-1).mean()), rel=1e-5)
+    lb = [float(dd.stats["load_loss"]) for dd in decs]
+    assert out["load_loss"] == pytest.approx(sum(lb) / 3, rel=1e-6)
+    sup.reset_stats()
+    assert sup.routing_stats()["steps"] == 0
+
+
+def test_resumed_noisy_router_draws_the_same_noise(seed):
+    d, E, k = 8, 6, 2
+    a = make("noisy_topk", d, E, k, seed=11).train()
+    with torch.no_grad():
+        a.noise_gate.weight.normal_()
+    x = torch.randn(30, d)
+    for _ in range(3):
+        a(x)
+    b = make("noisy_topk", d, E, k, seed=11).train()
+    b.load_state_dict(a.state_dict())
+    assert int(b.noise_step) == 3
+    da, db = a(x), b(x)
+    assert torch.equal(da.ids, db.ids) and torch.equal(da.weights, db.weights)
+
+
+@pytest.mark.parametrize("strategy", ["topk", "expert_choice"])
+def test_compiles_with_dynamic_token_count(seed, strategy):
+    kw = {} if strategy == "expert_choice" else {"bias_update_rate": 1e-3}
+    sup = make(strategy, 8, 4, 2, capacity_factor=1.0, load_balance_coef=0.01,
+               z_loss_coef=0.1, track_stats=True, **kw).eval()  # fmt: skip
+    torch._dynamo.reset()
+    compiled = torch.compile(sup, fullgraph=True, backend="aot_eager", dynamic=True)
+    for T in (16, 23, 40):
+        x = torch.randn(T, 8)
+        got, want = compiled(x), sup(x)
+        assert torch.equal(got.ids, want.ids)
+        assert int(got.stats["dropped"]) == int(want.stats["dropped"])
+        torch.testing.assert_close(got.aux_loss, want.aux_loss)
+
+
+def test_topk_matches_transformers_mixtral_router(seed):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    d, E, k = 16, 8, 2
+    cfg = MixtralConfig(hidden_size=d, num_local_experts=E, num_experts_per_tok=k)
+    hf = MixtralTopKRouter(cfg)
+    torch.nn.init.normal_(hf.weight)
+    sup = make("topk", d, E, k)
+    sup.gate.weight.data.copy_(hf.weight.data)
+    x = torch.randn(25, d)
+    with torch.no_grad():
+        logits, w, ids = hf(x)
+        dec = sup(x)
+    torch.testing.assert_close(dec.logits, logits.float())
+    assert_same_routing(dec.weights, dec.ids, w, ids)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_grouped_sigmoid_matches_transformers_deepseek_v3_router(seed, norm):
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    d, E, k, G, TG = 16, 16, 4, 4, 2
+    cfg = DeepseekV3Config(hidden_size=d, n_routed_experts=E, num_experts_per_tok=k, n_group=G,
+                           topk_group=TG, norm_topk_prob=norm, routed_scaling_factor=2.5)  # fmt: skip
+    hf = DeepseekV3TopkRouter(cfg)
+    torch.nn.init.normal_(hf.weight)
+    hf.e_score_correction_bias.copy_(torch.randn(E) * 0.2)
+    sup = make("grouped_sigmoid", d, E, k, n_group=G, topk_group=TG, renormalize=norm,
+               routed_scaling_factor=2.5)  # fmt: skip
+    sup.gate.weight.data.copy_(hf.weight.data)
+    sup.selection_bias.copy_(hf.e_score_correction_bias)
+    x = torch.randn(33, d)
+    with torch.no_grad():
+        logits, w, ids = hf(x)
+        dec = sup(x)
+    torch.testing.assert_close(dec.logits, logits)
+    assert_same_routing(dec.weights, dec.ids, w, ids)
+
+
+def test_auto_bias_update_compiles_and_matches_eager(seed):
+    sup = make("topk", 8, 4, 2, bias_update_rate=1e-2, auto_update_bias=True).train()
+    ref = make("topk", 8, 4, 2, bias_update_rate=1e-2, auto_update_bias=True).train()
+    ref.load_state_dict(sup.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(sup, fullgraph=True, backend="aot_eager")
+    for _ in range(3):
+        x = torch.randn(20, 8) + 1.0
+        assert torch.equal(compiled(x).ids, ref(x).ids)
+    assert float(sup.selection_bias.abs().sum()) > 0
+    torch.testing.assert_close(sup.selection_bias, ref.selection_bias)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_drives_a_moe_layer(seed, strategy):
+    from moe_framework.constellation import MoELayer
+
+    k = 1 if strategy == "switch" else 2
+    kw = {"n_group": 2, "topk_group": 1} if strategy == "grouped_sigmoid" else {}
+    sup = make(strategy, 16, 4, k, capacity_factor=1.0, load_balance_coef=0.01, **kw)
+    assert sup.slots_per_token == k  # expert choice defaults to the top-k static shapes
+    layer = MoELayer(16, 32, 4, k, supervisor=sup).train()
+    x = torch.randn(2, 9, 16)
+    y, info = layer(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    (y.square().mean() + info.aux_loss).backward()

@@ -142,11 +142,14 @@ def grouped_gemm_ref(
 
 def dedup_ref(emb: torch.Tensor, threshold: float):
     """keep[j] = no earlier i < j has cosine(i, j) > threshold; representative[j] = argmax over
-    those earlier items (lowest index on ties), or j itself when kept."""
+    those earlier items (lowest index on ties), or j itself when kept.
+
+    Cosines are clamped to [-1, 1] (rounding can step outside), as the kernels do.
+    """
     n = emb.shape[0]
     e = emb.double()
     e = e / e.norm(dim=1, keepdim=True)
-    sim = e @ e.t()
+    sim = (e @ e.t()).clamp(-1.0, 1.0)
     keep = torch.ones(n, dtype=torch.bool)
     rep = torch.arange(n, dtype=torch.long)
     for j in range(n):
@@ -163,13 +166,14 @@ def dedup_ref(emb: torch.Tensor, threshold: float):
 def kg_search_ref(queries: torch.Tensor, bank: torch.Tensor, k: int, n_valid: int):
     """Cosine top-k of each query over bank[:n_valid]: (scores [q, k] f32, ids [q, k] i64).
 
-    Ties go to the lower id; missing entries (k > n_valid) have id -1 and score -inf.
+    Ties go to the lower id; missing entries (k > n_valid) have id -1 and score -inf. Cosines are
+    clamped to [-1, 1], as the kernels do.
     """
     q = queries.double()
     b = bank[:n_valid].double()
     qn = q / q.norm(dim=1, keepdim=True)
     bn = b / b.norm(dim=1, keepdim=True)
-    sim = qn @ bn.t()
+    sim = (qn @ bn.t()).clamp(-1.0, 1.0)
     scores = torch.full((q.shape[0], k), float("-inf"), dtype=torch.float64)
     ids = torch.full((q.shape[0], k), -1, dtype=torch.long)
     for i in range(q.shape[0]):

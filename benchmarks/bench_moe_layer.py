@@ -1,0 +1,258 @@
+"""MoELayer vs Hugging Face's Mixtral sparse MoE block on the same weights, and peak memory.
+
+Speed (one process, baselines in the same run, same weights and inputs):
+  * ``hf_eager``      MixtralSparseMoeBlock, experts_implementation="eager" (per-expert loop)
+  * ``hf_grouped_mm`` the same block with transformers' "grouped_mm" experts (sort + torch._grouped_mm)
+  * ``ours_hf``       the block after ``replace_moe_blocks`` (HF router, our permute / grouped GEMM
+                      / unpermute on the shared weights)
+  * ``moe_layer``     ``MoELayer`` (our fused route + draft reports) on the same weights
+  * ``dense_ffn``     a dense SwiGLU FFN with the active parameters of one token (hidden k*h): the
+                      practical roofline of the expert FLOPs
+"fwd" runs under no_grad; "fwd+bwd" adds the backward to the input and every parameter.
+
+Memory (``--memory``): one fresh process per configuration (``common.peak_memory_in_subprocess``),
+fwd+bwd of MoELayer vs the dense SwiGLU FFN with the same active parameters. ``act_MB`` is the peak
+RSS growth (peak reset after imports) minus parameters and their gradients (what grows with tokens); a layer with E=64 experts
+shows that nothing grows with T*E.
+
+    python -m benchmarks.bench_moe_layer                 # speed, all shapes (~15 min on 2 cores)
+    python -m benchmarks.bench_moe_layer --quick         # smoke run
+    python -m benchmarks.bench_moe_layer --memory        # peak memory table only
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+import moe_framework  # noqa: F401
+from benchmarks import common
+from moe_framework.constellation import MoELayer
+from moe_framework.experts import DenseFFN
+from moe_framework.integrations.transformers import HFMoEBlock
+
+# (T, E, k, d, h): the goal shape first (Mixtral's proportions h = 3.5 d, scaled to d = 512),
+# then fine-grained experts (DeepSeek / Qwen3 style, ~192 rows per expert) and a small batch.
+SHAPES = [
+    (2048, 8, 2, 512, 1792),
+    (2048, 64, 6, 512, 256),
+    (256, 8, 2, 512, 1792),
+]
+QUICK_SHAPES = [(512, 8, 2, 128, 448)]
+
+
+def _hf_block(T, E, k, d, h, dtype, seed=0):
+    cfg = transformers.MixtralConfig(
+        hidden_size=d,
+        intermediate_size=h,
+        num_local_experts=E,
+        num_experts_per_tok=k,
+        experts_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    blk = MixtralSparseMoeBlock(cfg)
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.normal_(0.0, 0.02)  # Mixtral's initializer_range
+    return cfg, blk.to(dtype)
+
+
+def _moe_layer_on(blk, E, k, d, h, dtype):
+    """MoELayer sharing the HF block's tensors (out_in layout = HF's, no copy)."""
+    layer = MoELayer(d, h, E, k, layout="out_in", dtype=dtype)
+    layer.experts.w_gate_up = blk.experts.gate_up_proj
+    layer.experts.w_out = blk.experts.down_proj
+    layer.supervisor.gate.weight = blk.gate.weight
+    return layer
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _timed(module, x, grad_y, backward, quick):
+    if backward:
+        xg = x.detach().requires_grad_()
+        params = [p for p in module.parameters() if p.requires_grad]
+
+        def step():
+            y = _first(module(xg))
+            torch.autograd.backward(y, grad_y)
+            xg.grad = None
+            for p in params:
+                p.grad = None
+
+    else:
+
+        def step():
+            with torch.no_grad():
+                module(x)
+
+    return common.timeit(step, warmup=1, min_reps=2 if quick else 3, min_time=0.1 if quick else 1.0)
+
+
+def speed(args):
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    threads = common.thread_counts(args.threads or [1, 2])
+    rows = []
+    for t in threads:
+        torch.set_num_threads(t)
+        roof = common.roofline(t, quick=args.quick)
+        print(f"threads={t}: roofline {roof}", flush=True)
+        for T, E, k, d, h in shapes:
+            for dtype in (torch.float32, torch.bfloat16):
+                cfg, blk = _hf_block(T, E, k, d, h, dtype)
+                ours_hf = HFMoEBlock(blk)
+                layer = _moe_layer_on(blk, E, k, d, h, dtype)
+                torch.manual_seed(1)
+                dense = DenseFFN(d, k * h, dtype=dtype)
+                x = torch.randn(1, T, d).to(dtype)
+                grad_y = torch.randn(1, T, d).to(dtype)
+                flops = 2.0 * T * k * 3 * d * h  # expert FLOPs of one forward
+                for backward in (False, True):
+                    res = {}
+                    for name, mod in (
+                        ("hf_eager", blk),
+                        ("hf_grouped_mm", blk),
+                        ("ours_hf", ours_hf),
+                        ("moe_layer", layer),
+                        ("dense_ffn", dense),
+                    ):
+                        cfg._experts_implementation = (
+                            "grouped_mm" if name == "hf_grouped_mm" else "eager"
+                        )
+                        try:
+                            res[name] = _timed(mod, x, grad_y, backward, args.quick)["median_s"]
+                        except RuntimeError as exc:  # e.g. torch._grouped_mm stride limits
+                            print(f"{name} failed: {exc}", flush=True)
+                            res[name] = float("nan")
+                    total = flops * (3 if backward else 1)
+                    peak = roof[
+                        "gemm_bf16_gflops" if dtype == torch.bfloat16 else "gemm_fp32_gflops"
+                    ]
+                    row = {
+                        "threads": t,
+                        "T": T,
+                        "E": E,
+                        "k": k,
+                        "d": d,
+                        "h": h,
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "pass": "fwd+bwd" if backward else "fwd",
+                        **{f"{n}_ms": v * 1e3 for n, v in res.items()},
+                        "x_vs_hf_eager": res["hf_eager"] / res["moe_layer"],
+                        "x_vs_hf_grouped": res["hf_grouped_mm"] / res["moe_layer"],
+                        "ours_hf_x_vs_eager": res["hf_eager"] / res["ours_hf"],
+                        "moe_GFLOP/s": total / res["moe_layer"] / 1e9,
+                        "%gemm_peak": 100.0 * total / res["moe_layer"] / 1e9 / peak,
+                    }
+                    rows.append(row)
+                    print(row, flush=True)
+    common.print_table(rows, title="MoELayer vs Hugging Face Mixtral sparse block (CPU)")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def mem_run(kind: str, T: int, E: int, k: int, d: int, h: int, dtype: str, threads: int) -> dict:
+    """Build one layer, run fwd+bwd once (in a fresh process); return the peak RSS growth.
+
+    The process-lifetime peak (ru_maxrss) can be set by imports, so the peak is reset here (Linux:
+    writing 5 to /proc/self/clear_refs resets VmHWM) and read back after the step.
+    """
+    torch.set_num_threads(threads)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    base = _status_mb("VmRSS")
+    dt = getattr(torch, dtype)
+    torch.manual_seed(0)
+    if kind == "moe_layer":
+        mod = MoELayer(d, h, E, k, dtype=dt)
+    elif kind == "hf_eager":
+        _, mod = _hf_block(T, E, k, d, h, dt)
+    else:
+        mod = DenseFFN(d, k * h, dtype=dt)
+    x = torch.randn(1, T, d, dtype=dt, requires_grad=True)
+    y = _first(mod(x))
+    y.backward(torch.ones_like(y))
+    pbytes = sum(p.numel() * p.element_size() for p in mod.parameters())
+    return {"param_MB": pbytes / 2**20, "peak_MB": _status_mb("VmHWM") - base}
+
+
+def memory(args):
+    T = 512 if args.quick else 2048
+    d, h = (128, 448) if args.quick else (512, 1792)
+    configs = [
+        ("dense_ffn", 8, 2),
+        ("moe_layer", 8, 2),
+        ("hf_eager", 8, 2),
+        ("moe_layer", 64, 2),
+    ]
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        base = base_peak = None
+        for kind, E, k in configs:
+            out = common.peak_memory_in_subprocess(
+                "benchmarks.bench_moe_layer:mem_run",
+                kind=kind,
+                T=T,
+                E=E,
+                k=k,
+                d=d,
+                h=h,
+                dtype=dtype,
+                threads=1,
+            )
+            param_mb, peak_mb = out["extra"]["param_MB"], out["extra"]["peak_MB"]
+            act = peak_mb - 2 * param_mb  # parameters + their gradients
+            if kind == "dense_ffn":
+                base, base_peak = act, peak_mb
+            rows.append(
+                {
+                    "layer": kind,
+                    "T": T,
+                    "E": E,
+                    "k": k,
+                    "d": d,
+                    "h": h,
+                    "dtype": dtype,
+                    "param_MB": param_mb,
+                    "peak_MB": peak_mb,
+                    "act_MB": act,
+                    "peak_vs_dense": peak_mb / base_peak,
+                    "act_vs_dense": act / base,
+                }
+            )
+            print(rows[-1], flush=True)
+    common.print_table(rows, title="fwd+bwd peak memory (fresh process per row)")
+    return rows
+
+
+def main():
+    p = common.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--memory", action="store_true", help="only the peak-memory table")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory table")
+    args = p.parse_args()
+    payload = {"machine": common.machine_info("cpu"), "transformers": transformers.__version__}
+    if not args.memory:
+        payload["speed"] = speed(args)
+    if not args.no_memory:
+        payload["memory"] = memory(args)
+    common.write_json("bench_moe_layer", payload, out_dir=args.out)
+
+
+if __name__ == "__main__":
+    main()

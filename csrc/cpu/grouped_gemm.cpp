@@ -1,0 +1,531 @@
+// CPU kernels of grouped_gemm and grouped_gemm_wgrad.
+//
+// Two paths, chosen per expert from its row count (the offsets are host memory on CPU):
+//  * large groups (>= kLargeRows rows) call torch's BLAS (at::mm_out) on the contiguous row slice:
+//    at that size one GEMM call is as efficient as one big torch.mm of the same FLOPs;
+//  * small groups (decode, fine-grained experts) would pay one BLAS call per expert, which costs
+//    more than the math. They are cut into (expert, row block, column block) tiles over all
+//    experts, run by one at::parallel_for, each with a register-blocked FMA micro-kernel (AVX2+FMA
+//    when the CPU has it, picked at run time; a scalar loop otherwise).
+// bf16/fp16 accumulate in fp32: the activations are converted once, weight panels are converted
+// while packing. fp16 always takes the tile path (torch's CPU fp16 GEMM is orders of magnitude
+// slower). fp64 (used by gradcheck) calls at::mm_out for every expert.
+// Every output element is a sum over K (or over the rows of an expert, for wgrad) in a fixed
+// order, independent of the thread count: results are bitwise reproducible.
+#include "moe_framework/grouped_gemm.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define MOE_GG_X86 1
+#else
+#define MOE_GG_X86 0
+#endif
+
+namespace moe_framework {
+namespace {
+
+using grouped_gemm::acc_t;
+using grouped_gemm::ceil_div;
+
+// Groups with at least this many rows go to torch's BLAS; below it, per-call overhead and thin
+// GEMM shapes make the tiled kernel faster (measured: benchmarks/bench_grouped_gemm.py). bf16
+// switches earlier: torch's bf16 GEMM uses the CPU's bf16 dot-product instructions where they
+// exist, which our fp32-converting tile kernel cannot match once a group has a few dozen rows.
+constexpr int64_t kLargeRows = 128;
+constexpr int64_t kLargeRowsBf16 = 32;
+// Register tile of the micro-kernel: kMR rows x kNR columns (3 AVX2 vectors), 12 accumulators.
+constexpr int64_t kMR = 4;
+constexpr int64_t kNR = 24;
+// Depth of a packed B panel: kKC x kNR floats (24 KiB) stay in L1 while the row groups of a tile
+// sweep over it.
+constexpr int64_t kKC = 256;
+// Rows of one work tile, and the widest column block: a wide block makes the tile read each row
+// of B as one long contiguous run (small groups are bound by streaming B from memory).
+constexpr int64_t kMB = 64;
+constexpr int64_t kMaxNB = 43 * kNR;  // 1032 columns
+constexpr int64_t kPanelBytes = 256 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Micro-kernels: C[mr x nr] (+)= sum_p A(i, p) * B(p, j) for p in [0, kc), in p order.
+// A(i, p) = A[i * rsa + p * csa] (any strides); B(p, j) = B[p * ldb + j] (unit column stride);
+// C row stride ldc. `accumulate` adds to C instead of overwriting it.
+
+struct MicroArgs {
+  int64_t kc;
+  const float* a;
+  int64_t rsa, csa;
+  const float* b;
+  int64_t ldb;
+  float* c;
+  int64_t ldc;
+  int64_t mr, nr;
+  bool accumulate;
+};
+
+void micro_scalar(const MicroArgs& x) {
+  float acc[kMR][kNR] = {};
+  for (int64_t p = 0; p < x.kc; ++p) {
+    const float* brow = x.b + p * x.ldb;
+    for (int64_t i = 0; i < x.mr; ++i) {
+      const float av = x.a[i * x.rsa + p * x.csa];
+      for (int64_t j = 0; j < x.nr; ++j) acc[i][j] += av * brow[j];
+    }
+  }
+  for (int64_t i = 0; i < x.mr; ++i) {
+    float* crow = x.c + i * x.ldc;
+    for (int64_t j = 0; j < x.nr; ++j) crow[j] = x.accumulate ? crow[j] + acc[i][j] : acc[i][j];
+  }
+}
+
+#if MOE_GG_X86
+// Lane masks for the last, partial column strip: lanes < n are on.
+__attribute__((target("avx2"))) inline __m256i lane_mask(int64_t n) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(n, 0, 8))), idx);
+}
+
+// Accumulators are named variables, not an array: GCC keeps an array of __m256 on the stack and
+// spills it every iteration (measured 4x slower).
+template <bool kFull>
+__attribute__((target("avx2,fma"))) inline void load_b3(const float* bp, __m256i m0, __m256i m1,
+                                                        __m256i m2, __m256& b0, __m256& b1,
+                                                        __m256& b2) {
+  if constexpr (kFull) {
+    b0 = _mm256_loadu_ps(bp);
+    b1 = _mm256_loadu_ps(bp + 8);
+    b2 = _mm256_loadu_ps(bp + 16);
+  } else {
+    // Masked loads never touch memory past the last column.
+    b0 = _mm256_maskload_ps(bp, m0);
+    b1 = _mm256_maskload_ps(bp + 8, m1);
+    b2 = _mm256_maskload_ps(bp + 16, m2);
+  }
+}
+
+template <bool kFull>
+__attribute__((target("avx2,fma"))) inline void store_c3(float* cp, bool accumulate, __m256i m0,
+                                                         __m256i m1, __m256i m2, __m256 c0,
+                                                         __m256 c1, __m256 c2) {
+  if constexpr (kFull) {
+    if (accumulate) {
+      c0 = _mm256_add_ps(c0, _mm256_loadu_ps(cp));
+      c1 = _mm256_add_ps(c1, _mm256_loadu_ps(cp + 8));
+      c2 = _mm256_add_ps(c2, _mm256_loadu_ps(cp + 16));
+    }
+    _mm256_storeu_ps(cp, c0);
+    _mm256_storeu_ps(cp + 8, c1);
+    _mm256_storeu_ps(cp + 16, c2);
+  } else {
+    if (accumulate) {
+      c0 = _mm256_add_ps(c0, _mm256_maskload_ps(cp, m0));
+      c1 = _mm256_add_ps(c1, _mm256_maskload_ps(cp + 8, m1));
+      c2 = _mm256_add_ps(c2, _mm256_maskload_ps(cp + 16, m2));
+    }
+    _mm256_maskstore_ps(cp, m0, c0);
+    _mm256_maskstore_ps(cp + 8, m1, c1);
+    _mm256_maskstore_ps(cp + 16, m2, c2);
+  }
+}
+
+template <int MR, bool kFull>
+__attribute__((target("avx2,fma"))) void micro_avx2(const MicroArgs& x) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00;
+  __m256 c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;
+  const __m256i m0 = lane_mask(x.nr), m1 = lane_mask(x.nr - 8), m2 = lane_mask(x.nr - 16);
+  const int64_t kc = x.kc, ldb = x.ldb, rsa = x.rsa, csa = x.csa;
+  const float* bp = x.b;
+  const float* ap = x.a;
+  for (int64_t p = 0; p < kc; ++p, bp += ldb, ap += csa) {
+    __m256 b0, b1, b2;
+    load_b3<kFull>(bp, m0, m1, m2, b0, b1, b2);
+    __m256 av = _mm256_broadcast_ss(ap);
+    c00 = _mm256_fmadd_ps(av, b0, c00);
+    c01 = _mm256_fmadd_ps(av, b1, c01);
+    c02 = _mm256_fmadd_ps(av, b2, c02);
+    if constexpr (MR > 1) {
+      av = _mm256_broadcast_ss(ap + rsa);
+      c10 = _mm256_fmadd_ps(av, b0, c10);
+      c11 = _mm256_fmadd_ps(av, b1, c11);
+      c12 = _mm256_fmadd_ps(av, b2, c12);
+    }
+    if constexpr (MR > 2) {
+      av = _mm256_broadcast_ss(ap + 2 * rsa);
+      c20 = _mm256_fmadd_ps(av, b0, c20);
+      c21 = _mm256_fmadd_ps(av, b1, c21);
+      c22 = _mm256_fmadd_ps(av, b2, c22);
+    }
+    if constexpr (MR > 3) {
+      av = _mm256_broadcast_ss(ap + 3 * rsa);
+      c30 = _mm256_fmadd_ps(av, b0, c30);
+      c31 = _mm256_fmadd_ps(av, b1, c31);
+      c32 = _mm256_fmadd_ps(av, b2, c32);
+    }
+  }
+  float* cp = x.c;
+  store_c3<kFull>(cp, x.accumulate, m0, m1, m2, c00, c01, c02);
+  if constexpr (MR > 1) store_c3<kFull>(cp + x.ldc, x.accumulate, m0, m1, m2, c10, c11, c12);
+  if constexpr (MR > 2) store_c3<kFull>(cp + 2 * x.ldc, x.accumulate, m0, m1, m2, c20, c21, c22);
+  if constexpr (MR > 3) store_c3<kFull>(cp + 3 * x.ldc, x.accumulate, m0, m1, m2, c30, c31, c32);
+}
+
+template <bool kFull>
+void micro_avx2_rows(const MicroArgs& x) {
+  switch (x.mr) {
+    case 1:
+      return micro_avx2<1, kFull>(x);
+    case 2:
+      return micro_avx2<2, kFull>(x);
+    case 3:
+      return micro_avx2<3, kFull>(x);
+    default:
+      return micro_avx2<4, kFull>(x);
+  }
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+// One register tile. Both variants sum over p in the same order with fused multiply-adds on the
+// AVX2 path and separate ones on the scalar path; a given machine always takes the same one.
+inline void micro(const MicroArgs& x) {
+#if MOE_GG_X86
+  if (cpu_has_avx2_fma()) {
+    if (x.nr == kNR) {
+      micro_avx2_rows<true>(x);
+    } else {
+      micro_avx2_rows<false>(x);
+    }
+    return;
+  }
+#endif
+  micro_scalar(x);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile driver: C[m x n] = A[m x k] * B[k x n] for one work tile, blocked by kKC over k.
+// A is fp32 with strides (rsa, csa). B (any dtype and strides) is packed per k block into an fp32
+// panel laid out strip-major, [n / kNR][kc][kNR]: each strip is one contiguous kc x kNR block that
+// the row groups of the tile sweep from L1. Reading B in place instead would walk it with the row
+// stride of B (a power of two for model sizes), which aliases into a few L1 sets.
+
+template <typename scalar_t>
+struct BView {
+  const scalar_t* ptr;
+  int64_t sk, sn;  // strides of B(p, j) along p and j
+};
+
+// Rows of B prefetched ahead while packing: consecutive rows of a weight matrix are a row stride
+// apart (often a whole page), which the hardware prefetcher does not follow.
+constexpr int64_t kPrefetchRows = 8;
+
+template <typename scalar_t>
+void pack_b(const BView<scalar_t>& b, int64_t k0, int64_t kc, int64_t k, int64_t n, float* panel) {
+  const int64_t strips = ceil_div(n, kNR);
+  if (b.sn == 1) {
+    // Row by row: each source row segment is read contiguously.
+    for (int64_t p = 0; p < kc; ++p) {
+      const scalar_t* src = b.ptr + (k0 + p) * b.sk;
+      if (k0 + p + kPrefetchRows < k) {
+        const char* ahead = reinterpret_cast<const char*>(src + kPrefetchRows * b.sk);
+        for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(scalar_t)); off += 64) {
+          __builtin_prefetch(ahead + off, 0, 2);
+        }
+      }
+      for (int64_t s = 0; s < strips; ++s) {
+        float* dst = panel + (s * kc + p) * kNR;
+        const scalar_t* row = src + s * kNR;
+        const int64_t w = std::min(kNR, n - s * kNR);
+        if (w == kNR) {
+          for (int64_t j = 0; j < kNR; ++j) dst[j] = static_cast<float>(row[j]);
+        } else {
+          for (int64_t j = 0; j < w; ++j) dst[j] = static_cast<float>(row[j]);
+        }
+      }
+    }
+  } else {
+    // Transposed B: walk the source along its contiguous axis (p) for each column j.
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t* src = b.ptr + j * b.sn + k0 * b.sk;
+      float* dst = panel + (j / kNR) * kc * kNR + j % kNR;
+      for (int64_t p = 0; p < kc; ++p) dst[p * kNR] = static_cast<float>(src[p * b.sk]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void tile_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t rsa, int64_t csa,
+               const BView<scalar_t>& b, float* c, int64_t ldc, std::vector<float>& panel) {
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
+    return;
+  }
+  const int64_t strips = ceil_div(n, kNR);
+  // Panel depth: the packed panel (kc x n floats) stays within kPanelBytes (L2).
+  const int64_t kcb = std::clamp<int64_t>(kPanelBytes / (4 * strips * kNR), 16, kKC);
+  panel.resize(static_cast<size_t>(kcb * strips * kNR));
+  for (int64_t k0 = 0; k0 < k; k0 += kcb) {
+    const int64_t kc = std::min(kcb, k - k0);
+    pack_b(b, k0, kc, k, n, panel.data());
+    for (int64_t s = 0; s < strips; ++s) {
+      const float* bp = panel.data() + s * kc * kNR;
+      const int64_t j = s * kNR;
+      for (int64_t i = 0; i < m; i += kMR) {
+        micro(MicroArgs{kc, a + i * rsa + k0 * csa, rsa, csa, bp, kNR, c + i * ldc + j, ldc,
+                        std::min(kMR, m - i), std::min(kNR, n - j), k0 > 0});
+      }
+    }
+  }
+}
+
+// A work tile of the small-group path: rows [r0, r1) x columns [n0, n1) of expert e's output.
+struct WorkTile {
+  int64_t expert, r0, r1, n0, n1;
+};
+
+// Host copy of the offsets (CPU tensors: no device transfer), checked.
+std::vector<int64_t> read_offsets(const char* op, const at::Tensor& offsets, int64_t m) {
+  const at::Tensor off = offsets.contiguous();
+  const int64_t n = off.size(0);
+  std::vector<int64_t> v(off.const_data_ptr<int64_t>(), off.const_data_ptr<int64_t>() + n);
+  grouped_gemm::check_offsets_values(op, v.data(), n - 1, m);
+  return v;
+}
+
+bool is_large(int64_t rows, at::ScalarType dtype) {
+  if (dtype == at::kDouble) return true;
+  if (dtype == at::kHalf) return false;
+  return rows >= (dtype == at::kBFloat16 ? kLargeRowsBf16 : kLargeRows);
+}
+
+// fp32 view of `t` with unit inner stride: `t` itself when it already is one, else a converted
+// copy. Used for activations only (their size is small next to the GEMM work).
+at::Tensor as_float_rows(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat && t.stride(1) == 1) return t;
+  return t.to(at::kFloat).contiguous();
+}
+
+// Write an fp32 tile into the output of type scalar_t.
+template <typename scalar_t>
+void store_tile(const float* src, int64_t lds, scalar_t* dst, int64_t ldd, int64_t m, int64_t n) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) dst[i * ldd + j] = static_cast<scalar_t>(src[i * lds + j]);
+}
+
+// Run `tiles` in parallel: each computes an m x n fp32 block with tile_gemm (through `run`,
+// which receives the tile, a C pointer + ldc, and the thread's panel buffer) and stores it into
+// the scalar_t output at out + r0 * ldo + n0. fp32 outputs are written in place.
+template <typename scalar_t, typename Run>
+void run_tiles(const std::vector<WorkTile>& tiles, scalar_t* out, int64_t ldo, const Run& run) {
+  if (tiles.empty()) return;
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> panel;
+    std::vector<float> cbuf;
+    for (int64_t t = t0; t < t1; ++t) {
+      const WorkTile& w = tiles[static_cast<size_t>(t)];
+      const int64_t m = w.r1 - w.r0, n = w.n1 - w.n0;
+      scalar_t* dst = out + w.r0 * ldo + w.n0;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        run(w, dst, ldo, panel);
+      } else {
+        cbuf.resize(static_cast<size_t>(m * n));
+        run(w, cbuf.data(), n, panel);
+        store_tile(cbuf.data(), n, dst, ldo, m, n);
+      }
+    }
+  });
+}
+
+// Row ranges of the small-group path, before they are split into column blocks.
+struct RowRange {
+  int64_t expert, r0, r1;
+};
+
+// Split each row range into column blocks as wide as possible (<= kMaxNB) while leaving at least
+// ~4 tiles per thread for load balance.
+std::vector<WorkTile> col_tiles(const std::vector<RowRange>& rows, int64_t n) {
+  std::vector<WorkTile> tiles;
+  if (rows.empty() || n == 0) return tiles;
+  const int64_t want = 4 * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t splits =
+      std::max(ceil_div(n, kMaxNB), ceil_div(want, static_cast<int64_t>(rows.size())));
+  const int64_t nb = std::max(kNR, ceil_div(ceil_div(n, splits), kNR) * kNR);
+  tiles.reserve(rows.size() * static_cast<size_t>(ceil_div(n, nb)));
+  for (const RowRange& r : rows)
+    for (int64_t n0 = 0; n0 < n; n0 += nb)
+      tiles.push_back({r.expert, r.r0, r.r1, n0, std::min(n, n0 + nb)});
+  return tiles;
+}
+
+// ---------------------------------------------------------------------------------------------
+// grouped_gemm
+
+template <typename scalar_t>
+void grouped_gemm_tiles(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& off,
+                        bool trans_b, at::Tensor& out) {
+  const int64_t m = a.size(0), k = a.size(1), n = out.size(1);
+  const int64_t num_experts = b.size(0);
+  // Small-group tiles, enumerated with the row-tile schedule the CUDA kernel uses.
+  std::vector<RowRange> rows;
+  const int64_t row_tiles = grouped_gemm::row_tile_bound(m, num_experts, kMB);
+  for (int64_t t = 0; t < row_tiles; ++t) {
+    const auto rt = grouped_gemm::locate_row_tile(off.data(), num_experts, m, kMB, t);
+    if (rt.row_begin == rt.row_end) continue;
+    if (is_large(off[rt.expert + 1] - off[rt.expert], a.scalar_type())) continue;
+    rows.push_back({rt.expert, rt.row_begin, rt.row_end});
+  }
+  const std::vector<WorkTile> tiles = col_tiles(rows, n);
+  if (tiles.empty()) return;
+  const at::Tensor a32 = as_float_rows(a);
+  const float* ap = a32.const_data_ptr<float>();
+  const int64_t lda = a32.stride(0);
+  const scalar_t* bp = b.const_data_ptr<scalar_t>();
+  // B(p, j) of expert e = b[e, p, j], or b[e, j, p] with trans_b.
+  const int64_t sk = trans_b ? b.stride(2) : b.stride(1);
+  const int64_t sn = trans_b ? b.stride(1) : b.stride(2);
+  run_tiles<scalar_t>(tiles, out.mutable_data_ptr<scalar_t>(), n,
+                      [&](const WorkTile& w, float* c, int64_t ldc, std::vector<float>& panel) {
+                        const BView<scalar_t> bv{bp + w.expert * b.stride(0) + w.n0 * sn, sk, sn};
+                        tile_gemm(w.r1 - w.r0, w.n1 - w.n0, k, ap + w.r0 * lda, lda, 1, bv, c, ldc,
+                                  panel);
+                      });
+}
+
+at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
+                            bool trans_b) {
+  grouped_gemm::check_grouped_gemm_inputs(a, b, offsets, trans_b);
+  const int64_t m = a.size(0);
+  const int64_t num_experts = b.size(0);
+  const int64_t n = trans_b ? b.size(1) : b.size(2);
+  const std::vector<int64_t> off = read_offsets("grouped_gemm", offsets, m);
+  at::Tensor out = at::empty({m, n}, a.options());
+  // Rows outside [offsets[0], offsets[E]) are zero; every other row is written exactly once.
+  out.slice(0, 0, off[0]).zero_();
+  out.slice(0, off[num_experts], m).zero_();
+  if (a.size(1) == 0) {
+    out.zero_();
+    return out;
+  }
+  // Large groups: one BLAS call each (it parallelises internally over torch's pool).
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t lo = off[e], hi = off[e + 1];
+    if (hi == lo || !is_large(hi - lo, a.scalar_type())) continue;
+    at::Tensor w = trans_b ? b[e].t() : b[e];
+    at::Tensor dst = out.slice(0, lo, hi);
+    at::mm_out(dst, a.slice(0, lo, hi), w);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "grouped_gemm", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      grouped_gemm_tiles<scalar_t>(a, b, off, trans_b, out);
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// grouped_gemm_wgrad: db[e] = a_e^T @ g_e ([K, N]) or g_e^T @ a_e ([N, K]) with trans_b. The
+// reduction runs over the expert's rows in row order, inside one tile (never split across
+// threads).
+
+template <typename scalar_t>
+void wgrad_tiles(const at::Tensor& a, const at::Tensor& g, const std::vector<int64_t>& off,
+                 bool trans_b, at::Tensor& db) {
+  const int64_t num_experts = db.size(0);
+  // Output of expert e is [P, Q]: P = K, Q = N (or P = N, Q = K with trans_b); it reduces over
+  // rows of x (the left factor, [rows, P]) and y (the right one, [rows, Q]).
+  const int64_t p_dim = db.size(1), q_dim = db.size(2);
+  std::vector<RowRange> blocks;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t rows = off[e + 1] - off[e];
+    if (rows == 0 || is_large(rows, a.scalar_type())) continue;
+    for (int64_t p0 = 0; p0 < p_dim; p0 += kMB)
+      blocks.push_back({e, p0, std::min(p_dim, p0 + kMB)});
+  }
+  const std::vector<WorkTile> tiles = col_tiles(blocks, q_dim);
+  if (tiles.empty()) return;
+  const at::Tensor a32 = as_float_rows(a);
+  const at::Tensor g32 = as_float_rows(g);
+  const at::Tensor& x = trans_b ? g32 : a32;
+  const at::Tensor& y = trans_b ? a32 : g32;
+  const float* xp = x.const_data_ptr<float>();
+  const float* yp = y.const_data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldy = y.stride(0);
+  scalar_t* dbp = db.mutable_data_ptr<scalar_t>();
+  // Each expert's output block starts at db[e]; tiles address it through r0 (rows of db[e]).
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> panel;
+    std::vector<float> cbuf;
+    for (int64_t t = t0; t < t1; ++t) {
+      const WorkTile& w = tiles[static_cast<size_t>(t)];
+      const int64_t lo = off[w.expert], rows = off[w.expert + 1] - lo;
+      const int64_t m = w.r1 - w.r0, n = w.n1 - w.n0;
+      scalar_t* dst = dbp + w.expert * p_dim * q_dim + w.r0 * q_dim + w.n0;
+      // A(i, p) = x[lo + p, r0 + i]: strides (1, ldx); B(p, j) = y[lo + p, n0 + j].
+      const BView<float> bv{yp + lo * ldy + w.n0, ldy, 1};
+      const float* ax = xp + lo * ldx + w.r0;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        tile_gemm(m, n, rows, ax, 1, ldx, bv, dst, q_dim, panel);
+      } else {
+        cbuf.resize(static_cast<size_t>(m * n));
+        tile_gemm(m, n, rows, ax, 1, ldx, bv, cbuf.data(), n, panel);
+        store_tile(cbuf.data(), n, dst, q_dim, m, n);
+      }
+    }
+  });
+}
+
+at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& a, const at::Tensor& grad_out,
+                                  const at::Tensor& offsets, bool trans_b) {
+  grouped_gemm::check_grouped_gemm_wgrad_inputs(a, grad_out, offsets);
+  const int64_t m = a.size(0);
+  const int64_t k = a.size(1);
+  const int64_t n = grad_out.size(1);
+  const int64_t num_experts = offsets.size(0) - 1;
+  const std::vector<int64_t> off = read_offsets("grouped_gemm_wgrad", offsets, m);
+  at::Tensor db = trans_b ? at::empty({num_experts, n, k}, a.options())
+                          : at::empty({num_experts, k, n}, a.options());
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t lo = off[e], hi = off[e + 1];
+    at::Tensor dst = db[e];
+    if (hi == lo) {
+      dst.zero_();  // an expert without rows has a zero gradient
+    } else if (is_large(hi - lo, a.scalar_type())) {
+      at::Tensor ae = a.slice(0, lo, hi);
+      at::Tensor ge = grad_out.slice(0, lo, hi);
+      if (trans_b) {
+        at::mm_out(dst, ge.t(), ae);
+      } else {
+        at::mm_out(dst, ae.t(), ge);
+      }
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "grouped_gemm_wgrad",
+                                  [&] {
+                                    if constexpr (!std::is_same_v<scalar_t, double>) {
+                                      wgrad_tiles<scalar_t>(a, grad_out, off, trans_b, db);
+                                    }
+                                  });
+  return db;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe_framework, CPU, m) {
+  m.impl("grouped_gemm", &grouped_gemm_cpu);
+  m.impl("grouped_gemm_wgrad", &grouped_gemm_wgrad_cpu);
+}
+
+}  // namespace moe_framework

@@ -1,0 +1,464 @@
+"""The main job: ``python -m moe_framework demo`` (docs/demo.md).
+
+Trains a small :class:`~moe_framework.system.MixtureOfExpertsSystem` on scikit-learn's digits
+(1797 8x8 images of handwritten digits, shipped inside scikit-learn: no download) next to a dense
+model with the same active parameters per token, then shows what the experts learned: test accuracy
+of both, routing telemetry, which expert specialises in which digits, the experts' draft reports
+consolidated into a knowledge graph, and a query answered from that graph. Everything lands in the
+output folder: plots, the graph store, the model (safetensors + config JSON) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+from .metrics import load_summary, specialisation
+from .system import MixtureOfExpertsSystem
+
+__all__ = ["run_demo", "DenseBaseline", "demo_config", "count_active_parameters"]
+
+NUM_CLASSES = 10
+
+
+# ====================================================================== models
+
+
+class _SwiGLU(nn.Module):
+    def __init__(self, d: int, h: int):
+        super().__init__()
+        self.w_in = nn.Linear(d, 2 * h, bias=False)
+        self.w_out = nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        g, u = self.w_in(x).chunk(2, dim=-1)
+        return self.w_out(F.silu(g) * u)
+
+
+class DenseBaseline(nn.Module):
+    """The MoE system's architecture with each MoE layer replaced by one dense SwiGLU FFN of
+    hidden width ``top_k * d_hidden``: the same parameters per token as the ``top_k`` experts a
+    token activates (the router's ``d_model * num_experts`` weights are the only difference)."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        h = cfg.top_k * cfg.d_hidden + cfg.num_shared_experts * cfg.d_hidden
+        self.embed = nn.Linear(cfg.input_dim, cfg.d_model)
+        self.norms = nn.ModuleList(nn.LayerNorm(cfg.d_model) for _ in range(cfg.num_layers))
+        self.ffns = nn.ModuleList(_SwiGLU(cfg.d_model, h) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.output_dim)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for norm, ffn in zip(self.norms, self.ffns):
+            h = h + ffn(norm(h))
+        return self.head(self.final_norm(h))
+
+
+def count_active_parameters(model: nn.Module, cfg: Optional[MoEConfig] = None) -> dict:
+    """``total`` parameters and ``active`` parameters per token. For a MoE system, only ``top_k``
+    of the ``num_experts`` routed experts' weights are active for a token."""
+    total = sum(p.numel() for p in model.parameters())
+    if cfg is None or not isinstance(model, MixtureOfExpertsSystem):
+        return {"total": total, "active": total}
+    expert = 0
+    for block in model.blocks:
+        bank = block.moe.experts
+        expert += sum(p.numel() for p in bank.parameters())
+    inactive = expert * (cfg.num_experts - cfg.top_k) // cfg.num_experts
+    return {"total": total, "active": total - inactive}
+
+
+def demo_config(out_dir: str, tiny: bool, steps_per_epoch: int, seed: int) -> MoEConfig:
+    """The demo's model: 2 MoE layers of 8 SwiGLU experts, top-2, on 64-pixel inputs."""
+    return MoEConfig(
+        input_dim=64,
+        output_dim=NUM_CLASSES,
+        d_model=32 if tiny else 64,
+        d_hidden=32 if tiny else 64,
+        num_layers=2,
+        num_experts=4 if tiny else 8,
+        top_k=2,
+        activation="swiglu",
+        routing_strategy="topk",
+        aux_loss_weight=1e-2,
+        z_loss_weight=1e-3,
+        dedup_threshold=0.98,
+        # The librarian files the experts' reports once per epoch.
+        consolidation_interval=steps_per_epoch,
+        kg_path=os.path.join(out_dir, "knowledge.sqlite"),
+        kg_merge_threshold=0.9,
+        grad_clip_norm=1.0,
+        max_batch_size=64,
+        seed=seed,
+    )
+
+
+# ====================================================================== data
+
+
+def load_digits_split(seed: int, tiny: bool):
+    """Standardised digits split 80/20 (stratified): float32 tensors (x [N, 64], y [N])."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
+    if tiny:
+        x_tr, y_tr, x_te, y_te = x_tr[:320], y_tr[:320], x_te[:160], y_te[:160]
+    mean, std = x_tr.mean(0), x_tr.std(0) + 1e-3
+    x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    t = torch.from_numpy
+    return t(x_tr), t(y_tr.astype(np.int64)), t(x_te), t(y_te.astype(np.int64))
+
+
+def _clear_store(path: str) -> None:
+    """A fresh demo starts from an empty graph: remove an earlier run's store and snapshots."""
+    for suffix in ("", "-wal", "-shm", ".lock"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+    if os.path.isdir(path + ".checkpoints"):
+        shutil.rmtree(path + ".checkpoints")
+
+
+# ====================================================================== plots
+
+
+def _plots(out_dir: str, load_history: np.ndarray, spec: list, names: list) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    L, _, E = load_history.shape
+    fig, axes = plt.subplots(1, L, figsize=(5 * L, 3.6), squeeze=False)
+    for layer in range(L):
+        ax = axes[0, layer]
+        share = load_history[layer] / np.maximum(load_history[layer].sum(1, keepdims=True), 1)
+        for e in range(E):
+            ax.plot(np.arange(1, share.shape[0] + 1), share[:, e], label=names[e])
+        ax.axhline(1.0 / E, color="k", ls="--", lw=0.8)
+        ax.set_title(f"layer {layer}: share of routed slots")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("fraction of slots")
+    axes[0, -1].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "expert_load.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    fig, axes = plt.subplots(1, L, figsize=(5 * L, 4.2), squeeze=False)
+    for layer in range(L):
+        ax = axes[0, layer]
+        dist = np.asarray(spec[layer]["distribution"])  # [classes, E], rows sum to 1
+        im = ax.imshow(dist, cmap="viridis", vmin=0, vmax=max(dist.max(), 1e-6), aspect="auto")
+        ax.set_xticks(range(E))
+        ax.set_xticklabels([str(e) for e in range(E)])
+        ax.set_yticks(range(NUM_CLASSES))
+        ax.set_xlabel("expert")
+        ax.set_ylabel("digit")
+        ax.set_title(f"layer {layer}: P(expert | digit), test set")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "specialisation.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+# ====================================================================== main
+
+
+def _batches(n: int, batch: int, gen: torch.Generator):
+    perm = torch.randperm(n, generator=gen)
+    for i in range(0, n, batch):
+        yield perm[i : i + batch]
+
+
+@torch.no_grad()
+def _accuracy(fn, x: torch.Tensor, y: torch.Tensor) -> float:
+    pred = fn(x).argmax(-1)
+    return float((pred == y).float().mean())
+
+
+def run_demo(
+    out_dir: str = os.path.join("outputs", "demo"),
+    device: str = "cpu",
+    epochs: Optional[int] = None,
+    tiny: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    threads: Optional[int] = 1,
+) -> dict:
+    """Run the demo; returns (and writes as ``summary.json``) its summary dict.
+
+    ``threads``: torch intra-op threads (default 1: the demo's matrices are 64 x 64, too small for
+    a thread pool to pay off, and on a busy machine idle-spinning workers cost far more than they
+    give; None keeps torch's setting)."""
+    from tqdm.auto import tqdm
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("demo: --device cuda requested but torch.cuda.is_available() is False")
+    dev = torch.device(device)
+    epochs = epochs if epochs is not None else (2 if tiny else 30)
+    if epochs < 1:
+        raise SystemExit(f"demo: --epochs must be >= 1, got {epochs}")
+    os.makedirs(out_dir, exist_ok=True)
+    t_start = time.perf_counter()
+    torch.manual_seed(seed)
+
+    x_tr, y_tr, x_te, y_te = load_digits_split(seed, tiny)
+    x_tr, y_tr, x_te, y_te = (t.to(dev) for t in (x_tr, y_tr, x_te, y_te))
+    steps_per_epoch = (len(x_tr) + batch_size - 1) // batch_size
+    cfg = demo_config(out_dir, tiny, steps_per_epoch, seed)
+    _clear_store(cfg.kg_path)
+    names = list(cfg.expert_names)
+
+    moe = MixtureOfExpertsSystem(cfg).to(dev)
+    dense = DenseBaseline(cfg).to(dev)
+    p_moe, p_dense = count_active_parameters(moe, cfg), count_active_parameters(dense)
+    opt_moe = torch.optim.AdamW(moe.parameters(), lr=lr, weight_decay=1e-4)
+    opt_dense = torch.optim.AdamW(dense.parameters(), lr=lr, weight_decay=1e-4)
+
+    print(
+        f"digits: {len(x_tr)} train / {len(x_te)} test images (8x8), {NUM_CLASSES} classes, "
+        f"device {dev}"
+    )
+    print(
+        f"MoE:   {cfg.num_layers} layers x {cfg.num_experts} experts, top-{cfg.top_k}: "
+        f"{p_moe['active']:,} active / {p_moe['total']:,} total parameters"
+    )
+    print(f"dense: same layout, FFN width {cfg.top_k * cfg.d_hidden}: {p_dense['total']:,} params")
+
+    L, E = cfg.num_layers, cfg.num_experts
+    load_history = np.zeros((L, epochs, E))
+    loss_history = {"moe": [], "dense": []}
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(
+        total=epochs * steps_per_epoch,
+        desc="training MoE + dense",
+        disable=not progress,
+        unit="step",
+    )
+    t_train = {"moe": 0.0, "dense": 0.0}
+    for epoch in range(epochs):
+        sums = {"moe": 0.0, "dense": 0.0}
+        for idx in _batches(len(x_tr), batch_size, gen):
+            xb, yb = x_tr[idx.to(dev)], y_tr[idx.to(dev)]
+            t0 = time.perf_counter()
+            r = moe.training_step((xb, yb), opt_moe, F.cross_entropy)
+            t_train["moe"] += time.perf_counter() - t0
+            load_history[:, epoch, :] += np.asarray(r.stats["load"])
+            sums["moe"] += r.task_loss
+
+            t0 = time.perf_counter()
+            dense.train()
+            loss = F.cross_entropy(dense(xb), yb)
+            opt_dense.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(dense.parameters(), cfg.grad_clip_norm)
+            opt_dense.step()
+            t_train["dense"] += time.perf_counter() - t0
+            sums["dense"] += float(loss.detach())
+            bar.update(1)
+        for k in sums:
+            loss_history[k].append(sums[k] / steps_per_epoch)
+        bar.set_postfix(
+            moe=f"{loss_history['moe'][-1]:.3f}", dense=f"{loss_history['dense'][-1]:.3f}"
+        )
+    bar.close()
+
+    # ---- evaluation
+    moe.eval()
+    dense.eval()
+    moe.collect_reports = False  # evaluation is not knowledge to file
+    with torch.no_grad():
+        out = moe(x_te)
+    acc_moe = float((out.output.argmax(-1) == y_te).float().mean())
+    acc_dense = _accuracy(dense, x_te, y_te)
+    print(f"\ntest accuracy: MoE {acc_moe:.4f}   dense {acc_dense:.4f}")
+
+    telemetry, spec = [], []
+    print("\nrouting telemetry (test set)")
+    for layer, info in enumerate(out.routing):
+        summary = load_summary(info.counts)
+        s = specialisation(info.ids, y_te, E, NUM_CLASSES).as_dict()
+        telemetry.append(
+            {
+                "load": info.counts.tolist(),
+                "cv": summary["cv"],
+                "gini": summary["gini"],
+                "max_over_mean": summary["max_over_mean"],
+                "dead_experts": summary["dead_experts"],
+                "dropped": int(info.stats["dropped"]) if "dropped" in info.stats else 0,
+            }
+        )
+        spec.append(s)
+        print(
+            f"  layer {layer}: load {info.counts.tolist()}  cv={summary['cv']:.3f} "
+            f"gini={summary['gini']:.3f} max/mean={summary['max_over_mean']:.2f} "
+            f"dead={summary['dead_experts']}"
+        )
+
+    # ---- specialisation: for each expert, the digits that make up most of its traffic
+    experts_classes = []
+    print("\nexpert specialisation (last layer; share of the expert's test slots per digit)")
+    last = spec[-1]
+    counts = np.asarray(last["counts"], dtype=np.float64)  # [classes, E]
+    for e in range(E):
+        col = counts[:, e]
+        total = col.sum()
+        order = np.argsort(-col, kind="stable")
+        top = [(int(c), float(col[c] / total)) for c in order[:3] if total > 0 and col[c] > 0]
+        experts_classes.append({"expert": e, "name": names[e], "top_digits": top})
+        desc = ", ".join(f"{c} ({share:.0%})" for c, share in top) or "unused"
+        print(f"  {names[e]:<10} digits {desc}")
+
+    # ---- knowledge graph: file the reports of the last (partial) interval, link digits
+    moe.consolidate()
+    kg = moe.knowledge_graph
+    class_nodes = _add_digit_nodes(moe, kg, x_te, y_te, spec, L)
+    print(f"\nknowledge graph: {len(kg)} nodes, {kg.num_edges()} edges at {cfg.kg_path}")
+
+    # ---- a query answered from the graph: which experts' current knowledge (the nodes the last
+    # consolidation wrote or merged into) is closest to images of a digit; the graph's routes_to
+    # edges then say which digits those experts serve. Checked against routing for every digit.
+    current = {"layer": L - 1, "step": moe.step}
+    node_type = (moe.librarian.node_type,)
+    agree = 0
+    per_digit = {}
+    for d in range(NUM_CLASSES):
+        if not bool((y_te == d).any()):
+            continue
+        hits = moe.query_knowledge_graph(
+            x_te[y_te == d], top_k=3, from_inputs=True, layer=-1, types=node_type, where=current
+        )
+        routed = [int(e) for e in np.argsort(-counts[d], kind="stable")[: cfg.top_k]]
+        best = hits[0]["metadata"]["expert"] if hits else None
+        agree += best in routed
+        per_digit[d] = {"best_expert": best, "routed_to": routed}
+    digit = 7
+    hits = moe.query_knowledge_graph(
+        x_te[y_te == digit], top_k=3, from_inputs=True, layer=-1, types=node_type, where=current
+    )
+    print(f"\nquery: which experts' knowledge is closest to images of the digit {digit}?")
+    for h in hits:
+        served = sorted(
+            (
+                (n.weight, kg.get_node(n.id).metadata["digit"])
+                for n in kg.neighbors(h["id"], type="routes_to", direction="in")
+            ),
+            reverse=True,
+        )
+        h["digits_routed_here"] = [{"digit": d, "p_expert_given_digit": w} for w, d in served[:3]]
+        m = h["metadata"]
+        desc = ", ".join(f"{d} (p={w:.2f})" for w, d in served[:3]) or "-"
+        print(
+            f"  node {h['id']:>4} cos={h['similarity']:+.3f}  layer {m.get('layer')} "
+            f"{m.get('expert_name', m.get('expert'))}: serves digits {desc}"
+        )
+    routed_to = per_digit.get(digit, {}).get("routed_to")
+    print(f"  routing on the test set sends digit {digit} mostly to experts {routed_to}")
+    print(
+        f"  over all digits, the closest expert in the graph is one the digit is routed to for "
+        f"{agree}/{len(per_digit)} digits"
+    )
+    answer = {
+        "digit": digit,
+        "hits": hits,
+        "experts_the_digit_routes_to": routed_to,
+        "agreement_with_routing": {
+            "agree": agree,
+            "digits": len(per_digit),
+            "per_digit": per_digit,
+        },
+    }
+
+    # ---- files
+    written = _plots(out_dir, load_history, spec, names)
+    kg_png = os.path.join(out_dir, "knowledge_graph.png")
+    kg.draw(kg_png, color_by="layer", title="expert knowledge (color: layer)")
+    written.append(kg_png)
+    model_dir = os.path.join(out_dir, "model")
+    moe.save(model_dir)
+    written += [os.path.join(model_dir, f) for f in sorted(os.listdir(model_dir))]
+    written.append(cfg.kg_path)
+
+    summary = {
+        "dataset": {"name": "sklearn digits", "train": len(x_tr), "test": len(x_te)},
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "epochs": epochs,
+        "tiny": tiny,
+        "config": cfg.to_dict(),
+        "parameters": {"moe": p_moe, "dense": p_dense},
+        "test_accuracy": {"moe": acc_moe, "dense": acc_dense},
+        "train_loss_per_epoch": loss_history,
+        "train_seconds": t_train,
+        "routing_telemetry": telemetry,
+        "specialisation": {"last_layer_experts": experts_classes, "per_layer": spec},
+        "knowledge_graph": {
+            "path": cfg.kg_path,
+            "nodes": len(kg),
+            "edges": kg.num_edges(),
+            "digit_nodes": class_nodes,
+        },
+        "query": answer,
+        "files": written,
+        "seconds": time.perf_counter() - t_start,
+    }
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    moe.close()
+    print(f"\nwrote {len(written) + 1} files to {out_dir} in {summary['seconds']:.1f}s")
+    return summary
+
+
+def _add_digit_nodes(moe, kg, x_te, y_te, spec, L) -> dict:
+    """One node per digit (embedding: its test images' mean MoE output in the last layer), with a
+    ``routes_to`` edge to the last layer's expert nodes weighted by P(expert | digit)."""
+    # Link each digit to the most recently updated node of each last-layer expert: what the
+    # expert knows now, not an early snapshot of it.
+    expert_node, newest = {}, {}
+    for node in kg.iter_nodes():
+        m = node.metadata
+        if m.get("layer") == L - 1 and "expert" in m and node.type != "digit":
+            e = int(m["expert"])
+            if e not in newest or (node.updated_at, node.id) > newest[e]:
+                newest[e] = (node.updated_at, node.id)
+                expert_node[e] = node.id
+    dist = np.asarray(spec[-1]["distribution"])
+    out = {}
+    for digit in range(NUM_CLASSES):
+        sel = x_te[y_te == digit]
+        if len(sel) == 0:
+            continue
+        emb = moe.embed_inputs(sel, layer=-1).cpu().numpy()
+        nid = kg.add_node(emb, type="digit", metadata={"digit": digit, "layer": "digits"})
+        out[digit] = int(nid)
+        edges = [
+            (nid, expert_node[e], "routes_to", float(dist[digit, e]))
+            for e in expert_node
+            if dist[digit, e] > 0
+        ]
+        kg.add_edges_batch(edges)
+    return out

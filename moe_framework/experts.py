@@ -1,0 +1,346 @@
+"""Expert weights: ``ExpertBank`` (E stacked experts run by ``ops.grouped_gemm``) and ``DenseFFN``
+(one always-on expert, used for shared experts and as the dense baseline).
+
+Weight layouts
+--------------
+Every projection is ONE stacked tensor (no per-expert modules), in one of two layouts:
+
+``layout="in_out"`` (default, ``y = x @ W``)
+    SwiGLU: ``w_gate_up [E, d, 2h]`` (columns ``[:h]`` = gate, ``[h:]`` = up), ``w_out [E, h, d]``.
+    GELU:   ``w_in [E, d, h]``, ``w_out [E, h, d]``.
+    The grouped GEMM reads ``b[e]`` as ``[K, N]`` (``trans_b=False``).
+
+``layout="out_in"`` (``y = x @ W.T``, the ``nn.Linear`` and Hugging Face layout)
+    SwiGLU: ``w_gate_up [E, 2h, d]`` (rows ``[:h]`` = gate, ``[h:]`` = up), ``w_out [E, d, h]``.
+    GELU:   ``w_in [E, h, d]``, ``w_out [E, d, h]``.
+    The grouped GEMM reads ``b[e]`` as ``[N, K]`` (``trans_b=True``). This is exactly the layout of
+    ``gate_up_proj`` / ``down_proj`` in the Hugging Face (transformers 5.x) ``MixtralExperts``,
+    ``Qwen2MoeExperts`` and ``Qwen3MoeExperts``, so those tensors are used as they are, without a
+    copy (see ``moe_framework.integrations.transformers``).
+
+Biases (``bias=True``): ``b_gate_up [E, 2h]`` / ``b_in [E, h]`` and ``b_out [E, d]`` in both layouts.
+
+Initialisation
+--------------
+By default each expert's projection is initialised like the ``nn.Linear(fan_in, fan_out)`` it
+replaces (PyTorch's default: weights and biases ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``), so swapping
+a dense FFN built from ``nn.Linear`` for experts keeps activation scales. ``init_std=s`` instead
+draws weights from ``N(0, s)`` and zeroes biases, the GPT-2 / Megatron / Hugging Face convention
+(``initializer_range``, 0.02 for Mixtral and Qwen-MoE).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+
+__all__ = [
+    "ACTIVATIONS",
+    "LAYOUTS",
+    "ExpertBank",
+    "DenseFFN",
+    "expert_ffn",
+    "expert_of_row",
+    "swiglu",
+]
+
+ACTIVATIONS = ("swiglu", "gelu")
+LAYOUTS = ("in_out", "out_in")
+
+
+def expert_of_row(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Expert of each row of an expert-sorted buffer: ``[num_rows]`` int64 in ``[0, E]``.
+
+    Row ``r`` belongs to expert ``e`` when ``offsets[e] <= r < offsets[e+1]``; rows at or after
+    ``offsets[E]`` (dropped slots) get ``E``. Computed on the device (binary search over the
+    ``E`` ends), so no host sync and a static shape.
+    """
+    rows = torch.arange(num_rows, device=offsets.device, dtype=offsets.dtype)
+    return torch.searchsorted(offsets[1:].contiguous(), rows, right=True)
+
+
+def _row_bias(bias: torch.Tensor, rows_expert: torch.Tensor) -> torch.Tensor:
+    # One zero row for the dropped slots (expert id E). F.embedding's backward is an ordered
+    # reduction on both CPU and CUDA (sort-based on CUDA), so the bias gradient stays deterministic.
+    padded = torch.cat([bias, bias.new_zeros(1, bias.shape[1])], 0)
+    return F.embedding(rows_expert, padded)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(h[:, :H]) * h[:, H:]`` saving only ``h``.
+
+    Autograd through the two slices would keep the SiLU output alive and, in backward, build two
+    zero-filled ``[M, 2H]`` gradients (one per slice) and add them; this writes the gradient once.
+    """
+
+    @staticmethod
+    def forward(ctx, h):
+        half = h.shape[-1] // 2
+        ctx.save_for_backward(h)
+        return F.silu(h[..., :half]).mul_(h[..., half:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        half = h.shape[-1] // 2
+        gate, up = h[..., :half], h[..., half:]
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        grad_up = F.silu(gate).mul_(grad)
+        return torch.cat([grad_gate, grad_up], -1)
+
+
+def swiglu(h: torch.Tensor, act_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+    """``act(h[..., :H]) * h[..., H:]`` for ``h [..., 2H]`` (``act`` defaults to SiLU, which takes
+    a memory-saving fused path)."""
+    if act_fn is None or isinstance(act_fn, nn.SiLU) or act_fn is F.silu:
+        return _SwiGLU.apply(h)
+    half = h.shape[-1] // 2
+    return act_fn(h[..., :half]) * h[..., half:]
+
+
+def _check_layout(name: str, layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"{name}: layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def expert_ffn(
+    x_sorted: torch.Tensor,
+    offsets: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    *,
+    activation: str = "swiglu",
+    layout: str = "in_out",
+    b_in: Optional[torch.Tensor] = None,
+    b_out: Optional[torch.Tensor] = None,
+    act_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Run every expert on its rows of an expert-sorted buffer (the functional ``ExpertBank``).
+
+    Args:
+        x_sorted: ``[M, d]`` rows sorted by expert (as produced by ``ops.permute``).
+        offsets: ``[E+1]`` int64 on the device; rows ``offsets[e]:offsets[e+1]`` go to expert ``e``,
+            rows from ``offsets[E]`` on are dropped slots and give zero outputs.
+        w_in: SwiGLU ``[E, d, 2h]`` (or ``[E, 2h, d]`` in ``"out_in"``), gate columns (rows) first;
+            GELU ``[E, d, h]`` (or ``[E, h, d]``).
+        w_out: ``[E, h, d]`` (or ``[E, d, h]`` in ``"out_in"``).
+        activation: ``"swiglu"`` (``act(gate) * up``) or ``"gelu"`` (exact erf GELU).
+        layout: ``"in_out"`` or ``"out_in"`` (see the module docstring).
+        b_in, b_out: optional ``[E, 2h | h]`` and ``[E, d]`` biases.
+        act_fn: the gate nonlinearity of SwiGLU (default ``F.silu``); lets an integration reuse
+            the exact activation module of the model it wraps.
+
+    Returns:
+        ``[M, d]``, dtype of ``x_sorted``.
+    """
+    trans_b = layout == "out_in"
+    rows_expert = None
+    if b_in is not None or b_out is not None:
+        rows_expert = expert_of_row(offsets, x_sorted.shape[0])
+    h = ops.grouped_gemm(x_sorted, w_in, offsets, trans_b=trans_b)
+    if b_in is not None:
+        h = h + _row_bias(b_in, rows_expert)
+    if activation == "swiglu":
+        h = swiglu(h, act_fn)
+    else:
+        h = F.gelu(h)
+    y = ops.grouped_gemm(h, w_out, offsets, trans_b=trans_b)
+    if b_out is not None:
+        y = y + _row_bias(b_out, rows_expert)
+    return y
+
+
+def _init_(w: torch.Tensor, fan_in: int, std: Optional[float]) -> None:
+    if std is None:
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        nn.init.uniform_(w, -bound, bound)
+    else:
+        nn.init.normal_(w, 0.0, std)
+
+
+class ExpertBank(nn.Module):
+    """E feed-forward experts with stacked weights, run on an expert-sorted buffer.
+
+    Args:
+        num_experts: ``E >= 1``.
+        d_model: ``d >= 1``, the token width.
+        d_hidden: ``h >= 1``, each expert's hidden width.
+        activation: ``"swiglu"`` (default; Mixtral / Qwen / DeepSeek experts) or ``"gelu"``.
+        bias: add per-expert biases to both projections.
+        layout: ``"in_out"`` (default, ``x @ W``) or ``"out_in"`` (``nn.Linear`` / Hugging Face).
+        init_std: ``None`` for ``nn.Linear``'s default init, else ``N(0, init_std)`` weights.
+        dtype, device: of the parameters.
+
+    Parameters (see the module docstring for both layouts): ``w_gate_up`` (SwiGLU) or ``w_in``
+    (GELU), ``w_out``, and ``b_gate_up`` / ``b_in``, ``b_out`` with ``bias=True``.
+
+    ``forward(x_sorted [M, d], offsets [E+1] int64) -> [M, d]``: rows ``offsets[e]:offsets[e+1]``
+    through expert ``e`` with two ``ops.grouped_gemm`` calls (no per-expert Python loop, no host
+    sync); rows from ``offsets[E]`` on (dropped slots) give zeros (with biases too).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_hidden: int,
+        activation: str = "swiglu",
+        bias: bool = False,
+        *,
+        layout: str = "in_out",
+        init_std: Optional[float] = None,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+    ):
+        super().__init__()
+        for name, v in (("num_experts", num_experts), ("d_model", d_model), ("d_hidden", d_hidden)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"ExpertBank: {name} must be an int >= 1, got {v!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"ExpertBank: activation must be one of {ACTIVATIONS}, got {activation!r}"
+            )
+        _check_layout("ExpertBank", layout)
+        if init_std is not None and not init_std >= 0:
+            raise ValueError(f"ExpertBank: init_std must be None or >= 0, got {init_std!r}")
+        self.num_experts = num_experts
+        self.d_model = d_model
+        self.d_hidden = d_hidden
+        self.activation = activation
+        self.layout = layout
+        self.init_std = init_std
+        kw = {"dtype": dtype, "device": device}
+        E, d, h = num_experts, d_model, d_hidden
+        n_in = 2 * h if activation == "swiglu" else h
+        in_shape = (E, d, n_in) if layout == "in_out" else (E, n_in, d)
+        out_shape = (E, h, d) if layout == "in_out" else (E, d, h)
+        self._in_name = "w_gate_up" if activation == "swiglu" else "w_in"
+        self._b_in_name = "b_gate_up" if activation == "swiglu" else "b_in"
+        self.register_parameter(self._in_name, nn.Parameter(torch.empty(in_shape, **kw)))
+        self.w_out = nn.Parameter(torch.empty(out_shape, **kw))
+        if bias:
+            self.register_parameter(self._b_in_name, nn.Parameter(torch.empty(E, n_in, **kw)))
+            self.b_out = nn.Parameter(torch.empty(E, d, **kw))
+        else:
+            self.register_parameter(self._b_in_name, None)
+            self.register_parameter("b_out", None)
+        self.reset_parameters()
+
+    @property
+    def weight_in(self) -> torch.Tensor:
+        """The first projection: ``w_gate_up`` (SwiGLU) or ``w_in`` (GELU)."""
+        return getattr(self, self._in_name)
+
+    @property
+    def bias_in(self) -> Optional[torch.Tensor]:
+        return getattr(self, self._b_in_name)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        d, h = self.d_model, self.d_hidden
+        _init_(self.weight_in, d, self.init_std)
+        _init_(self.w_out, h, self.init_std)
+        for b, fan_in in ((self.bias_in, d), (self.b_out, h)):
+            if b is not None:
+                if self.init_std is None:
+                    _init_(b, fan_in, None)
+                else:
+                    b.zero_()
+
+    def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """x_sorted ``[M, d]`` (expert-sorted), offsets ``[E+1]`` int64 -> ``[M, d]``."""
+        return expert_ffn(
+            x_sorted,
+            offsets,
+            self.weight_in,
+            self.w_out,
+            activation=self.activation,
+            layout=self.layout,
+            b_in=self.bias_in,
+            b_out=self.b_out,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
+            f"activation={self.activation!r}, bias={self.b_out is not None}, layout={self.layout!r}"
+        )
+
+
+class DenseFFN(nn.Module):
+    """One always-on feed-forward expert (shared experts; the dense baseline).
+
+    Same activations, layout (``"in_out"``: ``w_gate_up [d, 2h]`` / ``w_in [d, h]``, ``w_out [h, d]``)
+    and initialisation as one expert of :class:`ExpertBank`, run with plain dense matmuls.
+
+    ``forward(x [..., d]) -> [..., d]``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        activation: str = "swiglu",
+        bias: bool = False,
+        *,
+        init_std: Optional[float] = None,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+    ):
+        super().__init__()
+        for name, v in (("d_model", d_model), ("d_hidden", d_hidden)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"DenseFFN: {name} must be an int >= 1, got {v!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"DenseFFN: activation must be one of {ACTIVATIONS}, got {activation!r}"
+            )
+        self.d_model, self.d_hidden, self.activation, self.init_std = (
+            d_model,
+            d_hidden,
+            activation,
+            init_std,
+        )
+        kw = {"dtype": dtype, "device": device}
+        n_in = 2 * d_hidden if activation == "swiglu" else d_hidden
+        self.w_in = nn.Parameter(torch.empty(d_model, n_in, **kw))
+        self.w_out = nn.Parameter(torch.empty(d_hidden, d_model, **kw))
+        self.b_in = nn.Parameter(torch.empty(n_in, **kw)) if bias else None
+        self.b_out = nn.Parameter(torch.empty(d_model, **kw)) if bias else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        _init_(self.w_in, self.d_model, self.init_std)
+        _init_(self.w_out, self.d_hidden, self.init_std)
+        for b, fan_in in ((self.b_in, self.d_model), (self.b_out, self.d_hidden)):
+            if b is not None:
+                if self.init_std is None:
+                    _init_(b, fan_in, None)
+                else:
+                    b.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.w_in
+        if self.b_in is not None:
+            h = h + self.b_in
+        if self.activation == "swiglu":
+            h = swiglu(h)
+        else:
+            h = F.gelu(h)
+        y = h @ self.w_out
+        if self.b_out is not None:
+            y = y + self.b_out
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_hidden={self.d_hidden}, activation={self.activation!r}, "
+            f"bias={self.b_out is not None}"
+        )

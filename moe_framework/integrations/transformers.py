@@ -1,0 +1,213 @@
+"""Run the sparse MoE blocks of a Hugging Face model on moe_framework's ops, sharing the weights.
+
+>>> from transformers import MixtralConfig, MixtralForCausalLM
+>>> from moe_framework.integrations.transformers import replace_moe_blocks
+>>> model = MixtralForCausalLM(MixtralConfig(hidden_size=64, intermediate_size=96,
+...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+>>> replace_moe_blocks(model)
+2
+
+``replace_moe_blocks`` swaps, in place, every supported sparse MoE block for a
+:class:`HFMoEBlock`: a :class:`~moe_framework.constellation.MoELayer` whose stages run on the
+block's own submodules. The adapter keeps the block's children under their names (``gate``,
+``experts``, and ``shared_expert`` / ``shared_expert_gate`` for Qwen2-MoE), so
+
+* no tensor is copied: the HF ``Parameter`` objects are the ones the grouped GEMM reads;
+  ``experts.gate_up_proj [E, 2h, d]`` and ``experts.down_proj [E, d, h]`` are ExpertBank's
+  ``"out_in"`` layout (``trans_b=True``), gate rows first;
+* ``state_dict`` keys, optimisers, ``save_pretrained`` and ``.to()`` see the same parameters;
+* routing is the model's own router module (softmax, top-k, ``norm_topk_prob``, dtype casts), so
+  routing matches HF exactly and ``output_router_logits`` (the load-balancing loss) keeps working;
+* the adapter returns what the HF block returned (the ``[B, S, d]`` hidden states), so the rest of
+  the model runs unchanged.
+
+What changes is the expert computation: ``ops.permute`` -> two ``ops.grouped_gemm`` ->
+``ops.unpermute`` instead of HF's per-expert Python loop (eager) or sort + ``grouped_mm``: no host
+sync, deterministic, one graph under ``torch.compile``. The weighted combine sums a token's k
+expert outputs in float32 (HF's eager loop accumulates them in the model dtype), so bf16 results
+differ from HF's at bf16 rounding level; fp32 matches to float32 rounding.
+
+Supported blocks (transformers 5.x): ``MixtralSparseMoeBlock``, ``Qwen2MoeSparseMoeBlock``,
+``Qwen3MoeSparseMoeBlock``, ``OlmoeSparseMoeBlock``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..constellation import MoELayer, RoutingInfo
+from ..experts import expert_ffn
+from ..supervisor import RoutingDecision
+
+__all__ = ["HFMoEBlock", "replace_moe_blocks", "restore_moe_blocks", "supported_block_classes"]
+
+# (module, block class) of the HF sparse MoE blocks whose forward this adapter reproduces.
+_SUPPORTED = (
+    ("transformers.models.mixtral.modeling_mixtral", "MixtralSparseMoeBlock"),
+    ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeSparseMoeBlock"),
+    ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeSparseMoeBlock"),
+    ("transformers.models.olmoe.modeling_olmoe", "OlmoeSparseMoeBlock"),
+)
+
+
+def supported_block_classes() -> tuple:
+    """The HF block classes :func:`replace_moe_blocks` swaps (those importable here)."""
+    out = []
+    for mod, name in _SUPPORTED:
+        try:
+            out.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(out)
+
+
+def _check_experts(block: nn.Module) -> None:
+    ex = getattr(block, "experts", None)
+    name = type(block).__name__
+    if ex is None or not hasattr(ex, "gate_up_proj") or not hasattr(ex, "down_proj"):
+        raise ValueError(f"replace_moe_blocks: {name}.experts has no gate_up_proj/down_proj")
+    # The HF experts decorator describes the weight layout; we reproduce the default one only.
+    layout = {
+        "is_transposed": getattr(ex, "is_transposed", False),
+        "is_concatenated": getattr(ex, "is_concatenated", True),
+        "has_bias": getattr(ex, "has_bias", False),
+        "has_gate": getattr(ex, "has_gate", True),
+    }
+    if layout != {
+        "is_transposed": False,
+        "is_concatenated": True,
+        "has_bias": False,
+        "has_gate": True,
+    }:
+        raise ValueError(
+            f"replace_moe_blocks: {name}.experts layout must be concatenated [gate; up], "
+            f"not transposed, without bias; got {layout}"
+        )
+    E, two_h, d = ex.gate_up_proj.shape
+    if tuple(ex.down_proj.shape) != (E, d, two_h // 2):
+        raise ValueError(
+            f"replace_moe_blocks: {name}.experts.down_proj must be [E, d, h] = "
+            f"{(E, d, two_h // 2)}, got {tuple(ex.down_proj.shape)}"
+        )
+
+
+class HFMoEBlock(MoELayer):
+    """A Hugging Face sparse MoE block running the :class:`MoELayer` pipeline on its own weights.
+
+    Built by :func:`replace_moe_blocks`; holds the block's ``gate`` (router), ``experts`` and, for
+    Qwen2-MoE, ``shared_expert`` / ``shared_expert_gate`` modules themselves (same objects).
+
+    ``forward(hidden_states [B, S, d]) -> [B, S, d]`` like the HF block. With
+    ``keep_routing_info=True`` the last call's :class:`RoutingInfo` (with draft reports when
+    ``reports=True``) is kept in ``last_routing_info``.
+    """
+
+    def __init__(self, block: nn.Module, *, reports: bool = False, report_top_tokens: int = 4):
+        nn.Module.__init__(self)
+        _check_experts(block)
+        ex = block.experts
+        self.gate = block.gate
+        self.experts = ex
+        self.shared_expert = getattr(block, "shared_expert", None)
+        self.shared_expert_gate = getattr(block, "shared_expert_gate", None)
+        self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
+        self.num_experts = ex.gate_up_proj.shape[0]
+        self.d_model = ex.gate_up_proj.shape[2]
+        self.k = self.gate.top_k
+        self.top_k = self.gate.top_k
+        self.reports = reports
+        self.report_top_tokens = report_top_tokens
+        self.keep_routing_info = False
+        self.last_routing_info: Optional[RoutingInfo] = None
+        # Not a child module (its children are ours already): lets restore_moe_blocks undo the swap.
+        object.__setattr__(self, "_hf_block", block)
+
+    def _route(self, x2: torch.Tensor) -> RoutingDecision:
+        # The model's own router: HF's exact routing, and its output-capturing hooks still fire.
+        logits, weights, ids = self.gate(x2)
+        flat = ids.reshape(-1)
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x2.device)
+        counts = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        return RoutingDecision(
+            weights, ids, counts, logits, logits.new_zeros((), dtype=torch.float32), {}
+        )
+
+    def _run_experts(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        ex = self.experts
+        # HF's SiLUActivation is F.silu: take swiglu's fused path; any other activation is called.
+        act = ex.act_fn
+        if isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation":
+            act = None
+        return expert_ffn(
+            x_sorted,
+            offsets,
+            ex.gate_up_proj,
+            ex.down_proj,
+            activation="swiglu",
+            layout="out_in",
+            act_fn=act,
+        )
+
+    def _shared(self, x2: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.shared_expert is None:
+            return None
+        out = self.shared_expert(x2)
+        if self.shared_expert_gate is not None:
+            out = torch.sigmoid(self.shared_expert_gate(x2)) * out
+        return out
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.training and self.jitter_noise > 0:
+            # Same in-place jitter as MixtralSparseMoeBlock (same RNG draws).
+            hidden_states *= torch.empty_like(hidden_states).uniform_(
+                1.0 - self.jitter_noise, 1.0 + self.jitter_noise
+            )
+        y, info = MoELayer.forward(self, hidden_states)
+        if self.keep_routing_info:
+            self.last_routing_info = info
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"hf_block={type(self._hf_block).__name__}, num_experts={self.num_experts}, k={self.k}"
+        )
+
+
+def _swap(model: nn.Module, match, make) -> int:
+    targets = [(name, m) for name, m in model.named_modules() if name and match(m)]
+    for name, m in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make(m))
+    return len(targets)
+
+
+def replace_moe_blocks(
+    model: nn.Module, *, reports: bool = False, report_top_tokens: int = 4
+) -> int:
+    """Swap every supported HF sparse MoE block of ``model`` for an :class:`HFMoEBlock`, in place.
+
+    Parameters are shared, not copied. Returns the number of blocks replaced (0 when the model has
+    none). ``reports`` / ``report_top_tokens`` configure the draft reports of each adapter (off by
+    default: the HF model does not consume them).
+    """
+    classes = supported_block_classes()
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"replace_moe_blocks: model must be an nn.Module, got {type(model).__name__}"
+        )
+    return _swap(
+        model,
+        lambda m: type(m) in classes,
+        lambda m: HFMoEBlock(m, reports=reports, report_top_tokens=report_top_tokens),
+    )
+
+
+def restore_moe_blocks(model: nn.Module) -> int:
+    """Undo :func:`replace_moe_blocks`: put the original HF blocks back (they share the same
+    parameters, so training done meanwhile is kept). Returns the number of blocks restored."""
+    return _swap(model, lambda m: isinstance(m, HFMoEBlock), lambda m: m._hf_block)
