@@ -98,7 +98,7 @@ def bench_store(args, mix: Mixture, queries: np.ndarray, rows: list, out: dict) 
             ingest_s = time.perf_counter() - t0
             size = os.path.getsize(path) + os.path.getsize(path + "-wal")
             # Merge-rule filing: reports near existing nodes (merges) and fresh ones (inserts).
-            n_batches, b = (20, 256) if not args.quick else (3, 64)
+            n_batches, b = (5, 256) if not args.quick else (3, 64)
             t1 = time.perf_counter()
             merged = 0
             for i in range(n_batches):

@@ -110,12 +110,70 @@ def summarize(rows):
     return out
 
 
+def per_op(threads, T, d, E, k, dtype):
+    """Each of the four ops alone at one shape, with a fill of a fresh [T*k, d] buffer (what writing
+    new memory costs here, page faults included) as the floor for ops that write T*k rows."""
+    ops = torch.ops.moe_framework
+    torch.set_num_threads(threads)
+    esize = torch.finfo(dtype).bits // 8
+    x = torch.randn(T, d).to(dtype)
+    ids = torch.randint(0, E, (T, k), dtype=torch.int32)
+    w = torch.rand(T, k)
+    gy = torch.randn(T, d).to(dtype)
+    xs, ros, off = permute(x, ids, E)
+    gys, _ = ops.unpermute_backward(gy, xs, ros, w)
+    n = T * k
+    cases = [
+        ("permute", lambda: permute(x, ids, E), (T + n) * d),
+        ("unpermute", lambda: unpermute(xs, ros, w), (n + T) * d),
+        ("unpermute_backward", lambda: ops.unpermute_backward(gy, xs, ros, w), (T + 2 * n) * d),
+        ("permute_backward", lambda: ops.permute_backward(gys, ros, off, k), (n + T) * d),
+        ("fresh [T*k, d] fill", lambda: torch.empty(n, d, dtype=dtype).fill_(1), n * d),
+    ]
+    out = []
+    for name, fn, elems in cases:
+        t = common.timeit(fn, min_time=0.3)["min_s"]
+        out.append(
+            {
+                "threads": threads,
+                "op": name,
+                "T": T,
+                "d": d,
+                "E": E,
+                "k": k,
+                "dtype": str(dtype).replace("torch.", ""),
+                "ms": t * 1e3,
+                "GB/s": elems * esize / t / 1e9,
+            }
+        )
+    return out
+
+
 def main():
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument(
         "--max-bytes", type=float, default=1.2e9, help="skip configs whose x_sorted is larger"
     )
+    p.add_argument(
+        "--per-op", action="store_true", help="time each op alone at T=16384 d=2048 E=64 k=2"
+    )
     args = p.parse_args()
+    if args.per_op:
+        threads = common.thread_counts(args.threads or [1, 2])
+        rows = []
+        for t in threads:
+            bw = common.roofline(t)["triad_gbs"]
+            for dtype in (torch.float32, torch.bfloat16):
+                for r in per_op(t, 16384, 2048, 64, 2, dtype):
+                    r["triad_GB/s"] = bw
+                    rows.append(r)
+        common.print_table(rows, title="permute family, one op at a time")
+        common.write_json(
+            "bench_permute_per_op",
+            {"machine": common.machine_info(), "rows": rows},
+            out_dir=args.out,
+        )
+        return
     Ts = [64, 2048] if args.quick else [64, 2048, 16384]
     ds = [512] if args.quick else [512, 2048]
     Es = [8, 64]

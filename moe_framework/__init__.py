@@ -6,8 +6,10 @@ operators under ``torch.ops.moe_framework``; ``moe_framework.ops`` holds their P
 
 import torch  # noqa: F401  (libtorch must be loaded before our extension)
 
-from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
-from . import ops
+from . import (
+    _C,  # noqa: F401  (runs the TORCH_LIBRARY registrations)
+    ops,
+)
 from .config import MoEConfig  # noqa: F401
 from .constellation import DraftReports, ExpertBank, MoELayer, RoutingInfo  # noqa: F401
 from .cuda_graphs import CUDAGraphInference  # noqa: F401

@@ -113,6 +113,18 @@ def _benchmark_dir(explicit: Optional[str]) -> Optional[str]:
     return None
 
 
+# Runs a benchmark as a module (the scripts import ``benchmarks.common``) with the folder holding
+# benchmarks/ *appended* to sys.path: ``python -m`` would put the cwd first, and a source checkout
+# would then shadow the installed moe_framework (whose compiled extension the checkout may lack).
+_BENCH_RUNNER = (
+    "import os, runpy, sys\n"
+    "root, module = sys.argv[1], sys.argv[2]\n"
+    "sys.path = [p for p in sys.path if p not in ('', os.getcwd(), root)] + [root]\n"
+    "sys.argv = [module] + sys.argv[3:]\n"
+    "runpy.run_module(module, run_name='__main__', alter_sys=True)\n"
+)
+
+
 def find_benchmarks(bench_dir: str, pattern: Optional[str] = None) -> list:
     """Benchmark scripts in ``bench_dir``: every ``*.py`` except the shared harness and helpers
     (``common.py``, ``_*.py``), sorted; ``pattern`` keeps names containing it."""
@@ -129,6 +141,8 @@ def find_benchmarks(bench_dir: str, pattern: Optional[str] = None) -> list:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     bench_dir = _benchmark_dir(args.dir)
+    if bench_dir is not None:
+        bench_dir = os.path.abspath(bench_dir)
     if bench_dir is None or not os.path.isdir(bench_dir):
         print(
             "bench: no benchmarks/ folder found (run from the source checkout or pass --dir)",
@@ -145,8 +159,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         name = os.path.basename(path)
         print(f"\n=== {name} {' '.join(extra)}", flush=True)
         t0 = time.perf_counter()
-        # Each script prints its own table and writes its JSON under bench_results/.
-        rc = subprocess.call([sys.executable, path, *extra], cwd=os.path.dirname(bench_dir))
+        # Each prints its own table and writes JSON under bench_results/ (of the cwd).
+        module = f"{os.path.basename(bench_dir)}.{os.path.splitext(name)[0]}"
+        cmd = [sys.executable, "-c", _BENCH_RUNNER, os.path.dirname(bench_dir), module, *extra]
+        rc = subprocess.call(cmd, cwd=os.path.dirname(bench_dir))
         results.append((name, rc, time.perf_counter() - t0))
     print("\nbenchmark suite")
     print(f"  {'script':<32} {'status':<8} {'seconds':>8}")

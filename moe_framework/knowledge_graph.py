@@ -23,6 +23,7 @@ import os
 import sqlite3
 import threading
 import time
+import warnings
 from collections import deque
 from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
@@ -282,16 +283,24 @@ class KnowledgeGraph:
             yield ids, (vecs / norms[:, None]).astype(np.float32)
 
     def _rebuild_index(self, conn) -> None:
-        chunks = list(self._iter_embeddings(conn))
-        if chunks:
-            ids = np.concatenate([c[0] for c in chunks])
-            vecs = np.concatenate([c[1] for c in chunks])
-        else:
-            ids, vecs = np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
-        del chunks
-        self._index.rebuild(ids, vecs)
-        if self._bank is not None:
-            self._bank.reset(ids, vecs)
+        # One read transaction: the count and the scan see the same snapshot even while another
+        # process writes (readonly handles).
+        conn.execute("BEGIN")
+        try:
+            n_total = conn.execute("SELECT count(*) FROM nodes").fetchone()[0]
+            bank = self._bank
+            if bank is not None:
+                bank.reset(np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32))
+
+            def chunks():
+                for ids, vecs in self._iter_embeddings(conn):
+                    if bank is not None:
+                        bank.add(ids, vecs)
+                    yield ids, vecs
+
+            self._index.rebuild_from_chunks(chunks(), n_total)
+        finally:
+            conn.execute("COMMIT")
 
     # ================================================================== lifecycle
 
@@ -387,10 +396,15 @@ class KnowledgeGraph:
             try:
                 for args in queued:
                     self._apply_to_index(*args)
-            except BaseException:
-                # The store is committed; the cache is behind. Rebuild it from the store.
+            except Exception as exc:
+                # The write is committed (durable); only the derived cache is behind. Rebuild it
+                # from the store before the next search or write instead of failing the call.
                 self._pending_rebuild = True
-                raise
+                warnings.warn(
+                    f"KnowledgeGraph: index update failed ({exc!r}); rebuilding it from the store",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     # ================================================================== writes: nodes
 
@@ -1033,6 +1047,23 @@ class KnowledgeGraph:
             return take_snapshot(
                 self._conn, self.checkpoint_dir, self.keep_checkpoints, self._checkpoint_hook
             )
+
+    def backup(self, path: PathLike) -> str:
+        """Write a consistent copy of the store to ``path`` (SQLite backup API into a temporary
+        file next to it, quick_check, fsync, atomic rename, directory fsync). Works on readonly
+        handles too; ``path`` must not be this store. Returns the path."""
+        from .kg.snapshots import write_copy
+
+        self._check_open()
+        dst = os.path.abspath(os.fspath(path))
+        if dst == os.path.abspath(self.path):
+            raise ValueError("KnowledgeGraph.backup: the destination is the store itself")
+        folder = os.path.dirname(dst)
+        tmp = os.path.join(folder, f".{os.path.basename(dst)}.tmp-{os.getpid()}")
+        with self._wlock:
+            write_copy(self._conn, tmp, dst)
+        _s.fsync_dir(folder)
+        return dst
 
     def list_checkpoints(self) -> list:
         """Complete snapshots, oldest first."""

@@ -299,7 +299,8 @@ class Supervisor(nn.Module):
         jitter_eps: multiplicative input jitter ``x * U(1 - eps, 1 + eps)`` in training (Switch).
         seed: seed of the counter-based noise (noise is a function of seed, step, token, expert).
         causal: the model is autoregressive; refuses "expert_choice" (it looks at future tokens).
-        expert_choice_slots: static slots per token for "expert_choice" (default min(E, 2k)).
+        expert_choice_slots: static slots per token for "expert_choice" (default k: the static
+            shapes of top-k routing; picks beyond it are dropped and counted).
         attention_score: "cosine" or "dot" for the "attention" strategy; attention_dim its width.
         track_stats: update ``self.stats`` (a :class:`~moe_framework.metrics.RoutingStats`) in
             every forward, training or eval.
@@ -422,7 +423,7 @@ class Supervisor(nn.Module):
         self.attention_score = attention_score
         self.track_stats = track_stats
         if strategy == "expert_choice":
-            self._slots = expert_choice_slots or min(num_experts, 2 * k)
+            self._slots = int(expert_choice_slots or k)
         else:
             self._slots = k
 

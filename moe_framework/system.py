@@ -246,8 +246,9 @@ class MixtureOfExpertsSystem(nn.Module):
 
         Runs forward under AMP when ``config.amp_dtype`` is set (bf16 on CPU; fp16 with a
         GradScaler or bf16 on CUDA), adds the balancing losses to ``loss_fn(output, targets)``
-        (computed in float32; for outputs [B, S, C] and targets [B, S] both are flattened), clips gradients to ``config.grad_clip_norm``, steps, applies the
-        aux-loss-free bias update, and frees gradients (``zero_grad(set_to_none=True)``). Every
+        (computed in float32; for outputs [B, S, C] and targets [B, S] both are flattened),
+        clips gradients to ``config.grad_clip_norm``, steps, applies the aux-loss-free bias
+        update, and frees gradients (``zero_grad(set_to_none=True)``). Every
         ``config.consolidation_interval`` steps it runs :meth:`consolidate` and every
         ``config.kg_checkpoint_interval`` steps it snapshots the knowledge graph.
         """

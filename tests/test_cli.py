@@ -7,14 +7,16 @@ import pytest
 
 from moe_framework import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The subprocesses import the same moe_framework as this test process (the installed wheel under
+# `make test`, the source tree after an in-place build), never whichever one the cwd would give.
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
 
 
-def _run(*args, timeout=300, cwd=ROOT):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def _run(*args, timeout=300, cwd=None):
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(
         [sys.executable, "-m", "moe_framework", *args],
-        cwd=cwd,
+        cwd=cwd or os.path.dirname(os.path.abspath(__file__)),
         env=env,
         capture_output=True,
         text=True,
@@ -48,10 +50,13 @@ def test_cli_without_subcommand_fails_with_usage():
 
 
 def test_cli_bench_finds_scripts_and_skips_harness(tmp_path):
+    tmp_path = tmp_path / "benchmarks"
+    tmp_path.mkdir()
     (tmp_path / "common.py").write_text("raise SystemExit('harness must not run')\n")
     (tmp_path / "_helper.py").write_text("raise SystemExit(3)\n")
     (tmp_path / "bench_ok.py").write_text(
-        "import sys\nassert sys.argv[1:] == ['--quick'], sys.argv\nprint('| table |')\n"
+        "import sys\nassert sys.argv[1:] == ['--quick'], sys.argv\n"
+        "assert __name__ == '__main__' and __spec__.name == 'benchmarks.bench_ok'\n"
     )
     (tmp_path / "bench_fail.py").write_text("raise SystemExit(4)\n")
     assert [os.path.basename(p) for p in cli.find_benchmarks(str(tmp_path))] == [

@@ -6,8 +6,13 @@ import sys
 
 import pytest
 
+import moe_framework
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
+# The examples import the same moe_framework as this test process (the installed wheel under
+# `make test`, the source tree after an in-place build).
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(moe_framework.__file__)))
 
 CASES = {
     "quickstart.py": ["--tokens", "64", "--steps", "5"],
@@ -28,7 +33,7 @@ def test_example_runs(script, tmp_path):
     args = list(CASES[script])
     if script in ("train_loop.py", "knowledge_graph_query.py"):
         args += ["--out", str(tmp_path)]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("OMP_NUM_THREADS", "2")
     r = subprocess.run(
         [sys.executable, os.path.join(EXAMPLES, script), *args],

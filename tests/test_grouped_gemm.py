@@ -342,8 +342,10 @@ def test_cuda_grouped_gemm_clamps_bad_offsets_without_reading_out_of_bounds(seed
     a, b = _make(10, 8, 8, 3, torch.float32, False)
     off = torch.tensor([0, 6, 3, 99]).cuda()  # non-monotone, past M: clamped into [0, M]
     out = grouped_gemm(a.cuda(), b.cuda(), off)
-    torch.cuda.synchronize()
-    assert out.shape == (10, 8) and torch.isfinite(out).all()
+    torch.cuda.synchronize()  # an out-of-bounds access would surface here as a CUDA error
+    assert out.shape == (10, 8)
+    # Values for invalid offsets are unspecified; rows covered by a valid expert range are right.
+    torch.testing.assert_close(out[:3].cpu(), a[:3] @ b[0], rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.cuda

@@ -252,6 +252,8 @@ def test_search_matches_brute_force_cosine(tmp_path, seed, n):
             scores[:, : min(k, n)], np.take_along_axis(sims, order, 1), atol=1e-5
         )
         assert (got[:, n:] == -1).all() and np.isneginf(scores[:, n:]).all()
+        s_t, i_t = kg.search(torch.from_numpy(q), k)  # torch tensors are accepted as well
+        np.testing.assert_array_equal(i_t, got)
         hits = kg.find_similar_nodes(q[0], top_k=k, threshold=0.1)
         assert [h.id for h in hits] == [i for i, s in zip(got[0], scores[0]) if i >= 0 and s >= 0.1]
 
@@ -755,3 +757,39 @@ def test_device_bank_search_matches_store_and_follows_writes(tmp_path, seed):
             assert bank.bank.data_ptr() == before and int(bank.n_valid) == 50 + 10 * step
         s, i = bank.search(torch.from_numpy(q), 100)  # k > n_valid: -1 padded
         assert (i[:, len(kg) :] == -1).all() and torch.isneginf(s[:, len(kg) :]).all()
+
+
+def test_failed_index_update_keeps_the_write_and_rebuilds_the_index(tmp_path, monkeypatch, seed):
+    rng = _rng(seed)
+    with _store(tmp_path, dim=8) as kg:
+        kg.add_nodes_batch(rng.standard_normal((5, 8)))
+        x = rng.standard_normal(8).astype(np.float32)
+
+        def broken(*args):
+            raise MemoryError("simulated")
+
+        monkeypatch.setattr(kg._index, "add", broken)
+        with pytest.warns(RuntimeWarning, match="rebuilding it from the store"):
+            new = kg.add_node(x)
+        monkeypatch.undo()
+        assert len(kg) == 6 and kg.get_node(new).embedding.tobytes() == x.tobytes()
+        hit = kg.find_similar_nodes(x, 1)[0]  # the index was rebuilt from the store
+        assert hit.id == new and hit.score == pytest.approx(1.0, abs=1e-6)
+
+
+def test_backup_writes_a_consistent_standalone_copy(tmp_path, seed):
+    rng = _rng(seed)
+    with _store(tmp_path, dim=8) as kg:
+        ids = kg.add_nodes_batch(rng.standard_normal((20, 8)), "n", [{"i": i} for i in range(20)])
+        kg.add_edge(int(ids[0]), int(ids[1]), "t", 0.5)
+        out = kg.backup(tmp_path / "copy.sqlite")
+        with pytest.raises(ValueError, match="store itself"):
+            kg.backup(tmp_path / "kg.sqlite")
+        with KnowledgeGraph.open(tmp_path / "kg.sqlite", readonly=True) as ro:
+            ro.backup(tmp_path / "copy2.sqlite")
+    assert not os.path.exists(out + "-wal")
+    for p in (out, tmp_path / "copy2.sqlite"):
+        with KnowledgeGraph.open(p, readonly=True, verify="full") as copy:
+            assert copy.node_ids().tolist() == ids.tolist()
+            assert copy.edges() == [(int(ids[0]), int(ids[1]), "t", 0.5)]
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]

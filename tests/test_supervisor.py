@@ -909,3 +909,18 @@ def test_auto_bias_update_compiles_and_matches_eager(seed):
         assert torch.equal(compiled(x).ids, ref(x).ids)
     assert float(sup.selection_bias.abs().sum()) > 0
     torch.testing.assert_close(sup.selection_bias, ref.selection_bias)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_drives_a_moe_layer(seed, strategy):
+    from moe_framework.constellation import MoELayer
+
+    k = 1 if strategy == "switch" else 2
+    kw = {"n_group": 2, "topk_group": 1} if strategy == "grouped_sigmoid" else {}
+    sup = make(strategy, 16, 4, k, capacity_factor=1.0, load_balance_coef=0.01, **kw)
+    assert sup.slots_per_token == k  # expert choice defaults to the top-k static shapes
+    layer = MoELayer(16, 32, 4, k, supervisor=sup).train()
+    x = torch.randn(2, 9, 16)
+    y, info = layer(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    (y.square().mean() + info.aux_loss).backward()

@@ -150,6 +150,19 @@ def test_system_predict_matches_eval_forward(seed):
     torch.testing.assert_close(model.predict(x), ref)
 
 
+def test_system_predict_uses_configured_compile_mode_inductor(seed):
+    # The one test that runs the default inductor backend (slow to compile on small CPUs).
+    model = MixtureOfExpertsSystem(_cfg(compile_mode="default"))
+    x = torch.randn(6, 12)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x).output
+    out = model.predict(x)
+    assert model._compiled is not None and model._compiled[0] == "default"
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert model.compiled() is model._compiled[1]  # cached
+
+
 def test_system_forward_rejects_wrong_input_width():
     model = MixtureOfExpertsSystem(_cfg())
     with pytest.raises(ValueError, match=r"\[\.\.\., 12\]"):

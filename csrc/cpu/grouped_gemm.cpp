@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -40,10 +41,18 @@ using grouped_gemm::ceil_div;
 
 // Groups with at least this many rows go to torch's BLAS; below it, per-call overhead and thin
 // GEMM shapes make the tiled kernel faster (measured: benchmarks/bench_grouped_gemm.py). bf16
-// switches earlier: torch's bf16 GEMM uses the CPU's bf16 dot-product instructions where they
-// exist, which our fp32-converting tile kernel cannot match once a group has a few dozen rows.
+// switches earlier: on CPUs with AVX512-BF16, torch's bf16 GEMM uses bf16 dot-product
+// instructions that our fp32-converting kernel cannot match beyond a handful of rows (measured:
+// 0.5-0.8x at 8-16 rows); without them it falls back to conversions like ours.
 constexpr int64_t kLargeRows = 128;
-constexpr int64_t kLargeRowsBf16 = 32;
+int64_t large_rows_bf16() {
+#if MOE_GG_X86
+  static const int64_t rows = __builtin_cpu_supports("avx512bf16") ? 8 : 32;
+  return rows;
+#else
+  return 32;
+#endif
+}
 // Register tile of the micro-kernel: kMR rows x kNR columns (3 AVX2 vectors), 12 accumulators.
 constexpr int64_t kMR = 4;
 constexpr int64_t kNR = 24;
@@ -217,10 +226,11 @@ inline void micro(const MicroArgs& x) {
 
 // ---------------------------------------------------------------------------------------------
 // Tile driver: C[m x n] = A[m x k] * B[k x n] for one work tile, blocked by kKC over k.
-// A is fp32 with strides (rsa, csa). B (any dtype and strides) is packed per k block into an fp32
-// panel laid out strip-major, [n / kNR][kc][kNR]: each strip is one contiguous kc x kNR block that
-// the row groups of the tile sweep from L1. Reading B in place instead would walk it with the row
-// stride of B (a power of two for model sizes), which aliases into a few L1 sets.
+// A is fp32 with strides (rsa, csa). B (any dtype and strides) is packed per k block into a
+// row-major fp32 panel: the copy streams B row by row (what the hardware prefetcher follows, and
+// small groups are bound by streaming B from memory), and the padded panel stride keeps the
+// micro-kernel's walk down a column strip from aliasing into a few L1 sets (reading B in place
+// would walk it with its power-of-two row stride).
 
 template <typename scalar_t>
 struct BView {
@@ -228,40 +238,68 @@ struct BView {
   int64_t sk, sn;  // strides of B(p, j) along p and j
 };
 
-// Rows of B prefetched ahead while packing: consecutive rows of a weight matrix are a row stride
-// apart (often a whole page), which the hardware prefetcher does not follow.
-constexpr int64_t kPrefetchRows = 8;
+// Convert n elements of a row of B into fp32 at dst.
+template <typename scalar_t>
+void pack_row_scalar(const scalar_t* row, int64_t n, float* dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(row[j]);
+}
+
+#if MOE_GG_X86
+// 8 elements of a row as 8 floats (bf16: shift into the high half; fp16: F16C conversion).
+template <typename scalar_t>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8_as_float(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
 
 template <typename scalar_t>
-void pack_b(const BView<scalar_t>& b, int64_t k0, int64_t kc, int64_t k, int64_t n, float* panel) {
-  const int64_t strips = ceil_div(n, kNR);
+__attribute__((target("avx2,fma,f16c"))) void pack_row_avx2(const scalar_t* row, int64_t n,
+                                                            float* dst) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, load8_as_float(row + j));
+  for (; j < n; ++j) dst[j] = static_cast<float>(row[j]);
+}
+
+bool cpu_has_avx2_fma_f16c() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
+#endif
+
+template <typename scalar_t>
+void pack_row(const scalar_t* row, int64_t n, float* dst) {
+#if MOE_GG_X86
+  if (cpu_has_avx2_fma_f16c()) return pack_row_avx2(row, n, dst);
+#endif
+  pack_row_scalar(row, n, dst);
+}
+
+// Row stride of a packed panel of n columns: a multiple of 8 floats (32-byte rows) that is not a
+// multiple of 1 KiB, so walking a column strip down the panel does not alias into few L1 sets.
+inline int64_t panel_ld(int64_t n) {
+  const int64_t ld = ceil_div(n, 8) * 8;
+  return (ld % 256 == 0) ? ld + 8 : ld;
+}
+
+// Pack B[k0:k0+kc, 0:n] into the row-major fp32 panel (row stride ldp). Reads and writes both
+// run along rows (sequential memory streams) when B has unit column stride.
+template <typename scalar_t>
+void pack_b(const BView<scalar_t>& b, int64_t k0, int64_t kc, int64_t n, float* panel,
+            int64_t ldp) {
   if (b.sn == 1) {
-    // Row by row: each source row segment is read contiguously.
-    for (int64_t p = 0; p < kc; ++p) {
-      const scalar_t* src = b.ptr + (k0 + p) * b.sk;
-      if (k0 + p + kPrefetchRows < k) {
-        const char* ahead = reinterpret_cast<const char*>(src + kPrefetchRows * b.sk);
-        for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(scalar_t)); off += 64) {
-          __builtin_prefetch(ahead + off, 0, 2);
-        }
-      }
-      for (int64_t s = 0; s < strips; ++s) {
-        float* dst = panel + (s * kc + p) * kNR;
-        const scalar_t* row = src + s * kNR;
-        const int64_t w = std::min(kNR, n - s * kNR);
-        if (w == kNR) {
-          for (int64_t j = 0; j < kNR; ++j) dst[j] = static_cast<float>(row[j]);
-        } else {
-          for (int64_t j = 0; j < w; ++j) dst[j] = static_cast<float>(row[j]);
-        }
-      }
-    }
+    for (int64_t p = 0; p < kc; ++p) pack_row(b.ptr + (k0 + p) * b.sk, n, panel + p * ldp);
   } else {
     // Transposed B: walk the source along its contiguous axis (p) for each column j.
     for (int64_t j = 0; j < n; ++j) {
       const scalar_t* src = b.ptr + j * b.sn + k0 * b.sk;
-      float* dst = panel + (j / kNR) * kc * kNR + j % kNR;
-      for (int64_t p = 0; p < kc; ++p) dst[p * kNR] = static_cast<float>(src[p * b.sk]);
+      for (int64_t p = 0; p < kc; ++p) panel[p * ldp + j] = static_cast<float>(src[p * b.sk]);
     }
   }
 }
@@ -273,22 +311,99 @@ void tile_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t rsa, int
     for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
     return;
   }
-  const int64_t strips = ceil_div(n, kNR);
-  // Panel depth: the packed panel (kc x n floats) stays within kPanelBytes (L2).
-  const int64_t kcb = std::clamp<int64_t>(kPanelBytes / (4 * strips * kNR), 16, kKC);
-  panel.resize(static_cast<size_t>(kcb * strips * kNR));
+  const int64_t ldp = panel_ld(n);
+  // Panel depth: the packed panel (kc x ldp floats) stays within kPanelBytes (L2).
+  const int64_t kcb = std::clamp<int64_t>(kPanelBytes / (4 * ldp), 16, kKC);
+  panel.resize(static_cast<size_t>(kcb * ldp));
   for (int64_t k0 = 0; k0 < k; k0 += kcb) {
     const int64_t kc = std::min(kcb, k - k0);
-    pack_b(b, k0, kc, k, n, panel.data());
-    for (int64_t s = 0; s < strips; ++s) {
-      const float* bp = panel.data() + s * kc * kNR;
-      const int64_t j = s * kNR;
+    pack_b(b, k0, kc, n, panel.data(), ldp);
+    for (int64_t j = 0; j < n; j += kNR) {
       for (int64_t i = 0; i < m; i += kMR) {
-        micro(MicroArgs{kc, a + i * rsa + k0 * csa, rsa, csa, bp, kNR, c + i * ldc + j, ldc,
-                        std::min(kMR, m - i), std::min(kNR, n - j), k0 > 0});
+        micro(MicroArgs{kc, a + i * rsa + k0 * csa, rsa, csa, panel.data() + j, ldp,
+                        c + i * ldc + j, ldc, std::min(kMR, m - i), std::min(kNR, n - j), k0 > 0});
       }
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming kernel for tiles of at most kStreamRows rows with a unit-column-stride B (decode,
+// fine-grained experts). There, each weight element feeds only a few FMAs and the tile is bound
+// by reading B from memory; packing would add a write and a re-read of every element. This loop
+// reads B once, row by row (4 rows per pass: sequential streams the prefetcher follows), converts
+// bf16/fp16 in registers, and keeps the m x n fp32 output block in L1:
+//   C[i, :] += a[i, p] B[p, :] + a[i, p+1] B[p+1, :] + ...   (fused, in p order).
+constexpr int64_t kStreamRows = 8;
+
+#if MOE_GG_X86
+template <typename scalar_t>
+__attribute__((target("avx2,fma,f16c"))) void stream_gemm_avx2(int64_t m, int64_t n, int64_t k,
+                                                               const float* a, int64_t lda,
+                                                               const scalar_t* b, int64_t ldb,
+                                                               float* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
+  const int64_t n8 = n / 8 * 8;
+  int64_t p = 0;
+  for (; p + 4 <= k; p += 4) {
+    const scalar_t* b0 = b + p * ldb;
+    const scalar_t* b1 = b0 + ldb;
+    const scalar_t* b2 = b1 + ldb;
+    const scalar_t* b3 = b2 + ldb;
+    for (int64_t j = 0; j < n8; j += 8) {
+      const __m256 v0 = load8_as_float(b0 + j), v1 = load8_as_float(b1 + j);
+      const __m256 v2 = load8_as_float(b2 + j), v3 = load8_as_float(b3 + j);
+      for (int64_t i = 0; i < m; ++i) {
+        const float* ai = a + i * lda + p;
+        float* ci = c + i * ldc + j;
+        __m256 acc = _mm256_loadu_ps(ci);
+        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(ai), v0, acc);
+        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(ai + 1), v1, acc);
+        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(ai + 2), v2, acc);
+        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(ai + 3), v3, acc);
+        _mm256_storeu_ps(ci, acc);
+      }
+    }
+    for (int64_t j = n8; j < n; ++j) {
+      for (int64_t i = 0; i < m; ++i) {
+        const float* ai = a + i * lda + p;
+        float acc = c[i * ldc + j];
+        acc = std::fma(ai[0], static_cast<float>(b0[j]), acc);
+        acc = std::fma(ai[1], static_cast<float>(b1[j]), acc);
+        acc = std::fma(ai[2], static_cast<float>(b2[j]), acc);
+        acc = std::fma(ai[3], static_cast<float>(b3[j]), acc);
+        c[i * ldc + j] = acc;
+      }
+    }
+  }
+  for (; p < k; ++p) {
+    const scalar_t* b0 = b + p * ldb;
+    for (int64_t j = 0; j < n8; j += 8) {
+      const __m256 v0 = load8_as_float(b0 + j);
+      for (int64_t i = 0; i < m; ++i) {
+        float* ci = c + i * ldc + j;
+        _mm256_storeu_ps(
+            ci, _mm256_fmadd_ps(_mm256_broadcast_ss(a + i * lda + p), v0, _mm256_loadu_ps(ci)));
+      }
+    }
+    for (int64_t j = n8; j < n; ++j)
+      for (int64_t i = 0; i < m; ++i)
+        c[i * ldc + j] = std::fma(a[i * lda + p], static_cast<float>(b0[j]), c[i * ldc + j]);
+  }
+}
+#endif
+
+// Runs the streaming kernel when it applies (see above); false means the caller uses tile_gemm.
+template <typename scalar_t>
+bool stream_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                 const BView<scalar_t>& b, float* c, int64_t ldc) {
+#if MOE_GG_X86
+  if (m <= kStreamRows && b.sn == 1 && cpu_has_avx2_fma_f16c()) {
+    stream_gemm_avx2(m, n, k, a, lda, b.ptr, b.sk, c, ldc);
+    return true;
+  }
+#endif
+  return false;
 }
 
 // A work tile of the small-group path: rows [r0, r1) x columns [n0, n1) of expert e's output.
@@ -308,7 +423,7 @@ std::vector<int64_t> read_offsets(const char* op, const at::Tensor& offsets, int
 bool is_large(int64_t rows, at::ScalarType dtype) {
   if (dtype == at::kDouble) return true;
   if (dtype == at::kHalf) return false;
-  return rows >= (dtype == at::kBFloat16 ? kLargeRowsBf16 : kLargeRows);
+  return rows >= (dtype == at::kBFloat16 ? large_rows_bf16() : kLargeRows);
 }
 
 // fp32 view of `t` with unit inner stride: `t` itself when it already is one, else a converted
@@ -399,8 +514,11 @@ void grouped_gemm_tiles(const at::Tensor& a, const at::Tensor& b, const std::vec
   run_tiles<scalar_t>(tiles, out.mutable_data_ptr<scalar_t>(), n,
                       [&](const WorkTile& w, float* c, int64_t ldc, std::vector<float>& panel) {
                         const BView<scalar_t> bv{bp + w.expert * b.stride(0) + w.n0 * sn, sk, sn};
-                        tile_gemm(w.r1 - w.r0, w.n1 - w.n0, k, ap + w.r0 * lda, lda, 1, bv, c, ldc,
-                                  panel);
+                        const int64_t rows = w.r1 - w.r0;
+                        if (!stream_gemm(rows, w.n1 - w.n0, k, ap + w.r0 * lda, lda, bv, c, ldc)) {
+                          tile_gemm(rows, w.n1 - w.n0, k, ap + w.r0 * lda, lda, 1, bv, c, ldc,
+                                    panel);
+                        }
                       });
 }
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import faiss
 import numpy as np
@@ -34,7 +34,7 @@ INDEX_TYPES = ("flat", "hnsw", "ivfpq")
 
 DEFAULT_PARAMS = {
     "hnsw": {"M": 32, "ef_construction": 80, "ef_search": 128, "rerank": 2},
-    "ivfpq": {"nlist": None, "m": None, "nbits": 8, "nprobe": 32, "train_min": 20000, "rerank": 8},
+    "ivfpq": {"nlist": None, "m": None, "nbits": 8, "nprobe": 32, "train_min": 20000, "rerank": 32},
 }
 
 
@@ -156,10 +156,29 @@ class VectorIndex:
 
     def rebuild(self, ids: np.ndarray, vecs: np.ndarray) -> None:
         """Replace the contents with ``vecs [n, d]`` (unit rows) under ``ids [n]``."""
+        self.rebuild_from_chunks([(np.asarray(ids, dtype=np.int64), vecs)], len(ids))
+
+    def rebuild_from_chunks(self, chunks: Iterable[tuple], n_total: int) -> None:
+        """Replace the contents with ``(ids [m], unit vecs [m, d])`` chunks, ``n_total`` rows in
+        all. Streams (peak memory: the index plus one chunk) except when an ivfpq index must be
+        trained, which needs the rows in one array."""
         self.lock.acquire_write()
         try:
             self._reset()
-            self._build(np.asarray(ids, dtype=np.int64), vecs)
+            if self.index_type == "ivfpq" and n_total >= int(self.params["train_min"]):
+                all_ids = np.empty(n_total, np.int64)
+                all_vecs = np.empty((n_total, self.dim), np.float32)
+                filled = 0
+                for ids, vecs in chunks:
+                    all_ids[filled : filled + len(ids)] = ids
+                    all_vecs[filled : filled + len(ids)] = vecs
+                    filled += len(ids)
+                if filled != n_total:
+                    raise RuntimeError(f"VectorIndex: expected {n_total} rows, got {filled}")
+                self._build(all_ids, all_vecs)
+            else:
+                for ids, vecs in chunks:  # hnsw: the first chunk creates the graph
+                    self._add_locked(np.asarray(ids, dtype=np.int64), vecs)
         finally:
             self.lock.release_write()
 

@@ -81,8 +81,8 @@ def loads_json(text: str) -> Any:
 
 def check_embeddings(x: Any, dim: int, what: str = "embedding") -> np.ndarray:
     """[n, dim] float32 C-contiguous copy of ``x``; finite, non-zero rows (cosine needs a norm)."""
-    if hasattr(x, "detach"):  # a torch tensor: move it off the device without importing torch
-        x = x.detach().cpu().numpy()
+    if hasattr(x, "detach"):  # a torch tensor (any device, any float dtype incl. bfloat16)
+        x = x.detach().cpu().float().numpy()
     arr = np.asarray(x)
     if arr.ndim == 1:
         arr = arr[None, :]

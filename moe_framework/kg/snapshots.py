@@ -34,6 +34,32 @@ def list_snapshots(directory: str) -> list:
     return [p for _, p in sorted(found)]
 
 
+def write_copy(conn: sqlite3.Connection, tmp: str, final: str, hook=None) -> None:
+    """Consistent copy of ``conn``'s database at ``final``: backup API into ``tmp``, quick_check,
+    fsync, atomic rename. The caller fsyncs the directory."""
+    hook = hook or (lambda stage: None)
+    dst = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        # The backup API copies a transactionally consistent image of the database (the source
+        # connection sees its committed WAL content), unlike a file copy of a WAL database.
+        conn.backup(dst)
+        # A standalone file: rollback journal, no -wal/-shm siblings needed to read it.
+        dst.execute("PRAGMA journal_mode=DELETE")
+        rows = dst.execute("PRAGMA quick_check").fetchall()
+        if rows != [("ok",)]:
+            raise KnowledgeGraphError(f"checkpoint: snapshot {tmp} failed quick_check: {rows[:3]}")
+    except BaseException:
+        dst.close()
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    dst.close()
+    hook("written")
+    _s.fsync_file(tmp)
+    hook("fsynced")
+    os.replace(tmp, final)
+
+
 def take_snapshot(
     conn: sqlite3.Connection,
     directory: str,
@@ -51,22 +77,7 @@ def take_snapshot(
     final = os.path.join(directory, f"snapshot-{seq:08d}.sqlite")
     tmp = os.path.join(directory, f".snapshot-{seq:08d}.sqlite.tmp-{os.getpid()}")
 
-    dst = sqlite3.connect(tmp, isolation_level=None)
-    try:
-        # The backup API copies a transactionally consistent image of the database (the writer's
-        # connection includes its committed WAL content), unlike a file copy of a WAL database.
-        conn.backup(dst)
-        # A standalone file: rollback journal, no -wal/-shm siblings needed to read it.
-        dst.execute("PRAGMA journal_mode=DELETE")
-        rows = dst.execute("PRAGMA quick_check").fetchall()
-        if rows != [("ok",)]:
-            raise KnowledgeGraphError(f"checkpoint: snapshot {tmp} failed quick_check: {rows[:3]}")
-    finally:
-        dst.close()
-    hook("written")
-    _s.fsync_file(tmp)
-    hook("fsynced")
-    os.replace(tmp, final)
+    write_copy(conn, tmp, final, hook)
     hook("renamed")
     _s.fsync_dir(directory)
     hook("dir_fsynced")
