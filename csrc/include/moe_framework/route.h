@@ -33,15 +33,6 @@
 
 #include "moe_framework/common.h"
 
-// MOE_HD, but forced inline on the host too: the CPU kernel's row loops only vectorise when exp_acc
-// and friends are inlined into them, and GCC's heuristics otherwise keep some of them as calls
-// (notably inside the target("avx2") build of the loops).
-#if defined(__CUDACC__) || !defined(__GNUC__)
-#define MOE_ROUTE_HD MOE_HD
-#else
-#define MOE_ROUTE_HD inline __attribute__((always_inline))
-#endif
-
 namespace moe_framework {
 namespace route {
 
@@ -56,19 +47,19 @@ enum Scoring : int { kSoftmax = 0, kSigmoid = 1 };
 constexpr double kSigmoidRenormEps = 1e-20;
 
 template <typename T>
-MOE_ROUTE_HD T pos_inf() {
+MOE_HD T pos_inf() {
   return std::numeric_limits<T>::infinity();
 }
 
 template <typename T>
-MOE_ROUTE_HD bool is_nan(T v) {
+MOE_HD bool is_nan(T v) {
   return v != v;
 }
 
 // a > b and a < b without raising FP exceptions on NaN. The host versions (std::isgreater) let
 // GCC turn the selects of exp_acc into vector blends under its default -ftrapping-math.
 template <typename T>
-MOE_ROUTE_HD bool quiet_greater(T a, T b) {
+MOE_HD bool quiet_greater(T a, T b) {
 #if defined(__CUDA_ARCH__)
   return a > b;
 #else
@@ -76,7 +67,7 @@ MOE_ROUTE_HD bool quiet_greater(T a, T b) {
 #endif
 }
 template <typename T>
-MOE_ROUTE_HD bool quiet_less(T a, T b) {
+MOE_HD bool quiet_less(T a, T b) {
 #if defined(__CUDA_ARCH__)
   return a < b;
 #else
@@ -84,7 +75,7 @@ MOE_ROUTE_HD bool quiet_less(T a, T b) {
 #endif
 }
 
-MOE_ROUTE_HD float float_from_bits(int32_t bits) {
+MOE_HD float float_from_bits(int32_t bits) {
 #if defined(__CUDA_ARCH__)
   return __int_as_float(bits);
 #else
@@ -100,7 +91,7 @@ MOE_ROUTE_HD float float_from_bits(int32_t bits) {
 // degree-6 polynomial: within 2 ulp of the exact result for normal outputs. Results below
 // FLT_MIN flush to 0 (softmax probabilities under 1e-38), exp(-inf) = 0, exp(+inf) = +inf,
 // exp(NaN) = NaN.
-MOE_ROUTE_HD float exp_acc(float x) {
+MOE_HD float exp_acc(float x) {
   constexpr float kHi = 88.3762626647949f;   // above: +inf
   constexpr float kLo = -87.3365447505531f;  // below: 0 (log of FLT_MIN)
   float xc = quiet_greater(x, kHi) ? kHi : x;
@@ -124,19 +115,19 @@ MOE_ROUTE_HD float exp_acc(float x) {
   return y;
 }
 
-MOE_ROUTE_HD double exp_acc(double x) {
+MOE_HD double exp_acc(double x) {
   return ::exp(x);
 }
 
 template <typename T>
-MOE_ROUTE_HD T sigmoid(T x) {
+MOE_HD T sigmoid(T x) {
   return T(1) / (T(1) + exp_acc(-x));
 }
 
 // x - row_max for a softmax, with the limits of +-inf: when the row holds +inf logits, they share
 // all the mass (shift 0) and finite logits get none (shift -inf); an all -inf row has no mass.
 template <typename T>
-MOE_ROUTE_HD T softmax_shift(T x, T row_max) {
+MOE_HD T softmax_shift(T x, T row_max) {
   if (row_max == pos_inf<T>()) return x == pos_inf<T>() ? T(0) : -pos_inf<T>();
   if (row_max == -pos_inf<T>()) return -pos_inf<T>();
   return x - row_max;
@@ -144,13 +135,13 @@ MOE_ROUTE_HD T softmax_shift(T x, T row_max) {
 
 // exp(x - row_max) with the limits above.
 template <typename T>
-MOE_ROUTE_HD T softmax_numerator(T x, T row_max) {
+MOE_HD T softmax_numerator(T x, T row_max) {
   return exp_acc(softmax_shift(x, row_max));
 }
 
 // 1 / sum of the numerators; 0 for an all -inf row (whose numerators are all 0).
 template <typename T>
-MOE_ROUTE_HD T safe_inverse(T sum) {
+MOE_HD T safe_inverse(T sum) {
   return sum > T(0) ? T(1) / sum : T(0);
 }
 
@@ -158,13 +149,13 @@ MOE_ROUTE_HD T safe_inverse(T sum) {
 
 // NaN ranks like -inf: a NaN expert is only chosen when nothing better is left.
 template <typename T>
-MOE_ROUTE_HD T rank_key(T v) {
+MOE_HD T rank_key(T v) {
   return is_nan(v) ? -pos_inf<T>() : v;
 }
 
 // Total order of the selection: larger key first, lower id first among equal keys.
 template <typename T>
-MOE_ROUTE_HD bool ranks_before(T key_a, int64_t id_a, T key_b, int64_t id_b) {
+MOE_HD bool ranks_before(T key_a, int64_t id_a, T key_b, int64_t id_b) {
   return key_a > key_b || (key_a == key_b && id_a < id_b);
 }
 
@@ -172,7 +163,7 @@ MOE_ROUTE_HD bool ranks_before(T key_a, int64_t id_a, T key_b, int64_t id_b) {
 // increasing id: then "strictly greater" is the whole tie rule (an equal key never overtakes the
 // lower id already in the list).
 template <typename T>
-MOE_ROUTE_HD void topk_push(T* keys, int32_t* ids, int k, int& n, T key, int32_t id) {
+MOE_HD void topk_push(T* keys, int32_t* ids, int k, int& n, T key, int32_t id) {
   key = rank_key(key);
   if (n == k) {
     if (!(key > keys[k - 1])) return;
@@ -192,7 +183,7 @@ MOE_ROUTE_HD void topk_push(T* keys, int32_t* ids, int k, int& n, T key, int32_t
 // Insert (key, id) (key already through rank_key) into the best-first list of n <= k entries, in
 // any arrival order: the list stays sorted by ranks_before.
 template <typename T>
-MOE_ROUTE_HD void topk_insert(T* keys, int32_t* ids, int k, int& n, T key, int32_t id) {
+MOE_HD void topk_insert(T* keys, int32_t* ids, int k, int& n, T key, int32_t id) {
   if (n == k) {
     if (!ranks_before(key, int64_t(id), keys[k - 1], int64_t(ids[k - 1]))) return;
     --n;
@@ -210,7 +201,7 @@ MOE_ROUTE_HD void topk_insert(T* keys, int32_t* ids, int k, int& n, T key, int32
 
 // Running best two keys (first >= second) of a group; start both at -inf.
 template <typename T>
-MOE_ROUTE_HD void top2_push(T& first, T& second, T key) {
+MOE_HD void top2_push(T& first, T& second, T key) {
   key = rank_key(key);
   if (key > first) {
     second = first;
@@ -223,7 +214,7 @@ MOE_ROUTE_HD void top2_push(T& first, T& second, T key) {
 // A group's score: the sum of its two best keys, or its best key when it has a single expert.
 // (+inf) + (-inf) = NaN ranks as -inf.
 template <typename T>
-MOE_ROUTE_HD T group_score(T first, T second, int64_t group_size) {
+MOE_HD T group_score(T first, T second, int64_t group_size) {
   return rank_key(group_size >= 2 ? first + second : first);
 }
 
@@ -235,7 +226,7 @@ MOE_ROUTE_HD T group_score(T first, T second, int64_t group_size) {
 // softmax + renormalize: exp(x - max of the selected logits) (the row's denominator cancels);
 // softmax: exp(x - row max); sigmoid: sigmoid(x).
 template <typename T>
-MOE_ROUTE_HD T weight_numerator(T x, int scoring, bool renormalize, T row_max, T selected_max) {
+MOE_HD T weight_numerator(T x, int scoring, bool renormalize, T row_max, T selected_max) {
   if (scoring == kSoftmax) return softmax_numerator(x, renormalize ? selected_max : row_max);
   return sigmoid(x);
 }
@@ -243,8 +234,7 @@ MOE_ROUTE_HD T weight_numerator(T x, int scoring, bool renormalize, T row_max, T
 // row_inv_sum = 1 / sum over the whole row of exp(x - row max), read by softmax without
 // renormalisation only.
 template <typename T>
-MOE_ROUTE_HD T weight_factor(T numerator_sum, int scoring, bool renormalize, T scale,
-                             T row_inv_sum) {
+MOE_HD T weight_factor(T numerator_sum, int scoring, bool renormalize, T scale, T row_inv_sum) {
   if (scoring == kSoftmax) return (renormalize ? safe_inverse(numerator_sum) : row_inv_sum) * scale;
   return renormalize ? scale / (numerator_sum + T(kSigmoidRenormEps)) : scale;
 }
@@ -253,8 +243,8 @@ MOE_ROUTE_HD T weight_factor(T numerator_sum, int scoring, bool renormalize, T s
 // outside the selection (sigmoid; softmax with renormalisation). num = weight_numerator(x),
 // numerator_sum = sum of the k numerators, dot = sum_j g_j * num_j, g = gradient of this weight.
 template <typename T>
-MOE_ROUTE_HD T selected_logit_grad(T num, T g, T numerator_sum, T dot, int scoring,
-                                   bool renormalize, T scale) {
+MOE_HD T selected_logit_grad(T num, T g, T numerator_sum, T dot, int scoring, bool renormalize,
+                             T scale) {
   if (scoring == kSoftmax) {  // w = scale * q, q = num / sum: dq_i/dx_j = q_i (delta_ij - q_j)
     const T inv = safe_inverse(numerator_sum);
     return scale * num * inv * (g - dot * inv);
@@ -268,8 +258,8 @@ MOE_ROUTE_HD T selected_logit_grad(T num, T g, T numerator_sum, T dot, int scori
 // The k weights of a row from its selected logits x_sel (CPU: sums in j order). row_has_nan
 // makes every weight NaN.
 template <typename T>
-MOE_ROUTE_HD void selected_weights(const T* x_sel, int k, int scoring, bool renormalize, T scale,
-                                   T row_max, T row_inv_sum, bool row_has_nan, T* w) {
+MOE_HD void selected_weights(const T* x_sel, int k, int scoring, bool renormalize, T scale,
+                             T row_max, T row_inv_sum, bool row_has_nan, T* w) {
   if (row_has_nan) {
     for (int j = 0; j < k; ++j) w[j] = std::numeric_limits<T>::quiet_NaN();
     return;
@@ -288,8 +278,8 @@ MOE_ROUTE_HD void selected_weights(const T* x_sel, int k, int scoring, bool reno
 // Backward of selected_weights for the sparse cases (see selected_logit_grad): g [k] is the
 // gradient of the weights, gx [k] receives the gradient of x_sel. A NaN row gets NaN gradients.
 template <typename T>
-MOE_ROUTE_HD void selected_weights_backward(const T* x_sel, const T* g, int k, int scoring,
-                                            bool renormalize, T scale, bool row_has_nan, T* gx) {
+MOE_HD void selected_weights_backward(const T* x_sel, const T* g, int k, int scoring,
+                                      bool renormalize, T scale, bool row_has_nan, T* gx) {
   if (row_has_nan) {
     for (int j = 0; j < k; ++j) gx[j] = std::numeric_limits<T>::quiet_NaN();
     return;
@@ -311,18 +301,18 @@ MOE_ROUTE_HD void selected_weights_backward(const T* x_sel, const T* g, int k, i
 // dL/dx_e = p_e * (G_e - dot), with G_e = scale * g_j when e = id_j (else 0) and
 // dot = sum_j G_j * p[id_j].
 template <typename T>
-MOE_ROUTE_HD T softmax_dense_grad(T p, T G, T dot) {
+MOE_HD T softmax_dense_grad(T p, T G, T dot) {
   return p * (G - dot);
 }
 
 // Does the backward touch every logit of the row (softmax without renormalisation), or only the k
 // selected ones?
-MOE_ROUTE_HD bool backward_is_dense(int scoring, bool renormalize) {
+MOE_HD bool backward_is_dense(int scoring, bool renormalize) {
   return scoring == kSoftmax && !renormalize;
 }
 
 // Is the selection key the logit itself? (No bias and no groups: both scorings are monotone.)
-MOE_ROUTE_HD bool key_is_logit(bool has_bias, int64_t n_group) {
+MOE_HD bool key_is_logit(bool has_bias, int64_t n_group) {
   return !has_bias && n_group == 1;
 }
 
