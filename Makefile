@@ -54,7 +54,9 @@ inplace:
 	cmake -S . -B build/inplace-$(MOE_FRAMEWORK_CUDA) -G Ninja -DCMAKE_BUILD_TYPE=Release \
 		-DPython_EXECUTABLE=$$(command -v $(PYTHON)) -DMOE_FRAMEWORK_CUDA=$(MOE_FRAMEWORK_CUDA) >/dev/null
 	cmake --build build/inplace-$(MOE_FRAMEWORK_CUDA) -j $(NPROC)
-	cp build/inplace-$(MOE_FRAMEWORK_CUDA)/_C*.so moe_framework/
+	@# copy then rename: a process that has the old library loaded keeps its (unlinked) file
+	for f in build/inplace-$(MOE_FRAMEWORK_CUDA)/_C*.so; do \
+		cp $$f moe_framework/.$$(basename $$f).tmp && mv moe_framework/.$$(basename $$f).tmp moe_framework/$$(basename $$f); done
 
 clean:
 	rm -rf build moe_framework/_C*.so

@@ -15,8 +15,8 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(moe_framework, m) {
-  // ---- route: fused gate, logits [T, E] -> weights [T, k] f32, ids [T, k] i32, counts [E] i32 ----
-  // scoring is "softmax" or "sigmoid"; correction_bias [E] (optional) shifts selection only.
+  // ---- route: fused gate, logits [T, E] -> weights [T, k] f32, ids [T, k] i32, counts [E] i32
+  // ---- scoring is "softmax" or "sigmoid"; correction_bias [E] (optional) shifts selection only.
   m.def(
       "route(Tensor logits, int k, str scoring, Tensor? correction_bias, int n_group, "
       "int topk_group, bool renormalize, float scaling_factor) -> (Tensor weights, Tensor ids, "
@@ -48,12 +48,15 @@ TORCH_LIBRARY(moe_framework, m) {
   // ---- grouped_gemm: rows offsets[e]:offsets[e+1] of a [M, K] times b[e] ----
   // b is [E, K, N], or [E, N, K] with trans_b. Rows outside [offsets[0], offsets[E]) give zeros.
   m.def("grouped_gemm(Tensor a, Tensor b, Tensor offsets, bool trans_b) -> Tensor");
-  // Weight gradient: db[e] = a_e^T @ grad_out_e ([E, K, N]), or its transpose ([E, N, K]) with trans_b.
+  // Weight gradient: db[e] = a_e^T @ grad_out_e ([E, K, N]), or its transpose ([E, N, K]) with
+  // trans_b.
   m.def("grouped_gemm_wgrad(Tensor a, Tensor grad_out, Tensor offsets, bool trans_b) -> Tensor");
 
   // ---- similarity: librarian dedup and knowledge-graph search ----
   // keep [n] bool, representative [n] i64 (most similar earlier kept-or-not item, self when kept).
   m.def("dedup(Tensor emb, float threshold) -> (Tensor keep, Tensor representative)");
   // cosine top-k of queries [q, d] over the first n_valid (0-dim i64 tensor) rows of bank [N, d].
-  m.def("kg_search(Tensor queries, Tensor bank, int k, Tensor n_valid) -> (Tensor scores, Tensor ids)");
+  m.def(
+      "kg_search(Tensor queries, Tensor bank, int k, Tensor n_valid) -> (Tensor scores, Tensor "
+      "ids)");
 }

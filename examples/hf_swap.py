@@ -8,8 +8,9 @@ outputs match the original model to float32 rounding. No download: the model is 
 """
 
 import torch
-from moe_framework.integrations.transformers import replace_moe_blocks, restore_moe_blocks
 from transformers import MixtralConfig, MixtralForCausalLM
+
+from moe_framework.integrations.transformers import replace_moe_blocks, restore_moe_blocks
 
 
 def main():

@@ -12,10 +12,10 @@ import os
 import tempfile
 
 import torch
-from moe_framework.knowledge_graph import KnowledgeGraph
 
 from moe_framework.config import MoEConfig
 from moe_framework.demo import load_digits_split
+from moe_framework.knowledge_graph import KnowledgeGraph
 from moe_framework.system import MixtureOfExpertsSystem
 
 

@@ -10,8 +10,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from moe_framework.constellation import MoELayer
 from torch import nn
+
+from moe_framework.constellation import MoELayer
 
 
 class TinyModel(nn.Module):

@@ -6,15 +6,36 @@ operators under ``torch.ops.moe_framework``; ``moe_framework.ops`` holds their P
 
 import torch  # noqa: F401  (libtorch must be loaded before our extension)
 
-from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
-from . import ops
-from .config import MoEConfig  # noqa: F401
-from .constellation import DraftReports, ExpertBank, MoELayer, RoutingInfo  # noqa: F401
-from .cuda_graphs import CUDAGraphInference  # noqa: F401
-from .librarian import KnowledgeGraph, KnowledgeGraphError, Librarian  # noqa: F401
-from .supervisor import RoutingDecision, RoutingStats, Supervisor  # noqa: F401
-from .system import MixtureOfExpertsSystem  # noqa: F401
+from . import (
+    _C,  # noqa: F401  (runs the TORCH_LIBRARY registrations)
+    ops,
+)
+from .config import MoEConfig
+from .constellation import DraftReports, MoELayer, RoutingInfo
+from .cuda_graphs import CUDAGraphInference
+from .experts import ExpertBank
+from .knowledge_graph import KnowledgeGraph, KnowledgeGraphError
+from .librarian import Librarian
+from .metrics import RoutingStats
+from .supervisor import RoutingDecision, Supervisor
+from .system import MixtureOfExpertsSystem
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "__version__"]
+__all__ = [
+    "CUDAGraphInference",
+    "DraftReports",
+    "ExpertBank",
+    "KnowledgeGraph",
+    "KnowledgeGraphError",
+    "Librarian",
+    "MixtureOfExpertsSystem",
+    "MoEConfig",
+    "MoELayer",
+    "RoutingDecision",
+    "RoutingInfo",
+    "RoutingStats",
+    "Supervisor",
+    "__version__",
+    "ops",
+]

@@ -244,8 +244,26 @@ class MoELayer(nn.Module):
 
     # The three stages are methods so that adapters (integrations.transformers) can reuse the
     # pipeline with other parameter containers.
-    def _route(self, x2: torch.Tensor) -> RoutingDecision:
-        return self.supervisor(x2)
+    def _route(
+        self, x2: torch.Tensor, mask: Optional[torch.Tensor], seq_len: Optional[int]
+    ) -> RoutingDecision:
+        if isinstance(self.supervisor, Supervisor):
+            return self.supervisor(x2, mask, seq_len=seq_len)
+        # a user-supplied router only has to accept the tokens (and a mask when one is given)
+        return self.supervisor(x2) if mask is None else self.supervisor(x2, mask)
+
+    def routing_stats(self) -> dict:
+        """The supervisor's accumulated routing telemetry as a plain dict (reads the device
+        buffers once; see :class:`~moe_framework.metrics.RoutingStats`). Needs a supervisor built
+        with ``track_stats=True``."""
+        if not hasattr(self.supervisor, "routing_stats"):
+            raise ValueError("MoELayer.routing_stats: the supervisor does not track statistics")
+        return self.supervisor.routing_stats()
+
+    def reset_stats(self) -> None:
+        """Clear the supervisor's accumulated routing telemetry."""
+        if hasattr(self.supervisor, "reset_stats"):
+            self.supervisor.reset_stats()
 
     def _run_experts(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return self.experts(x_sorted, offsets)
@@ -258,14 +276,26 @@ class MoELayer(nn.Module):
             out = torch.sigmoid(self.shared_gate(x2)) * out
         return out
 
-    def forward(self, x: torch.Tensor):
-        """x ``[..., d]`` -> ``(y [..., d], RoutingInfo)``."""
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        """x ``[..., d]`` -> ``(y [..., d], RoutingInfo)``.
+
+        mask: optional bool ``[...]`` (x's shape without d), True for real tokens; padding tokens
+        are routed nowhere (their routed output is 0), use no capacity and are left out of the
+        balancing losses and telemetry. For x ``[B, S, d]`` the supervisor also gets
+        ``seq_len=S`` (per-sequence load balancing).
+        """
         if x.shape[-1] != self.d_model:
             raise ValueError(
                 f"MoELayer: x must have last dimension d_model={self.d_model}, got {tuple(x.shape)}"
             )
+        if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(
+                f"MoELayer: mask must have shape {tuple(x.shape[:-1])} (x without its last "
+                f"dimension), got {tuple(mask.shape)}"
+            )
         x2 = x.reshape(-1, self.d_model)
-        decision = self._route(x2)
+        seq_len = x.shape[-2] if x.dim() >= 3 else None
+        decision = self._route(x2, None if mask is None else mask.reshape(-1), seq_len)
         x_sorted, row_of_slot, offsets = ops.permute(x2, decision.ids, self.num_experts)
         y_sorted = self._run_experts(x_sorted, offsets)
         y = ops.unpermute(y_sorted, row_of_slot, decision.weights)

@@ -13,7 +13,6 @@ Persistence (:meth:`save` / :meth:`load`): safetensors weights, JSON config, the
 from __future__ import annotations
 
 import os
-import sqlite3
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -533,7 +532,14 @@ class MixtureOfExpertsSystem(nn.Module):
         if src is not None and os.path.exists(src):
             dst = os.path.join(d, _KG)
             if os.path.abspath(dst) != os.path.abspath(src):
-                _sqlite_copy(src, dst)
+                # the store's own backup: one consistent snapshot, fsynced, renamed into place
+                if self._kg is not None:
+                    self._kg.backup(dst)
+                else:
+                    from .knowledge_graph import KnowledgeGraph
+
+                    with KnowledgeGraph.open(src, readonly=True) as kg:
+                        kg.backup(dst)
 
     @classmethod
     def load(
@@ -595,20 +601,3 @@ def _search(kg, row, top_k: int, types, where) -> list:
         if len(hits) >= top_k or fetch >= len(kg):
             return hits[:top_k]
         fetch *= 4
-
-
-def _sqlite_copy(src: str, dst: str) -> None:
-    """Consistent copy of a live SQLite store (the backup API reads one snapshot)."""
-    tmp = dst + ".tmp"
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    s = sqlite3.connect(f"file:{src}?mode=ro", uri=True)
-    t = sqlite3.connect(tmp)
-    try:
-        s.backup(t)
-    finally:
-        t.close()
-        s.close()
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)

@@ -468,7 +468,7 @@ def _tamper(path, sql, *args):
         ),
         ("UPDATE nodes SET embedding = ? WHERE id = 5", (b"\x00" * 12,), "node 5 .*8 float32"),
         ("INSERT INTO edges VALUES (1, 999, 't', 1.0, 0)", (), "missing node"),
-        ("UPDATE meta SET value = '9' WHERE key = 'dim'", (), ""),
+        ("UPDATE meta SET value = '9' WHERE key = 'dim'", (), "not 9 float32 values"),
         ("UPDATE nodes SET metadata = '{not json' WHERE id = 2", (), "invalid JSON"),
         ("PRAGMA user_version = 7", (), "schema version 7"),
     ],

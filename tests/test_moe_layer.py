@@ -514,3 +514,36 @@ def test_moe_layer_forward_is_cuda_graph_capturable(seed):
         graph.replay()
         torch.cuda.synchronize()
     torch.testing.assert_close(out, want)
+
+
+def test_moe_layer_mask_routes_padding_nowhere_and_passes_seq_len(seed):
+    from moe_framework.supervisor import Supervisor, load_balancing_loss
+
+    d, E, k, B, S = 16, 4, 2, 3, 5
+    sup = Supervisor(
+        d, E, k, load_balance_coef=1.0, load_balance_scope="sequence", track_stats=True
+    )
+    layer = MoELayer(d, 24, E, k, supervisor=sup)
+    x = torch.randn(B, S, d)
+    mask = torch.rand(B, S) > 0.3
+    mask[:, 0] = True  # every sequence has a real token
+    y, info = layer(x, mask)
+    flat = mask.reshape(-1)
+    # padding tokens: no slot, zero weight, zero routed output
+    assert (info.ids[~flat] == -1).all() and (info.weights[~flat] == 0).all()
+    assert (y.reshape(-1, d)[~flat] == 0).all()
+    assert int(info.counts.sum()) == int(flat.sum()) * k
+    # the aux loss is the per-sequence loss over real tokens only
+    probs = torch.softmax(sup.router_logits(x.reshape(-1, d)).float(), -1)
+    expected = load_balancing_loss(probs, info.ids, mask=flat, seq_len=S)
+    torch.testing.assert_close(info.aux_loss, expected.to(info.aux_loss.dtype))
+    stats = layer.routing_stats()
+    assert sum(stats["tokens_per_expert"]) == int(flat.sum()) * k
+    layer.reset_stats()
+    assert sum(layer.routing_stats()["tokens_per_expert"]) == 0
+
+
+def test_moe_layer_rejects_a_mask_of_the_wrong_shape():
+    layer = MoELayer(8, 16, 4, 2)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        layer(torch.randn(2, 3, 8), torch.ones(3, 2, dtype=torch.bool))

@@ -233,6 +233,42 @@ def test_route_is_bitwise_identical_for_any_thread_count(seed):
         assert torch.equal(a, b)
 
 
+_ISA_SCRIPT = """
+import sys, torch, moe_framework
+from moe_framework.ops import route
+g = torch.Generator().manual_seed(int(sys.argv[1]))
+out = []
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for E, k, kw in ((8, 2, {}), (64, 8, dict(scoring="sigmoid", n_group=8, topk_group=4)),
+                     (256, 8, dict(renormalize=False)), (300, 5, dict(scoring="sigmoid"))):
+        x = (torch.randn(101, E, generator=g) * 3).to(dtype)
+        b = torch.randn(E, generator=g) * 0.1
+        out += list(route(x, k, correction_bias=b, **kw)) + list(route(x, k, **kw))
+sys.stdout.buffer.write(b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in out))
+"""
+
+
+def test_route_cpu_avx2_and_baseline_builds_give_identical_bits(seed):
+    import os
+    import subprocess
+    import sys
+
+    import moe_framework
+
+    def run(extra_env):
+        env = dict(os.environ, OMP_NUM_THREADS="1", **extra_env)
+        return subprocess.run(
+            [sys.executable, "-c", _ISA_SCRIPT, str(seed)],
+            env=env,
+            check=True,
+            capture_output=True,
+            cwd=os.path.dirname(os.path.dirname(moe_framework.__file__)),
+        ).stdout
+
+    baseline = run({"MOE_FRAMEWORK_CPU_BASELINE": "1"})
+    assert len(baseline) > 0 and baseline == run({})
+
+
 # ------------------------------------------------------------------ ties and non-finite rows
 
 

@@ -281,9 +281,11 @@ def test_kg_search_ties_across_bank_blocks_pick_lowest_ids(seed):
     bank = torch.randn(5000, d)
     copies = torch.randperm(5000)[:900]
     bank[copies] = x * (2.0 ** torch.randint(-3, 4, (900, 1)).float())
-    scores, ids = kg_search(x[None], bank, 50, 5000)
-    assert ids[0].tolist() == copies.sort().values[:50].tolist()
-    assert torch.all(scores == 1.0)
+    for q in (1, 6):  # the fused few-query pass and the blocked GEMM
+        scores, ids = kg_search(x.expand(q, d), bank, 50, 5000)
+        for r in range(q):
+            assert ids[r].tolist() == copies.sort().values[:50].tolist()
+        assert torch.all(scores == 1.0)
 
 
 def test_kg_search_accepts_int_and_tensor_n_valid_and_non_contiguous_inputs(seed):

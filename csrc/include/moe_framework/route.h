@@ -56,6 +56,25 @@ MOE_HD bool is_nan(T v) {
   return v != v;
 }
 
+// a > b and a < b without raising FP exceptions on NaN. The host versions (std::isgreater) let
+// GCC turn the selects of exp_acc into vector blends under its default -ftrapping-math.
+template <typename T>
+MOE_HD bool quiet_greater(T a, T b) {
+#if defined(__CUDA_ARCH__)
+  return a > b;
+#else
+  return std::isgreater(a, b);
+#endif
+}
+template <typename T>
+MOE_HD bool quiet_less(T a, T b) {
+#if defined(__CUDA_ARCH__)
+  return a < b;
+#else
+  return std::isless(a, b);
+#endif
+}
+
 MOE_HD float float_from_bits(int32_t bits) {
 #if defined(__CUDA_ARCH__)
   return __int_as_float(bits);
@@ -75,8 +94,8 @@ MOE_HD float float_from_bits(int32_t bits) {
 MOE_HD float exp_acc(float x) {
   constexpr float kHi = 88.3762626647949f;   // above: +inf
   constexpr float kLo = -87.3365447505531f;  // below: 0 (log of FLT_MIN)
-  float xc = x > kHi ? kHi : x;
-  xc = xc < kLo ? kLo : xc;  // NaN passes both comparisons unchanged
+  float xc = quiet_greater(x, kHi) ? kHi : x;
+  xc = quiet_less(xc, kLo) ? kLo : xc;  // NaN passes both comparisons unchanged
   // Round to nearest integer by the 1.5 * 2^23 trick (no rint call, vectorises).
   float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   n = is_nan(n) ? 0.0f : n;  // keeps the int conversion below defined
@@ -91,8 +110,8 @@ MOE_HD float exp_acc(float x) {
   const float er = (p * r * r + r) + 1.0f;
   const float scale = float_from_bits((static_cast<int32_t>(n) + 127) << 23);
   float y = er * scale;
-  y = x < kLo ? 0.0f : y;
-  y = x > kHi ? pos_inf<float>() : y;
+  y = quiet_less(x, kLo) ? 0.0f : y;
+  y = quiet_greater(x, kHi) ? pos_inf<float>() : y;
   return y;
 }
 
@@ -161,6 +180,25 @@ MOE_HD void topk_push(T* keys, int32_t* ids, int k, int& n, T key, int32_t id) {
   ++n;
 }
 
+// Insert (key, id) (key already through rank_key) into the best-first list of n <= k entries, in
+// any arrival order: the list stays sorted by ranks_before.
+template <typename T>
+MOE_HD void topk_insert(T* keys, int32_t* ids, int k, int& n, T key, int32_t id) {
+  if (n == k) {
+    if (!ranks_before(key, int64_t(id), keys[k - 1], int64_t(ids[k - 1]))) return;
+    --n;
+  }
+  int pos = n;
+  while (pos > 0 && ranks_before(key, int64_t(id), keys[pos - 1], int64_t(ids[pos - 1]))) {
+    keys[pos] = keys[pos - 1];
+    ids[pos] = ids[pos - 1];
+    --pos;
+  }
+  keys[pos] = key;
+  ids[pos] = id;
+  ++n;
+}
+
 // Running best two keys (first >= second) of a group; start both at -inf.
 template <typename T>
 MOE_HD void top2_push(T& first, T& second, T key) {
@@ -181,10 +219,44 @@ MOE_HD T group_score(T first, T second, int64_t group_size) {
 }
 
 // ---- weights ----
+//
+// weight_j = numerator(x_j) * factor(sum of the k numerators). The CPU kernel sums the k terms in
+// j order, the CUDA kernel across the lanes of a warp; both call these element formulas.
 
-// The k weights of a row from its selected logits x_sel (selection order). row_max / row_inv_sum
-// (max and 1 / sum of exp(x - max) over the whole row) are read only by softmax without
-// renormalisation. row_has_nan makes every weight NaN.
+// softmax + renormalize: exp(x - max of the selected logits) (the row's denominator cancels);
+// softmax: exp(x - row max); sigmoid: sigmoid(x).
+template <typename T>
+MOE_HD T weight_numerator(T x, int scoring, bool renormalize, T row_max, T selected_max) {
+  if (scoring == kSoftmax) return softmax_numerator(x, renormalize ? selected_max : row_max);
+  return sigmoid(x);
+}
+
+// row_inv_sum = 1 / sum over the whole row of exp(x - row max), read by softmax without
+// renormalisation only.
+template <typename T>
+MOE_HD T weight_factor(T numerator_sum, int scoring, bool renormalize, T scale, T row_inv_sum) {
+  if (scoring == kSoftmax) return (renormalize ? safe_inverse(numerator_sum) : row_inv_sum) * scale;
+  return renormalize ? scale / (numerator_sum + T(kSigmoidRenormEps)) : scale;
+}
+
+// Gradient of the loss with respect to a selected logit, for the scorings whose gradient is zero
+// outside the selection (sigmoid; softmax with renormalisation). num = weight_numerator(x),
+// numerator_sum = sum of the k numerators, dot = sum_j g_j * num_j, g = gradient of this weight.
+template <typename T>
+MOE_HD T selected_logit_grad(T num, T g, T numerator_sum, T dot, int scoring, bool renormalize,
+                             T scale) {
+  if (scoring == kSoftmax) {  // w = scale * q, q = num / sum: dq_i/dx_j = q_i (delta_ij - q_j)
+    const T inv = safe_inverse(numerator_sum);
+    return scale * num * inv * (g - dot * inv);
+  }
+  // sigmoid: w_j = scale * s_j / D, D = sum s + eps with renormalize (else 1); ds/dx = s (1 - s)
+  const T denom = renormalize ? numerator_sum + T(kSigmoidRenormEps) : T(1);
+  const T gs = renormalize ? scale * (g - dot / denom) / denom : scale * g;
+  return gs * num * (T(1) - num);
+}
+
+// The k weights of a row from its selected logits x_sel (CPU: sums in j order). row_has_nan
+// makes every weight NaN.
 template <typename T>
 MOE_HD void selected_weights(const T* x_sel, int k, int scoring, bool renormalize, T scale,
                              T row_max, T row_inv_sum, bool row_has_nan, T* w) {
@@ -192,33 +264,18 @@ MOE_HD void selected_weights(const T* x_sel, int k, int scoring, bool renormaliz
     for (int j = 0; j < k; ++j) w[j] = std::numeric_limits<T>::quiet_NaN();
     return;
   }
-  if (scoring == kSoftmax) {
-    if (renormalize) {
-      T m = -pos_inf<T>();
-      for (int j = 0; j < k; ++j) m = x_sel[j] > m ? x_sel[j] : m;
-      T sum = T(0);
-      for (int j = 0; j < k; ++j) {
-        w[j] = softmax_numerator(x_sel[j], m);
-        sum += w[j];
-      }
-      const T inv = safe_inverse(sum) * scale;
-      for (int j = 0; j < k; ++j) w[j] *= inv;
-    } else {
-      for (int j = 0; j < k; ++j) w[j] = softmax_numerator(x_sel[j], row_max) * row_inv_sum * scale;
-    }
-    return;
-  }
+  T selected_max = -pos_inf<T>();
+  for (int j = 0; j < k; ++j) selected_max = x_sel[j] > selected_max ? x_sel[j] : selected_max;
   T sum = T(0);
   for (int j = 0; j < k; ++j) {
-    w[j] = sigmoid(x_sel[j]);
+    w[j] = weight_numerator(x_sel[j], scoring, renormalize, row_max, selected_max);
     sum += w[j];
   }
-  const T factor = renormalize ? scale / (sum + T(kSigmoidRenormEps)) : scale;
+  const T factor = weight_factor(sum, scoring, renormalize, scale, row_inv_sum);
   for (int j = 0; j < k; ++j) w[j] *= factor;
 }
 
-// Backward of selected_weights with respect to the selected logits, for the scorings whose
-// gradient is zero outside the selection (sigmoid, and softmax with renormalisation): g [k] is the
+// Backward of selected_weights for the sparse cases (see selected_logit_grad): g [k] is the
 // gradient of the weights, gx [k] receives the gradient of x_sel. A NaN row gets NaN gradients.
 template <typename T>
 MOE_HD void selected_weights_backward(const T* x_sel, const T* g, int k, int scoring,
@@ -227,32 +284,16 @@ MOE_HD void selected_weights_backward(const T* x_sel, const T* g, int k, int sco
     for (int j = 0; j < k; ++j) gx[j] = std::numeric_limits<T>::quiet_NaN();
     return;
   }
-  if (scoring == kSoftmax) {  // renormalize: w = scale * q, q = softmax over the selection
-    T m = -pos_inf<T>();
-    for (int j = 0; j < k; ++j) m = x_sel[j] > m ? x_sel[j] : m;
-    T sum = T(0);
-    for (int j = 0; j < k; ++j) {
-      gx[j] = softmax_numerator(x_sel[j], m);  // holds the numerators until the end
-      sum += gx[j];
-    }
-    const T inv = safe_inverse(sum);
-    T dot = T(0);
-    for (int j = 0; j < k; ++j) dot += g[j] * gx[j] * inv;
-    for (int j = 0; j < k; ++j) gx[j] = scale * gx[j] * inv * (g[j] - dot);
-    return;
-  }
-  // sigmoid: w_j = scale * s_j / D (D = sum s + eps with renormalize, else 1)
+  T selected_max = -pos_inf<T>();
+  for (int j = 0; j < k; ++j) selected_max = x_sel[j] > selected_max ? x_sel[j] : selected_max;
   T sum = T(0), dot = T(0);
   for (int j = 0; j < k; ++j) {
-    const T s = sigmoid(x_sel[j]);
-    sum += s;
-    dot += g[j] * s;
+    gx[j] = weight_numerator(x_sel[j], scoring, renormalize, T(0), selected_max);
+    sum += gx[j];
+    dot += g[j] * gx[j];
   }
-  const T denom = renormalize ? sum + T(kSigmoidRenormEps) : T(1);
   for (int j = 0; j < k; ++j) {
-    const T s = sigmoid(x_sel[j]);
-    const T gs = renormalize ? scale * (g[j] - dot / denom) / denom : scale * g[j];
-    gx[j] = gs * s * (T(1) - s);
+    gx[j] = selected_logit_grad(gx[j], g[j], sum, dot, scoring, renormalize, scale);
   }
 }
 
@@ -296,21 +337,21 @@ inline void check_route_inputs(const at::Tensor& logits, int64_t k,
               ": num_experts (logits.shape[1]) must fit in int32, got ", E);
   TORCH_CHECK(k >= 1 && k <= E, op, ": k must be in [1, num_experts=", E, "], got ", k);
   TORCH_CHECK(n_group >= 1, op, ": n_group must be >= 1, got ", n_group);
-  TORCH_CHECK(E % n_group == 0, op, ": n_group must divide num_experts=", E, ", got n_group=",
-              n_group);
-  TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, op, ": topk_group must be in [1, n_group=",
-              n_group, "], got ", topk_group);
+  TORCH_CHECK(E % n_group == 0, op, ": n_group must divide num_experts=", E,
+              ", got n_group=", n_group);
+  TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, op,
+              ": topk_group must be in [1, n_group=", n_group, "], got ", topk_group);
   TORCH_CHECK(k <= topk_group * (E / n_group), op, ": k must be <= topk_group * (num_experts / ",
-              "n_group) = ", topk_group * (E / n_group), " (the experts of the chosen groups), got ",
-              k);
+              "n_group) = ", topk_group * (E / n_group),
+              " (the experts of the chosen groups), got ", k);
   TORCH_CHECK(std::isfinite(scaling_factor), op, ": scaling_factor must be finite, got ",
               scaling_factor);
   if (correction_bias.has_value()) {
     const at::Tensor& b = *correction_bias;
     check_tensor(b, op, "correction_bias", 1, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
     check_same_device(b, logits, op, "correction_bias", "logits");
-    TORCH_CHECK(b.size(0) == E, op, ": correction_bias must have num_experts=", E,
-                " entries, got ", b.size(0));
+    TORCH_CHECK(b.size(0) == E, op, ": correction_bias must have num_experts=", E, " entries, got ",
+                b.size(0));
   }
 }
 
