@@ -126,7 +126,13 @@ class HFMoEBlock(MoELayer):
         # Not a child module (its children are ours already): lets restore_moe_blocks undo the swap.
         object.__setattr__(self, "_hf_block", block)
 
-    def _route(self, x2: torch.Tensor) -> RoutingDecision:
+    def _route(
+        self, x2: torch.Tensor, mask: Optional[torch.Tensor] = None, seq_len: Optional[int] = None
+    ) -> RoutingDecision:
+        if mask is not None:
+            raise ValueError(
+                "HFMoEBlock: Hugging Face MoE blocks route every token; mask must be None"
+            )
         # The model's own router: HF's exact routing, and its output-capturing hooks still fire.
         logits, weights, ids = self.gate(x2)
         flat = ids.reshape(-1)
