@@ -254,16 +254,28 @@ class ExpertBank(nn.Module):
                     b.zero_()
 
     def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """x_sorted ``[M, d]`` (expert-sorted), offsets ``[E+1]`` int64 -> ``[M, d]``."""
+        """x_sorted ``[M, d]`` (expert-sorted), offsets ``[E+1]`` int64 -> ``[M, d]``.
+
+        Under ``torch.autocast`` the grouped GEMMs run in the autocast dtype, as ``nn.Linear``
+        would: inputs and weights are cast (differentiably, so the float32 parameters get float32
+        gradients). Our ops have no autocast rule of their own because the autocast dtype on CUDA
+        may be float16 or bfloat16."""
+        w_in, w_out, b_in, b_out = self.weight_in, self.w_out, self.bias_in, self.b_out
+        device_type = x_sorted.device.type
+        if torch.is_autocast_enabled(device_type):
+            dt = torch.get_autocast_dtype(device_type)
+            x_sorted, w_in, w_out = x_sorted.to(dt), w_in.to(dt), w_out.to(dt)
+            b_in = None if b_in is None else b_in.to(dt)
+            b_out = None if b_out is None else b_out.to(dt)
         return expert_ffn(
             x_sorted,
             offsets,
-            self.weight_in,
-            self.w_out,
+            w_in,
+            w_out,
             activation=self.activation,
             layout=self.layout,
-            b_in=self.bias_in,
-            b_out=self.b_out,
+            b_in=b_in,
+            b_out=b_out,
         )
 
     def extra_repr(self) -> str:

@@ -72,15 +72,8 @@ class _Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor):
-        h = self.norm(x)
-        if torch.is_autocast_enabled(h.device.type):
-            # Our custom ops have no autocast rule (they require matching dtypes and would see
-            # low-precision activations with float32 expert weights): under AMP the MoE layer
-            # runs as a float32 island; the embedding, norms and head still use autocast.
-            with torch.autocast(h.device.type, enabled=False):
-                y, info = self.moe(h.float())
-        else:
-            y, info = self.moe(h)
+        # under AMP the experts' grouped GEMMs run in the autocast dtype (see ExpertBank.forward)
+        y, info = self.moe(self.norm(x))
         return x + self.dropout(y), info
 
 

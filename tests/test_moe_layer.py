@@ -547,3 +547,17 @@ def test_moe_layer_rejects_a_mask_of_the_wrong_shape():
     layer = MoELayer(8, 16, 4, 2)
     with pytest.raises(ValueError, match="mask must have shape"):
         layer(torch.randn(2, 3, 8), torch.ones(3, 2, dtype=torch.bool))
+
+
+def test_moe_layer_runs_under_cpu_autocast_with_bf16_matmuls_and_fp32_grads(seed):
+    layer = MoELayer(32, 48, 4, 2, num_shared_experts=1)
+    x = torch.randn(2, 7, 32)
+    ref, _ = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, info = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=5e-2)
+    y.float().square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name
