@@ -19,6 +19,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "moe_framework/cpu_isa.h"
+
 namespace moe_framework {
 namespace {
 
@@ -170,25 +172,6 @@ void check_rows_permutation(const char* op, const int64_t* rows, int64_t n) {
 // for the baseline and once with target("avx2,f16c"), and picked at run time. FMA is deliberately
 // not enabled: without it both builds round every product and sum the same way, so results are
 // bitwise identical whichever build runs.
-
-#define MOE_ALWAYS_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MOE_CPU_AVX2_CLONE 1
-#define MOE_TARGET_AVX2 __attribute__((target("avx2,f16c")))
-#else
-#define MOE_CPU_AVX2_CLONE 0
-#endif
-
-bool use_avx2() {
-#if MOE_CPU_AVX2_CLONE
-  // MOE_FRAMEWORK_CPU_BASELINE=1 forces the baseline build (the tests compare both builds).
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
-                          std::getenv("MOE_FRAMEWORK_CPU_BASELINE") == nullptr;
-  return has;
-#else
-  return false;
-#endif
-}
 
 template <typename scalar_t>
 MOE_ALWAYS_INLINE acc_t<scalar_t> load_acc(scalar_t v) {

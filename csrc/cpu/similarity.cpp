@@ -31,6 +31,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "moe_framework/cpu_isa.h"
+
 namespace moe_framework {
 namespace {
 
@@ -176,24 +178,6 @@ void scores_gemm(const acc_t* qn, int64_t nq, const acc_t* b, int64_t nb, int64_
 
 constexpr int64_t kFusedMaxQueries = 4;
 
-#define MOE_SIM_ALWAYS_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MOE_SIM_AVX2_CLONE 1
-#define MOE_SIM_TARGET_AVX2 __attribute__((target("avx2")))
-#else
-#define MOE_SIM_AVX2_CLONE 0
-#endif
-
-bool use_avx2() {
-#if MOE_SIM_AVX2_CLONE
-  static const bool has =
-      __builtin_cpu_supports("avx2") && std::getenv("MOE_FRAMEWORK_CPU_BASELINE") == nullptr;
-  return has;
-#else
-  return false;
-#endif
-}
-
 // 32 bytes of T as one GCC vector: 8 floats or 4 doubles; two AVX or four SSE registers' work.
 template <typename T>
 struct Vec32;
@@ -211,12 +195,12 @@ struct Vec32<double> {
 // Vectors pass by reference: returning or passing them by value would change the ABI between the
 // baseline and AVX2 builds (-Wpsabi).
 template <typename V>
-MOE_SIM_ALWAYS_INLINE void load_vec(V& v, const void* p) {
+MOE_ALWAYS_INLINE void load_vec(V& v, const void* p) {
   std::memcpy(&v, p, sizeof(V));
 }
 
 template <typename T, typename V>
-MOE_SIM_ALWAYS_INLINE T lane_sum(const V& v) {
+MOE_ALWAYS_INLINE T lane_sum(const V& v) {
   T out = T(0);
   for (int l = 0; l < static_cast<int>(sizeof(V) / sizeof(T)); ++l) out += v[l];
   return out;
@@ -225,9 +209,9 @@ MOE_SIM_ALWAYS_INLINE T lane_sum(const V& v) {
 // Rows [c0, c1) of bank against kQ normalised queries: heaps of query i at (hs + i*k, hi + i*k,
 // sizes[i]). Returns the first row without a direction, or -1.
 template <int kQ, typename T>
-MOE_SIM_ALWAYS_INLINE int64_t fused_rows_impl(const T* qn, const T* bank, int64_t stride,
-                                              int64_t c0, int64_t c1, int64_t d, int64_t k, T* hs,
-                                              int64_t* hi, int64_t* sizes) {
+MOE_ALWAYS_INLINE int64_t fused_rows_impl(const T* qn, const T* bank, int64_t stride, int64_t c0,
+                                          int64_t c1, int64_t d, int64_t k, T* hs, int64_t* hi,
+                                          int64_t* sizes) {
   using V = typename Vec32<T>::type;
   constexpr int W = Vec32<T>::lanes;
   T floor_score[kQ];
@@ -297,11 +281,11 @@ int64_t fused_rows_baseline(const T* qn, const T* bank, int64_t stride, int64_t 
   return fused_rows_impl<kQ, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes);
 }
 
-#if MOE_SIM_AVX2_CLONE
+#if MOE_CPU_AVX2_CLONE
 template <int kQ, typename T>
-MOE_SIM_TARGET_AVX2 int64_t fused_rows_avx2(const T* qn, const T* bank, int64_t stride, int64_t c0,
-                                            int64_t c1, int64_t d, int64_t k, T* hs, int64_t* hi,
-                                            int64_t* sizes) {
+MOE_TARGET_AVX2 int64_t fused_rows_avx2(const T* qn, const T* bank, int64_t stride, int64_t c0,
+                                        int64_t c1, int64_t d, int64_t k, T* hs, int64_t* hi,
+                                        int64_t* sizes) {
   return fused_rows_impl<kQ, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes);
 }
 #endif
@@ -310,7 +294,7 @@ MOE_SIM_TARGET_AVX2 int64_t fused_rows_avx2(const T* qn, const T* bank, int64_t 
 template <typename T>
 int64_t fused_rows(const T* qn, int64_t nq, const T* bank, int64_t stride, int64_t c0, int64_t c1,
                    int64_t d, int64_t k, T* hs, int64_t* hi, int64_t* sizes) {
-#if MOE_SIM_AVX2_CLONE
+#if MOE_CPU_AVX2_CLONE
   const bool avx2 = use_avx2();
 #define MOE_SIM_FUSED(Q)                                                             \
   return avx2 ? fused_rows_avx2<Q, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes) \
