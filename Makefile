@@ -33,10 +33,11 @@ test: install
 	cd tests && ../$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS) .
 
 demo: install
-	$(PY) -m moe_framework demo $(DEMO_ARGS)
+	@# run outside the source tree so the installed package (with its compiled extension) is used
+	cd / && $(abspath $(PY)) -m moe_framework demo --out $(CURDIR)/outputs/demo $(DEMO_ARGS)
 
 bench: install
-	$(PY) -m moe_framework bench $(BENCH_ARGS)
+	cd / && $(abspath $(PY)) -m moe_framework bench --dir $(CURDIR)/benchmarks $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check moe_framework tests benchmarks examples
