@@ -512,20 +512,7 @@ sys.stdout.buffer.write(b"".join(t.contiguous().view(torch.uint8).numpy().tobyte
 
 
 def test_cpu_avx2_and_baseline_builds_give_identical_bits(seed):
-    import os
-    import subprocess
-    import sys
+    from isa_builds import outputs_of_both_builds
 
-    def run(extra_env):
-        env = dict(os.environ, OMP_NUM_THREADS="1", **extra_env)
-        return subprocess.run(
-            [sys.executable, "-c", _ISA_SCRIPT, str(seed)],
-            env=env,
-            check=True,
-            capture_output=True,
-            cwd=os.path.dirname(os.path.dirname(moe_framework.__file__)),
-        ).stdout
-
-    baseline = run({"MOE_FRAMEWORK_CPU_BASELINE": "1"})
-    default = run({})
+    baseline, default = outputs_of_both_builds(_ISA_SCRIPT, str(seed))
     assert len(baseline) > 0 and baseline == default
