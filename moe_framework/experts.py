@@ -73,10 +73,7 @@ def _row_bias(bias: torch.Tensor, rows_expert: torch.Tensor) -> torch.Tensor:
 
 
 def _silu_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``grad * d silu(x) / dx``: aten's fused kernel, or (when a graph of the backward is being
-    built, i.e. double backward) the same formula in differentiable ops."""
-    if not torch.is_grad_enabled():
-        return torch.ops.aten.silu_backward(grad, x)
+    """``grad * d silu(x) / dx`` in differentiable ops (aten's silu_backward has no derivative)."""
     s = torch.sigmoid(x)
     return grad * s * (1 + x * (1 - s))
 
@@ -97,11 +94,28 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (h,) = ctx.saved_tensors
-        half = h.shape[-1] // 2
-        gate, up = h[..., :half], h[..., half:]
-        grad_gate = _silu_grad(grad * up, gate)
-        grad_up = F.silu(gate).mul_(grad)
-        return torch.cat([grad_gate, grad_up], -1)
+        return _swiglu_backward(grad, h, grad_is_scratch=False)
+
+
+def _swiglu_backward(grad: torch.Tensor, h: torch.Tensor, grad_is_scratch: bool) -> torch.Tensor:
+    """Gradient of ``silu(h[..., :H]) * h[..., H:]`` with respect to ``h`` for the incoming
+    ``grad [..., H]``.
+
+    Writes both halves of one ``[..., 2H]`` buffer (the up half in place, the gate half from one
+    ``[..., H]`` temporary) instead of concatenating two fresh halves, so the backward's peak holds
+    one ``[..., H]`` temporary fewer. ``grad_is_scratch``: ``grad`` may be overwritten. When a graph
+    of the backward is being built (double backward) the same math runs in differentiable ops.
+    """
+    half = h.shape[-1] // 2
+    gate, up = h[..., :half], h[..., half:]
+    if torch.is_grad_enabled():
+        return torch.cat([_silu_grad(grad * up, gate), F.silu(gate) * grad], -1)
+    grad_h = torch.empty_like(h)
+    grad_up = grad_h[..., half:]
+    F.silu(grad_up.copy_(gate), inplace=True).mul_(grad)
+    grad_times_up = grad.mul_(up) if grad_is_scratch else grad * up
+    grad_h[..., :half].copy_(torch.ops.aten.silu_backward(grad_times_up, gate))
+    return grad_h
 
 
 class _SwiGLUDown(torch.autograd.Function):
@@ -127,35 +141,16 @@ class _SwiGLUDown(torch.autograd.Function):
     def backward(ctx, grad_y):
         h, w_out, offsets = ctx.saved_tensors
         half = h.shape[-1] // 2
-        gate, up = h[..., :half], h[..., half:]
         gg = torch.ops.moe_framework.grouped_gemm
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if torch.is_grad_enabled():
-            # Double backward: the same math in differentiable ops.
-            silu_gate = F.silu(gate)
-            grad_w = grad_h = None
-            if need_w:
-                grad_w = torch.ops.moe_framework.grouped_gemm_wgrad(
-                    silu_gate * up, grad_y, offsets, ctx.trans_b
-                )
-            if need_h:
-                grad_act = gg(grad_y, w_out, offsets, not ctx.trans_b)
-                grad_gate = _silu_grad(grad_act * up, gate)
-                grad_h = torch.cat([grad_gate, silu_gate * grad_act], -1)
-            return grad_h, grad_w, None, None
-        # One SiLU pass, reused for the recomputed activation and (in place) for the gradient of
-        # `up`.
-        silu_gate = F.silu(gate)
-        grad_w = grad_h = None
-        if need_w:
-            act = silu_gate * up
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[1]:
+            # The recomputed SwiGLU output lives only for the weight-gradient GEMM.
+            act = F.silu(h[..., :half]) * h[..., half:]
             grad_w = torch.ops.moe_framework.grouped_gemm_wgrad(act, grad_y, offsets, ctx.trans_b)
             del act
-        if need_h:
+        if ctx.needs_input_grad[0]:
             grad_act = gg(grad_y, w_out, offsets, not ctx.trans_b)
-            grad_up = silu_gate.mul_(grad_act)
-            grad_gate = torch.ops.aten.silu_backward(grad_act.mul_(up), gate)
-            grad_h = torch.cat([grad_gate, grad_up], -1)
+            grad_h = _swiglu_backward(grad_act, h, grad_is_scratch=True)
         return grad_h, grad_w, None, None
 
 
