@@ -7,12 +7,14 @@
 //    at run time (gemm_isa(): AVX-512 8x48, AVX2+FMA 4x24, or a scalar loop).
 // Which groups are "large" (is_large): fp64 (gradcheck) always; fp16 never (torch's CPU fp16 GEMM
 // is orders of magnitude slower); fp32 from 128 rows with AVX2, and with AVX-512 never except for
-// b^T (da) from 32 rows, where our dot-product kernel loses to the BLAS; bf16 from 8 rows on CPUs
-// with AVX512-BF16 (torch's bf16 GEMM uses bf16 dot products), 32 otherwise.
-// bf16/fp16 accumulate in fp32: the activations are converted once, weight panels are converted
-// while packing. Every output element is a sum over K (or over the rows of an expert, for wgrad)
-// in a fixed order, independent of the thread count: results are bitwise reproducible for a given
-// build and CPU (the AVX-512, AVX2 and scalar kernels differ in rounding: FMA, summation order).
+// b^T (da) from 32 rows, where our dot-product kernel loses to the BLAS; bf16 on CPUs with
+// AVX512-BF16 from 128 rows (32 for b^T) in the forward, where our vdpbf16ps kernels run below
+// that, and from 8 rows in the weight gradient; bf16 without AVX512-BF16 from 32 rows.
+// bf16/fp16 accumulate in fp32: the fp32 kernels convert the activations once and the weight
+// panels while packing; the vdpbf16ps kernels multiply bf16 pairs directly. Every output element is
+// a sum over K (or over the rows of an expert, for wgrad) in a fixed order, independent of the
+// thread count: results are bitwise reproducible for a given build and CPU (the AVX-512, AVX2 and
+// scalar kernels differ in rounding: FMA, summation order).
 #include "moe_framework/grouped_gemm.h"
 
 #include <ATen/Dispatch.h>
@@ -50,13 +52,17 @@ namespace {
 using grouped_gemm::acc_t;
 using grouped_gemm::ceil_div;
 
-// Groups with at least this many rows go to torch's BLAS; below it, per-call overhead and thin
+// fp32 (AVX2 build) and bf16 (no AVX512-BF16): groups with at least this many rows go to
+// torch's BLAS; below it, per-call overhead and thin
 // GEMM shapes make the tiled kernel faster (measured: benchmarks/bench_grouped_gemm.py). bf16
 // switches earlier: on CPUs with AVX512-BF16, torch's bf16 GEMM uses bf16 dot-product
 // instructions that our fp32-converting kernel cannot match beyond a handful of rows (measured:
 // 0.5-0.8x at 8-16 rows); without them it falls back to conversions like ours.
 constexpr int64_t kLargeRows = 128;
 constexpr int64_t kLargeRowsTransB512 = 32;
+// bf16 with the vdpbf16ps kernels (AVX512-BF16 CPUs): a @ b[e], and b[e]^T (see is_large).
+constexpr int64_t kLargeRowsBf16 = 128;
+constexpr int64_t kLargeRowsBf16TransB = 32;
 int64_t large_rows_bf16() {
 #if MOE_GG_X86
   static const int64_t rows = __builtin_cpu_supports("avx512bf16") ? 8 : 32;
@@ -644,6 +650,209 @@ bool dot_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
   return false;
 }
 
+// ---------------------------------------------------------------------------------------------
+// bf16 kernels for CPUs with AVX512-BF16: vdpbf16ps multiplies pairs of bf16 (adjacent k) and
+// adds both products to an fp32 lane, so neither operand is converted to fp32 and twice the k
+// values go through each instruction. A keeps its bf16 rows (k pairs are adjacent); B is packed
+// per k block into a panel of pair rows: panel[q][j] = {B(2q, j), B(2q+1, j)} (32 bits), zero
+// past k. b^T (da) needs no packing: a row of b is already a run of k pairs.
+#if MOE_GG_X86
+using bf16_t = uint16_t;
+
+MOE_TARGET_AVX512_BF16 inline __m512bh as_bh(__m512i v) {
+  return reinterpret_cast<__m512bh>(v);
+}
+
+MOE_TARGET_AVX512_BF16 inline __m512i bcast_pair(const bf16_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm512_set1_epi32(v);
+}
+
+// Pack B[k0:k0+kc, 0:n] (bf16, unit column stride, row stride sk) into pair rows (row stride ldp
+// 32-bit words): ceil(kc / 2) rows; the odd row past kc is zero.
+MOE_TARGET_AVX512_BF16 void pack_b_pairs(const bf16_t* b, int64_t sk, int64_t k0, int64_t kc,
+                                         int64_t n, uint32_t* panel, int64_t ldp) {
+  for (int64_t q = 0; 2 * q < kc; ++q) {
+    const bf16_t* r0 = b + (k0 + 2 * q) * sk;
+    const bf16_t* r1 = 2 * q + 1 < kc ? r0 + sk : nullptr;
+    uint32_t* dst = panel + q * ldp;
+    int64_t j = 0;
+    if (r1 != nullptr) {
+      // 32 columns of both rows: two 2-source word permutes interleave them into 32 pairs.
+      const __m512i lo_idx =
+          _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
+                           6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+      const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+      for (; j + 32 <= n; j += 32) {
+        const __m512i x0 = _mm512_loadu_si512(r0 + j);
+        const __m512i x1 = _mm512_loadu_si512(r1 + j);
+        _mm512_storeu_si512(dst + j, _mm512_permutex2var_epi16(x0, lo_idx, x1));
+        _mm512_storeu_si512(dst + j + 16, _mm512_permutex2var_epi16(x0, hi_idx, x1));
+      }
+    }
+    for (; j < n; j += 16) {
+      const __mmask16 km = strip_mask(n - j);
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(km, r0 + j));
+      const __m512i hi = r1 != nullptr ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(km, r1 + j))
+                                       : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(dst + j, km, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+// C[mr x nr] (+)= A[mr x 2kq] B[2kq x nr]: A rows of bf16 (row stride lda, pairs at 2q), B a pair
+// panel. mr <= 8, nr <= 48; same register tile as micro_avx512.
+template <int MR>
+MOE_TARGET_AVX512_BF16 void micro_bf16(int64_t kq, const bf16_t* a, int64_t lda, const uint32_t* b,
+                                       int64_t ldb, float* c, int64_t ldc, int64_t nr,
+                                       bool accumulate) {
+  __m512 acc[MR][3];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    acc[i][0] = _mm512_setzero_ps();
+    acc[i][1] = acc[i][0];
+    acc[i][2] = acc[i][0];
+  }
+  const __mmask16 k0 = strip_mask(nr), k1 = strip_mask(nr - 16), k2 = strip_mask(nr - 32);
+  for (int64_t q = 0; q < kq; ++q, b += ldb) {
+    const __m512bh b0 = as_bh(_mm512_maskz_loadu_epi32(k0, b));
+    const __m512bh b1 = as_bh(_mm512_maskz_loadu_epi32(k1, b + 16));
+    const __m512bh b2 = as_bh(_mm512_maskz_loadu_epi32(k2, b + 32));
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh av = as_bh(bcast_pair(a + i * lda + 2 * q));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
+      acc[i][2] = _mm512_dpbf16_ps(acc[i][2], av, b2);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    float* cp = c + i * ldc;
+    if (accumulate) {
+      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_maskz_loadu_ps(k0, cp));
+      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_maskz_loadu_ps(k1, cp + 16));
+      acc[i][2] = _mm512_add_ps(acc[i][2], _mm512_maskz_loadu_ps(k2, cp + 32));
+    }
+    _mm512_mask_storeu_ps(cp, k0, acc[i][0]);
+    _mm512_mask_storeu_ps(cp + 16, k1, acc[i][1]);
+    _mm512_mask_storeu_ps(cp + 32, k2, acc[i][2]);
+  }
+}
+
+void micro_bf16_rows(int64_t mr, int64_t kq, const bf16_t* a, int64_t lda, const uint32_t* b,
+                     int64_t ldb, float* c, int64_t ldc, int64_t nr, bool accumulate) {
+  switch (mr) {
+    case 1:
+      return micro_bf16<1>(kq, a, lda, b, ldb, c, ldc, nr, accumulate);
+    case 2:
+      return micro_bf16<2>(kq, a, lda, b, ldb, c, ldc, nr, accumulate);
+    case 3:
+      return micro_bf16<3>(kq, a, lda, b, ldb, c, ldc, nr, accumulate);
+    case 4:
+      return micro_bf16<4>(kq, a, lda, b, ldb, c, ldc, nr, accumulate);
+    case 5:
+      return micro_bf16<5>(kq, a, lda, b, ldb, c, ldc, nr, accumulate);
+    case 6:
+      return micro_bf16<6>(kq, a, lda, b, ldb, c, ldc, nr, accumulate);
+    case 7:
+      return micro_bf16<7>(kq, a, lda, b, ldb, c, ldc, nr, accumulate);
+    default:
+      return micro_bf16<8>(kq, a, lda, b, ldb, c, ldc, nr, accumulate);
+  }
+}
+
+// C[m x n] = A[m x k] B[k x n], A bf16 rows (lda even, zero at column k when k is odd), B bf16
+// with unit column stride.
+void tile_gemm_bf16(int64_t m, int64_t n, int64_t k, const bf16_t* a, int64_t lda, const bf16_t* b,
+                    int64_t sk, float* c, int64_t ldc, std::vector<uint32_t>& panel) {
+  const int64_t ldp = panel_ld(n);
+  const int64_t kqb = std::clamp<int64_t>(kPanelBytes / (4 * ldp), 8, kKC);  // pairs per block
+  panel.resize(static_cast<size_t>(kqb * ldp));
+  for (int64_t k0 = 0; k0 < k; k0 += 2 * kqb) {
+    const int64_t kc = std::min(2 * kqb, k - k0);
+    pack_b_pairs(b, sk, k0, kc, n, panel.data(), ldp);
+    for (int64_t j = 0; j < n; j += kNR512) {
+      for (int64_t i = 0; i < m; i += kMR512) {
+        micro_bf16_rows(std::min(kMR512, m - i), ceil_div(kc, 2), a + i * lda + k0, lda,
+                        panel.data() + j, ldp, c + i * ldc + j, ldc, std::min(kNR512, n - j),
+                        k0 > 0);
+      }
+    }
+  }
+}
+
+// Dot-product kernel of b^T for bf16 (see dot_8x3): 32 k values (16 pairs) per instruction.
+// A and b rows are bf16 with k even or zero-padded: lda, ldbj even, a row's element k is zero when
+// k is odd (the b side is masked to k).
+MOE_TARGET_AVX512_BF16 void dot_bf16_8x3(int64_t k, const bf16_t* a, int64_t lda, int64_t mi,
+                                         const bf16_t* b, int64_t ldbj, int64_t nj, float* c,
+                                         int64_t ldc, const bf16_t* pf) {
+  const bf16_t* ar[8];
+  for (int64_t i = 0; i < 8; ++i) ar[i] = a + std::min(i, mi - 1) * lda;
+  const bf16_t* br[3];
+  for (int64_t j = 0; j < 3; ++j) br[j] = b + std::min(j, nj - 1) * ldbj;
+  __m512 acc[8][3];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    acc[i][0] = _mm512_setzero_ps();
+    acc[i][1] = acc[i][0];
+    acc[i][2] = acc[i][0];
+  }
+  for (int64_t p = 0; p < k; p += 32) {
+    const __mmask32 km = k - p >= 32 ? ~__mmask32{0} : (__mmask32{1} << (k - p)) - 1;
+    if (pf != nullptr) {
+      __builtin_prefetch(pf + p, 0, 2);
+      __builtin_prefetch(pf + ldbj + p, 0, 2);
+      __builtin_prefetch(pf + 2 * ldbj + p, 0, 2);
+    }
+    const __m512bh b0 = as_bh(_mm512_maskz_loadu_epi16(km, br[0] + p));
+    const __m512bh b1 = as_bh(_mm512_maskz_loadu_epi16(km, br[1] + p));
+    const __m512bh b2 = as_bh(_mm512_maskz_loadu_epi16(km, br[2] + p));
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const __m512bh av = as_bh(_mm512_maskz_loadu_epi16(km, ar[i] + p));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
+      acc[i][2] = _mm512_dpbf16_ps(acc[i][2], av, b2);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    if (i < mi) {
+      float* ci = c + i * ldc;
+      ci[0] = _mm512_reduce_add_ps(acc[i][0]);
+      if (nj > 1) ci[1] = _mm512_reduce_add_ps(acc[i][1]);
+      if (nj > 2) ci[2] = _mm512_reduce_add_ps(acc[i][2]);
+    }
+  }
+}
+
+void dot_gemm_bf16(int64_t m, int64_t n, int64_t k, const bf16_t* a, int64_t lda, const bf16_t* b,
+                   int64_t ldbj, float* c, int64_t ldc) {
+  for (int64_t j = 0; j < n; j += 3) {
+    for (int64_t i = 0; i < m; i += 8) {
+      const bf16_t* pf = (i == 0 && j + 3 < n) ? b + (j + 3) * ldbj : nullptr;
+      dot_bf16_8x3(k, a + i * lda, lda, std::min<int64_t>(8, m - i), b + j * ldbj, ldbj,
+                   std::min<int64_t>(3, n - j), c + i * ldc + j, ldc, pf);
+    }
+  }
+}
+
+// fp32 tile -> bf16 output, rounding to nearest even (as c10::BFloat16 does).
+MOE_TARGET_AVX512_BF16 void store_tile_bf16(const float* src, int64_t lds, at::BFloat16* dst,
+                                            int64_t ldd, int64_t m, int64_t n) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 km = strip_mask(n - j);
+      const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(km, src + i * lds + j));
+      _mm256_mask_storeu_epi16(dst + i * ldd + j, km, reinterpret_cast<__m256i>(v));
+    }
+  }
+}
+#endif
+
 // A work tile of the small-group path: rows [r0, r1) x columns [n0, n1) of expert e's output.
 struct WorkTile {
   int64_t expert, r0, r1, n0, n1;
@@ -676,9 +885,21 @@ std::vector<int64_t> read_offsets(const char* op, const at::Tensor& offsets, int
   return v;
 }
 
-bool is_large(int64_t rows, at::ScalarType dtype, bool trans_b, bool wgrad) {
+// True when bf16 tiles of this b run the vdpbf16ps kernels (CPU support, and b has a unit
+// stride along j, or along k for b^T).
+bool bf16_dot_kernels(const at::Tensor& b, bool trans_b) {
+  if (!use_avx512_bf16()) return false;
+  return (trans_b ? b.stride(1) : b.stride(2)) == 1 || (trans_b ? b.stride(2) : b.stride(1)) == 1;
+}
+
+bool is_large(int64_t rows, at::ScalarType dtype, bool trans_b, bool wgrad, const at::Tensor& b) {
   if (dtype == at::kDouble) return true;
   if (dtype == at::kHalf) return false;
+  if (dtype == at::kBFloat16 && !wgrad && bf16_dot_kernels(b, trans_b)) {
+    // Measured against torch's bf16 GEMM (oneDNN, AVX512-BF16), 1 thread, K = 1024: a @ b[e]
+    // 1.6x at 8 rows, 1.1x at 64, 0.97x at 128; b[e]^T 2x at 8-16 rows, 0.85x at 64.
+    return rows >= (trans_b ? kLargeRowsBf16TransB : kLargeRowsBf16);
+  }
   if (dtype == at::kFloat && gemm_isa() == Isa::kAvx512) {
     // With the AVX-512 micro-kernel our tiles beat torch's fp32 BLAS at every group size for
     // a @ b[e] and for the weight gradient (measured 1.6-1.8x at 64-512 rows: the BLAS runs AVX2
@@ -753,6 +974,51 @@ std::vector<WorkTile> col_tiles(const std::vector<RowRange>& rows, int64_t n) {
 // ---------------------------------------------------------------------------------------------
 // grouped_gemm
 
+#if MOE_GG_X86
+// bf16 tiles with the vdpbf16ps kernels (B with a unit stride along j, or along k for b^T).
+void grouped_gemm_tiles_bf16(const std::vector<WorkTile>& tiles, const at::Tensor& a,
+                             const at::Tensor& b, bool trans_b, at::Tensor& out) {
+  const int64_t k = a.size(1), n = out.size(1);
+  const bf16_t* ap = reinterpret_cast<const bf16_t*>(a.const_data_ptr<at::BFloat16>());
+  const int64_t sam = a.stride(0), sak = a.stride(1);
+  const bf16_t* bp = reinterpret_cast<const bf16_t*>(b.const_data_ptr<at::BFloat16>());
+  const int64_t sk = trans_b ? b.stride(2) : b.stride(1);
+  const int64_t sn = trans_b ? b.stride(1) : b.stride(2);
+  at::BFloat16* op = out.mutable_data_ptr<at::BFloat16>();
+  // Padded row stride of the A tile copy (even: k pairs; not a multiple of 4 KiB: L1 sets).
+  int64_t ldt = ceil_div(k + 1, 32) * 32;
+  if ((2 * ldt) % 4096 == 0) ldt += 32;
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<uint32_t> panel;
+    std::vector<float> cbuf;
+    std::vector<bf16_t> abuf;
+    for (int64_t t = t0; t < t1; ++t) {
+      const WorkTile& w = tiles[static_cast<size_t>(t)];
+      const int64_t m = w.r1 - w.r0, nb = w.n1 - w.n0;
+      abuf.resize(static_cast<size_t>(m * ldt));
+      for (int64_t i = 0; i < m; ++i) {
+        const bf16_t* src = ap + (w.r0 + i) * sam;
+        bf16_t* dst = abuf.data() + i * ldt;
+        if (sak == 1) {
+          std::memcpy(dst, src, static_cast<size_t>(k) * sizeof(bf16_t));
+        } else {
+          for (int64_t p = 0; p < k; ++p) dst[p] = src[p * sak];
+        }
+        dst[k] = 0;  // the partner of the last k when k is odd
+      }
+      cbuf.resize(static_cast<size_t>(m * nb));
+      const bf16_t* be = bp + w.expert * b.stride(0) + w.n0 * sn;
+      if (sn == 1) {
+        tile_gemm_bf16(m, nb, k, abuf.data(), ldt, be, sk, cbuf.data(), nb, panel);
+      } else {
+        dot_gemm_bf16(m, nb, k, abuf.data(), ldt, be, sn, cbuf.data(), nb);
+      }
+      store_tile_bf16(cbuf.data(), nb, op + w.r0 * n + w.n0, n, m, nb);
+    }
+  });
+}
+#endif
+
 template <typename scalar_t>
 void grouped_gemm_tiles(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& off,
                         bool trans_b, at::Tensor& out) {
@@ -764,11 +1030,16 @@ void grouped_gemm_tiles(const at::Tensor& a, const at::Tensor& b, const std::vec
   for (int64_t t = 0; t < row_tiles; ++t) {
     const auto rt = grouped_gemm::locate_row_tile(off.data(), num_experts, m, kMB, t);
     if (rt.row_begin == rt.row_end) continue;
-    if (is_large(off[rt.expert + 1] - off[rt.expert], a.scalar_type(), trans_b, false)) continue;
+    if (is_large(off[rt.expert + 1] - off[rt.expert], a.scalar_type(), trans_b, false, b)) continue;
     rows.push_back({rt.expert, rt.row_begin, rt.row_end});
   }
   const std::vector<WorkTile> tiles = col_tiles(rows, n);
   if (tiles.empty()) return;
+#if MOE_GG_X86
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (bf16_dot_kernels(b, trans_b)) return grouped_gemm_tiles_bf16(tiles, a, b, trans_b, out);
+  }
+#endif
   const at::Tensor a32 = as_float_rows(a);
   const float* ap = a32.const_data_ptr<float>();
   const int64_t lda = a32.stride(0);
@@ -816,7 +1087,7 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b, const at::
   // Large groups: one BLAS call each (it parallelises internally over torch's pool).
   for (int64_t e = 0; e < num_experts; ++e) {
     const int64_t lo = off[e], hi = off[e + 1];
-    if (hi == lo || !is_large(hi - lo, a.scalar_type(), trans_b, false)) continue;
+    if (hi == lo || !is_large(hi - lo, a.scalar_type(), trans_b, false, b)) continue;
     at::Tensor w = trans_b ? b[e].t() : b[e];
     at::Tensor dst = out.slice(0, lo, hi);
     at::mm_out(dst, a.slice(0, lo, hi), w);
@@ -844,7 +1115,7 @@ void wgrad_tiles(const at::Tensor& a, const at::Tensor& g, const std::vector<int
   std::vector<RowRange> blocks;
   for (int64_t e = 0; e < num_experts; ++e) {
     const int64_t rows = off[e + 1] - off[e];
-    if (rows == 0 || is_large(rows, a.scalar_type(), trans_b, true)) continue;
+    if (rows == 0 || is_large(rows, a.scalar_type(), trans_b, true, a)) continue;
     for (int64_t p0 = 0; p0 < p_dim; p0 += kMB)
       blocks.push_back({e, p0, std::min(p_dim, p0 + kMB)});
   }
@@ -897,7 +1168,7 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& a, const at::Tensor& grad_ou
     at::Tensor dst = db[e];
     if (hi == lo) {
       dst.zero_();  // an expert without rows has a zero gradient
-    } else if (is_large(hi - lo, a.scalar_type(), trans_b, true)) {
+    } else if (is_large(hi - lo, a.scalar_type(), trans_b, true, a)) {
       at::Tensor ae = a.slice(0, lo, hi);
       at::Tensor ge = grad_out.slice(0, lo, hi);
       if (trans_b) {
