@@ -429,10 +429,19 @@ inline int64_t panel_ld(int64_t n) {
 // Pack B[k0:k0+kc, 0:n] into the row-major fp32 panel (row stride ldp). Reads and writes both
 // run along rows (sequential memory streams) when B has unit column stride.
 template <typename scalar_t>
-void pack_b(const BView<scalar_t>& b, int64_t k0, int64_t kc, int64_t n, float* panel,
-            int64_t ldp) {
+void pack_b(const BView<scalar_t>& b, int64_t k0, int64_t kc, int64_t n, float* panel, int64_t ldp,
+            int64_t k) {
   if (b.sn == 1) {
-    for (int64_t p = 0; p < kc; ++p) pack_row(b.ptr + (k0 + p) * b.sk, n, panel + p * ldp);
+    const int64_t row_bytes = n * static_cast<int64_t>(sizeof(scalar_t));
+    for (int64_t p = 0; p < kc; ++p) {
+      // The same row of the next k block, prefetched while this one is packed and computed
+      // (small groups stream B from DRAM; measured 5-10% at 8-16 rows).
+      if (k0 + kc + p < k) {
+        const char* next = reinterpret_cast<const char*>(b.ptr + (k0 + kc + p) * b.sk);
+        for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(next + o, 0, 2);
+      }
+      pack_row(b.ptr + (k0 + p) * b.sk, n, panel + p * ldp);
+    }
   } else {
     // Transposed B: walk the source along its contiguous axis (p) for each column j.
     for (int64_t j = 0; j < n; ++j) {
@@ -455,7 +464,7 @@ void tile_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t rsa, int
   panel.resize(static_cast<size_t>(kcb * ldp));
   for (int64_t k0 = 0; k0 < k; k0 += kcb) {
     const int64_t kc = std::min(kcb, k - k0);
-    pack_b(b, k0, kc, n, panel.data(), ldp);
+    pack_b(b, k0, kc, n, panel.data(), ldp, k);
     const int64_t mr = tile_rows(), nr = tile_cols();
     for (int64_t j = 0; j < n; j += nr) {
       for (int64_t i = 0; i < m; i += mr) {
@@ -672,10 +681,13 @@ MOE_TARGET_AVX512_BF16 inline __m512i bcast_pair(const bf16_t* p) {
 // Pack B[k0:k0+kc, 0:n] (bf16, unit column stride, row stride sk) into pair rows (row stride ldp
 // 32-bit words): ceil(kc / 2) rows; the odd row past kc is zero.
 MOE_TARGET_AVX512_BF16 void pack_b_pairs(const bf16_t* b, int64_t sk, int64_t k0, int64_t kc,
-                                         int64_t n, uint32_t* panel, int64_t ldp) {
+                                         int64_t n, uint32_t* panel, int64_t ldp, int64_t k) {
   for (int64_t q = 0; 2 * q < kc; ++q) {
     const bf16_t* r0 = b + (k0 + 2 * q) * sk;
     const bf16_t* r1 = 2 * q + 1 < kc ? r0 + sk : nullptr;
+    // The same rows of the next k block, prefetched while this one is packed (and computed):
+    const bool pf = k0 + kc + 2 * q + 1 < k;
+    const bf16_t* f0 = r0 + kc * sk;
     uint32_t* dst = panel + q * ldp;
     int64_t j = 0;
     if (r1 != nullptr) {
@@ -685,6 +697,10 @@ MOE_TARGET_AVX512_BF16 void pack_b_pairs(const bf16_t* b, int64_t sk, int64_t k0
                            6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
       const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
       for (; j + 32 <= n; j += 32) {
+        if (pf) {
+          __builtin_prefetch(f0 + j, 0, 2);
+          __builtin_prefetch(f0 + sk + j, 0, 2);
+        }
         const __m512i x0 = _mm512_loadu_si512(r0 + j);
         const __m512i x1 = _mm512_loadu_si512(r1 + j);
         _mm512_storeu_si512(dst + j, _mm512_permutex2var_epi16(x0, lo_idx, x1));
@@ -772,7 +788,7 @@ void tile_gemm_bf16(int64_t m, int64_t n, int64_t k, const bf16_t* a, int64_t ld
   panel.resize(static_cast<size_t>(kqb * ldp));
   for (int64_t k0 = 0; k0 < k; k0 += 2 * kqb) {
     const int64_t kc = std::min(2 * kqb, k - k0);
-    pack_b_pairs(b, sk, k0, kc, n, panel.data(), ldp);
+    pack_b_pairs(b, sk, k0, kc, n, panel.data(), ldp, k);
     for (int64_t j = 0; j < n; j += kNR512) {
       for (int64_t i = 0; i < m; i += kMR512) {
         micro_bf16_rows(std::min(kMR512, m - i), ceil_div(kc, 2), a + i * lda + k0, lda,
