@@ -320,11 +320,6 @@ MOE_TARGET_AVX512 MOE_ALWAYS_INLINE float lane_sum_avx512(__m512 v) {
   return _mm512_cvtss_f32(v);
 }
 
-// One core's demand misses plus the hardware prefetcher do not saturate memory bandwidth
-// (measured: a 1M x 384 fp32 bank streamed at ~30 GB/s by one core, ~34 GB/s with this): the
-// fused pass requests the row kPrefetchRows ahead explicitly (8 measured best of 4, 8, 16).
-constexpr int64_t kPrefetchRows = 8;
-
 // The same pass for fp32 with AVX-512 FMA: 4 x 16 lanes per step, so 4 (kQ + 1) independent FMA
 // chains hide the FMA latency; the d % 16 tail is a masked load (no scalar loop). Its sums are
 // rounded differently from the baseline/AVX2 builds (FMA, other lane split): close, not bitwise.
@@ -339,10 +334,6 @@ MOE_TARGET_AVX512 int64_t fused_rows_avx512(const float* qn, const float* bank, 
   }
   for (int64_t row = c0; row < c1; ++row) {
     const float* x = bank + row * stride;
-    if (row + kPrefetchRows < c1) {
-      const char* ahead = reinterpret_cast<const char*>(x + kPrefetchRows * stride);
-      for (int64_t off = 0; off < d * 4; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
-    }
     __m512 ss[U], dot[kQ][U];
     for (int u = 0; u < U; ++u) {
       ss[u] = _mm512_setzero_ps();
