@@ -101,9 +101,9 @@ def _swiglu_backward(grad: torch.Tensor, h: torch.Tensor, grad_is_scratch: bool)
     """Gradient of ``silu(h[..., :H]) * h[..., H:]`` with respect to ``h`` for the incoming
     ``grad [..., H]``.
 
-    Writes both halves of one ``[..., 2H]`` buffer (the up half in place, the gate half from one
-    ``[..., H]`` temporary) instead of concatenating two fresh halves, so the backward's peak holds
-    one ``[..., H]`` temporary fewer. ``grad_is_scratch``: ``grad`` may be overwritten. When a graph
+    Writes both halves of one ``[..., 2H]`` buffer (the up half in place, the gate half through
+    ``grad`` itself or one ``[..., H]`` temporary) instead of concatenating two fresh halves, so the
+    backward's peak holds two ``[..., H]`` temporaries fewer. ``grad_is_scratch``: ``grad`` may be overwritten. When a graph
     of the backward is being built (double backward) the same math runs in differentiable ops.
     """
     half = h.shape[-1] // 2
@@ -113,8 +113,10 @@ def _swiglu_backward(grad: torch.Tensor, h: torch.Tensor, grad_is_scratch: bool)
     grad_h = torch.empty_like(h)
     grad_up = grad_h[..., half:]
     F.silu(grad_up.copy_(gate), inplace=True).mul_(grad)
-    grad_times_up = grad.mul_(up) if grad_is_scratch else grad * up
-    grad_h[..., :half].copy_(torch.ops.aten.silu_backward(grad_times_up, gate))
+    grad_gate = grad.mul_(up) if grad_is_scratch else grad * up
+    # silu_backward is elementwise: writing its result over its own input is safe.
+    torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+    grad_h[..., :half].copy_(grad_gate)
     return grad_h
 
 
