@@ -256,6 +256,20 @@ def test_kg_search_score_tiles_match_reference_on_ragged_shapes(seed, dtype):
         _assert_search_valid(queries, bank, k, nv, scores, ids, SCORE_TOL[dtype])
 
 
+def test_kg_search_few_queries_on_a_bank_larger_than_the_caches_match_reference(seed):
+    # A bank of >= 64 MiB: the few-query pass also prefetches rows ahead (AVX-512 build); the
+    # prefetch must not change which rows are read: n_valid stops short, the tail is NaN.
+    N, d = 44_000, 384
+    bank = torch.randn(N, d)
+    nv = N - 5
+    bank[nv:] = float("nan")
+    queries = torch.randn(3, d)
+    queries[1] = bank[nv - 1]  # the last valid row is found
+    scores, ids = kg_search(queries, bank, 10, nv)
+    _assert_search_valid(queries, bank[:nv], 10, nv, scores, ids, SCORE_TOL[torch.float32])
+    assert ids[1, 0] == nv - 1
+
+
 def test_kg_search_score_tiles_handle_rows_whose_squares_leave_the_fp32_range(seed):
     # Such rows cannot be scaled after the product (their squared norm is not a normal fp32
     # number): their block is normalised first. Many queries: the score tiles / BLAS blocks.

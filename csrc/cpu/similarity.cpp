@@ -309,6 +309,13 @@ MOE_TARGET_AVX2 int64_t fused_rows_avx2(const T* qn, const T* bank, int64_t stri
 }
 #endif
 
+// A bank streamed from memory: one core's demand misses plus the hardware prefetcher leave
+// bandwidth unused, so the pass also requests the row kPrefetchRows ahead. Measured (interleaved,
+// one thread, 1M x 384): ~10% faster at distance 4 (8, 16, 32 and L2 hints: no gain). A bank that
+// fits in the last-level cache gets slower with it (-15% at 10k rows), hence the size limit.
+constexpr int64_t kPrefetchRows = 4;
+constexpr int64_t kPrefetchMinBankBytes = int64_t{64} << 20;
+
 #if MOE_CPU_AVX2_CLONE
 // Sum of the 16 lanes (a fixed tree). The maskz shuffles: GCC 12 warns about the undefined
 // pass-through operand of the unmasked forms (and of _mm512_reduce_add_ps).
@@ -326,7 +333,7 @@ MOE_TARGET_AVX512 MOE_ALWAYS_INLINE float lane_sum_avx512(__m512 v) {
 template <int kQ>
 MOE_TARGET_AVX512 int64_t fused_rows_avx512(const float* qn, const float* bank, int64_t stride,
                                             int64_t c0, int64_t c1, int64_t d, int64_t k, float* hs,
-                                            int64_t* hi, int64_t* sizes) {
+                                            int64_t* hi, int64_t* sizes, bool prefetch) {
   constexpr int U = 4;
   float floor_score[kQ];
   for (int i = 0; i < kQ; ++i) {
@@ -334,6 +341,10 @@ MOE_TARGET_AVX512 int64_t fused_rows_avx512(const float* qn, const float* bank, 
   }
   for (int64_t row = c0; row < c1; ++row) {
     const float* x = bank + row * stride;
+    if (prefetch && row + kPrefetchRows < c1) {
+      const char* ahead = reinterpret_cast<const char*>(x + kPrefetchRows * stride);
+      for (int64_t off = 0; off < d * 4; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+    }
     __m512 ss[U], dot[kQ][U];
     for (int u = 0; u < U; ++u) {
       ss[u] = _mm512_setzero_ps();
@@ -374,21 +385,22 @@ MOE_TARGET_AVX512 int64_t fused_rows_avx512(const float* qn, const float* bank, 
 #endif
 
 // Queries [0, nq) (nq <= kFusedMaxQueries; their heaps are consecutive in hs/hi/sizes).
+// prefetch: the bank does not fit in cache (AVX-512 pass only).
 template <typename T>
 int64_t fused_rows(const T* qn, int64_t nq, const T* bank, int64_t stride, int64_t c0, int64_t c1,
-                   int64_t d, int64_t k, T* hs, int64_t* hi, int64_t* sizes) {
+                   int64_t d, int64_t k, T* hs, int64_t* hi, int64_t* sizes, bool prefetch) {
 #if MOE_CPU_AVX2_CLONE
   if constexpr (std::is_same_v<T, float>) {
     if (use_avx512()) {
       switch (nq) {
         case 1:
-          return fused_rows_avx512<1>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes);
+          return fused_rows_avx512<1>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes, prefetch);
         case 2:
-          return fused_rows_avx512<2>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes);
+          return fused_rows_avx512<2>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes, prefetch);
         case 3:
-          return fused_rows_avx512<3>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes);
+          return fused_rows_avx512<3>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes, prefetch);
         default:
-          return fused_rows_avx512<4>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes);
+          return fused_rows_avx512<4>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes, prefetch);
       }
     }
   }
@@ -397,6 +409,7 @@ int64_t fused_rows(const T* qn, int64_t nq, const T* bank, int64_t stride, int64
   return avx2 ? fused_rows_avx2<Q, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes) \
               : fused_rows_baseline<Q, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes)
 #else
+  (void)prefetch;
 #define MOE_SIM_FUSED(Q) \
   return fused_rows_baseline<Q, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes)
 #endif
@@ -730,7 +743,8 @@ int64_t search_blocks(const acc_t* qn, int64_t q, int64_t d, const scalar_t* ban
           const int64_t c0 = plan.segment[s] * NB;
           const int64_t c1 = std::min(nv, plan.segment[s + 1] * NB);
           bad[t] =
-              fused_rows(qn, q, bank, bank_stride, c0, c1, d, k, part_score, part_id, part_size);
+              fused_rows(qn, q, bank, bank_stride, c0, c1, d, k, part_score, part_id, part_size,
+                         nv * d * static_cast<int64_t>(sizeof(scalar_t)) >= kPrefetchMinBankBytes);
           continue;
         }
       }
