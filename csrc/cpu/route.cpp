@@ -2,7 +2,8 @@
 //
 // route has two paths with identical results (bit for bit). Rows split over torch's thread pool
 // in fixed chunks. With k <= 8, E <= 256 and fp32/bf16/fp16 logits, BlockRouter routes 16 rows at
-// a time, one vector lane per row (see "Row-block path" below). Otherwise RowRouter runs one pass
+// a time, one vector lane per row (see "Row-block path" below); a tail of fewer than 4 rows goes
+// row by row. Otherwise RowRouter runs one pass
 // per token row: a row is read once into a small per-thread buffer in the accumulation type; every
 // full-row loop (max, NaN test, exp sums, scores, the "can anything here enter the top-k" filter)
 // runs over kLanes independent lanes so that it vectorises without -ffast-math and sums in a fixed
@@ -348,6 +349,8 @@ constexpr int kBlockRows = 16;
 static_assert(sizeof(VF) == kBlockRows * sizeof(float));
 // Largest k (and topk_group) of the block path: the selection network costs O(k) per column.
 constexpr int kBlockMaxK = 8;
+// Fewest rows routed as a block; fewer go through the row path.
+constexpr int64_t kBlockMinRows = 4;
 // Largest E of the block path (its transposed block of logits stays in L1).
 constexpr int64_t kBlockMaxExperts = 256;
 
@@ -727,13 +730,24 @@ MOE_ALWAYS_INLINE void route_chunks_impl(const RouteChunkArgs<scalar_t>& a, int6
   if constexpr (std::is_same_v<acc_t<scalar_t>, float>) {
     if (a.block_rows) {
       BlockRouter<scalar_t> router(a.params, a.bias);
+      std::optional<RowRouter<scalar_t>> rows;
       for (int64_t c = c0; c < c1; ++c) {
         int32_t* hist = a.chunk_counts + c * E;
         const int64_t t_end = std::min(a.rows, (c + 1) * a.rows_per_chunk);
         for (int64_t t = c * a.rows_per_chunk; t < t_end; t += kBlockRows) {
-          router.template run<isa>(a.x + t * a.row_stride, a.row_stride,
-                                   std::min<int64_t>(kBlockRows, t_end - t), a.w + t * k,
-                                   a.ids + t * k, hist);
+          const int64_t n = std::min<int64_t>(kBlockRows, t_end - t);
+          if (n >= kBlockMinRows) {
+            router.template run<isa>(a.x + t * a.row_stride, a.row_stride, n, a.w + t * k,
+                                     a.ids + t * k, hist);
+            continue;
+          }
+          // A few rows (a decode step, the tail of a chunk): the padding lanes would cost more
+          // than routing the rows one by one, with the same bits.
+          if (!rows) rows.emplace(a.params, a.bias);
+          for (int64_t r = t; r < t + n; ++r) {
+            rows->run(a.x + r * a.row_stride, a.w + r * k, a.ids + r * k);
+            for (int64_t j = 0; j < k; ++j) ++hist[a.ids[r * k + j]];
+          }
         }
       }
       return;
