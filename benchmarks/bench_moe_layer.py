@@ -6,14 +6,19 @@ Speed (one process, baselines in the same run, same weights and inputs):
   * ``ours_hf``       the block after ``replace_moe_blocks`` (HF router, our permute / grouped GEMM
                       / unpermute on the shared weights)
   * ``moe_layer``     ``MoELayer`` (our fused route + draft reports) on the same weights
+  * ``moe_layer_keep_act`` the same with ``recompute_activation=False`` (keeps the SwiGLU output
+                      for backward instead of recomputing it: faster, more memory)
   * ``dense_ffn``     a dense SwiGLU FFN with the active parameters of one token (hidden k*h): the
                       practical roofline of the expert FLOPs
 "fwd" runs under no_grad; "fwd+bwd" adds the backward to the input and every parameter.
 
 Memory (``--memory``): one fresh process per configuration (``common.peak_memory_in_subprocess``),
-fwd+bwd of MoELayer vs the dense SwiGLU FFN with the same active parameters. ``act_MB`` is the peak
-RSS growth (peak reset after imports) minus parameters and their gradients (what grows with tokens); a layer with E=64 experts
-shows that nothing grows with T*E.
+fwd+bwd of MoELayer vs a dense SwiGLU FFN with the same active parameters: ours (``dense_ffn``,
+``DenseFFN``, ``vs_dense``) and the textbook three-``nn.Linear`` one (``dense_linear``,
+``vs_linear``). ``moe_layer_keep_act`` is MoELayer with ``recompute_activation=False``. ``act_MB``
+is the peak RSS growth (peak reset after imports; large blocks mmapped, see
+``common.peak_memory_in_subprocess``) minus parameters and their gradients (what grows with
+tokens); a layer with E=64 experts shows that nothing grows with T*E.
 
     python -m benchmarks.bench_moe_layer                 # speed, all shapes (~15 min on 2 cores)
     python -m benchmarks.bench_moe_layer --quick         # smoke run
@@ -105,6 +110,8 @@ def speed(args):
                 cfg, blk = _hf_block(T, E, k, d, h, dtype)
                 ours_hf = HFMoEBlock(blk)
                 layer = _moe_layer_on(blk, E, k, d, h, dtype)
+                layer_keep = _moe_layer_on(blk, E, k, d, h, dtype)
+                layer_keep.experts.recompute_activation = False
                 torch.manual_seed(1)
                 dense = DenseFFN(d, k * h, dtype=dtype)
                 x = torch.randn(1, T, d).to(dtype)
@@ -117,6 +124,7 @@ def speed(args):
                         ("hf_grouped_mm", blk),
                         ("ours_hf", ours_hf),
                         ("moe_layer", layer),
+                        ("moe_layer_keep_act", layer_keep),
                         ("dense_ffn", dense),
                     ):
                         cfg._experts_implementation = (
@@ -156,6 +164,19 @@ def speed(args):
 # ------------------------------------------------------------------------------------------ memory
 
 
+class _LinearSwiGLU(torch.nn.Module):
+    """The textbook dense SwiGLU FFN (three ``nn.Linear``, ``down(silu(gate(x)) * up(x))``), as
+    Hugging Face's Llama / Mixtral MLPs write it."""
+
+    def __init__(self, d: int, h: int, dtype: torch.dtype):
+        super().__init__()
+        lin = lambda i, o: torch.nn.Linear(i, o, bias=False, dtype=dtype)  # noqa: E731
+        self.gate, self.up, self.down = lin(d, h), lin(d, h), lin(h, d)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
 def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -179,8 +200,10 @@ def mem_run(kind: str, T: int, E: int, k: int, d: int, h: int, dtype: str, threa
     base = _status_mb("VmRSS")
     dt = getattr(torch, dtype)
     torch.manual_seed(0)
-    if kind == "moe_layer":
-        mod = MoELayer(d, h, E, k, dtype=dt)
+    if kind in ("moe_layer", "moe_layer_keep_act"):
+        mod = MoELayer(d, h, E, k, dtype=dt, recompute_activation=kind == "moe_layer")
+    elif kind == "dense_linear":
+        mod = _LinearSwiGLU(d, k * h, dt)
     elif kind == "hf_eager":
         _, mod = _hf_block(T, E, k, d, h, dt)
     else:
@@ -197,13 +220,15 @@ def memory(args):
     d, h = (128, 448) if args.quick else (512, 1792)
     configs = [
         ("dense_ffn", 8, 2),
+        ("dense_linear", 8, 2),
         ("moe_layer", 8, 2),
+        ("moe_layer_keep_act", 8, 2),
         ("hf_eager", 8, 2),
         ("moe_layer", 64, 2),
     ]
     rows = []
     for dtype in ("float32", "bfloat16"):
-        base = base_peak = None
+        base = base_peak = lin_peak = None
         for kind, E, k in configs:
             out = common.peak_memory_in_subprocess(
                 "benchmarks.bench_moe_layer:mem_run",
@@ -220,6 +245,8 @@ def memory(args):
             act = peak_mb - 2 * param_mb  # parameters + their gradients
             if kind == "dense_ffn":
                 base, base_peak = act, peak_mb
+            if kind == "dense_linear":
+                lin_peak = peak_mb
             rows.append(
                 {
                     "layer": kind,
@@ -234,6 +261,7 @@ def memory(args):
                     "act_MB": act,
                     "peak_vs_dense": peak_mb / base_peak,
                     "act_vs_dense": act / base,
+                    "peak_vs_linear": peak_mb / lin_peak if lin_peak else float("nan"),
                 }
             )
             print(rows[-1], flush=True)

@@ -195,11 +195,25 @@ def peak_memory_in_subprocess(target: str, timeout: float = 600.0, **kwargs) -> 
     ``delta_rss_mb`` is the growth of the peak during the call, after imports; the function should
     import what it needs at module level so imports are not counted. One process per
     configuration, so peaks of earlier configurations never hide later ones.
+
+    The child runs with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB: every large tensor is
+    then its own mapping, returned to the OS when freed, so the RSS peak is the peak of live
+    tensors. (With glibc's default *dynamic* threshold, freeing one large block raises the
+    threshold to up to 32 MiB and later blocks come from the heap, whose freed space is kept: the
+    RSS peak then depends on the allocation history and over-counts by up to tens of MB.)
     """
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(child, target, kwargs))
-    proc.start()
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the child's glibc at start-up
+    try:
+        proc.start()
+    finally:
+        if saved is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
     child.close()
     if not parent.poll(timeout):
         proc.kill()

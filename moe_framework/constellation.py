@@ -142,7 +142,8 @@ class MoELayer(nn.Module):
             ``slots_per_token``.
         report_top_tokens: r, token indices kept per expert in the draft reports.
         reports: compute :class:`DraftReports` (set False to skip their small cost).
-        layout, init_std, dtype, device: of the :class:`ExpertBank` (see ``moe_framework.experts``).
+        layout, init_std, recompute_activation, dtype, device: of the :class:`ExpertBank` (see
+            ``moe_framework.experts``).
 
     ``forward(x [..., d]) -> (y [..., d], RoutingInfo)``. ``y`` has the dtype of ``x``.
     """
@@ -164,6 +165,7 @@ class MoELayer(nn.Module):
         reports: bool = True,
         layout: str = "in_out",
         init_std: Optional[float] = None,
+        recompute_activation: bool = True,
         dtype: Optional[torch.dtype] = None,
         device=None,
     ):
@@ -224,6 +226,7 @@ class MoELayer(nn.Module):
             bias,
             layout=layout,
             init_std=init_std,
+            recompute_activation=recompute_activation,
             dtype=dtype,
             device=device,
         )

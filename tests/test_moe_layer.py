@@ -11,7 +11,7 @@ from torch import nn
 
 import moe_framework  # noqa: F401
 from moe_framework.constellation import DraftReports, MoELayer, RoutingInfo
-from moe_framework.experts import DenseFFN, ExpertBank, swiglu
+from moe_framework.experts import DenseFFN, ExpertBank, expert_ffn, swiglu
 from moe_framework.supervisor import RoutingDecision
 
 # Compared with a float64 reference of the same parameters. fp32: both sides round products and
@@ -304,12 +304,82 @@ def test_expert_bank_parameter_shapes_and_default_init_follow_nn_linear(seed, ac
 def test_swiglu_gradients_match_autograd_of_the_plain_formula(seed):
     h = torch.randn(7, 2 * 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(swiglu, (h,))
+    assert torch.autograd.gradgradcheck(swiglu, (h,))
     g = torch.randn(7, 5, dtype=torch.float64)
     (got,) = torch.autograd.grad(swiglu(h), h, g)
     (want,) = torch.autograd.grad(F.silu(h[:, :5]) * h[:, 5:], h, g)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     # Another gate activation takes the plain path.
     torch.testing.assert_close(swiglu(h, F.gelu), F.gelu(h[:, :5]) * h[:, 5:])
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_expert_ffn_swiglu_down_projection_gradients_match_plain_formula(seed, layout):
+    # The SwiGLU + down projection runs as one autograd node that recomputes the SwiGLU output in
+    # backward. Gradients (first and second order) must equal autograd of the plain formula.
+    E, d, hid = 3, 5, 4
+    offsets = torch.tensor([0, 2, 2, 7], dtype=torch.int64)
+    x = torch.randn(7, d, dtype=torch.float64, requires_grad=True)
+    shape_in, shape_out = ((E, d, 2 * hid), (E, hid, d))
+    if layout == "out_in":
+        shape_in, shape_out = (E, 2 * hid, d), (E, d, hid)
+    w_in = torch.randn(shape_in, dtype=torch.float64, requires_grad=True)
+    w_out = torch.randn(shape_out, dtype=torch.float64, requires_grad=True)
+
+    def ours(x, w_in, w_out):
+        return expert_ffn(x, offsets, w_in, w_out, layout=layout)
+
+    def plain(x, w_in, w_out):
+        wi = w_in.transpose(1, 2) if layout == "out_in" else w_in
+        wo = w_out.transpose(1, 2) if layout == "out_in" else w_out
+        rows = []
+        for e in range(E):
+            xe = x[offsets[e] : offsets[e + 1]]
+            h = xe @ wi[e]
+            rows.append((F.silu(h[:, :hid]) * h[:, hid:]) @ wo[e])
+        return torch.cat(rows)
+
+    g = torch.randn(7, d, dtype=torch.float64)
+    got = torch.autograd.grad(ours(x, w_in, w_out), (x, w_in, w_out), g)
+    want = torch.autograd.grad(plain(x, w_in, w_out), (x, w_in, w_out), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(ours, (x, w_in, w_out))
+    assert torch.autograd.gradgradcheck(ours, (x, w_in, w_out))
+
+
+def test_expert_ffn_keeps_no_swiglu_output_alive_between_forward_and_backward(seed):
+    # Memory contract: between forward and backward the expert FFN holds x_sorted [M, d] and the
+    # first projection h [M, 2H] (plus weights and offsets), not the [M, H] SwiGLU output.
+    M, d, hid, E = 9, 6, 11, 2
+    offsets = torch.tensor([0, 4, 9], dtype=torch.int64)
+    x = torch.randn(M, d, requires_grad=True)
+    w_in = torch.randn(E, d, 2 * hid, requires_grad=True)
+    w_out = torch.randn(E, hid, d, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = expert_ffn(x, offsets, w_in, w_out)
+    assert (M, hid) not in saved, saved
+    assert (M, 2 * hid) in saved
+    y.sum().backward()
+    assert x.grad is not None and w_in.grad is not None and w_out.grad is not None
+    # recompute_activation=False keeps the SwiGLU output (faster backward) and gives the same
+    # gradients.
+    grads = [t.grad.clone() for t in (x, w_in, w_out)]
+    for t in (x, w_in, w_out):
+        t.grad = None
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = expert_ffn(x, offsets, w_in, w_out, recompute_activation=False)
+    assert (M, hid) in saved, saved
+    y.sum().backward()
+    for t, g in zip((x, w_in, w_out), grads):
+        torch.testing.assert_close(t.grad, g, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------

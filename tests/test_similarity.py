@@ -237,6 +237,53 @@ def test_kg_search_matches_reference_across_many_bank_blocks(seed, dtype, q):
         _assert_search_valid(queries, bank, k, nv, scores, ids, SCORE_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kg_search_score_tiles_match_reference_on_ragged_shapes(seed, dtype):
+    # The fp32 score tiles (AVX-512 build: 32 queries x 14 bank rows, 16-query half panels) at
+    # shapes that leave every kind of remainder: q around the 16/32-lane panels, d odd or not a
+    # multiple of 16, N and n_valid around the 14-row tiles and 256-row bank blocks, k > n_valid.
+    for q, d, N, nv, k in (
+        (5, 1, 20, 20, 3),
+        (16, 15, 14, 14, 14),
+        (17, 17, 29, 15, 20),
+        (33, 33, 270, 257, 10),
+        (70, 389, 600, 513, 7),
+        (48, 384, 300, 3, 5),
+    ):
+        queries = torch.randn(q, d).to(dtype)
+        bank = torch.randn(N, d).to(dtype)
+        scores, ids = kg_search(queries, bank, k, nv)
+        _assert_search_valid(queries, bank, k, nv, scores, ids, SCORE_TOL[dtype])
+
+
+def test_kg_search_few_queries_on_a_bank_larger_than_the_caches_match_reference(seed):
+    # A bank of >= 64 MiB: the few-query pass also prefetches rows ahead (AVX-512 build); the
+    # prefetch must not change which rows are read: n_valid stops short, the tail is NaN.
+    N, d = 44_000, 384
+    bank = torch.randn(N, d)
+    nv = N - 5
+    bank[nv:] = float("nan")
+    queries = torch.randn(3, d)
+    queries[1] = bank[nv - 1]  # the last valid row is found
+    scores, ids = kg_search(queries, bank, 10, nv)
+    _assert_search_valid(queries, bank[:nv], 10, nv, scores, ids, SCORE_TOL[torch.float32])
+    assert ids[1, 0] == nv - 1
+
+
+def test_kg_search_score_tiles_handle_rows_whose_squares_leave_the_fp32_range(seed):
+    # Such rows cannot be scaled after the product (their squared norm is not a normal fp32
+    # number): their block is normalised first. Many queries: the score tiles / BLAS blocks.
+    queries = torch.randn(40, 64)
+    bank = torch.randn(700, 64)
+    bank[3] *= 1e25
+    bank[400] *= 1e-25
+    queries[7] = bank[3]
+    queries[8] = bank[400]
+    scores, ids = kg_search(queries, bank, 5, 650)
+    _assert_search_valid(queries, bank, 5, 650, scores, ids, SCORE_TOL[torch.float32])
+    assert ids[7, 0] == 3 and ids[8, 0] == 400
+
+
 def test_kg_search_pads_with_minus_one_when_k_exceeds_valid_rows(seed):
     queries = torch.randn(3, 5)
     bank = torch.randn(6, 5)
@@ -271,6 +318,9 @@ def test_kg_search_breaks_exact_ties_by_lower_id(dtype):
     assert ids[2].tolist() == [6, 0, 1, 4, 2, 3, 5]
     # the ties survive any split of the bank into blocks and segments: compare with k = 2
     assert kg_search(queries, bank, 2, 7)[1].tolist() == ids[:, :2].tolist()
+    # 36 queries (the score tiles / BLAS blocks instead of the few-query pass): the same answers
+    many_s, many_i = kg_search(queries.repeat(12, 1), bank, 7, 7)
+    assert torch.equal(many_i, ids.repeat(12, 1)) and torch.equal(many_s, scores.repeat(12, 1))
 
 
 def test_kg_search_ties_across_bank_blocks_pick_lowest_ids(seed):
@@ -281,7 +331,7 @@ def test_kg_search_ties_across_bank_blocks_pick_lowest_ids(seed):
     bank = torch.randn(5000, d)
     copies = torch.randperm(5000)[:900]
     bank[copies] = x * (2.0 ** torch.randint(-3, 4, (900, 1)).float())
-    for q in (1, 6):  # the fused few-query pass and the blocked GEMM
+    for q in (1, 6, 40):  # the fused few-query pass, then the score tiles (or BLAS blocks)
         scores, ids = kg_search(x.expand(q, d), bank, 50, 5000)
         for r in range(q):
             assert ids[r].tolist() == copies.sort().values[:50].tolist()
@@ -323,24 +373,58 @@ def test_kg_search_is_bitwise_deterministic_across_thread_counts(seed):
         assert torch.equal(kk, k0) and torch.equal(r, r0)
 
 
-_BUILD_SCRIPT = """
-import torch, moe_framework
-from moe_framework.ops import kg_search
-g = torch.Generator().manual_seed(7)
-for dtype in (torch.float32, torch.float64):
-    bank = torch.randn(3000, 100, generator=g).to(dtype)
-    bank[5] *= 1e30  # a row whose squares overflow fp32: the fp64 fallback
-    for q in (1, 4, 9):
-        s, i = kg_search(torch.randn(q, 100, generator=g).to(dtype), bank, 7, 2990)
-        print(s.tolist(), i.tolist())  # float reprs round-trip: a bitwise comparison
+# The searches run under each build; the child and the parent make the same inputs from a seed.
+_BUILD_CASES = """
+import torch
+def build_cases(seed):
+    g = torch.Generator().manual_seed(seed)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for q, d in ((1, 100), (4, 37), (9, 100), (40, 389)):
+            bank = torch.randn(3000, d, generator=g).to(dtype)
+            bank[5] *= 1e30 if dtype == torch.float64 else 1e25  # squares overflow fp32
+            yield torch.randn(q, d, generator=g).to(dtype), bank
 """
+_BUILD_SCRIPT = (
+    _BUILD_CASES
+    + """
+import json, sys, moe_framework
+from moe_framework.ops import kg_search
+for queries, bank in build_cases(int(sys.argv[1])):
+    s, i = kg_search(queries, bank, 7, 2990)
+    print(json.dumps([s.tolist(), i.tolist()]))  # float reprs round-trip: bitwise comparisons
+"""
+)
 
 
-def test_kg_search_baseline_and_avx2_builds_agree_bitwise():
-    from isa_builds import outputs_of_both_builds
+def _build_results(isa, seed):
+    import json
 
-    baseline, default = outputs_of_both_builds(_BUILD_SCRIPT)
-    assert len(baseline) > 0 and baseline == default
+    from isa_builds import output_under
+
+    out = output_under(isa, _BUILD_SCRIPT, str(seed)).decode().splitlines()
+    return [tuple(torch.tensor(v) for v in json.loads(line)) for line in out]
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "default"])
+def test_kg_search_matches_reference_under_each_cpu_build(seed, isa):
+    # Every clone the build can pick (baseline, AVX2, AVX-512 score tiles and FMA few-query pass),
+    # checked against the reference on the inputs the child process searched.
+    ns = {}
+    exec(_BUILD_CASES, ns)
+    results = _build_results(isa, seed)
+    cases = list(ns["build_cases"](seed))
+    assert len(results) == len(cases) == 12
+    for (queries, bank), (scores, ids) in zip(cases, results):
+        _assert_search_valid(queries, bank, 7, 2990, scores, ids, SCORE_TOL[queries.dtype])
+
+
+def test_kg_search_baseline_and_avx2_builds_agree_bitwise(seed):
+    # Neither build uses FMA in our code (the AVX-512 clones, which do, are off in both).
+    baseline = _build_results("baseline", seed)
+    avx2 = _build_results("avx2", seed)
+    assert len(baseline) == len(avx2) == 12
+    for (s0, i0), (s1, i1) in zip(baseline, avx2):
+        assert torch.equal(s0, s1) and torch.equal(i0, i1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,6 +8,11 @@
 // Memory: the normalised queries ([q, d], like the input), one [NB, d] bank block and one
 // [QB, NB] score block per task, and the partial top-k lists. Never [q, N] or n x n x d.
 //
+// Scores: with AVX-512 (fp32 scores), our own register-tiled GEMM whose epilogue scales and tests
+// the scores in registers (score_block_avx512); otherwise BLAS (at::mm) on [QB, d] x [d, NB]
+// blocks and a scan of the stored score block. A few queries (<= kFusedMaxQueries) against an
+// fp32/fp64 bank take a fused pass that reads each bank row once (fused_rows).
+//
 // Work split: queries in fixed blocks of QB rows, bank rows in fixed blocks of NB rows, so every
 // score comes out of the same GEMM call shape whatever the thread count. Tasks own a group of query
 // blocks x a segment of bank blocks and keep a partial top-k per query; the partial lists merge
@@ -32,6 +37,10 @@
 #include <vector>
 
 #include "moe_framework/cpu_isa.h"
+
+#if MOE_CPU_AVX2_CLONE
+#include <immintrin.h>
+#endif
 
 namespace moe_framework {
 namespace {
@@ -206,6 +215,38 @@ MOE_ALWAYS_INLINE T lane_sum(const V& v) {
   return out;
 }
 
+// The end of a fused row: scores from the row's squared norm `ss` and raw dot products, offered to
+// the heaps. False when the row has no direction.
+template <int kQ, typename T>
+MOE_ALWAYS_INLINE bool fused_row_offer(T ss, const T* dot, const T* qn, const T* x, int64_t d,
+                                       int64_t k, int64_t row, T* floor_score, T* hs, int64_t* hi,
+                                       int64_t* sizes) {
+  T score[kQ];
+  if (norm_ok(ss) && ss >= std::numeric_limits<T>::min()) {
+    const T inv = static_cast<T>(inv_norm(static_cast<double>(ss)));
+    for (int i = 0; i < kQ; ++i) score[i] = clamp_cosine(dot[i] * inv);
+  } else {
+    // squares over/underflow T (or the row is bad): redo this row in fp64
+    const double ss64 = sum_of_squares<double>(x, d);
+    if (!norm_ok(ss64)) return false;
+    const double inv = inv_norm(ss64);
+    for (int i = 0; i < kQ; ++i) {
+      double dd = 0.0;
+      for (int64_t jj = 0; jj < d; ++jj) {
+        dd += static_cast<double>(qn[i * d + jj]) * static_cast<double>(x[jj]);
+      }
+      score[i] = static_cast<T>(clamp_cosine(dd * inv));
+    }
+  }
+  for (int i = 0; i < kQ; ++i) {
+    if (score[i] >= floor_score[i]) {
+      topk_push(hs + i * k, hi + i * k, sizes[i], k, score[i], row);
+      if (sizes[i] == k) floor_score[i] = hs[i * k];
+    }
+  }
+  return true;
+}
+
 // Rows [c0, c1) of bank against kQ normalised queries: heaps of query i at (hs + i*k, hi + i*k,
 // sizes[i]). Returns the first row without a direction, or -1.
 template <int kQ, typename T>
@@ -248,29 +289,7 @@ MOE_ALWAYS_INLINE int64_t fused_rows_impl(const T* qn, const T* bank, int64_t st
       ss += x[j] * x[j];
       for (int i = 0; i < kQ; ++i) dot[i] += qn[i * d + j] * x[j];
     }
-    T score[kQ];
-    if (norm_ok(ss) && ss >= std::numeric_limits<T>::min()) {
-      const T inv = static_cast<T>(inv_norm(static_cast<double>(ss)));
-      for (int i = 0; i < kQ; ++i) score[i] = clamp_cosine(dot[i] * inv);
-    } else {
-      // squares over/underflow T (or the row is bad): redo this row in fp64
-      const double ss64 = sum_of_squares<double>(x, d);
-      if (!norm_ok(ss64)) return row;
-      const double inv = inv_norm(ss64);
-      for (int i = 0; i < kQ; ++i) {
-        double dd = 0.0;
-        for (int64_t jj = 0; jj < d; ++jj) {
-          dd += static_cast<double>(qn[i * d + jj]) * static_cast<double>(x[jj]);
-        }
-        score[i] = static_cast<T>(clamp_cosine(dd * inv));
-      }
-    }
-    for (int i = 0; i < kQ; ++i) {
-      if (score[i] >= floor_score[i]) {
-        topk_push(hs + i * k, hi + i * k, sizes[i], k, score[i], row);
-        if (sizes[i] == k) floor_score[i] = hs[i * k];
-      }
-    }
+    if (!fused_row_offer<kQ, T>(ss, dot, qn, x, d, k, row, floor_score, hs, hi, sizes)) return row;
   }
   return -1;
 }
@@ -290,16 +309,107 @@ MOE_TARGET_AVX2 int64_t fused_rows_avx2(const T* qn, const T* bank, int64_t stri
 }
 #endif
 
+// A bank streamed from memory: one core's demand misses plus the hardware prefetcher leave
+// bandwidth unused, so the pass also requests the row kPrefetchRows ahead. Measured (interleaved,
+// one thread, 1M x 384): ~10% faster at distance 4 (8, 16, 32 and L2 hints: no gain). A bank that
+// fits in the last-level cache gets slower with it (-15% at 10k rows), hence the size limit.
+constexpr int64_t kPrefetchRows = 4;
+constexpr int64_t kPrefetchMinBankBytes = int64_t{64} << 20;
+
+#if MOE_CPU_AVX2_CLONE
+// Sum of the 16 lanes (a fixed tree). The maskz shuffles: GCC 12 warns about the undefined
+// pass-through operand of the unmasked forms (and of _mm512_reduce_add_ps).
+MOE_TARGET_AVX512 MOE_ALWAYS_INLINE float lane_sum_avx512(__m512 v) {
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xFFFF, v, v, 0x4E));
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xFFFF, v, v, 0xB1));
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xFFFF, v, 0x4E));
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(0xFFFF, v, 0xB1));
+  return _mm512_cvtss_f32(v);
+}
+
+// The same pass for fp32 with AVX-512 FMA: 4 x 16 lanes per step, so 4 (kQ + 1) independent FMA
+// chains hide the FMA latency; the d % 16 tail is a masked load (no scalar loop). Its sums are
+// rounded differently from the baseline/AVX2 builds (FMA, other lane split): close, not bitwise.
+template <int kQ>
+MOE_TARGET_AVX512 int64_t fused_rows_avx512(const float* qn, const float* bank, int64_t stride,
+                                            int64_t c0, int64_t c1, int64_t d, int64_t k, float* hs,
+                                            int64_t* hi, int64_t* sizes, bool prefetch) {
+  constexpr int U = 4;
+  float floor_score[kQ];
+  for (int i = 0; i < kQ; ++i) {
+    floor_score[i] = sizes[i] < k ? -std::numeric_limits<float>::infinity() : hs[i * k];
+  }
+  for (int64_t row = c0; row < c1; ++row) {
+    const float* x = bank + row * stride;
+    if (prefetch && row + kPrefetchRows < c1) {
+      const char* ahead = reinterpret_cast<const char*>(x + kPrefetchRows * stride);
+      for (int64_t off = 0; off < d * 4; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+    }
+    __m512 ss[U], dot[kQ][U];
+    for (int u = 0; u < U; ++u) {
+      ss[u] = _mm512_setzero_ps();
+      for (int i = 0; i < kQ; ++i) dot[i][u] = _mm512_setzero_ps();
+    }
+    int64_t j = 0;
+    for (; j + 16 * U <= d; j += 16 * U) {
+      for (int u = 0; u < U; ++u) {
+        const __m512 a = _mm512_loadu_ps(x + j + 16 * u);
+        ss[u] = _mm512_fmadd_ps(a, a, ss[u]);
+        for (int i = 0; i < kQ; ++i) {
+          dot[i][u] = _mm512_fmadd_ps(_mm512_loadu_ps(qn + i * d + j + 16 * u), a, dot[i][u]);
+        }
+      }
+    }
+    for (; j < d; j += 16) {
+      const __mmask16 m =
+          d - j >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (d - j)) - 1);
+      const __m512 a = _mm512_maskz_loadu_ps(m, x + j);
+      ss[0] = _mm512_fmadd_ps(a, a, ss[0]);
+      for (int i = 0; i < kQ; ++i) {
+        dot[i][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qn + i * d + j), a, dot[i][0]);
+      }
+    }
+    const float sst =
+        lane_sum_avx512(_mm512_add_ps(_mm512_add_ps(ss[0], ss[1]), _mm512_add_ps(ss[2], ss[3])));
+    float dt[kQ];
+    for (int i = 0; i < kQ; ++i) {
+      dt[i] = lane_sum_avx512(
+          _mm512_add_ps(_mm512_add_ps(dot[i][0], dot[i][1]), _mm512_add_ps(dot[i][2], dot[i][3])));
+    }
+    if (!fused_row_offer<kQ, float>(sst, dt, qn, x, d, k, row, floor_score, hs, hi, sizes)) {
+      return row;
+    }
+  }
+  return -1;
+}
+#endif
+
 // Queries [0, nq) (nq <= kFusedMaxQueries; their heaps are consecutive in hs/hi/sizes).
+// prefetch: the bank does not fit in cache (AVX-512 pass only).
 template <typename T>
 int64_t fused_rows(const T* qn, int64_t nq, const T* bank, int64_t stride, int64_t c0, int64_t c1,
-                   int64_t d, int64_t k, T* hs, int64_t* hi, int64_t* sizes) {
+                   int64_t d, int64_t k, T* hs, int64_t* hi, int64_t* sizes, bool prefetch) {
 #if MOE_CPU_AVX2_CLONE
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx512()) {
+      switch (nq) {
+        case 1:
+          return fused_rows_avx512<1>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes, prefetch);
+        case 2:
+          return fused_rows_avx512<2>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes, prefetch);
+        case 3:
+          return fused_rows_avx512<3>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes, prefetch);
+        default:
+          return fused_rows_avx512<4>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes, prefetch);
+      }
+    }
+  }
   const bool avx2 = use_avx2();
 #define MOE_SIM_FUSED(Q)                                                             \
   return avx2 ? fused_rows_avx2<Q, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes) \
               : fused_rows_baseline<Q, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes)
 #else
+  (void)prefetch;
 #define MOE_SIM_FUSED(Q) \
   return fused_rows_baseline<Q, T>(qn, bank, stride, c0, c1, d, k, hs, hi, sizes)
 #endif
@@ -316,6 +426,176 @@ int64_t fused_rows(const T* qn, int64_t nq, const T* bank, int64_t stride, int64
 #undef MOE_SIM_FUSED
 }
 
+// ---------------------------------------------------------------------------------------------
+// AVX-512 score tiles (fp32 kg_search): our own register-blocked GEMM whose epilogue applies the
+// bank rows' 1/||row|| and the top-k admission test while the scores are still in registers, so
+// no score block is ever written out (BLAS would store [QB, NB] scores, and the scan would read
+// them back).
+//
+// Vector lanes run along QUERIES: the normalised queries are packed once per call into panels of
+// 32 ([d][32], zero padded), and each bank element is broadcast straight from the bank row, so the
+// bank (the big operand) is never packed or copied. A tile is 32 queries x kTileRows bank rows:
+// 2 x 14 zmm accumulators, one pass over d with no remainder (any d, odd included). The
+// admission floors of 32 queries are one vector pair, so the per-score work of the top-k is one
+// compare; only scores that beat a floor leave the registers.
+//
+// Every score is one FMA chain over j = 0..d-1 in order, whatever the split into blocks, segments
+// or threads: deterministic for a given build, but rounded differently from the BLAS/non-FMA
+// builds (scores differ by a few ulps; tests compare each build with the reference).
+
+constexpr int64_t kPanelQ = 32;  // queries per panel (two zmm)
+constexpr int kTileRows = 14;    // bank rows per tile: 28 accumulators + 2 query vectors
+// Query panels a tile loop sweeps per group of bank rows: the panels (up to 48 KiB each at
+// d = 384) stream from L2 while the 14 bank rows stay in L1.
+
+int64_t query_panels(int64_t q) {
+  return ceil_div(q, kPanelQ);
+}
+
+// qp [panels][d][32] from qn [q, d]; lanes past q are zero.
+void pack_query_panels(const float* qn, int64_t q, int64_t d, float* qp) {
+  const int64_t panels = query_panels(q);
+  at::parallel_for(0, panels, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, d)),
+                   [&](int64_t p0, int64_t p1) {
+                     for (int64_t p = p0; p < p1; ++p) {
+                       float* out = qp + p * d * kPanelQ;
+                       for (int64_t l = 0; l < kPanelQ; ++l) {
+                         const int64_t r = p * kPanelQ + l;
+                         for (int64_t j = 0; j < d; ++j) {
+                           out[j * kPanelQ + l] = r < q ? qn[r * d + j] : 0.0f;
+                         }
+                       }
+                     }
+                   });
+}
+
+// Where a task's accepted candidates go: the partial heaps of its segment (row r at hs + r*k)
+// and each query's admission floor (the heap root's score once full, -inf before; +inf for the
+// padding lanes of the last panel, which then never pass).
+struct TileSink {
+  float* hs;
+  int64_t* hi;
+  int64_t* sizes;
+  float* floor;
+  int64_t k;
+};
+
+// Offer lanes `mask` of scores s[32] (queries q0.., bank row `id`) to their heaps. Rare after the
+// first k rows, so out of line: the tile loop keeps its registers.
+__attribute__((noinline)) void push_lanes(uint64_t mask, const float* s, int64_t q0, int64_t id,
+                                          const TileSink& sink) {
+  const int64_t k = sink.k;
+  while (mask != 0) {
+    const int l = __builtin_ctzll(mask);
+    mask &= mask - 1;
+    const int64_t r = q0 + l;
+    float* hs = sink.hs + r * k;
+    topk_push(hs, sink.hi + r * k, sink.sizes[r], k, s[l], id);
+    sink.floor[r] = sink.sizes[r] < k ? -std::numeric_limits<float>::infinity() : hs[0];
+  }
+}
+
+#if MOE_CPU_AVX2_CLONE
+// Scores of MQ x 16 queries (panel qp, first query q0) against NR bank rows b + i*ldb (ids id0..),
+// each scaled by scale[i] and clamped to [-1, 1], offered to the heaps where they pass the floor.
+template <int MQ, int NR>
+MOE_TARGET_AVX512 void score_tile_avx512(const float* qp, int64_t q0, const float* b, int64_t ldb,
+                                         const float* scale, int64_t id0, int64_t d,
+                                         const TileSink& sink) {
+  __m512 acc[NR][MQ];
+#pragma GCC unroll 14
+  for (int i = 0; i < NR; ++i) {
+#pragma GCC unroll 2
+    for (int m = 0; m < MQ; ++m) acc[i][m] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < d; ++j) {
+    __m512 a[MQ];
+#pragma GCC unroll 2
+    for (int m = 0; m < MQ; ++m) a[m] = _mm512_loadu_ps(qp + j * kPanelQ + 16 * m);
+#pragma GCC unroll 14
+    for (int i = 0; i < NR; ++i) {
+      const __m512 bi = _mm512_set1_ps(b[i * ldb + j]);
+#pragma GCC unroll 2
+      for (int m = 0; m < MQ; ++m) acc[i][m] = _mm512_fmadd_ps(a[m], bi, acc[i][m]);
+    }
+  }
+  const __m512 lo = _mm512_set1_ps(-1.0f);
+  const __m512 hi = _mm512_set1_ps(1.0f);
+  __m512 fl[MQ];
+#pragma GCC unroll 2
+  for (int m = 0; m < MQ; ++m) fl[m] = _mm512_loadu_ps(sink.floor + q0 + 16 * m);
+#pragma GCC unroll 14
+  for (int i = 0; i < NR; ++i) {
+    const __m512 sc = _mm512_set1_ps(scale[i]);
+    __m512 s[MQ];
+    uint64_t mask = 0;
+#pragma GCC unroll 2
+    for (int m = 0; m < MQ; ++m) {
+      // clamp before the test: a score rounded past -1 ties with a floor of exactly -1
+      // (maskz forms: GCC 12 warns about the undefined pass-through of the plain min/max)
+      s[m] = _mm512_maskz_min_ps(0xFFFF,
+                                 _mm512_maskz_max_ps(0xFFFF, _mm512_mul_ps(acc[i][m], sc), lo), hi);
+      mask |= static_cast<uint64_t>(_mm512_cmp_ps_mask(s[m], fl[m], _CMP_GE_OQ)) << (16 * m);
+    }
+    if (mask != 0) {
+      alignas(64) float buf[kPanelQ];
+#pragma GCC unroll 2
+      for (int m = 0; m < MQ; ++m) _mm512_store_ps(buf + 16 * m, s[m]);
+      push_lanes(mask, buf, q0, id0 + i, sink);
+#pragma GCC unroll 2
+      for (int m = 0; m < MQ; ++m) fl[m] = _mm512_loadu_ps(sink.floor + q0 + 16 * m);
+    }
+  }
+}
+
+template <int MQ>
+MOE_TARGET_AVX512 void score_rows_avx512(const float* qp, int64_t q0, const float* b, int64_t ldb,
+                                         const float* scale, int64_t id0, int64_t nr, int64_t d,
+                                         const TileSink& sink) {
+  switch (nr) {
+#define MOE_SIM_TILE(R)                                            \
+  case R:                                                          \
+    score_tile_avx512<MQ, R>(qp, q0, b, ldb, scale, id0, d, sink); \
+    return;
+    MOE_SIM_TILE(1)
+    MOE_SIM_TILE(2)
+    MOE_SIM_TILE(3)
+    MOE_SIM_TILE(4)
+    MOE_SIM_TILE(5)
+    MOE_SIM_TILE(6)
+    MOE_SIM_TILE(7)
+    MOE_SIM_TILE(8)
+    MOE_SIM_TILE(9)
+    MOE_SIM_TILE(10)
+    MOE_SIM_TILE(11)
+    MOE_SIM_TILE(12)
+    MOE_SIM_TILE(13)
+    default:
+      score_tile_avx512<MQ, kTileRows>(qp, q0, b, ldb, scale, id0, d, sink);
+#undef MOE_SIM_TILE
+  }
+}
+
+// Queries [r0, r1) (r0 a multiple of kPanelQ) against bank rows [c0, c1) at b (row c0, stride
+// ldb) with their scales: groups of kTileRows bank rows (kept in L1) sweep the query panels.
+MOE_TARGET_AVX512 void score_block_avx512(const float* qpanels, int64_t r0, int64_t r1,
+                                          const float* b, int64_t ldb, const float* scale,
+                                          int64_t c0, int64_t c1, int64_t d, const TileSink& sink) {
+  for (int64_t i0 = c0; i0 < c1; i0 += kTileRows) {
+    const int64_t nr = std::min<int64_t>(kTileRows, c1 - i0);
+    const float* bi = b + (i0 - c0) * ldb;
+    for (int64_t q0 = r0; q0 < r1; q0 += kPanelQ) {
+      const float* qp = qpanels + (q0 / kPanelQ) * d * kPanelQ;
+      if (r1 - q0 > 16) {
+        score_rows_avx512<2>(qp, q0, bi, ldb, scale + (i0 - c0), i0, nr, d, sink);
+      } else {  // a last panel of <= 16 queries: half the work
+        score_rows_avx512<1>(qp, q0, bi, ldb, scale + (i0 - c0), i0, nr, d, sink);
+      }
+    }
+  }
+}
+#endif
+
 // How the (query block x bank block) grid is cut into tasks. Query blocks [qgroup[g], qgroup[g+1])
 // form group g; bank blocks [segment[s], segment[s+1]) form segment s; task t = g * segs + s.
 struct Plan {
@@ -328,12 +608,15 @@ struct Plan {
 };
 
 // Tasks for `work` multiply-adds: a few per thread of torch's pool, none smaller than
-// kMinTaskWork (small searches run inline, without waking the pool).
+// kMinTaskWork (small searches run inline, without waking the pool). Past one task per thread, a
+// multiple of the thread count, so that equal tasks keep every thread equally busy.
 int64_t task_target(double work) {
-  const int64_t by_threads = kTasksPerThread * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const double by_work = std::max(1.0, std::floor(work / kMinTaskWork));
-  return std::max<int64_t>(
-      1, std::min<int64_t>(by_threads, static_cast<int64_t>(std::min(by_work, 1e9))));
+  int64_t t = std::max<int64_t>(1, std::min<int64_t>(kTasksPerThread * threads,
+                                                     static_cast<int64_t>(std::min(by_work, 1e9))));
+  if (t > threads) t -= t % threads;
+  return t;
 }
 
 std::vector<int64_t> even_bounds(int64_t items, int64_t parts) {
@@ -349,7 +632,10 @@ Plan plan_search(int64_t q, int64_t nv, int64_t k, int64_t elem_size, int64_t d)
   p.bank_block = bank_block_rows(d, elem_size);
   const int64_t qblocks = ceil_div(q, p.query_block);
   const int64_t bblocks = ceil_div(nv, p.bank_block);
-  const int64_t target = task_target(static_cast<double>(q) * static_cast<double>(nv) * d);
+  // The fused pass (q <= kFusedMaxQueries) is bound by reading the bank: its cost per row is
+  // about that of kFusedMaxQueries queries' multiply-adds.
+  const double q_cost = static_cast<double>(std::max(q, kFusedMaxQueries));
+  const int64_t target = task_target(q_cost * static_cast<double>(nv) * d);
   int64_t segs = std::min(bblocks, target);
   segs = std::max<int64_t>(1, std::min(segs, kMaxPartialEntries / std::max<int64_t>(1, q * k)));
   const int64_t groups = std::max<int64_t>(1, std::min(qblocks, ceil_div(target, segs)));
@@ -407,10 +693,12 @@ struct Partials {
 // bank_stride); when bank_normalized (dedup) they are used in place, else each task normalises a
 // block into its buffer. causal: query row r only sees bank rows < r. Returns the first bank row
 // without a direction (-1 when all are fine).
+// qpanels: the queries packed for the AVX-512 tiles (fp32 kg_search when use_avx512()), else
+// null: BLAS blocks.
 template <typename scalar_t, typename acc_t>
 int64_t search_blocks(const acc_t* qn, int64_t q, int64_t d, const scalar_t* bank,
                       int64_t bank_stride, bool bank_normalized, int64_t nv, int64_t k, bool causal,
-                      const Plan& plan, Partials<acc_t>& part) {
+                      const Plan& plan, Partials<acc_t>& part, const float* qpanels = nullptr) {
   const int64_t QB = plan.query_block;
   const int64_t NB = plan.bank_block;
   const int64_t segs = plan.segs();
@@ -419,12 +707,22 @@ int64_t search_blocks(const acc_t* qn, int64_t q, int64_t d, const scalar_t* ban
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor bank_buf, score_buf;
     std::vector<acc_t> scale(static_cast<size_t>(NB));
+    std::vector<float> floors;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / segs;
       const int64_t s = t % segs;
       const int64_t row_begin = plan.qgroup[g] * QB;
       const int64_t row_end = std::min(q, plan.qgroup[g + 1] * QB);
-      if (!score_buf.defined()) {
+      const bool tiles = std::is_same_v<acc_t, float> && qpanels != nullptr && !causal;
+      if (tiles) {
+        // this task's heaps start empty: every score passes until a heap holds k entries
+        floors.resize(static_cast<size_t>(query_panels(q) * kPanelQ));
+        for (int64_t r = row_begin; r < query_panels(row_end) * kPanelQ; ++r) {
+          floors[r] = r < q ? -std::numeric_limits<float>::infinity()
+                            : std::numeric_limits<float>::infinity();
+        }
+      }
+      if (!score_buf.defined() && !tiles) {
         score_buf =
             at::empty({QB * NB}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
         if (!bank_normalized) {
@@ -432,7 +730,11 @@ int64_t search_blocks(const acc_t* qn, int64_t q, int64_t d, const scalar_t* ban
                                at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
         }
       }
-      acc_t* sbuf = score_buf.data_ptr<acc_t>();
+      if (tiles && !bank_buf.defined() && !bank_normalized) {
+        bank_buf =
+            at::empty({NB * d}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      }
+      acc_t* sbuf = tiles ? nullptr : score_buf.data_ptr<acc_t>();
       acc_t* part_score = part.score.data() + s * q * k;
       int64_t* part_id = part.id.data() + s * q * k;
       int64_t* part_size = part.size.data() + s * q;
@@ -441,7 +743,8 @@ int64_t search_blocks(const acc_t* qn, int64_t q, int64_t d, const scalar_t* ban
           const int64_t c0 = plan.segment[s] * NB;
           const int64_t c1 = std::min(nv, plan.segment[s + 1] * NB);
           bad[t] =
-              fused_rows(qn, q, bank, bank_stride, c0, c1, d, k, part_score, part_id, part_size);
+              fused_rows(qn, q, bank, bank_stride, c0, c1, d, k, part_score, part_id, part_size,
+                         nv * d * static_cast<int64_t>(sizeof(scalar_t)) >= kPrefetchMinBankBytes);
           continue;
         }
       }
@@ -484,6 +787,16 @@ int64_t search_blocks(const acc_t* qn, int64_t q, int64_t d, const scalar_t* ban
           }
         }
         const int64_t nb = c1 - c0;
+#if MOE_CPU_AVX2_CLONE
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (tiles) {
+            if (!scaled) std::fill(scale.begin(), scale.begin() + nb, 1.0f);
+            const TileSink sink{part_score, part_id, part_size, floors.data(), k};
+            score_block_avx512(qpanels, row_begin, row_end, b, ldb, scale.data(), c0, c1, d, sink);
+            continue;
+          }
+        }
+#endif
         for (int64_t r0 = row_begin; r0 < row_end; r0 += QB) {
           const int64_t r1 = std::min(row_end, r0 + QB);
           if (causal && r1 - 1 <= c0) continue;  // every row here precedes the block
@@ -571,8 +884,18 @@ void kg_search_kernel(const at::Tensor& queries, const at::Tensor& bank, int64_t
   const Plan plan = plan_search(q, nv, k, sizeof(acc), d);
   Partials<acc> part(plan.segs(), q, k);
   if (nv > 0) {
+    // fp32 scores (fp32, bf16, fp16 inputs) past the fused few-query pass: AVX-512 tiles
+    std::vector<float> qpanels;
+    if constexpr (std::is_same_v<acc, float>) {
+      const bool fused = std::is_same_v<scalar_t, float> && q <= kFusedMaxQueries;
+      if (use_avx512() && !fused) {
+        qpanels.resize(static_cast<size_t>(query_panels(q) * kPanelQ * d));
+        pack_query_panels(qn.data(), q, d, qpanels.data());
+      }
+    }
     const int64_t bad =
-        search_blocks<scalar_t, acc>(qn.data(), q, d, bp, bstride, false, nv, k, false, plan, part);
+        search_blocks<scalar_t, acc>(qn.data(), q, d, bp, bstride, false, nv, k, false, plan, part,
+                                     qpanels.empty() ? nullptr : qpanels.data());
     TORCH_CHECK(bad < 0, "kg_search: bank row ", bad, " (within the first n_valid = ", nv,
                 " rows) has a zero, NaN or Inf norm: cosine similarity is undefined");
   }
