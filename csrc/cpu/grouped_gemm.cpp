@@ -6,10 +6,11 @@
 //    at::parallel_for (no per-expert calls), each with a register-blocked FMA micro-kernel picked
 //    at run time (gemm_isa(): AVX-512 8x48, AVX2+FMA 4x24, or a scalar loop).
 // Which groups are "large" (is_large): fp64 (gradcheck) always; fp16 never (torch's CPU fp16 GEMM
-// is orders of magnitude slower); fp32 from 128 rows with AVX2, and with AVX-512 never except for
-// b^T (da) from 32 rows, where our dot-product kernel loses to the BLAS; bf16 on CPUs with
-// AVX512-BF16 from 128 rows (32 for b^T) in the forward, where our vdpbf16ps kernels run below
-// that, and from 8 rows in the weight gradient; bf16 without AVX512-BF16 from 32 rows.
+// is orders of magnitude slower); fp32 from 128 rows with AVX2, and with AVX-512 never (b^T groups
+// from 24 rows pack transposed B panels for the 8x48 kernel, smaller ones run a dot-product
+// kernel); bf16 on CPUs with AVX512-BF16 from 128 rows (32 for b^T) in the forward, where our
+// vdpbf16ps kernels run below that, and from 8 rows in the weight gradient; bf16 without
+// AVX512-BF16 from 32 rows.
 // bf16/fp16 accumulate in fp32: the fp32 kernels convert the activations once and the weight
 // panels while packing; the vdpbf16ps kernels multiply bf16 pairs directly. Every output element is
 // a sum over K (or over the rows of an expert, for wgrad) in a fixed order, independent of the
@@ -59,7 +60,13 @@ using grouped_gemm::ceil_div;
 // instructions that our fp32-converting kernel cannot match beyond a handful of rows (measured:
 // 0.5-0.8x at 8-16 rows); without them it falls back to conversions like ours.
 constexpr int64_t kLargeRows = 128;
-constexpr int64_t kLargeRowsTransB512 = 32;
+// fp32 b^T with AVX-512: groups of at least kPackRowsTransB rows run the 8x48 register tile on
+// transposed panels (pack_bt_avx512), in row ranges of up to kMBTransB rows of one expert so
+// that each panel is packed once for all of them; smaller groups run the dot-product kernel,
+// which needs no packing (measured, 8 experts, 1 thread: pack/dot 0.8-0.9x at 8 rows, 0.8-1.04x
+// at 16, 1.07-1.17x at 24, 1.2-1.5x at 32; 512-row ranges 1.05-1.3x faster than 64-row ones).
+constexpr int64_t kPackRowsTransB = 24;
+constexpr int64_t kMBTransB = 512;
 // bf16 with the vdpbf16ps kernels (AVX512-BF16 CPUs): a @ b[e], and b[e]^T (see is_large).
 constexpr int64_t kLargeRowsBf16 = 128;
 constexpr int64_t kLargeRowsBf16TransB = 32;
@@ -426,6 +433,66 @@ inline int64_t panel_ld(int64_t n) {
   return (ld % 256 == 0) ? ld + 8 : ld;
 }
 
+#if MOE_GG_X86
+// In-register transpose of a 16x16 fp32 block: r[i] holds row i on entry, column i on exit.
+// Three shuffle stages: 2x2 (unpack), 4x4 within 128-bit lanes, then two lane shuffles.
+MOE_TARGET_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // r[4g + q], lane L: rows 4g..4g+3 of column 4L + q.
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    r[4 * g] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    r[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    r[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    r[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) {
+    // Lanes (0, 2 | 1, 3) of the row groups (0, 1) and (2, 3), then gathered across groups.
+    const __m512 u0 = _mm512_shuffle_f32x4(r[q], r[4 + q], 0x88);
+    const __m512 u1 = _mm512_shuffle_f32x4(r[q], r[4 + q], 0xDD);
+    const __m512 u2 = _mm512_shuffle_f32x4(r[8 + q], r[12 + q], 0x88);
+    const __m512 u3 = _mm512_shuffle_f32x4(r[8 + q], r[12 + q], 0xDD);
+    t[q] = _mm512_shuffle_f32x4(u0, u2, 0x88);       // column q
+    t[8 + q] = _mm512_shuffle_f32x4(u0, u2, 0xDD);   // column 8 + q
+    t[4 + q] = _mm512_shuffle_f32x4(u1, u3, 0x88);   // column 4 + q
+    t[12 + q] = _mm512_shuffle_f32x4(u1, u3, 0xDD);  // column 12 + q
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// Transposing pack of an fp32 b^T block: panel[p * ldp + j] = b[j * ldbj + p] for p < kc, j < n.
+// 16 rows of b are read along p (16 sequential streams) and transposed 16x16 in registers, about
+// 0.3 instructions per element instead of a scattered scalar store each.
+MOE_TARGET_AVX512 void pack_bt_avx512(const float* b, int64_t ldbj, int64_t kc, int64_t n,
+                                      float* panel, int64_t ldp) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const int64_t nj = std::min<int64_t>(16, n - j);
+    const __mmask16 kj = strip_mask(nj);
+    for (int64_t p = 0; p < kc; p += 16) {
+      const __mmask16 kp = strip_mask(kc - p);
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        r[i] = i < nj ? _mm512_maskz_loadu_ps(kp, b + (j + i) * ldbj + p) : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      const int64_t np = std::min<int64_t>(16, kc - p);
+#pragma GCC unroll 16
+      for (int q = 0; q < 16; ++q) {
+        if (q < np) _mm512_mask_storeu_ps(panel + (p + q) * ldp + j, kj, r[q]);
+      }
+    }
+  }
+}
+#endif
+
 // Pack B[k0:k0+kc, 0:n] into the row-major fp32 panel (row stride ldp). Reads and writes both
 // run along rows (sequential memory streams) when B has unit column stride.
 template <typename scalar_t>
@@ -443,6 +510,13 @@ void pack_b(const BView<scalar_t>& b, int64_t k0, int64_t kc, int64_t n, float* 
       pack_row(b.ptr + (k0 + p) * b.sk, n, panel + p * ldp);
     }
   } else {
+#if MOE_GG_X86
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (b.sk == 1 && gemm_isa() == Isa::kAvx512) {
+        return pack_bt_avx512(b.ptr + k0, b.sn, kc, n, panel, ldp);
+      }
+    }
+#endif
     // Transposed B: walk the source along its contiguous axis (p) for each column j.
     for (int64_t j = 0; j < n; ++j) {
       const scalar_t* src = b.ptr + j * b.sn + k0 * b.sk;
@@ -918,10 +992,10 @@ bool is_large(int64_t rows, at::ScalarType dtype, bool trans_b, bool wgrad, cons
   }
   if (dtype == at::kFloat && gemm_isa() == Isa::kAvx512) {
     // With the AVX-512 micro-kernel our tiles beat torch's fp32 BLAS at every group size for
-    // a @ b[e] and for the weight gradient (measured 1.6-1.8x at 64-512 rows: the BLAS runs AVX2
-    // code on this CPU). For b[e]^T (da of the backward) the dot-product kernel only wins on
-    // small groups (its A rows are re-read from L2 for every 3 columns).
-    return (trans_b && !wgrad) && rows >= kLargeRowsTransB512;
+    // a @ b[e], b[e]^T (transposed panels from kPackRowsTransB rows) and the weight gradient
+    // (measured 1.6-1.8x at 64-512 rows, 1.0-2.3x for b^T at 32-2048 rows: the BLAS runs AVX2
+    // code on this CPU).
+    return false;
   }
   return rows >= (dtype == at::kBFloat16 ? large_rows_bf16() : kLargeRows);
 }
@@ -1040,13 +1114,26 @@ void grouped_gemm_tiles(const at::Tensor& a, const at::Tensor& b, const std::vec
                         bool trans_b, at::Tensor& out) {
   const int64_t m = a.size(0), k = a.size(1), n = out.size(1);
   const int64_t num_experts = b.size(0);
+  // fp32 b^T groups of at least kPackRowsTransB rows run the register-tile kernel on transposed
+  // panels (packed once per tile); smaller ones the dot-product kernel (no packing).
+  const auto packed_bt = [&](int64_t group) {
+    return std::is_same_v<scalar_t, float> && trans_b && b.stride(2) == 1 &&
+           gemm_isa() == Isa::kAvx512 && group >= kPackRowsTransB;
+  };
   // Small-group tiles, enumerated with the row-tile schedule the CUDA kernel uses.
   std::vector<RowRange> rows;
   const int64_t row_tiles = grouped_gemm::row_tile_bound(m, num_experts, kMB);
   for (int64_t t = 0; t < row_tiles; ++t) {
     const auto rt = grouped_gemm::locate_row_tile(off.data(), num_experts, m, kMB, t);
     if (rt.row_begin == rt.row_end) continue;
-    if (is_large(off[rt.expert + 1] - off[rt.expert], a.scalar_type(), trans_b, false, b)) continue;
+    const int64_t group = off[rt.expert + 1] - off[rt.expert];
+    if (is_large(group, a.scalar_type(), trans_b, false, b)) continue;
+    if (packed_bt(group) && !rows.empty() && rows.back().expert == rt.expert &&
+        rt.row_end - rows.back().r0 <= kMBTransB) {
+      // One tile packs each b^T panel once for all its rows: merge row tiles of the group.
+      rows.back().r1 = rt.row_end;
+      continue;
+    }
     rows.push_back({rt.expert, rt.row_begin, rt.row_end});
   }
   const std::vector<WorkTile> tiles = col_tiles(rows, n);
@@ -1077,8 +1164,9 @@ void grouped_gemm_tiles(const at::Tensor& a, const at::Tensor& b, const std::vec
                           std::memcpy(abuf.data() + i * ldt, ap + (w.r0 + i) * lda,
                                       static_cast<size_t>(k) * sizeof(float));
                         const float* at = abuf.data();
+                        const bool pack = packed_bt(off[w.expert + 1] - off[w.expert]);
                         if (!stream_gemm(rows, w.n1 - w.n0, k, at, ldt, bv, c, ldc) &&
-                            !dot_gemm(rows, w.n1 - w.n0, k, at, ldt, bv, c, ldc)) {
+                            (pack || !dot_gemm(rows, w.n1 - w.n0, k, at, ldt, bv, c, ldc))) {
                           tile_gemm(rows, w.n1 - w.n0, k, at, ldt, 1, bv, c, ldc, panel);
                         }
                       });
