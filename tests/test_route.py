@@ -255,6 +255,99 @@ def test_route_cpu_avx2_and_baseline_builds_give_identical_bits(seed):
     assert len(baseline) > 0 and baseline == default
 
 
+# The CPU kernel routes blocks of 16 rows with one vector lane per row (k <= 8, E <= 256, fp32 /
+# bf16 / fp16) and single rows otherwise; MOE_FRAMEWORK_ROUTE_ROW_KERNEL=1 forces the row path.
+# Both must give the same bits, under every ISA build: the child prints, per case, a hash of the
+# block path's outputs and one of the row path's.
+_PATHS_SCRIPT = """
+import hashlib, itertools, os, sys, torch, moe_framework
+from moe_framework.ops import route
+g = torch.Generator().manual_seed(int(sys.argv[1]))
+inf, nan = float("inf"), float("nan")
+
+def logits(T, E, dtype, strided):
+    x = torch.randn(T, E + 5 * strided, generator=g) * 3
+    x = x[:, 2 : 2 + E] if strided else x  # row stride E + 5: not contiguous
+    for r, fill in ((3, "nan1"), (5, "nan"), (9, "-inf"), (12, "inf1"), (16, "zeros"),
+                    (20, "signed0"), (30, "ties"), (33, "-inf1")):
+        if r >= T:
+            continue
+        if fill == "nan1": x[r, E // 2] = nan
+        if fill == "nan": x[r] = nan
+        if fill == "-inf": x[r] = -inf
+        if fill == "-inf1": x[r, 0] = -inf
+        if fill == "inf1": x[r, E - 1] = inf
+        if fill == "zeros": x[r] = 0.0
+        if fill == "signed0": x[r] = 0.0; x[r, ::2] = -0.0
+        if fill == "ties": x[r] = x[r].round()
+    return x.to(dtype)
+
+def digest(ts):
+    h = hashlib.sha256()
+    for t in ts:
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+groupings = {8: [(1, 1), (4, 2)], 12: [(1, 1), (4, 2)], 37: [(1, 1)], 48: [(1, 1), (4, 2)],
+             100: [(1, 1), (4, 3)], 256: [(1, 1), (8, 4)]}
+for E, (n_group, topk_group) in ((E, gr) for E, grs in groupings.items() for gr in grs):
+    for T, k, scoring, renorm, with_bias, dtype in itertools.product(
+            (1, 17, 35, 45), (1, 2, 3, 8, 9), ("softmax", "sigmoid"), (True, False), (False, True),
+            (torch.float32, torch.bfloat16, torch.float16)):
+        if k > topk_group * (E // n_group) or (dtype != torch.float32 and T != 45):
+            continue
+        if T == 35 and (k not in (2, 8) or renorm):
+            continue
+        x = logits(T, E, dtype, strided=(T == 45 and E % 2 == 0))
+        b = torch.randn(E, generator=g) * 0.5 if with_bias else None
+        kw = dict(scoring=scoring, correction_bias=b, n_group=n_group, topk_group=topk_group,
+                  renormalize=renorm, scaling_factor=-0.0 if k == 3 else 2.5)
+        os.environ.pop("MOE_FRAMEWORK_ROUTE_ROW_KERNEL", None)
+        block = route(x, k, **kw)
+        os.environ["MOE_FRAMEWORK_ROUTE_ROW_KERNEL"] = "1"
+        row = route(x, k, **kw)
+        case = f"E={E} groups={n_group}/{topk_group} T={T} k={k} {scoring} renorm={renorm} "
+        case += f"bias={with_bias} {dtype}"
+        print(case, digest(block), digest(row))
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "default"])
+def test_route_row_block_path_gives_the_row_path_bits_under_each_build(seed, isa):
+    from isa_builds import output_under
+
+    lines = output_under(isa, _PATHS_SCRIPT, str(seed)).decode().splitlines()
+    assert len(lines) > 1000
+    differ = [line for line in lines if line.split()[-1] != line.split()[-2]]
+    assert not differ, f"{len(differ)} cases differ, first: {differ[:5]}"
+
+
+def test_route_row_block_path_matches_reference_with_partial_blocks(seed):
+    # T = 45: two full blocks of 16 rows and a partial one (T = 35: a tail of 3 rows, routed
+    # one by one); E = 12 is not a multiple of any vector width; the counts must not include the
+    # padding lanes.
+    cases = ((8, 2, 1, 1), (12, 3, 1, 1), (12, 4, 4, 2), (256, 2, 1, 1))
+    for (E, k, n_group, topk_group), T in itertools.product(cases, (35, 45)):
+        x = torch.randn(T, E) * 2
+        bias = torch.randn(E) * 0.3
+        for scoring, b in (("softmax", None), ("sigmoid", bias)):
+            kw = dict(scoring=scoring, correction_bias=b, n_group=n_group, topk_group=topk_group)
+            got = route(x, k, **kw)
+            _assert_same_routing(got, route_ref(x, k, **kw))
+            assert torch.equal(got[2], torch.bincount(got[1].flatten().long(), minlength=E).int())
+
+
+def test_route_signed_zeros_tie_like_equal_keys():
+    # -0 == +0: the lowest id wins, in a full block of rows and in a single row.
+    for T in (1, 32):
+        x = torch.full((T, 6), -1.0)
+        x[:, 1] = -0.0
+        x[:, 3] = 0.0
+        x[:, 4] = -0.0
+        _, ids, _ = route(x, 2)
+        assert ids.tolist() == [[1, 3]] * T
+
+
 # ------------------------------------------------------------------ ties and non-finite rows
 
 
