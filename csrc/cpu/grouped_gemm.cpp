@@ -1235,11 +1235,15 @@ void wgrad_tiles(const at::Tensor& a, const at::Tensor& g, const std::vector<int
   // rows of x (the left factor, [rows, P]) and y (the right one, [rows, Q]).
   const int64_t p_dim = db.size(1), q_dim = db.size(2);
   std::vector<RowRange> blocks;
+  // Output rows per tile: with the AVX-512 kernel, kMBLarge (each packed panel of y serves 512
+  // rows of db[e], in <= 480-column blocks). Measured at 8 experts x 512 rows, K = 512 / 1792,
+  // 1 thread, interleaved: 64 -> 512 rows 160-171 -> 178-208 GFLOP/s fp32 (+10-24%), fp16 +12-23%;
+  // unchanged at 8-16 rows per expert.
+  const int64_t pb = gemm_isa() == Isa::kAvx512 ? kMBLarge : kMB;
   for (int64_t e = 0; e < num_experts; ++e) {
     const int64_t rows = off[e + 1] - off[e];
     if (rows == 0 || is_large(rows, a.scalar_type(), trans_b, true, a)) continue;
-    for (int64_t p0 = 0; p0 < p_dim; p0 += kMB)
-      blocks.push_back({e, p0, std::min(p_dim, p0 + kMB)});
+    for (int64_t p0 = 0; p0 < p_dim; p0 += pb) blocks.push_back({e, p0, std::min(p_dim, p0 + pb)});
   }
   const std::vector<WorkTile> tiles = col_tiles(blocks, q_dim);
   if (tiles.empty()) return;
