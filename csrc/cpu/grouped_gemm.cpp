@@ -61,12 +61,18 @@ using grouped_gemm::ceil_div;
 // 0.5-0.8x at 8-16 rows); without them it falls back to conversions like ours.
 constexpr int64_t kLargeRows = 128;
 // fp32 b^T with AVX-512: groups of at least kPackRowsTransB rows run the 8x48 register tile on
-// transposed panels (pack_bt_avx512), in row ranges of up to kMBTransB rows of one expert so
-// that each panel is packed once for all of them; smaller groups run the dot-product kernel,
-// which needs no packing (measured, 8 experts, 1 thread: pack/dot 0.8-0.9x at 8 rows, 0.8-1.04x
-// at 16, 1.07-1.17x at 24, 1.2-1.5x at 32; 512-row ranges 1.05-1.3x faster than 64-row ones).
+// transposed panels (pack_bt_avx512); smaller groups run the dot-product kernel, which needs no
+// packing (measured, 8 experts, 1 thread: pack/dot 0.8-0.9x at 8 rows, 0.8-1.04x at 16,
+// 1.07-1.17x at 24, 1.2-1.5x at 32).
 constexpr int64_t kPackRowsTransB = 24;
-constexpr int64_t kMBTransB = 512;
+// fp32 groups on the AVX-512 kernels (b, and b^T from kPackRowsTransB rows) run in row ranges of
+// up to kMBLarge rows of one expert, not kMB, so that each B panel is packed once for all of them,
+// and in column blocks of at most kMaxNBLarge columns: a narrower panel gets a deeper k block
+// (kPanelBytes), fewer C tile reloads. Measured at 8 experts x 512 rows, d = 512, h = 1792,
+// 1 thread: the six GEMMs of a SwiGLU layer's fwd+bwd 400 -> 369 ms (b^T fwd 172 -> 191,
+// da 162-169 -> 192-195 GFLOP/s).
+constexpr int64_t kMBLarge = 512;
+constexpr int64_t kMaxNBLarge = 480;  // 10 AVX-512 register tiles
 // bf16 with the vdpbf16ps kernels (AVX512-BF16 CPUs): a @ b[e], and b[e]^T (see is_large).
 constexpr int64_t kLargeRowsBf16 = 128;
 constexpr int64_t kLargeRowsBf16TransB = 32;
@@ -1043,8 +1049,8 @@ struct RowRange {
   int64_t expert, r0, r1;
 };
 
-// Split each row range into column blocks as wide as possible (<= kMaxNB) while leaving at least
-// ~4 tiles per thread for load balance.
+// Split each row range into column blocks as wide as possible (<= kMaxNB, or kMaxNBLarge for
+// ranges of more than kMB rows) while leaving at least ~4 tiles per thread for load balance.
 std::vector<WorkTile> col_tiles(const std::vector<RowRange>& rows, int64_t n) {
   std::vector<WorkTile> tiles;
   if (rows.empty() || n == 0) return tiles;
@@ -1053,11 +1059,18 @@ std::vector<WorkTile> col_tiles(const std::vector<RowRange>& rows, int64_t n) {
       std::max(ceil_div(n, kMaxNB), ceil_div(want, static_cast<int64_t>(rows.size())));
   // Block widths are multiples of both register tiles (24 and 48 columns).
   constexpr int64_t kStep = 48;
-  const int64_t nb = std::max(kStep, ceil_div(ceil_div(n, splits), kStep) * kStep);
-  tiles.reserve(rows.size() * static_cast<size_t>(ceil_div(n, nb)));
-  for (const RowRange& r : rows)
-    for (int64_t n0 = 0; n0 < n; n0 += nb)
-      tiles.push_back({r.expert, r.r0, r.r1, n0, std::min(n, n0 + nb)});
+  const auto width = [&](int64_t parts) {
+    return std::max(kStep, ceil_div(ceil_div(n, parts), kStep) * kStep);
+  };
+  const int64_t nb = width(splits);
+  // Merged row ranges (more than kMB rows, see kMBLarge) use narrower blocks.
+  const int64_t nb_large = width(std::max(splits, ceil_div(n, kMaxNBLarge)));
+  tiles.reserve(rows.size() * static_cast<size_t>(ceil_div(n, nb_large)));
+  for (const RowRange& r : rows) {
+    const int64_t w = r.r1 - r.r0 > kMB ? nb_large : nb;
+    for (int64_t n0 = 0; n0 < n; n0 += w)
+      tiles.push_back({r.expert, r.r0, r.r1, n0, std::min(n, n0 + w)});
+  }
   return tiles;
 }
 
@@ -1120,6 +1133,11 @@ void grouped_gemm_tiles(const at::Tensor& a, const at::Tensor& b, const std::vec
     return std::is_same_v<scalar_t, float> && trans_b && b.stride(2) == 1 &&
            gemm_isa() == Isa::kAvx512 && group >= kPackRowsTransB;
   };
+  // fp32 groups on the AVX-512 kernels run in row ranges of up to kMBLarge rows (see there).
+  const auto merge_rows = [&](int64_t group) {
+    return packed_bt(group) ||
+           (std::is_same_v<scalar_t, float> && !trans_b && gemm_isa() == Isa::kAvx512);
+  };
   // Small-group tiles, enumerated with the row-tile schedule the CUDA kernel uses.
   std::vector<RowRange> rows;
   const int64_t row_tiles = grouped_gemm::row_tile_bound(m, num_experts, kMB);
@@ -1128,9 +1146,9 @@ void grouped_gemm_tiles(const at::Tensor& a, const at::Tensor& b, const std::vec
     if (rt.row_begin == rt.row_end) continue;
     const int64_t group = off[rt.expert + 1] - off[rt.expert];
     if (is_large(group, a.scalar_type(), trans_b, false, b)) continue;
-    if (packed_bt(group) && !rows.empty() && rows.back().expert == rt.expert &&
-        rt.row_end - rows.back().r0 <= kMBTransB) {
-      // One tile packs each b^T panel once for all its rows: merge row tiles of the group.
+    if (merge_rows(group) && !rows.empty() && rows.back().expert == rt.expert &&
+        rt.row_end - rows.back().r0 <= kMBLarge) {
+      // One tile packs each B panel once for all its rows: merge row tiles of the group.
       rows.back().r1 = rt.row_end;
       continue;
     }
