@@ -1,7 +1,8 @@
 // CPU kernels of route and route_backward.
 //
 // route has two paths with identical results (bit for bit). Rows split over torch's thread pool
-// in fixed chunks. With k <= 8, E <= 256 and fp32/bf16/fp16 logits, BlockRouter routes 16 rows at
+// in fixed chunks. On CPUs with AVX-512, with k <= 8, E <= 256 and fp32/bf16/fp16 logits,
+// BlockRouter routes 16 rows at
 // a time, one vector lane per row (see "Row-block path" below); a tail of fewer than 4 rows goes
 // row by row. Otherwise RowRouter runs one pass
 // per token row: a row is read once into a small per-thread buffer in the accumulation type; every
@@ -333,7 +334,7 @@ class RowRouter {
 
 // ---------------------------------------------------------------------------------------------
 // Row-block path: kBlockRows = 16 rows routed together, one vector lane per row (GCC vector
-// extension: one AVX-512 register, two AVX2 or four SSE registers), a loop over the experts
+// extension: one AVX-512 register; used by the AVX-512 build only), a loop over the experts
 // (columns). It removes the per-row fixed cost of the row path (short loops over the experts of
 // one row, each with set-up and remainder, and the scalar selection), which dominates at small E,
 // and replaces the top-k scan by a compare/select network per column.
@@ -727,7 +728,7 @@ MOE_ALWAYS_INLINE void route_chunks_impl(const RouteChunkArgs<scalar_t>& a, int6
                                          int64_t c1) {
   const int64_t E = a.params.num_experts;
   const int64_t k = a.params.k;
-  if constexpr (std::is_same_v<acc_t<scalar_t>, float>) {
+  if constexpr (isa == BlockIsa::kAvx512 && std::is_same_v<acc_t<scalar_t>, float>) {
     if (a.block_rows) {
       BlockRouter<scalar_t> router(a.params, a.bias);
       std::optional<RowRouter<scalar_t>> rows;
@@ -819,7 +820,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
   const bool avx512 = use_avx512();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "route_cpu", [&] {
     using T_acc = acc_t<scalar_t>;
-    block_rows = BlockRouter<scalar_t>::applies(params);
+    // The block path runs in the AVX-512 build only: GCC lowers the 16-lane vector code poorly
+    // for AVX2 and SSE (measured 2-10x slower than the row path there), which gives the same bits.
+    block_rows = avx512 && BlockRouter<scalar_t>::applies(params);
     if (block_rows) rows_per_chunk = (rows_per_chunk + kBlockRows - 1) / kBlockRows * kBlockRows;
     const RouteChunkArgs<scalar_t> args{params,
                                         logits.const_data_ptr<scalar_t>(),
