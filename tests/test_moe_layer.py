@@ -622,11 +622,16 @@ def test_moe_layer_rejects_a_mask_of_the_wrong_shape():
 def test_moe_layer_runs_under_cpu_autocast_with_bf16_matmuls_and_fp32_grads(seed):
     layer = MoELayer(32, 48, 4, 2, num_shared_experts=1)
     x = torch.randn(2, 7, 32)
-    ref, _ = layer(x)
+    ref, ref_info = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, info = layer(x)
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=5e-2)
+    # The router runs in bf16 too, so a token whose top-2 scores are within bf16 rounding of each
+    # other may pick another expert than in fp32: compare the tokens routed the same way (sets of
+    # experts), and require that near-ties are rare.
+    same = (info.ids.sort(-1).values == ref_info.ids.sort(-1).values).all(-1).reshape(2, 7)
+    assert int(same.sum()) >= 11, same
+    torch.testing.assert_close(y.float()[same], ref[same], rtol=5e-2, atol=5e-2)
     y.float().square().sum().backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32, name
