@@ -387,6 +387,9 @@ CASES += [([3, 8, 13], 20, n) for n in range(1, 50)]
 # fp32 b^T groups from 24 rows run the AVX-512 kernel on transposed panels (16x16 blocks: K and
 # N remainders of 16), in ranges of up to 512 rows of one expert (600 rows: two ranges).
 CASES += [([0, 23, 24, 25, 0, 40, 600], 83, 115), ([33, 0, 47], 513, 1061)]
+# fp32 a @ b[e] tiles of 1-16 rows run the direct AVX-512 kernel (no packing; two 8-row passes
+# from 9 rows): every row count, 48-column strip tails, odd K and K past its prefetch distance.
+CASES += [(list(range(17)), 33, 113), ([16, 0, 9, 1], 67, 16), ([12, 5], 1, 50)]
 TOL = {
     torch.float32: dict(rtol=1e-4, atol=1e-4),
     torch.bfloat16: dict(rtol=1.6e-2, atol=2e-2),
@@ -415,6 +418,22 @@ for counts, K, N in CASES:
             ])
             torch.testing.assert_close(db.double(), want_db, **TOL[dtype], msg=f"db {K} {N}")
             checked += 1
+# Strided operands on the direct kernel: rows of a with a padded stride, b[e] with a padded row
+# stride, a transposed a (copied to rows), and a b^T whose storage is row-major [K, N].
+counts, K, N = [16, 3, 0, 8, 11], 45, 100
+E = len(counts)
+off = torch.zeros(E + 1, dtype=torch.long)
+off[1:] = torch.cumsum(torch.tensor(counts), 0)
+M = int(off[-1])
+for a, b, trans_b in [
+    (torch.randn(M, K + 7)[:, 3 : 3 + K], torch.randn(E, K, N + 5)[:, :, 2 : 2 + N], False),
+    (torch.randn(K, M).t(), torch.randn(E, K, N), False),
+    (torch.randn(M, K), torch.randn(E, K, N).transpose(1, 2), True),
+]:
+    out = ops.grouped_gemm(a, b, off, trans_b)
+    want = grouped_gemm_ref(a.double(), b.double(), off, trans_b)
+    torch.testing.assert_close(out.double(), want, **TOL[torch.float32], msg="strided")
+    checked += 1
 print("checked", checked)
 """
 
@@ -424,4 +443,4 @@ def test_each_cpu_build_matches_reference_at_every_tile_remainder(seed, isa):
     from isa_builds import output_under
 
     out = output_under(isa, _ISA_SCRIPT, str(seed))
-    assert out.decode().split() == ["checked", str(54 * 3 * 2)]
+    assert out.decode().split() == ["checked", str(57 * 3 * 2 + 3)]
