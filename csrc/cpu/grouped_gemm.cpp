@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "moe_framework/cpu_isa.h"
@@ -51,6 +52,16 @@
 
 namespace moe_framework {
 namespace {
+
+// Calls f(std::integral_constant<int, R>{}) with R = min(max(rows, 1), kMax): turns a run-time
+// row count into the compile-time row count of a register tile (one instantiation per R).
+template <int kMax, typename F>
+MOE_ALWAYS_INLINE void with_tile_rows(int64_t rows, F&& f) {
+  if constexpr (kMax > 1) {
+    if (rows < kMax) return with_tile_rows<kMax - 1>(rows, f);
+  }
+  f(std::integral_constant<int, kMax>{});
+}
 
 using grouped_gemm::acc_t;
 using grouped_gemm::ceil_div;
@@ -223,16 +234,7 @@ __attribute__((target("avx2,fma"))) void micro_avx2(const MicroArgs& x) {
 
 template <bool kFull>
 void micro_avx2_rows(const MicroArgs& x) {
-  switch (x.mr) {
-    case 1:
-      return micro_avx2<1, kFull>(x);
-    case 2:
-      return micro_avx2<2, kFull>(x);
-    case 3:
-      return micro_avx2<3, kFull>(x);
-    default:
-      return micro_avx2<4, kFull>(x);
-  }
+  with_tile_rows<4>(x.mr, [&](auto r) { micro_avx2<decltype(r)::value, kFull>(x); });
 }
 
 #endif
@@ -322,24 +324,7 @@ MOE_TARGET_AVX512 void micro_avx512(const MicroArgs& x) {
 
 template <bool kFull>
 void micro_avx512_rows(const MicroArgs& x) {
-  switch (x.mr) {
-    case 1:
-      return micro_avx512<1, kFull>(x);
-    case 2:
-      return micro_avx512<2, kFull>(x);
-    case 3:
-      return micro_avx512<3, kFull>(x);
-    case 4:
-      return micro_avx512<4, kFull>(x);
-    case 5:
-      return micro_avx512<5, kFull>(x);
-    case 6:
-      return micro_avx512<6, kFull>(x);
-    case 7:
-      return micro_avx512<7, kFull>(x);
-    default:
-      return micro_avx512<8, kFull>(x);
-  }
+  with_tile_rows<8>(x.mr, [&](auto r) { micro_avx512<decltype(r)::value, kFull>(x); });
 }
 #endif
 
@@ -717,24 +702,9 @@ MOE_TARGET_AVX512 void direct_avx512(int64_t k, const float* a, int64_t lda, con
 template <bool kFull>
 void direct_avx512_rows(int64_t mr, int64_t k, const float* a, int64_t lda, const float* b,
                         int64_t ldb, float* c, int64_t ldc, int64_t nr, bool pf) {
-  switch (mr) {
-    case 1:
-      return direct_avx512<1, kFull>(k, a, lda, b, ldb, c, ldc, nr, pf);
-    case 2:
-      return direct_avx512<2, kFull>(k, a, lda, b, ldb, c, ldc, nr, pf);
-    case 3:
-      return direct_avx512<3, kFull>(k, a, lda, b, ldb, c, ldc, nr, pf);
-    case 4:
-      return direct_avx512<4, kFull>(k, a, lda, b, ldb, c, ldc, nr, pf);
-    case 5:
-      return direct_avx512<5, kFull>(k, a, lda, b, ldb, c, ldc, nr, pf);
-    case 6:
-      return direct_avx512<6, kFull>(k, a, lda, b, ldb, c, ldc, nr, pf);
-    case 7:
-      return direct_avx512<7, kFull>(k, a, lda, b, ldb, c, ldc, nr, pf);
-    default:
-      return direct_avx512<8, kFull>(k, a, lda, b, ldb, c, ldc, nr, pf);
-  }
+  with_tile_rows<8>(mr, [&](auto r) {
+    direct_avx512<decltype(r)::value, kFull>(k, a, lda, b, ldb, c, ldc, nr, pf);
+  });
 }
 #endif
 
@@ -969,24 +939,9 @@ MOE_TARGET_AVX512_BF16 void micro_bf16(int64_t kq, const bf16_t* a, int64_t lda,
 
 void micro_bf16_rows(int64_t mr, int64_t kq, const bf16_t* a, int64_t lda, const uint32_t* b,
                      int64_t ldb, float* c, int64_t ldc, int64_t nr, bool accumulate) {
-  switch (mr) {
-    case 1:
-      return micro_bf16<1>(kq, a, lda, b, ldb, c, ldc, nr, accumulate);
-    case 2:
-      return micro_bf16<2>(kq, a, lda, b, ldb, c, ldc, nr, accumulate);
-    case 3:
-      return micro_bf16<3>(kq, a, lda, b, ldb, c, ldc, nr, accumulate);
-    case 4:
-      return micro_bf16<4>(kq, a, lda, b, ldb, c, ldc, nr, accumulate);
-    case 5:
-      return micro_bf16<5>(kq, a, lda, b, ldb, c, ldc, nr, accumulate);
-    case 6:
-      return micro_bf16<6>(kq, a, lda, b, ldb, c, ldc, nr, accumulate);
-    case 7:
-      return micro_bf16<7>(kq, a, lda, b, ldb, c, ldc, nr, accumulate);
-    default:
-      return micro_bf16<8>(kq, a, lda, b, ldb, c, ldc, nr, accumulate);
-  }
+  with_tile_rows<8>(mr, [&](auto r) {
+    micro_bf16<decltype(r)::value>(kq, a, lda, b, ldb, c, ldc, nr, accumulate);
+  });
 }
 
 // 16 columns (lanes of km) of rows r0 and r1 (nullptr: zeros) of B as 16 bf16 pairs.
@@ -1050,24 +1005,8 @@ MOE_TARGET_AVX512_BF16 void direct_bf16(int64_t k, const bf16_t* a, int64_t lda,
 
 void direct_bf16_rows(int64_t mr, int64_t k, const bf16_t* a, int64_t lda, const bf16_t* b,
                       int64_t ldb, float* c, int64_t ldc, int64_t nr, bool pf) {
-  switch (mr) {
-    case 1:
-      return direct_bf16<1>(k, a, lda, b, ldb, c, ldc, nr, pf);
-    case 2:
-      return direct_bf16<2>(k, a, lda, b, ldb, c, ldc, nr, pf);
-    case 3:
-      return direct_bf16<3>(k, a, lda, b, ldb, c, ldc, nr, pf);
-    case 4:
-      return direct_bf16<4>(k, a, lda, b, ldb, c, ldc, nr, pf);
-    case 5:
-      return direct_bf16<5>(k, a, lda, b, ldb, c, ldc, nr, pf);
-    case 6:
-      return direct_bf16<6>(k, a, lda, b, ldb, c, ldc, nr, pf);
-    case 7:
-      return direct_bf16<7>(k, a, lda, b, ldb, c, ldc, nr, pf);
-    default:
-      return direct_bf16<8>(k, a, lda, b, ldb, c, ldc, nr, pf);
-  }
+  with_tile_rows<8>(
+      mr, [&](auto r) { direct_bf16<decltype(r)::value>(k, a, lda, b, ldb, c, ldc, nr, pf); });
 }
 
 // C[m x n] = A[m x k] B[k x n] with the direct kernel (m <= kDirectRows, see direct_bf16).
