@@ -265,8 +265,16 @@ MOE_TARGET_AVX512 inline __mmask16 strip_mask(int64_t n) {
                  : (n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1));
 }
 
+// Rows of B the direct kernel prefetches ahead (see "Direct kernel" below).
+constexpr int64_t kDirectPrefetch = 32;
+
+// The tile itself: C[MR x nr] (+)= A[MR x k] B[k x nr], A(i, p) = a[i * rsa + p * csa], B rows
+// ldb apart with unit column stride. For p < kpf it prefetches B kDirectPrefetch rows ahead (the
+// direct kernel streams B from memory; packed panels pass kpf = 0).
 template <int MR, bool kFull>
-MOE_TARGET_AVX512 void micro_avx512(const MicroArgs& x) {
+MOE_TARGET_AVX512 void tile_avx512(int64_t k, const float* a, int64_t rsa, int64_t csa,
+                                   const float* b, int64_t ldb, float* c, int64_t ldc, int64_t nr,
+                                   bool accumulate, int64_t kpf) {
   __m512 acc[MR][3];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
@@ -274,11 +282,18 @@ MOE_TARGET_AVX512 void micro_avx512(const MicroArgs& x) {
     acc[i][1] = acc[i][0];
     acc[i][2] = acc[i][0];
   }
-  const __mmask16 k0 = strip_mask(x.nr), k1 = strip_mask(x.nr - 16), k2 = strip_mask(x.nr - 32);
-  const int64_t kc = x.kc, ldb = x.ldb, rsa = x.rsa, csa = x.csa;
-  const float* bp = x.b;
-  const float* ap = x.a;
-  for (int64_t p = 0; p < kc; ++p, bp += ldb, ap += csa) {
+  const __mmask16 k0 = strip_mask(nr), k1 = strip_mask(nr - 16), k2 = strip_mask(nr - 32);
+  const int64_t pfo = kDirectPrefetch * ldb;
+  const float* bp = b;
+  const float* ap = a;
+  for (int64_t p = 0; p < k; ++p, bp += ldb, ap += csa) {
+    if (p < kpf) {
+      const char* f = reinterpret_cast<const char*>(bp + pfo);
+      _mm_prefetch(f, _MM_HINT_T0);
+      _mm_prefetch(f + 64, _MM_HINT_T0);
+      _mm_prefetch(f + 128, _MM_HINT_T0);
+      _mm_prefetch(f + 188, _MM_HINT_T0);  // the 4th line a misaligned strip touches
+    }
     __m512 b0, b1, b2;
     if constexpr (kFull) {
       b0 = _mm512_loadu_ps(bp);
@@ -299,9 +314,9 @@ MOE_TARGET_AVX512 void micro_avx512(const MicroArgs& x) {
   }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
-    float* cp = x.c + i * x.ldc;
+    float* cp = c + i * ldc;
     if constexpr (kFull) {
-      if (x.accumulate) {
+      if (accumulate) {
         acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_loadu_ps(cp));
         acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_loadu_ps(cp + 16));
         acc[i][2] = _mm512_add_ps(acc[i][2], _mm512_loadu_ps(cp + 32));
@@ -310,7 +325,7 @@ MOE_TARGET_AVX512 void micro_avx512(const MicroArgs& x) {
       _mm512_storeu_ps(cp + 16, acc[i][1]);
       _mm512_storeu_ps(cp + 32, acc[i][2]);
     } else {
-      if (x.accumulate) {
+      if (accumulate) {
         acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_maskz_loadu_ps(k0, cp));
         acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_maskz_loadu_ps(k1, cp + 16));
         acc[i][2] = _mm512_add_ps(acc[i][2], _mm512_maskz_loadu_ps(k2, cp + 32));
@@ -320,6 +335,11 @@ MOE_TARGET_AVX512 void micro_avx512(const MicroArgs& x) {
       _mm512_mask_storeu_ps(cp + 32, k2, acc[i][2]);
     }
   }
+}
+
+template <int MR, bool kFull>
+MOE_TARGET_AVX512 void micro_avx512(const MicroArgs& x) {
+  tile_avx512<MR, kFull>(x.kc, x.a, x.rsa, x.csa, x.b, x.ldb, x.c, x.ldc, x.nr, x.accumulate, 0);
 }
 
 template <bool kFull>
@@ -626,15 +646,14 @@ bool stream_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
 // Direct kernel for fp32 tiles of at most kDirectRows rows with AVX-512 and a unit-column-stride
 // B (a @ b[e] with small groups). Each weight element feeds only 8-16 FMAs there, so packing B
 // into panels (read B, write the panel, read it again) costs more than the FMAs. This kernel runs
-// the 8x48 register tile straight on B: per k, three loads from row k of B and eight broadcast
-// FMAs from A (the tile's A rows stay in L1), with B prefetched kDirectPrefetch rows ahead (rows
-// of B are a page apart at N = 1024 floats: the hardware prefetchers do not follow that walk).
-// Tiles of 9-16 rows run two passes per 48-column strip; the second one finds the strip
-// (K x 192 bytes) in L2. Sums run over k in order, as in micro_avx512. Measured (128 experts x
-// 8 rows, K = N = 1024, 1 thread): 1.4-1.6x the packed path; without the software prefetch 0.9x;
-// prefetch distance 16 / 32 / 64 rows: 26 / 24 / 24.5 ms.
+// the 8x48 register tile (tile_avx512) straight on B: per k, three loads from row k of B and eight
+// broadcast FMAs from A (the tile's A rows stay in L1), with B prefetched kDirectPrefetch rows
+// ahead (rows of B are a page apart at N = 1024 floats: the hardware prefetchers do not follow that
+// walk). Tiles of 9-16 rows run two passes per 48-column strip; the second one finds the strip (K x
+// 192 bytes) in L2. Sums run over k in order, as in micro_avx512. Measured (128 experts x 8 rows, K
+// = N = 1024, 1 thread): 1.4-1.6x the packed path; without the software prefetch 0.9x; prefetch
+// distance 16 / 32 / 64 rows: 26 / 24 / 24.5 ms (kDirectPrefetch, with tile_avx512).
 constexpr int64_t kDirectRows = 16;
-constexpr int64_t kDirectPrefetch = 32;
 // Rows per pass of the direct kernels: 9-16 rows run as two equal passes (12 = 6 + 6, not 8 + 4;
 // measured 1.21 vs 1.18x the packed path at 12 rows, 1.06 vs 1.03x at 9).
 inline int64_t direct_pass_rows(int64_t m) {
@@ -645,58 +664,10 @@ inline int64_t direct_pass_rows(int64_t m) {
 template <int MR, bool kFull>
 MOE_TARGET_AVX512 void direct_avx512(int64_t k, const float* a, int64_t lda, const float* b,
                                      int64_t ldb, float* c, int64_t ldc, int64_t nr, bool pf) {
-  __m512 acc[MR][3];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-    acc[i][0] = _mm512_setzero_ps();
-    acc[i][1] = acc[i][0];
-    acc[i][2] = acc[i][0];
-  }
-  const __mmask16 k0 = strip_mask(nr), k1 = strip_mask(nr - 16), k2 = strip_mask(nr - 32);
-  const float* bp = b;
   // Prefetches stop kDirectPrefetch rows before the end of the strip (prefetches never fault, but
   // fetching past B is waste); the second pass over a strip reads it from L2 and skips them.
   const int64_t kpf = pf ? std::max<int64_t>(0, k - kDirectPrefetch) : 0;
-  const int64_t pfo = kDirectPrefetch * ldb;
-  for (int64_t p = 0; p < k; ++p, bp += ldb) {
-    if (p < kpf) {
-      const char* f = reinterpret_cast<const char*>(bp + pfo);
-      _mm_prefetch(f, _MM_HINT_T0);
-      _mm_prefetch(f + 64, _MM_HINT_T0);
-      _mm_prefetch(f + 128, _MM_HINT_T0);
-      _mm_prefetch(f + 188, _MM_HINT_T0);  // the 4th line a misaligned strip touches
-    }
-    __m512 b0, b1, b2;
-    if constexpr (kFull) {
-      b0 = _mm512_loadu_ps(bp);
-      b1 = _mm512_loadu_ps(bp + 16);
-      b2 = _mm512_loadu_ps(bp + 32);
-    } else {
-      b0 = _mm512_maskz_loadu_ps(k0, bp);
-      b1 = _mm512_maskz_loadu_ps(k1, bp + 16);
-      b2 = _mm512_maskz_loadu_ps(k2, bp + 32);
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m512 av = _mm512_set1_ps(a[i * lda + p]);
-      acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
-      acc[i][2] = _mm512_fmadd_ps(av, b2, acc[i][2]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-    float* cp = c + i * ldc;
-    if constexpr (kFull) {
-      _mm512_storeu_ps(cp, acc[i][0]);
-      _mm512_storeu_ps(cp + 16, acc[i][1]);
-      _mm512_storeu_ps(cp + 32, acc[i][2]);
-    } else {
-      _mm512_mask_storeu_ps(cp, k0, acc[i][0]);
-      _mm512_mask_storeu_ps(cp + 16, k1, acc[i][1]);
-      _mm512_mask_storeu_ps(cp + 32, k2, acc[i][2]);
-    }
-  }
+  tile_avx512<MR, kFull>(k, a, lda, 1, b, ldb, c, ldc, nr, false, kpf);
 }
 
 template <bool kFull>
