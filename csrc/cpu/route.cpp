@@ -452,9 +452,9 @@ constexpr int32_t kNoKey = std::numeric_limits<int32_t>::min();
 // Pushes candidate c (id cid in every lane) into each lane's best-first list key[0..n) (ids id).
 // The candidates of a list arrive in increasing id, so "strictly greater" is the whole tie rule, as
 // in route::topk_push. Slot j takes the candidate or its upper neighbour, or stays.
-template <BlockIsa isa>
-MOE_ALWAYS_INLINE void block_push(VI* key, VI* id, int n, VI c, VI cidv) {
-  if (!any_lane<isa>(c > key[n - 1])) return;
+// The network itself, for int32 (VI) or float (VF) keys, without the early exit.
+template <typename V>
+MOE_ALWAYS_INLINE void insert_lanes(V* key, VI* id, int n, V c, VI cidv) {
   for (int j = n - 1; j > 0; --j) {
     const VI here = c > key[j];
     const VI above = c > key[j - 1];
@@ -464,6 +464,12 @@ MOE_ALWAYS_INLINE void block_push(VI* key, VI* id, int n, VI c, VI cidv) {
   const VI here = c > key[0];
   key[0] = here ? c : key[0];
   id[0] = here ? cidv : id[0];
+}
+
+template <BlockIsa isa>
+MOE_ALWAYS_INLINE void block_push(VI* key, VI* id, int n, VI c, VI cidv) {
+  if (!any_lane<isa>(c > key[n - 1])) return;
+  insert_lanes(key, id, n, c, cidv);
 }
 
 // block_push of count (<= kBlockRows) consecutive candidates c[i] with ids first_id + i (every
@@ -638,16 +644,7 @@ class BlockRouter {
     }
     VI cid = VI{};
     for (int64_t e = 0; e < p_.num_experts; ++e, cid += 1) {
-      const VF c = load_lanes(xt + e * L);
-      for (int j = K - 1; j > 0; --j) {
-        const VI here = c > key[j];
-        const VI above = c > key[j - 1];
-        key[j] = here ? (above ? key[j - 1] : c) : key[j];
-        id[j] = here ? (above ? id[j - 1] : cid) : id[j];
-      }
-      const VI here = c > key[0];
-      key[0] = here ? c : key[0];
-      id[0] = here ? cid : id[0];
+      insert_lanes(key, id, K, load_lanes(xt + e * L), cid);
     }
     for (int j = 0; j < p_.k; ++j) top_id[j] = id[j];
   }

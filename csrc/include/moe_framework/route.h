@@ -213,27 +213,6 @@ MOE_HD bool ranks_before(T key_a, int64_t id_a, T key_b, int64_t id_b) {
   return key_a > key_b || (key_a == key_b && id_a < id_b);
 }
 
-// Insert (key, id) into the best-first list keys/ids of n <= k entries. Candidates must arrive in
-// increasing id: then "strictly greater" is the whole tie rule (an equal key never overtakes the
-// lower id already in the list).
-template <typename T>
-MOE_HD void topk_push(T* keys, int32_t* ids, int k, int& n, T key, int32_t id) {
-  key = rank_key(key);
-  if (n == k) {
-    if (!(key > keys[k - 1])) return;
-    --n;
-  }
-  int pos = n;
-  while (pos > 0 && key > keys[pos - 1]) {
-    keys[pos] = keys[pos - 1];
-    ids[pos] = ids[pos - 1];
-    --pos;
-  }
-  keys[pos] = key;
-  ids[pos] = id;
-  ++n;
-}
-
 // Insert (key, id) (key already through rank_key) into the best-first list of n <= k entries, in
 // any arrival order: the list stays sorted by ranks_before.
 template <typename T>
@@ -251,6 +230,14 @@ MOE_HD void topk_insert(T* keys, int32_t* ids, int k, int& n, T key, int32_t id)
   keys[pos] = key;
   ids[pos] = id;
   ++n;
+}
+
+// Insert (key, id) into the best-first list keys/ids of n <= k entries, the key through rank_key
+// here. Meant for candidates arriving in increasing id (then an equal key never overtakes the lower
+// id already in the list, so ranks_before's tie rule reduces to "strictly greater").
+template <typename T>
+MOE_HD void topk_push(T* keys, int32_t* ids, int k, int& n, T key, int32_t id) {
+  topk_insert(keys, ids, k, n, rank_key(key), id);
 }
 
 // Running best two keys (first >= second) of a group; start both at -inf.
