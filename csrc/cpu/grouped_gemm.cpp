@@ -86,9 +86,9 @@ constexpr int64_t kPackRowsTransB = 24;
 // da 162-169 -> 192-195 GFLOP/s).
 constexpr int64_t kMBLarge = 512;
 constexpr int64_t kMaxNBLarge = 480;  // 10 AVX-512 register tiles
-// bf16 with the vdpbf16ps kernels (AVX512-BF16 CPUs): a @ b[e], and b[e]^T (see is_large).
-constexpr int64_t kLargeRowsBf16 = 128;
-constexpr int64_t kLargeRowsBf16TransB = 32;
+// bf16 b^T groups (AVX512-BF16 CPUs) of at least this many rows run the panel kernels on
+// transposed pair panels; smaller ones the dot-product kernel (no packing).
+constexpr int64_t kPanelRowsTransBBf16 = 32;
 int64_t large_rows_bf16() {
 #if MOE_GG_X86
   static const int64_t rows = __builtin_cpu_supports("avx512bf16") ? 8 : 32;
@@ -829,92 +829,6 @@ MOE_TARGET_AVX512_BF16 inline __m512i bcast_pair(const bf16_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// Pack B[k0:k0+kc, 0:n] (bf16, unit column stride, row stride sk) into pair rows (row stride ldp
-// 32-bit words): ceil(kc / 2) rows; the odd row past kc is zero.
-MOE_TARGET_AVX512_BF16 void pack_b_pairs(const bf16_t* b, int64_t sk, int64_t k0, int64_t kc,
-                                         int64_t n, uint32_t* panel, int64_t ldp, int64_t k) {
-  for (int64_t q = 0; 2 * q < kc; ++q) {
-    const bf16_t* r0 = b + (k0 + 2 * q) * sk;
-    const bf16_t* r1 = 2 * q + 1 < kc ? r0 + sk : nullptr;
-    // The same rows of the next k block, prefetched while this one is packed (and computed):
-    const bool pf = k0 + kc + 2 * q + 1 < k;
-    const bf16_t* f0 = r0 + kc * sk;
-    uint32_t* dst = panel + q * ldp;
-    int64_t j = 0;
-    if (r1 != nullptr) {
-      // 32 columns of both rows: two 2-source word permutes interleave them into 32 pairs.
-      const __m512i lo_idx =
-          _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
-                           6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-      const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
-      for (; j + 32 <= n; j += 32) {
-        if (pf) {
-          __builtin_prefetch(f0 + j, 0, 2);
-          __builtin_prefetch(f0 + sk + j, 0, 2);
-        }
-        const __m512i x0 = _mm512_loadu_si512(r0 + j);
-        const __m512i x1 = _mm512_loadu_si512(r1 + j);
-        _mm512_storeu_si512(dst + j, _mm512_permutex2var_epi16(x0, lo_idx, x1));
-        _mm512_storeu_si512(dst + j + 16, _mm512_permutex2var_epi16(x0, hi_idx, x1));
-      }
-    }
-    for (; j < n; j += 16) {
-      const __mmask16 km = strip_mask(n - j);
-      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(km, r0 + j));
-      const __m512i hi = r1 != nullptr ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(km, r1 + j))
-                                       : _mm512_setzero_si512();
-      _mm512_mask_storeu_epi32(dst + j, km, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-    }
-  }
-}
-
-// C[mr x nr] (+)= A[mr x 2kq] B[2kq x nr]: A rows of bf16 (row stride lda, pairs at 2q), B a pair
-// panel. mr <= 8, nr <= 48; same register tile as micro_avx512.
-template <int MR>
-MOE_TARGET_AVX512_BF16 void micro_bf16(int64_t kq, const bf16_t* a, int64_t lda, const uint32_t* b,
-                                       int64_t ldb, float* c, int64_t ldc, int64_t nr,
-                                       bool accumulate) {
-  __m512 acc[MR][3];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-    acc[i][0] = _mm512_setzero_ps();
-    acc[i][1] = acc[i][0];
-    acc[i][2] = acc[i][0];
-  }
-  const __mmask16 k0 = strip_mask(nr), k1 = strip_mask(nr - 16), k2 = strip_mask(nr - 32);
-  for (int64_t q = 0; q < kq; ++q, b += ldb) {
-    const __m512bh b0 = as_bh(_mm512_maskz_loadu_epi32(k0, b));
-    const __m512bh b1 = as_bh(_mm512_maskz_loadu_epi32(k1, b + 16));
-    const __m512bh b2 = as_bh(_mm512_maskz_loadu_epi32(k2, b + 32));
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m512bh av = as_bh(bcast_pair(a + i * lda + 2 * q));
-      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
-      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
-      acc[i][2] = _mm512_dpbf16_ps(acc[i][2], av, b2);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-    float* cp = c + i * ldc;
-    if (accumulate) {
-      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_maskz_loadu_ps(k0, cp));
-      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_maskz_loadu_ps(k1, cp + 16));
-      acc[i][2] = _mm512_add_ps(acc[i][2], _mm512_maskz_loadu_ps(k2, cp + 32));
-    }
-    _mm512_mask_storeu_ps(cp, k0, acc[i][0]);
-    _mm512_mask_storeu_ps(cp + 16, k1, acc[i][1]);
-    _mm512_mask_storeu_ps(cp + 32, k2, acc[i][2]);
-  }
-}
-
-void micro_bf16_rows(int64_t mr, int64_t kq, const bf16_t* a, int64_t lda, const uint32_t* b,
-                     int64_t ldb, float* c, int64_t ldc, int64_t nr, bool accumulate) {
-  with_tile_rows<8>(mr, [&](auto r) {
-    micro_bf16<decltype(r)::value>(kq, a, lda, b, ldb, c, ldc, nr, accumulate);
-  });
-}
-
 // 16 columns (lanes of km) of rows r0 and r1 (nullptr: zeros) of B as 16 bf16 pairs.
 MOE_TARGET_AVX512_BF16 inline __m512bh pair_rows(const bf16_t* r0, const bf16_t* r1, __mmask16 km,
                                                  __m512i idx) {
@@ -992,21 +906,293 @@ void direct_gemm_bf16(int64_t m, int64_t n, int64_t k, const bf16_t* a, int64_t 
   }
 }
 
-// C[m x n] = A[m x k] B[k x n], A bf16 rows (lda even, zero at column k when k is odd), B bf16
-// with unit column stride.
-void tile_gemm_bf16(int64_t m, int64_t n, int64_t k, const bf16_t* a, int64_t lda, const bf16_t* b,
-                    int64_t sk, float* c, int64_t ldc, std::vector<uint32_t>& panel) {
-  const int64_t ldp = panel_ld(n);
-  const int64_t kqb = std::clamp<int64_t>(kPanelBytes / (4 * ldp), 8, kKC);  // pairs per block
-  panel.resize(static_cast<size_t>(kqb * ldp));
-  for (int64_t k0 = 0; k0 < k; k0 += 2 * kqb) {
-    const int64_t kc = std::min(2 * kqb, k - k0);
-    pack_b_pairs(b, sk, k0, kc, n, panel.data(), ldp, k);
-    for (int64_t j = 0; j < n; j += kNR512) {
-      for (int64_t i = 0; i < m; i += kMR512) {
-        micro_bf16_rows(std::min(kMR512, m - i), ceil_div(kc, 2), a + i * lda + k0, lda,
-                        panel.data() + j, ldp, c + i * ldc + j, ldc, std::min(kNR512, n - j),
-                        k0 > 0);
+// ---------------------------------------------------------------------------------------------
+// bf16 panel kernels (tiles of more than kDirectRows rows, up to kMBLarge rows of one expert).
+// B of a tile is packed per (column block, k block) into a strip-major pair panel: strip s holds
+// columns [48 s, 48 s + 48) of the block as kq rows of 48 words, word (q, j) = {B(2q, j),
+// B(2q+1, j)}, zero past k and past the block. A strip is one contiguous run, so the micro-kernel
+// reads 192 aligned bytes per k pair in sequence (the L1 prefetcher follows it; no set aliasing).
+// The last strip of a block is 16 * ceil(w / 16) words wide (w: its columns). A panel of up to
+// kPairsBf16 pairs x kPanelBytesBf16 stays in L2 while every 8-row block of the tile's A runs over
+// it (A rows in L1); each 8 x 48 tile sums its k block in registers (k = 1024 per block: the C
+// tile is loaded and stored once per 1024 k) and the last k block writes bf16 output directly.
+// While a panel is computed, the micro-kernels prefetch the source of the next panel (the next k
+// block, the next column block, or the first panel of the thread's next tile) into L2, a few
+// lines per k step: B streams from DRAM (one 128-row group makes 128 FLOPs per weight byte, but
+// packing a panel from DRAM without it stalls ~20% of the time).
+// Register tile of the panel kernels: kPR rows x kPS columns (4 zmm of fp32 sums, 24 in all).
+// Per k pair: 4 panel loads, 6 broadcasts, 24 vdpbf16ps (8 x 48 needs 11 loads for 24). Model
+// widths are mostly multiples of 64, so the last strip of a row is rarely partial.
+constexpr int64_t kPR = 6;
+constexpr int64_t kPS = 64;
+static int64_t envi(const char* n, int64_t d) { const char* v = getenv(n); return v ? atoll(v) : d; }
+static const int64_t kPairsBf16 = envi("GG_KQ", 512);
+static const int64_t kPanelBytesBf16 = envi("GG_PB", 256) * 1024;
+static const int64_t kPfOn = envi("GG_PF", 1);
+static const int64_t kHint = envi("GG_HINT", 1);
+static const int64_t kCopyA = envi("GG_COPYA", 0);
+static const int64_t kPfStart = envi("GG_PFSTART", 0);
+static const int64_t kPackPf = envi("GG_PKPF", 32);
+static const int64_t kRangeBf16 = envi("GG_RANGE", 512);
+
+// Source of B for a panel tile: B(p, j) = ptr[p * sk + j * sn] with sn == 1 (a @ b[e]) or
+// sk == 1 (b[e]^T: a row of b is a run of k pairs).
+struct PairB {
+  const bf16_t* ptr;
+  int64_t sk, sn;
+};
+
+// k pairs per k block and columns per column block of a tile of n columns and depth k. kq depends
+// on k alone, so every output element sums its k blocks in the same order whatever the tiling.
+struct PanelBlocks {
+  int64_t kq, nc;
+};
+inline PanelBlocks panel_blocks(int64_t n, int64_t k) {
+  const int64_t kq = std::min<int64_t>(kPairsBf16, ceil_div(k, 2));
+  const int64_t nc_max = std::max<int64_t>(1, kPanelBytesBf16 / (kq * 4 * kPS)) * kPS;
+  const int64_t blocks = ceil_div(n, nc_max);
+  return {kq, std::min(nc_max, ceil_div(ceil_div(n, blocks), kPS) * kPS)};
+}
+
+inline int64_t strip_words(int64_t cols) {
+  return std::min<int64_t>(kPS, ceil_div(cols, 16) * 16);
+}
+
+// Lines of the next panel's source, fetched into L2 a few at a time (see above).
+struct PfStream {
+  const char* row = nullptr;
+  int64_t ld = 0, lines = 0;  // row stride (bytes), lines per row
+  int64_t rows = 0, col = 0;  // rows left, next line of the current row
+  int64_t budget = 0;         // lines this micro-kernel call may still fetch
+};
+
+inline PfStream panel_source(const PairB& b, int64_t j0, int64_t nc, int64_t k0, int64_t kc) {
+  PfStream s;
+  const bool rows_k = b.sn == 1;  // source rows run along j (a @ b) or along k (b^T)
+  s.row = reinterpret_cast<const char*>(b.ptr + k0 * b.sk + j0 * b.sn);
+  s.ld = 2 * (rows_k ? b.sk : b.sn);
+  // One more line than the row covers: rows need not start on a line.
+  s.lines = ceil_div(2 * (rows_k ? nc : kc), 64) + 1;
+  s.rows = rows_k ? kc : nc;
+  return s;
+}
+
+MOE_ALWAYS_INLINE void pf_step(PfStream& s) {
+  if (s.budget > 0 && s.rows > 0) {
+    switch (kHint) {
+      case 0: _mm_prefetch(s.row + 64 * s.col, _MM_HINT_T0); break;
+      case 1: _mm_prefetch(s.row + 64 * s.col, _MM_HINT_T1); break;
+      case 2: _mm_prefetch(s.row + 64 * s.col, _MM_HINT_T2); break;
+      default: _mm_prefetch(s.row + 64 * s.col, _MM_HINT_NTA); break;
+    }
+    --s.budget;
+    if (++s.col == s.lines) {
+      s.col = 0;
+      s.row += s.ld;
+      --s.rows;
+    }
+  }
+}
+
+// Pack B(k0 + p, j0 + j) = b[j * sn + p] (b^T: k pairs adjacent) into the panel: 16 rows of b
+// read as 16 runs of 16 pairs, transposed 16 x 16 (32-bit words) in registers.
+MOE_TARGET_AVX512_BF16 void pack_pairs_cols(const bf16_t* b, int64_t sn, int64_t kc, int64_t nc,
+                                            int64_t kq, uint32_t* panel) {
+  for (int64_t j = 0; j < nc; j += 16) {
+    const int64_t s = j / kPS, ws = strip_words(nc - s * kPS);
+    uint32_t* base = panel + s * kq * kPS + j - s * kPS;
+    const int64_t nj = std::min<int64_t>(16, nc - j);
+    for (int64_t q = 0; q < kq; q += 16) {
+      const int64_t left = kc - 2 * q;  // k values left: the odd last one pairs with a zero
+      const __mmask32 km = left >= 32 ? ~__mmask32{0} : (__mmask32{1} << left) - 1;
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        r[i] = i < nj ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(km, b + (j + i) * sn + 2 * q))
+                      : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      const int64_t nq = std::min<int64_t>(16, kq - q);
+#pragma GCC unroll 16
+      for (int w = 0; w < 16; ++w) {
+        if (w < nq) _mm512_storeu_ps(reinterpret_cast<float*>(base + (q + w) * ws), r[w]);
+      }
+    }
+  }
+}
+
+// Where a micro-kernel's C tile goes: fp32 (cin: partial sums of earlier k blocks to add, or
+// nullptr) into cf, or rounded to bf16 into cb (the last k block).
+struct TileOut {
+  const float* cin;
+  float* cf;
+  at::BFloat16* cb;
+  int64_t ldf, ldb;
+};
+
+// Row-major source of a strip that the micro-kernel packs while it runs (kPack): rows r, r + sk
+// of B hold k pairs' halves; kc k values (odd: the last pair's second half is zero).
+struct StripSource {
+  const bf16_t* b;
+  int64_t sk, kc;
+};
+
+// C[MR x 16 NV] (+)= A[MR x 2 kq] B-strip[2 kq x 16 NV], nr <= 16 NV columns stored. With kPack
+// the strip is read from B's rows (pairs interleaved in registers, as in direct_bf16) and also
+// written to the panel for the tile's other row blocks: the first row block packs the panel
+// while it computes, so the packing hides behind its vdpbf16ps instead of running as a pass that
+// waits for memory.
+template <int MR, int NV, bool kPack>
+MOE_TARGET_AVX512_BF16 void micro_bf16(int64_t kq, const bf16_t* a, int64_t lda, uint32_t* b,
+                                       int64_t nr, const TileOut& o, PfStream& pf,
+                                       const StripSource& src) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  }
+  [[maybe_unused]] const __m512i idx =
+      _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                       37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  [[maybe_unused]] __mmask16 km[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) km[v] = strip_mask(nr - 16 * v);
+  for (int64_t q = 0; q < kq; ++q, b += 16 * NV) {
+    pf_step(pf);
+    __m512bh bv[NV];
+    if constexpr (kPack) {
+      const bf16_t* r0 = src.b + 2 * q * src.sk;
+      const bf16_t* r1 = 2 * q + 1 < src.kc ? r0 + src.sk : nullptr;
+      if (kPackPf > 0 && 2 * (q + kPackPf) + 1 < src.kc) {
+        const char* f = reinterpret_cast<const char*>(r0 + 2 * kPackPf * src.sk);
+        _mm_prefetch(f, _MM_HINT_T0);
+        _mm_prefetch(f + 32 * NV - 2, _MM_HINT_T0);
+        _mm_prefetch(f + 2 * src.sk, _MM_HINT_T0);
+        _mm_prefetch(f + 2 * src.sk + 32 * NV - 2, _MM_HINT_T0);
+      }
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        bv[v] = pair_rows(r0 + 16 * v, r1 != nullptr ? r1 + 16 * v : nullptr, km[v], idx);
+        _mm512_storeu_si512(b + 16 * v, reinterpret_cast<__m512i>(bv[v]));
+      }
+    } else {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bv[v] = as_bh(_mm512_loadu_si512(b + 16 * v));
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh av = as_bh(bcast_pair(a + i * lda + 2 * q));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], av, bv[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 kv = strip_mask(nr - 16 * v);
+      __m512 x = acc[i][v];
+      if (o.cin != nullptr) {
+        x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(kv, o.cin + i * o.ldf + 16 * v));
+      }
+      if (o.cb != nullptr) {
+        _mm256_mask_storeu_epi16(o.cb + i * o.ldb + 16 * v, kv,
+                                 reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+      } else {
+        _mm512_mask_storeu_ps(o.cf + i * o.ldf + 16 * v, kv, x);
+      }
+    }
+  }
+}
+
+template <bool kPack>
+void micro_bf16_tile(int64_t mr, int64_t nr, int64_t kq, const bf16_t* a, int64_t lda, uint32_t* b,
+                     const TileOut& o, PfStream& pf, const StripSource& src) {
+  with_tile_rows<kPR>(mr, [&](auto r) {
+    constexpr int kR = decltype(r)::value;
+    if (nr > 48) {
+      micro_bf16<kR, 4, kPack>(kq, a, lda, b, nr, o, pf, src);
+    } else if (nr > 32) {
+      micro_bf16<kR, 3, kPack>(kq, a, lda, b, nr, o, pf, src);
+    } else if (nr > 16) {
+      micro_bf16<kR, 2, kPack>(kq, a, lda, b, nr, o, pf, src);
+    } else {
+      micro_bf16<kR, 1, kPack>(kq, a, lda, b, nr, o, pf, src);
+    }
+  });
+}
+
+// Rows of the next row block when `left` rows remain: kPR, but a last block of fewer than
+// kPR / 2 + 1 rows is balanced with the one before it (8 -> 4 + 4, not 6 + 2: a 2-row tile has
+// too few accumulators to hide the vdpbf16ps latency).
+inline int64_t row_block(int64_t left) {
+  if (left <= kPR) return left;
+  if (left < kPR + kPR / 2 + 1) return left / 2;
+  return kPR;
+}
+
+// Panel buffer, 64-byte aligned (strip rows are whole cache lines).
+struct PairPanel {
+  std::vector<uint32_t> buf;
+  uint32_t* get(int64_t words) {
+    buf.resize(static_cast<size_t>(words + 16));
+    const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+    return buf.data() + ((64 - p % 64) % 64) / 4;
+  }
+};
+
+// out[m x n] (bf16, row stride ldo) = A[m x k] B[k x n] with the panel kernels. A: bf16 rows
+// (row stride lda, pairs at even k; element k is zero when k is odd). cbuf: fp32 partial sums
+// (m x n) when k spans more than one k block. `next`: the source of the first panel of the
+// thread's next tile (prefetched while the last panel of this one runs), or rows == 0.
+void panel_gemm_bf16(int64_t m, int64_t n, int64_t k, const bf16_t* a, int64_t lda,
+                     const PairB& b, at::BFloat16* out, int64_t ldo, std::vector<float>& cbuf,
+                     PairPanel& pp, const PfStream& next) {
+  const PanelBlocks blk = panel_blocks(n, k);
+  const int64_t kblocks = ceil_div(k, 2 * blk.kq);
+  if (kblocks > 1) cbuf.resize(static_cast<size_t>(m * n));
+  uint32_t* panel = pp.get(blk.kq * blk.nc);
+  for (int64_t j0 = 0; j0 < n; j0 += blk.nc) {
+    const int64_t nc = std::min(blk.nc, n - j0);
+    for (int64_t kb = 0; kb < kblocks; ++kb) {
+      const int64_t k0 = 2 * blk.kq * kb, kc = std::min(2 * blk.kq, k - k0);
+      const int64_t kq = ceil_div(kc, 2);
+      // a @ b[e]: the first row block packs the panel (see micro_bf16); b^T: a packing pass.
+      if (b.sn != 1) pack_pairs_cols(b.ptr + j0 * b.sn + k0, b.sn, kc, nc, kq, panel);
+      // The next panel's source, spread over this panel's micro-kernel calls.
+      PfStream pf = next;
+      if (kb + 1 < kblocks) {
+        const int64_t k1 = k0 + 2 * blk.kq;
+        pf = panel_source(b, j0, nc, k1, std::min(2 * blk.kq, k - k1));
+      } else if (j0 + nc < n) {
+        pf = panel_source(b, j0 + nc, std::min(blk.nc, n - j0 - nc), 0, std::min(2 * blk.kq, k));
+      }
+      const int64_t strips = ceil_div(nc, kPS);
+      const int64_t share = ceil_div(pf.rows * pf.lines, std::max<int64_t>(1, ceil_div(m, kPR) * strips * (100 - kPfStart) / 100));
+      const int64_t calls = ceil_div(m, kPR) * strips;
+      int64_t call = 0;
+      for (int64_t i = 0; i < m;) {
+        const int64_t mr = row_block(m - i);
+        for (int64_t s = 0; s < strips; ++s) {
+          const int64_t jc = j0 + s * kPS, nr = std::min(kPS, n - jc);
+          TileOut o{nullptr, nullptr, nullptr, n, ldo};
+          if (kb > 0) o.cin = cbuf.data() + i * n + jc;
+          if (kb + 1 < kblocks) {
+            o.cf = cbuf.data() + i * n + jc;
+          } else {
+            o.cb = out + i * ldo + jc;
+          }
+          pf.budget = (kPfOn && call++ >= calls * kPfStart / 100) ? share : 0;
+          const StripSource src{b.ptr + k0 * b.sk + jc, b.sk, kc};
+          const bf16_t* ai = a + i * lda + k0;
+          if (i == 0 && b.sn == 1) {
+            micro_bf16_tile<true>(mr, nr, kq, ai, lda, panel + s * kq * kPS, o, pf, src);
+          } else {
+            micro_bf16_tile<false>(mr, nr, kq, ai, lda, panel + s * kq * kPS, o, pf, src);
+          }
+        }
+        i += mr;
       }
     }
   }
@@ -1125,9 +1311,8 @@ bool is_large(int64_t rows, at::ScalarType dtype, bool trans_b, bool wgrad, cons
   if (dtype == at::kDouble) return true;
   if (dtype == at::kHalf) return false;
   if (dtype == at::kBFloat16 && !wgrad && bf16_dot_kernels(b, trans_b)) {
-    // Measured against torch's bf16 GEMM (oneDNN, AVX512-BF16), 1 thread, K = 1024: a @ b[e]
-    // 1.6x at 8 rows, 1.1x at 64, 0.97x at 128; b[e]^T 2x at 8-16 rows, 0.85x at 64.
-    return rows >= (trans_b ? kLargeRowsBf16TransB : kLargeRowsBf16);
+    // MEASURE
+    return false;
   }
   if (dtype == at::kFloat && gemm_isa() == Isa::kAvx512) {
     // With the AVX-512 micro-kernel our tiles beat torch's fp32 BLAS at every group size for
@@ -1211,9 +1396,12 @@ std::vector<WorkTile> col_tiles(const std::vector<RowRange>& rows, int64_t n) {
 // grouped_gemm
 
 #if MOE_GG_X86
-// bf16 tiles with the vdpbf16ps kernels (B with a unit stride along j, or along k for b^T).
+// bf16 tiles with the vdpbf16ps kernels (B with a unit stride along j, or along k for b^T):
+// <= kDirectRows rows of a @ b[e] run the direct kernel, b^T groups of fewer than
+// kPanelRowsTransBBf16 rows the dot-product kernel, all others the panel kernels.
 void grouped_gemm_tiles_bf16(const std::vector<WorkTile>& tiles, const at::Tensor& a,
-                             const at::Tensor& b, bool trans_b, at::Tensor& out) {
+                             const at::Tensor& b, const std::vector<int64_t>& off, bool trans_b,
+                             at::Tensor& out) {
   const int64_t k = a.size(1), n = out.size(1);
   const bf16_t* ap = reinterpret_cast<const bf16_t*>(a.const_data_ptr<at::BFloat16>());
   const int64_t sam = a.stride(0), sak = a.stride(1);
@@ -1224,32 +1412,57 @@ void grouped_gemm_tiles_bf16(const std::vector<WorkTile>& tiles, const at::Tenso
   // Padded row stride of the A tile copy (even: k pairs; not a multiple of 4 KiB: L1 sets).
   int64_t ldt = ceil_div(k + 1, 32) * 32;
   if ((2 * ldt) % 4096 == 0) ldt += 32;
+  const auto panel = [&](const WorkTile& w) {
+    return sn == 1 ? w.r1 - w.r0 > kDirectRows
+                   : off[w.expert + 1] - off[w.expert] >= kPanelRowsTransBBf16;
+  };
+  const auto source = [&](const WorkTile& w) {
+    return PairB{bp + w.expert * b.stride(0) + w.n0 * sn, sk, sn};
+  };
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<uint32_t> panel;
+    PairPanel pp;
     std::vector<float> cbuf;
     std::vector<bf16_t> abuf;
     for (int64_t t = t0; t < t1; ++t) {
       const WorkTile& w = tiles[static_cast<size_t>(t)];
       const int64_t m = w.r1 - w.r0, nb = w.n1 - w.n0;
-      abuf.resize(static_cast<size_t>(m * ldt));
-      for (int64_t i = 0; i < m; ++i) {
-        const bf16_t* src = ap + (w.r0 + i) * sam;
-        bf16_t* dst = abuf.data() + i * ldt;
-        if (sak == 1) {
-          std::memcpy(dst, src, static_cast<size_t>(k) * sizeof(bf16_t));
-        } else {
-          for (int64_t p = 0; p < k; ++p) dst[p] = src[p * sak];
+      const bool use_panel = panel(w);
+      const bf16_t* at = ap + w.r0 * sam;
+      int64_t lda = sam;
+      if (!use_panel || sak != 1 || k % 2 != 0 || kCopyA) {
+        // A copy with k pairs adjacent and a zero partner for an odd last k. The panel kernels
+        // read a unit-stride A with even k in place (the copy cost ~5% at 128 rows/expert).
+        abuf.resize(static_cast<size_t>(m * ldt));
+        for (int64_t i = 0; i < m; ++i) {
+          const bf16_t* src = ap + (w.r0 + i) * sam;
+          bf16_t* dst = abuf.data() + i * ldt;
+          if (sak == 1) {
+            std::memcpy(dst, src, static_cast<size_t>(k) * sizeof(bf16_t));
+          } else {
+            for (int64_t p = 0; p < k; ++p) dst[p] = src[p * sak];
+          }
+          dst[k] = 0;  // the partner of the last k when k is odd
         }
-        dst[k] = 0;  // the partner of the last k when k is odd
+        at = abuf.data();
+        lda = ldt;
+      }
+      const bf16_t* be = bp + w.expert * b.stride(0) + w.n0 * sn;
+      if (use_panel) {
+        PfStream next;
+        if (t + 1 < t1 && panel(tiles[static_cast<size_t>(t + 1)])) {
+          const WorkTile& w1 = tiles[static_cast<size_t>(t + 1)];
+          const PanelBlocks blk = panel_blocks(w1.n1 - w1.n0, k);
+          next = panel_source(source(w1), 0, std::min(blk.nc, w1.n1 - w1.n0), 0,
+                              std::min(2 * blk.kq, k));
+        }
+        panel_gemm_bf16(m, nb, k, at, lda, source(w), op + w.r0 * n + w.n0, n, cbuf, pp, next);
+        continue;
       }
       cbuf.resize(static_cast<size_t>(m * nb));
-      const bf16_t* be = bp + w.expert * b.stride(0) + w.n0 * sn;
-      if (sn == 1 && m <= kDirectRows && k > 0) {
-        direct_gemm_bf16(m, nb, k, abuf.data(), ldt, be, sk, cbuf.data(), nb);
-      } else if (sn == 1) {
-        tile_gemm_bf16(m, nb, k, abuf.data(), ldt, be, sk, cbuf.data(), nb, panel);
+      if (sn == 1) {
+        direct_gemm_bf16(m, nb, k, at, lda, be, sk, cbuf.data(), nb);
       } else {
-        dot_gemm_bf16(m, nb, k, abuf.data(), ldt, be, sn, cbuf.data(), nb);
+        dot_gemm_bf16(m, nb, k, at, lda, be, sn, cbuf.data(), nb);
       }
       store_tile_bf16(cbuf.data(), nb, op + w.r0 * n + w.n0, n, m, nb);
     }
@@ -1270,6 +1483,11 @@ void grouped_gemm_tiles(const at::Tensor& a, const at::Tensor& b, const std::vec
   };
   // fp32 groups on the AVX-512 kernels run in row ranges of up to kMBLarge rows (see there).
   const auto merge_rows = [&](int64_t group) {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      // bf16 panel kernels (see grouped_gemm_tiles_bf16).
+      return bf16_dot_kernels(b, trans_b) &&
+             ((trans_b ? b.stride(1) : b.stride(2)) == 1 || group >= kPanelRowsTransBBf16);
+    }
     return packed_bt(group) ||
            (std::is_same_v<scalar_t, float> && !trans_b && gemm_isa() == Isa::kAvx512);
   };
@@ -1282,7 +1500,7 @@ void grouped_gemm_tiles(const at::Tensor& a, const at::Tensor& b, const std::vec
     const int64_t group = off[rt.expert + 1] - off[rt.expert];
     if (is_large(group, a.scalar_type(), trans_b, false, b)) continue;
     if (merge_rows(group) && !rows.empty() && rows.back().expert == rt.expert &&
-        rt.row_end - rows.back().r0 <= kMBLarge) {
+        rt.row_end - rows.back().r0 <= (std::is_same_v<scalar_t, at::BFloat16> ? kRangeBf16 : kMBLarge)) {
       // One tile packs each B panel once for all its rows: merge row tiles of the group.
       rows.back().r1 = rt.row_end;
       continue;
@@ -1293,7 +1511,7 @@ void grouped_gemm_tiles(const at::Tensor& a, const at::Tensor& b, const std::vec
   if (tiles.empty()) return;
 #if MOE_GG_X86
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    if (bf16_dot_kernels(b, trans_b)) return grouped_gemm_tiles_bf16(tiles, a, b, trans_b, out);
+    if (bf16_dot_kernels(b, trans_b)) return grouped_gemm_tiles_bf16(tiles, a, b, off, trans_b, out);
   }
 #endif
   const at::Tensor a32 = as_float_rows(a);
