@@ -10,9 +10,9 @@
 // Which groups are "large" (is_large): fp64 (gradcheck) always; fp16 never (torch's CPU fp16 GEMM
 // is orders of magnitude slower); fp32 from 128 rows with AVX2, and with AVX-512 never (b^T groups
 // from 24 rows pack transposed B panels for the 8x48 kernel, smaller ones run a dot-product
-// kernel); bf16 on CPUs with AVX512-BF16 from 128 rows (32 for b^T) in the forward, where our
-// vdpbf16ps kernels run below that, and from 8 rows in the weight gradient; bf16 without
-// AVX512-BF16 from 32 rows.
+// kernel); bf16 on CPUs with AVX512-BF16 never in the forward (vdpbf16ps kernels: the direct
+// 8x48 tile up to 16 rows, the dot-product kernel for b^T below 20 rows, the 6x64 panel kernels
+// above) and from 8 rows in the weight gradient; bf16 without AVX512-BF16 from 32 rows.
 // bf16/fp16 accumulate in fp32: the fp32 kernels convert the activations once and the weight
 // panels while packing; the vdpbf16ps kernels multiply bf16 pairs directly. Every output element is
 // a sum over K (or over the rows of an expert, for wgrad) in a fixed order, independent of the
@@ -815,9 +815,10 @@ bool dot_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
 // ---------------------------------------------------------------------------------------------
 // bf16 kernels for CPUs with AVX512-BF16: vdpbf16ps multiplies pairs of bf16 (adjacent k) and
 // adds both products to an fp32 lane, so neither operand is converted to fp32 and twice the k
-// values go through each instruction. A keeps its bf16 rows (k pairs are adjacent); B is packed
-// per k block into a panel of pair rows: panel[q][j] = {B(2q, j), B(2q+1, j)} (32 bits), zero
-// past k. b^T (da) needs no packing: a row of b is already a run of k pairs.
+// values go through each instruction. A keeps its bf16 rows (k pairs are adjacent); B is read as
+// pairs {B(2q, j), B(2q+1, j)} (32 bits, zero past k): interleaved in registers (direct kernel),
+// packed into pair panels (panel kernels), or, for b^T, read as it is (a row of b is already a
+// run of k pairs: dot-product kernel).
 #if MOE_GG_X86
 using bf16_t = uint16_t;
 
@@ -911,17 +912,21 @@ void direct_gemm_bf16(int64_t m, int64_t n, int64_t k, const bf16_t* a, int64_t 
 // ---------------------------------------------------------------------------------------------
 // bf16 panel kernels (tiles of more than kDirectRows rows, up to kMBLarge rows of one expert).
 // B of a tile is packed per (column block, k block) into a strip-major pair panel: strip s holds
-// columns [48 s, 48 s + 48) of the block as kq rows of 48 words, word (q, j) = {B(2q, j),
+// columns [64 s, 64 s + 64) of the block as kq rows of 64 words, word (q, j) = {B(2q, j),
 // B(2q+1, j)}, zero past k and past the block. A strip is one contiguous run, so the micro-kernel
-// reads 192 aligned bytes per k pair in sequence (the L1 prefetcher follows it; no set aliasing).
+// reads 256 aligned bytes per k pair in sequence (the L1 prefetcher follows it; no set aliasing).
 // The last strip of a block is 16 * ceil(w / 16) words wide (w: its columns). A panel of up to
-// kPairsBf16 pairs x kPanelBytesBf16 stays in L2 while every 8-row block of the tile's A runs over
-// it (A rows in L1); each 8 x 48 tile sums its k block in registers (k = 1024 per block: the C
-// tile is loaded and stored once per 1024 k) and the last k block writes bf16 output directly.
-// While a panel is computed, the micro-kernels prefetch the source of the next panel (the next k
-// block, the next column block, or the first panel of the thread's next tile) into L2, a few
-// lines per k step: B streams from DRAM (one 128-row group makes 128 FLOPs per weight byte, but
-// packing a panel from DRAM without it stalls ~20% of the time).
+// kPairsBf16 pairs x kPanelBytesBf16 stays in L2 while every row block of the tile's A runs over
+// it (its A rows in L1); each 6 x 64 register tile sums a whole k block (1024 k) in registers,
+// so C is loaded and stored once per 1024 k, and the last k block writes the bf16 output directly.
+// Packing (a @ b[e]) is done by the first row block while it computes (micro_bf16<kPack>), not as
+// a separate pass, and while a panel is computed the micro-kernels prefetch the source of the next
+// panel (next k block, next column block, or the first panel of the thread's next tile) into L2,
+// a few lines per k step: the weights stream from DRAM. Measured at 32 experts x 128 rows,
+// K = N = 1024, 1 thread (ratios to one dense oneDNN GEMM, interleaved): a packing pass and 8 x 48
+// tiles 0.75; fused packing 0.85; 6 x 64 tiles, 256 KiB panels, A read in place 0.88-0.90;
+// prefetch state in registers 0.96-0.99 (the remaining gap: the packing row block runs at about
+// half speed, 1/21 of the rows at 128 rows/expert).
 // Register tile of the panel kernels: kPR rows x kPS columns (4 zmm of fp32 sums, 24 in all).
 // Per k pair: 4 panel loads, 6 broadcasts, 24 vdpbf16ps (8 x 48 needs 11 loads for 24). Model
 // widths are mostly multiples of 64, so the last strip of a row is rarely partial.
@@ -1158,9 +1163,9 @@ struct PairPanel {
 // (m x n) when k spans more than one k block. `next`: the first panel of the thread's next tile
 // (src == nullptr: none), prefetched while this tile's last panel runs. Panels go in (column
 // block, k block) order.
-void panel_gemm_bf16(int64_t m, int64_t n, int64_t k, const bf16_t* a, int64_t lda,
-                     const PairB& b, at::BFloat16* out, int64_t ldo, std::vector<float>& cbuf,
-                     PairPanel& pp, const PanelDesc& next) {
+void panel_gemm_bf16(int64_t m, int64_t n, int64_t k, const bf16_t* a, int64_t lda, const PairB& b,
+                     at::BFloat16* out, int64_t ldo, std::vector<float>& cbuf, PairPanel& pp,
+                     const PanelDesc& next) {
   const PanelBlocks blk = panel_blocks(n, k);
   const int64_t kblocks = ceil_div(k, 2 * blk.kq);
   if (kblocks > 1) cbuf.resize(static_cast<size_t>(m * n));
@@ -1324,7 +1329,9 @@ bool is_large(int64_t rows, at::ScalarType dtype, bool trans_b, bool wgrad, cons
   if (dtype == at::kDouble) return true;
   if (dtype == at::kHalf) return false;
   if (dtype == at::kBFloat16 && !wgrad && bf16_dot_kernels(b, trans_b)) {
-    // MEASURE
+    // The panel kernels run every bf16 forward group of more than 16 rows (b^T: 20) at 0.96-1.07x
+    // one dense oneDNN GEMM of the same FLOPs from 128 rows/expert, 1.2-1.5x the per-expert
+    // oneDNN loop at 32-128 rows (measured, 1 thread, K = 1024; docs/performance.md).
     return false;
   }
   if (dtype == at::kFloat && gemm_isa() == Isa::kAvx512) {
@@ -1465,8 +1472,8 @@ void grouped_gemm_tiles_bf16(const std::vector<WorkTile>& tiles, const at::Tenso
         if (t + 1 < t1 && panel(tiles[static_cast<size_t>(t + 1)])) {
           const WorkTile& w1 = tiles[static_cast<size_t>(t + 1)];
           const PanelBlocks blk = panel_blocks(w1.n1 - w1.n0, k);
-          next = panel_at(source(w1), 0, std::min(blk.nc, w1.n1 - w1.n0), 0,
-                          std::min(2 * blk.kq, k));
+          next =
+              panel_at(source(w1), 0, std::min(blk.nc, w1.n1 - w1.n0), 0, std::min(2 * blk.kq, k));
         }
         panel_gemm_bf16(m, nb, k, at, lda, source(w), op + w.r0 * n + w.n0, n, cbuf, pp, next);
         continue;
@@ -1524,7 +1531,8 @@ void grouped_gemm_tiles(const at::Tensor& a, const at::Tensor& b, const std::vec
   if (tiles.empty()) return;
 #if MOE_GG_X86
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    if (bf16_dot_kernels(b, trans_b)) return grouped_gemm_tiles_bf16(tiles, a, b, off, trans_b, out);
+    if (bf16_dot_kernels(b, trans_b))
+      return grouped_gemm_tiles_bf16(tiles, a, b, off, trans_b, out);
   }
 #endif
   const at::Tensor a32 = as_float_rows(a);
