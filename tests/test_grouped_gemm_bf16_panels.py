@@ -1,5 +1,5 @@
-"""grouped_gemm bf16 on the panel kernels (AVX512-BF16 CPUs: groups of more than 16 rows for
-``a @ b[e]``, of 20+ rows for ``b[e]^T``): every tile remainder against the float64 reference,
+"""grouped_gemm bf16 on the panel kernels (AVX512-BF16 CPUs: ``a @ b[e]`` tiles of any row count
+but 7-8, ``b[e]^T`` groups of 20+ rows): every tile remainder against the float64 reference,
 under each CPU build (the other builds take other paths and must agree with the reference too),
 strided operands, and bitwise equality across thread counts.
 
@@ -29,11 +29,11 @@ from moe_framework.ops.reference import grouped_gemm_ref
 ops = torch.ops.moe_framework
 torch.manual_seed(int(sys.argv[1]))
 TOL = dict(rtol=4e-3, atol=1e-3)
-# Rows: the direct/panel boundary (16/17), the b^T dot/panel boundary (19/20), 6-row tile
-# remainders (row blocks 6, and 4 + 4 for a last 8), 128 and the 512-row range boundary (1025:
-# ranges 512 + 512 + 1), zero-row experts. N: 64-column strip remainders (1..63) and several
+# Rows: one row block (1-6), the direct kernel (7-8), panels again (9+), the b^T dot/panel
+# boundary (19/20), 6-row tile remainders (row blocks 6, and 4 + 4 for a last 8), 128 and the
+# 512-row range boundary (1025: ranges 512 + 512 + 1), zero-row experts. N: 64-column strip remainders (1..63) and several
 # column blocks (1100). K: odd (a pair half empty), 1 and 3, and 2049 (three k blocks).
-COUNTS = [0, 17, 16, 19, 20, 21, 23, 26, 0, 127, 128, 129]
+COUNTS = [0, 1, 2, 5, 6, 7, 8, 9, 12, 16, 17, 19, 20, 21, 23, 26, 0, 127, 128, 129]
 CASES = [(COUNTS, 37, 100), (COUNTS, 2049, 65), ([0, 511, 512, 513], 64, 129)]
 CASES += [([1025, 0, 30], 33, 1100), ([40, 18], 1, 63), ([22, 0, 64], 3, 17), ([130], 1024, 1)]
 checked = 0

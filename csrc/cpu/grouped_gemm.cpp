@@ -10,9 +10,9 @@
 // Which groups are "large" (is_large): fp64 (gradcheck) always; fp16 never (torch's CPU fp16 GEMM
 // is orders of magnitude slower); fp32 from 128 rows with AVX2, and with AVX-512 never (b^T groups
 // from 24 rows pack transposed B panels for the 8x48 kernel, smaller ones run a dot-product
-// kernel); bf16 on CPUs with AVX512-BF16 never in the forward (vdpbf16ps kernels: the direct
-// 8x48 tile up to 16 rows, the dot-product kernel for b^T below 20 rows, the 6x64 panel kernels
-// above) and from 8 rows in the weight gradient; bf16 without AVX512-BF16 from 32 rows.
+// kernel); bf16 on CPUs with AVX512-BF16 never in the forward (vdpbf16ps kernels: the 6x64 panel
+// kernels, the direct 8x48 tile at 7-8 rows, the dot-product kernel for b^T below 20 rows) and
+// from 8 rows in the weight gradient; bf16 without AVX512-BF16 from 32 rows.
 // bf16/fp16 accumulate in fp32: the fp32 kernels convert the activations once and the weight
 // panels while packing; the vdpbf16ps kernels multiply bf16 pairs directly. Every output element is
 // a sum over K (or over the rows of an expert, for wgrad) in a fixed order, independent of the
@@ -841,10 +841,10 @@ MOE_TARGET_AVX512_BF16 inline __m512bh pair_rows(const bf16_t* r0, const bf16_t*
   return as_bh(_mm512_permutex2var_epi16(x, idx, y));
 }
 
-// Direct bf16 kernel for tiles of at most kDirectRows rows (see direct_avx512): no pair panel;
+// Direct bf16 kernel for tiles of 7-8 rows (see direct_avx512, grouped_gemm_tiles_bf16): no panel;
 // per k pair, the 48 columns of rows k and k+1 of B are loaded and interleaved into pairs in
 // registers (three word permutes), then run through the 8x48 vdpbf16ps tile. Odd K pairs the
-// last row with zeros. The pairs are summed in k order, as in micro_bf16.
+// last row with zeros. The pairs are summed in k order.
 template <int MR>
 MOE_TARGET_AVX512_BF16 void direct_bf16(int64_t k, const bf16_t* a, int64_t lda, const bf16_t* b,
                                         int64_t ldb, float* c, int64_t ldc, int64_t nr, bool pf) {
@@ -910,7 +910,7 @@ void direct_gemm_bf16(int64_t m, int64_t n, int64_t k, const bf16_t* a, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------------
-// bf16 panel kernels (tiles of more than kDirectRows rows, up to kMBLarge rows of one expert).
+// bf16 panel kernels (tiles of up to kMBLarge rows of one expert; see grouped_gemm_tiles_bf16).
 // B of a tile is packed per (column block, k block) into a strip-major pair panel: strip s holds
 // columns [64 s, 64 s + 64) of the block as kq rows of 64 words, word (q, j) = {B(2q, j),
 // B(2q+1, j)}, zero past k and past the block. A strip is one contiguous run, so the micro-kernel
@@ -1329,7 +1329,7 @@ bool is_large(int64_t rows, at::ScalarType dtype, bool trans_b, bool wgrad, cons
   if (dtype == at::kDouble) return true;
   if (dtype == at::kHalf) return false;
   if (dtype == at::kBFloat16 && !wgrad && bf16_dot_kernels(b, trans_b)) {
-    // The panel kernels run every bf16 forward group of more than 16 rows (b^T: 20) at 0.96-1.07x
+    // The panel kernels run bf16 forward groups (b^T: from 20 rows) at 0.96-1.07x
     // one dense oneDNN GEMM of the same FLOPs from 128 rows/expert, 1.2-1.5x the per-expert
     // oneDNN loop at 32-128 rows (measured, 1 thread, K = 1024; docs/performance.md).
     return false;
@@ -1417,8 +1417,11 @@ std::vector<WorkTile> col_tiles(const std::vector<RowRange>& rows, int64_t n) {
 
 #if MOE_GG_X86
 // bf16 tiles with the vdpbf16ps kernels (B with a unit stride along j, or along k for b^T):
-// <= kDirectRows rows of a @ b[e] run the direct kernel, b^T groups of fewer than
-// kPanelRowsTransBBf16 rows the dot-product kernel, all others the panel kernels.
+// a @ b[e] tiles of 7-8 rows run the direct kernel (one 8-row pass), b^T groups of fewer than
+// kPanelRowsTransBBf16 rows the dot-product kernel, all others the panel kernels. Measured, 1
+// thread, K = N = 1024, 64-128 experts, panel vs direct GFLOP/s: 4 rows 91 vs 82, 6 rows 149 vs
+// 124, 7 rows 137 vs 143, 8 rows 128-151 vs 142-149, 10 rows 192 vs 143, 16 rows 219-238 vs 186
+// (the direct kernel runs 9-16 rows as two passes over B; the panel kernels pack B once).
 void grouped_gemm_tiles_bf16(const std::vector<WorkTile>& tiles, const at::Tensor& a,
                              const at::Tensor& b, const std::vector<int64_t>& off, bool trans_b,
                              at::Tensor& out) {
@@ -1433,7 +1436,8 @@ void grouped_gemm_tiles_bf16(const std::vector<WorkTile>& tiles, const at::Tenso
   int64_t ldt = ceil_div(k + 1, 32) * 32;
   if ((2 * ldt) % 4096 == 0) ldt += 32;
   const auto panel = [&](const WorkTile& w) {
-    return sn == 1 ? w.r1 - w.r0 > kDirectRows
+    const int64_t m = w.r1 - w.r0;
+    return sn == 1 ? (m <= kPR || m > kMR512)
                    : off[w.expert + 1] - off[w.expert] >= kPanelRowsTransBBf16;
   };
   const auto source = [&](const WorkTile& w) {
