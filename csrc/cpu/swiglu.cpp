@@ -69,7 +69,17 @@ MOE_ALWAYS_INLINE void forward_rows(const Rows<scalar_t>& p, int64_t r0, int64_t
     int64_t i = 0;
 #if MOE_MATH_LANES
     if constexpr (kUseLanes && kLanes<scalar_t>) {
-      for (; i + 16 <= p.half; i += 16) {
+      using math::lanes::VF;
+      const int64_t half = p.half;
+      // Two independent vectors per step: exp's polynomial is one long dependency chain.
+      for (; i + 32 <= half; i += 32) {
+        const VF y0 = swiglu::forward(cpu::lanes::load(gate + i), cpu::lanes::load(up + i));
+        const VF y1 =
+            swiglu::forward(cpu::lanes::load(gate + i + 16), cpu::lanes::load(up + i + 16));
+        cpu::lanes::store(o + i, y0);
+        cpu::lanes::store(o + i + 16, y1);
+      }
+      for (; i + 16 <= half; i += 16) {
         cpu::lanes::store(o + i,
                           swiglu::forward(cpu::lanes::load(gate + i), cpu::lanes::load(up + i)));
       }
