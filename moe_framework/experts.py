@@ -85,7 +85,7 @@ def _saved(ctx) -> tuple:
                 "backward wrote the SwiGLU gradient over its saved activation h to save memory "
                 "(inplace_backward=True, the default). A second backward through the same graph "
                 "(retain_graph=True, torch.autograd.gradcheck) needs inplace_backward=False on "
-                "ExpertBank / MoELayer / DenseFFN / expert_ffn."
+                "ExpertBank / MoELayer / DenseFFN / expert_ffn / replace_moe_blocks."
             ) from e
         raise
 
