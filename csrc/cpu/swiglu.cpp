@@ -52,40 +52,45 @@ struct Rows {
   int64_t half;
 };
 
-// fp32 and bf16 rows run 16 columns at a time on math::lanes vectors (each lane gives the scalar
-// math's bits: GCC vectorises the scalar loop poorly, it evaluates exp's polynomial twice); fp16,
-// fp64 and the row tails run the scalar loop.
+// fp32 and bf16 rows run kW columns at a time on math::lanes vectors (16 lanes in the AVX-512
+// build, 8 in the AVX2 build), each lane giving the scalar math's bits. GCC vectorises the scalar
+// loop poorly (it evaluates exp's polynomial twice). fp16, fp64, the baseline build and the row
+// tails run the scalar loop.
 template <typename scalar_t>
 constexpr bool kLanes =
     MOE_MATH_LANES && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>);
 
-template <bool kUseLanes, typename scalar_t>
+#if MOE_MATH_LANES
+template <int kW>
+using LaneVec = std::conditional_t<kW == 16, math::lanes::VF, math::lanes::VF8>;
+#endif
+
+template <int kW, typename scalar_t>
 MOE_ALWAYS_INLINE void forward_rows(const Rows<scalar_t>& p, int64_t r0, int64_t r1) {
   using acc = swiglu::acc_t<scalar_t>;
+  const int64_t half = p.half;
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* __restrict__ gate = p.h + r * p.sh;
-    const scalar_t* __restrict__ up = gate + p.half;
+    const scalar_t* __restrict__ up = gate + half;
     scalar_t* __restrict__ o = p.out + r * p.so;
     int64_t i = 0;
 #if MOE_MATH_LANES
-    if constexpr (kUseLanes && kLanes<scalar_t>) {
-      using math::lanes::VF;
-      const int64_t half = p.half;
+    if constexpr (kW > 0 && kLanes<scalar_t>) {
+      using V = LaneVec<kW>;
+      using cpu::lanes::load;
       // Two independent vectors per step: exp's polynomial is one long dependency chain.
-      for (; i + 32 <= half; i += 32) {
-        const VF y0 = swiglu::forward(cpu::lanes::load(gate + i), cpu::lanes::load(up + i));
-        const VF y1 =
-            swiglu::forward(cpu::lanes::load(gate + i + 16), cpu::lanes::load(up + i + 16));
+      for (; i + 2 * kW <= half; i += 2 * kW) {
+        const V y0 = swiglu::forward(load<V>(gate + i), load<V>(up + i));
+        const V y1 = swiglu::forward(load<V>(gate + i + kW), load<V>(up + i + kW));
         cpu::lanes::store(o + i, y0);
-        cpu::lanes::store(o + i + 16, y1);
+        cpu::lanes::store(o + i + kW, y1);
       }
-      for (; i + 16 <= half; i += 16) {
-        cpu::lanes::store(o + i,
-                          swiglu::forward(cpu::lanes::load(gate + i), cpu::lanes::load(up + i)));
+      for (; i + kW <= half; i += kW) {
+        cpu::lanes::store(o + i, swiglu::forward(load<V>(gate + i), load<V>(up + i)));
       }
     }
 #endif
-    for (; i < p.half; ++i) {
+    for (; i < half; ++i) {
       o[i] = store_acc<scalar_t>(swiglu::forward<acc>(load_acc(gate[i]), load_acc(up[i])));
     }
   }
@@ -93,30 +98,31 @@ MOE_ALWAYS_INLINE void forward_rows(const Rows<scalar_t>& p, int64_t r0, int64_t
 
 // Not __restrict__ between h and out: the in-place op writes each gradient element over the
 // input element it was computed from (read before written, same index), which is safe.
-template <bool kUseLanes, typename scalar_t>
+template <int kW, typename scalar_t>
 MOE_ALWAYS_INLINE void backward_rows(const Rows<scalar_t>& p, int64_t r0, int64_t r1) {
   using acc = swiglu::acc_t<scalar_t>;
+  const int64_t half = p.half;
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* gate = p.h + r * p.sh;
-    const scalar_t* up = gate + p.half;
+    const scalar_t* up = gate + half;
     const scalar_t* __restrict__ dy = p.g + r * p.sg;
     scalar_t* dgate = p.out + r * p.so;
-    scalar_t* dup = dgate + p.half;
+    scalar_t* dup = dgate + half;
     int64_t i = 0;
 #if MOE_MATH_LANES
-    if constexpr (kUseLanes && kLanes<scalar_t>) {
-      using math::lanes::VF;
-      for (; i + 16 <= p.half; i += 16) {
-        VF dg, du;
-        swiglu::backward(cpu::lanes::load(dy + i), cpu::lanes::load(gate + i),
-                         cpu::lanes::load(up + i), dg, du);
+    if constexpr (kW > 0 && kLanes<scalar_t>) {
+      using V = LaneVec<kW>;
+      using cpu::lanes::load;
+      for (; i + kW <= half; i += kW) {
+        V dg, du;
+        swiglu::backward(load<V>(dy + i), load<V>(gate + i), load<V>(up + i), dg, du);
         cpu::lanes::store(dgate + i, dg);
         cpu::lanes::store(dup + i, du);
       }
     }
 #endif
 #pragma GCC ivdep
-    for (; i < p.half; ++i) {
+    for (; i < half; ++i) {
       acc dg, du;
       swiglu::backward<acc>(load_acc(dy[i]), load_acc(gate[i]), load_acc(up[i]), dg, du);
       dgate[i] = store_acc<scalar_t>(dg);
@@ -125,35 +131,35 @@ MOE_ALWAYS_INLINE void backward_rows(const Rows<scalar_t>& p, int64_t r0, int64_
   }
 }
 
-// Builds of the row loops: baseline x86-64, AVX2 (the scalar loop vectorised by GCC, 8 lanes)
-// and AVX-512 (16-lane math::lanes vectors). None contracts to FMA (pragma above), so all three
+// Builds of the row loops: baseline x86-64 (scalar), AVX2 (8-lane vectors) and AVX-512 (16-lane
+// vectors). None contracts to FMA (pragma above), so all three
 // give the same bits.
 #if MOE_CPU_AVX2_CLONE
 template <typename scalar_t>
 MOE_TARGET_AVX512 void forward_avx512(const Rows<scalar_t>& p, int64_t r0, int64_t r1) {
-  forward_rows<true>(p, r0, r1);
+  forward_rows<16>(p, r0, r1);
 }
 template <typename scalar_t>
 MOE_TARGET_AVX512 void backward_avx512(const Rows<scalar_t>& p, int64_t r0, int64_t r1) {
-  backward_rows<true>(p, r0, r1);
+  backward_rows<16>(p, r0, r1);
 }
 template <typename scalar_t>
 MOE_TARGET_AVX2 void forward_avx2(const Rows<scalar_t>& p, int64_t r0, int64_t r1) {
-  forward_rows<false>(p, r0, r1);
+  forward_rows<8>(p, r0, r1);
 }
 template <typename scalar_t>
 MOE_TARGET_AVX2 void backward_avx2(const Rows<scalar_t>& p, int64_t r0, int64_t r1) {
-  backward_rows<false>(p, r0, r1);
+  backward_rows<8>(p, r0, r1);
 }
 #endif
 
 template <typename scalar_t>
 void forward_base(const Rows<scalar_t>& p, int64_t r0, int64_t r1) {
-  forward_rows<false>(p, r0, r1);
+  forward_rows<0>(p, r0, r1);
 }
 template <typename scalar_t>
 void backward_base(const Rows<scalar_t>& p, int64_t r0, int64_t r1) {
-  backward_rows<false>(p, r0, r1);
+  backward_rows<0>(p, r0, r1);
 }
 
 template <bool kBackward, typename scalar_t>

@@ -39,28 +39,47 @@ MOE_ALWAYS_INLINE c10::BFloat16 store_acc<c10::BFloat16>(float v) {
 }
 
 #if MOE_MATH_LANES
-// 16 consecutive elements as fp32 lanes (math::lanes::VF), and back with store_acc's rounding.
+// 16 (or 8) consecutive elements as fp32 lanes (math::lanes::VF / VF8), and back with store_acc's
+// rounding.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"  // always-inline helpers: no call ABI involved
 namespace lanes {
-using math::lanes::VF;
-typedef uint32_t VU __attribute__((vector_size(64)));
-typedef uint16_t VH __attribute__((vector_size(32)));
+// V: math::lanes::VF (16 lanes) or VF8 (8 lanes); VH / VU: its lanes as uint16 / uint32.
+template <int kLanes>
+struct Bits;
+template <>
+struct Bits<16> {
+  typedef uint16_t VH __attribute__((vector_size(32)));
+  typedef uint32_t VU __attribute__((vector_size(64)));
+};
+template <>
+struct Bits<8> {
+  typedef uint16_t VH __attribute__((vector_size(16)));
+  typedef uint32_t VU __attribute__((vector_size(32)));
+};
 
-MOE_ALWAYS_INLINE VF load(const float* p) {
-  VF v;
+template <typename V>
+MOE_ALWAYS_INLINE V load(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-MOE_ALWAYS_INLINE VF load(const c10::BFloat16* p) {
+template <typename V>
+MOE_ALWAYS_INLINE V load(const c10::BFloat16* p) {
+  using VH = typename Bits<sizeof(V) / sizeof(float)>::VH;
+  using VU = typename Bits<sizeof(V) / sizeof(float)>::VU;
   VH h;
   std::memcpy(&h, p, sizeof(h));
-  return reinterpret_cast<VF>(__builtin_convertvector(h, VU) << 16);
+  return reinterpret_cast<V>(__builtin_convertvector(h, VU) << 16);
 }
-MOE_ALWAYS_INLINE void store(float* p, VF v) {
+template <typename V>
+MOE_ALWAYS_INLINE void store(float* p, V v) {
   std::memcpy(p, &v, sizeof(v));
 }
-MOE_ALWAYS_INLINE void store(c10::BFloat16* p, VF v) {
+template <typename V>
+MOE_ALWAYS_INLINE void store(c10::BFloat16* p, V v) {
+  using VH = typename Bits<sizeof(V) / sizeof(float)>::VH;
+  using VU = typename Bits<sizeof(V) / sizeof(float)>::VU;
   const VU u = reinterpret_cast<VU>(v);
   VU r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   r = v != v ? VU{} + 0x7FC0u : r;

@@ -95,42 +95,55 @@ MOE_HD T sigmoid(T x) {
 }
 
 #if !defined(__CUDACC__) && (defined(__GNUC__) || defined(__clang__))
-// exp_acc on 16 fp32 lanes at once (GCC vector extension: the CPU row-block kernel of route
-// routes 16 tokens per vector, swiglu handles 16 columns). The same operations in the same order as
-// exp_acc above, so every lane gives exp_acc's bits whichever ISA the vector is lowered to (no FMA:
-// the clones that use this are compiled without it). Keep the two in step; tests/test_route.py and
-// tests/test_swiglu.py compare the paths bitwise.
+// exp_acc on 16 (or 8) fp32 lanes at once (GCC vector extension: the CPU row-block kernel of
+// route routes 16 tokens per vector, swiglu handles 16 or 8 columns). The same operations in the
+// same order as exp_acc above, so every lane gives exp_acc's bits whichever ISA the vector is
+// lowered to (no FMA: the clones that use this are compiled without it). Keep the two in step;
+// tests/test_route.py and tests/test_swiglu.py compare the paths bitwise.
 #define MOE_MATH_LANES 1
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"  // always-inline helpers: no call ABI involved
 namespace lanes {
-typedef float VF __attribute__((vector_size(64)));
+typedef float VF __attribute__((vector_size(64)));  // 16 lanes (AVX-512 builds)
 typedef int32_t VI __attribute__((vector_size(64)));
+typedef float VF8 __attribute__((vector_size(32)));  // 8 lanes (AVX2 builds)
+typedef int32_t VI8 __attribute__((vector_size(32)));
 
-inline __attribute__((always_inline)) VF exp_acc(VF x) {
-  const VF hi = VF{} + 88.3762626647949f;
-  const VF lo = VF{} - 87.3365447505531f;
-  VF xc = x > hi ? hi : x;  // NaN compares false: passes unchanged
+template <typename V, typename VInt>
+inline __attribute__((always_inline)) V exp_acc_v(V x) {
+  const V hi = V{} + 88.3762626647949f;
+  const V lo = V{} - 87.3365447505531f;
+  V xc = x > hi ? hi : x;  // NaN compares false: passes unchanged
   xc = xc < lo ? lo : xc;
-  VF n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  n = n != n ? VF{} : n;
-  VF r = xc - n * 0.693359375f;
+  V n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  n = n != n ? V{} : n;
+  V r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  VF p = VF{} + 1.9875691500e-4f;
+  V p = V{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const VF er = (p * r * r + r) + 1.0f;
-  const VF scale = reinterpret_cast<VF>((__builtin_convertvector(n, VI) + 127) << 23);
-  VF y = er * scale;
-  y = x < lo ? VF{} : y;
-  y = x > hi ? VF{} + pos_inf<float>() : y;
+  const V er = (p * r * r + r) + 1.0f;
+  const V scale = reinterpret_cast<V>((__builtin_convertvector(n, VInt) + 127) << 23);
+  V y = er * scale;
+  y = x < lo ? V{} : y;
+  y = x > hi ? V{} + pos_inf<float>() : y;
   return y;
 }
 
+inline __attribute__((always_inline)) VF exp_acc(VF x) {
+  return exp_acc_v<VF, VI>(x);
+}
+inline __attribute__((always_inline)) VF8 exp_acc(VF8 x) {
+  return exp_acc_v<VF8, VI8>(x);
+}
+
 inline __attribute__((always_inline)) VF sigmoid(VF x) {
+  return 1.0f / (1.0f + exp_acc(-x));
+}
+inline __attribute__((always_inline)) VF8 sigmoid(VF8 x) {
   return 1.0f / (1.0f + exp_acc(-x));
 }
 }  // namespace lanes

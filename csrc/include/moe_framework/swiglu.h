@@ -21,7 +21,7 @@ namespace swiglu {
 template <typename scalar_t>
 using acc_t = at::opmath_type<scalar_t>;
 
-// sigmoid of one value (fast_math.h), or of 16 fp32 lanes on the CPU (math::lanes): the swiglu
+// sigmoid of one value (fast_math.h), or of 16 / 8 fp32 lanes on the CPU (math::lanes): the swiglu
 // math below is written once for both, and each lane gives the scalar version's bits.
 template <typename T>
 MOE_HD T sigmoid_of(T x) {
@@ -29,6 +29,9 @@ MOE_HD T sigmoid_of(T x) {
 }
 #if MOE_MATH_LANES
 inline __attribute__((always_inline)) math::lanes::VF sigmoid_of(math::lanes::VF x) {
+  return math::lanes::sigmoid(x);
+}
+inline __attribute__((always_inline)) math::lanes::VF8 sigmoid_of(math::lanes::VF8 x) {
   return math::lanes::sigmoid(x);
 }
 #endif
