@@ -52,6 +52,15 @@ TORCH_LIBRARY(moe_framework, m) {
   // trans_b.
   m.def("grouped_gemm_wgrad(Tensor a, Tensor grad_out, Tensor offsets, bool trans_b) -> Tensor");
 
+  // ---- swiglu: the SwiGLU activation of expert FFNs, h [..., 2H] = [gate | up] ----
+  // silu(h[..., :H]) * h[..., H:] -> [..., H], computed in fp32 (fp64 for fp64), one rounding.
+  m.def("swiglu(Tensor h) -> Tensor");
+  // Gradient of swiglu with respect to h for grad [..., H]: [..., 2H] = [d gate | d up].
+  m.def("swiglu_backward(Tensor grad, Tensor h) -> Tensor");
+  // swiglu_backward written over h itself (contiguous h): for callers that own h and no longer
+  // need it, so the backward allocates no [..., 2H] buffer.
+  m.def("swiglu_backward_(Tensor grad, Tensor(a!) h) -> ()");
+
   // ---- similarity: librarian dedup and knowledge-graph search ----
   // keep [n] bool, representative [n] i64 (most similar earlier kept-or-not item, self when kept).
   m.def("dedup(Tensor emb, float threshold) -> (Tensor keep, Tensor representative)");

@@ -142,8 +142,9 @@ class MoELayer(nn.Module):
             ``slots_per_token``.
         report_top_tokens: r, token indices kept per expert in the draft reports.
         reports: compute :class:`DraftReports` (set False to skip their small cost).
-        layout, init_std, recompute_activation, dtype, device: of the :class:`ExpertBank` (see
-            ``moe_framework.experts``).
+        layout, init_std, recompute_activation, inplace_backward, dtype, device: of the
+            :class:`ExpertBank` (see ``moe_framework.experts``); ``inplace_backward`` also applies
+            to the shared experts.
 
     ``forward(x [..., d]) -> (y [..., d], RoutingInfo)``. ``y`` has the dtype of ``x``.
     """
@@ -166,6 +167,7 @@ class MoELayer(nn.Module):
         layout: str = "in_out",
         init_std: Optional[float] = None,
         recompute_activation: bool = True,
+        inplace_backward: bool = True,
         dtype: Optional[torch.dtype] = None,
         device=None,
     ):
@@ -227,6 +229,7 @@ class MoELayer(nn.Module):
             layout=layout,
             init_std=init_std,
             recompute_activation=recompute_activation,
+            inplace_backward=inplace_backward,
             dtype=dtype,
             device=device,
         )
@@ -239,6 +242,7 @@ class MoELayer(nn.Module):
                 activation,
                 bias,
                 init_std=init_std,
+                inplace_backward=inplace_backward,
                 dtype=dtype,
                 device=device,
             )

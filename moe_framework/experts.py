@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .ops.swiglu import swiglu_backward_differentiable
 
 __all__ = [
     "ACTIVATIONS",
@@ -72,88 +73,98 @@ def _row_bias(bias: torch.Tensor, rows_expert: torch.Tensor) -> torch.Tensor:
     return F.embedding(rows_expert, padded)
 
 
-def _silu_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``grad * d silu(x) / dx`` in differentiable ops (aten's silu_backward has no derivative)."""
-    s = torch.sigmoid(x)
-    return grad * s * (1 + x * (1 - s))
+def _saved(ctx) -> tuple:
+    # ctx.saved_tensors, with autograd's version-counter error for an h that an earlier backward
+    # overwrote (inplace_backward) explained in our terms.
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as e:
+        if ctx.inplace_backward and "modified by an inplace operation" in str(e):
+            raise RuntimeError(
+                "moe_framework expert FFN: this graph was already backpropagated once, and that "
+                "backward wrote the SwiGLU gradient over its saved activation h to save memory "
+                "(inplace_backward=True, the default). A second backward through the same graph "
+                "(retain_graph=True, torch.autograd.gradcheck) needs inplace_backward=False on "
+                "ExpertBank / MoELayer / DenseFFN / expert_ffn / replace_moe_blocks."
+            ) from e
+        raise
 
 
-class _SwiGLU(torch.autograd.Function):
-    """``silu(h[:, :H]) * h[:, H:]`` saving only ``h``.
+def _swiglu_backward_owned(grad: torch.Tensor, h: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """Gradient of ``silu(h[..., :H]) * h[..., H:]`` with respect to ``h``, written over ``h``.
 
-    Autograd through the two slices would keep the SiLU output alive and, in backward, build two
-    zero-filled ``[M, 2H]`` gradients (one per slice) and add them; this writes the gradient once.
+    For the expert FFNs, which own ``h`` (a GEMM output that nothing else saves) and need it no
+    more once this gradient exists: the fused kernel writes ``[d gate | d up]`` into ``h``'s own
+    memory, so the backward allocates no ``[..., 2H]`` buffer (the largest one of the layer).
+    ``h``'s version counter is bumped, so a second backward through the same graph
+    (``retain_graph=True``) raises autograd's "modified by an inplace operation" error instead of
+    reading the overwritten values. A fresh buffer is used instead when a graph of the backward is
+    being built (double backward: differentiable ops), under ``torch.compile`` (whose own buffer
+    reuse applies) and for a non-contiguous ``h``.
     """
+    if torch.is_grad_enabled():
+        return swiglu_backward_differentiable(grad, h)
+    grad = grad.to(h.dtype)  # a no-op unless a caller fed a gradient of another dtype
+    if inplace and h.is_contiguous() and not torch.compiler.is_compiling():
+        torch.ops.moe_framework.swiglu_backward_.default(grad, h)
+        torch.autograd.graph.increment_version(h)
+        return h
+    return torch.ops.moe_framework.swiglu_backward.default(grad, h)
+
+
+class _SwiGLUOwned(torch.autograd.Function):
+    """``ops.swiglu(h)`` for an ``h`` the caller owns: saves only ``h`` and writes the gradient
+    over it in backward when ``inplace`` (see :func:`_swiglu_backward_owned`)."""
 
     @staticmethod
-    def forward(ctx, h):
-        half = h.shape[-1] // 2
+    def forward(ctx, h, inplace):
         ctx.save_for_backward(h)
-        return F.silu(h[..., :half]).mul_(h[..., half:])
+        ctx.inplace_backward = inplace
+        return torch.ops.moe_framework.swiglu.default(h)
 
     @staticmethod
     def backward(ctx, grad):
-        (h,) = ctx.saved_tensors
-        return _swiglu_backward(grad, h, grad_is_scratch=False)
-
-
-def _swiglu_backward(grad: torch.Tensor, h: torch.Tensor, grad_is_scratch: bool) -> torch.Tensor:
-    """Gradient of ``silu(h[..., :H]) * h[..., H:]`` with respect to ``h`` for the incoming
-    ``grad [..., H]``.
-
-    Writes both halves of one ``[..., 2H]`` buffer (the up half in place, the gate half through
-    ``grad`` itself or one ``[..., H]`` temporary) instead of concatenating two fresh halves, so the
-    backward's peak holds two ``[..., H]`` temporaries fewer. ``grad_is_scratch``: ``grad`` may be overwritten. When a graph
-    of the backward is being built (double backward) the same math runs in differentiable ops.
-    """
-    half = h.shape[-1] // 2
-    gate, up = h[..., :half], h[..., half:]
-    if torch.is_grad_enabled():
-        return torch.cat([_silu_grad(grad * up, gate), F.silu(gate) * grad], -1)
-    grad_h = torch.empty_like(h)
-    grad_up = grad_h[..., half:]
-    F.silu(grad_up.copy_(gate), inplace=True).mul_(grad)
-    grad_gate = grad.mul_(up) if grad_is_scratch else grad * up
-    # silu_backward is elementwise: writing its result over its own input is safe.
-    torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
-    grad_h[..., :half].copy_(grad_gate)
-    return grad_h
+        (h,) = _saved(ctx)
+        return _swiglu_backward_owned(grad, h, ctx.inplace_backward), None
 
 
 class _SwiGLUDown(torch.autograd.Function):
-    """``grouped_gemm(silu(h[:, :H]) * h[:, H:], w_out)`` saving ``h`` but not the ``[M, H]``
-    SwiGLU output: backward recomputes it (one elementwise pass) for the weight gradient.
+    """``grouped_gemm(swiglu(h), w_out)`` saving ``h`` but not the ``[M, H]`` SwiGLU output:
+    backward recomputes it (one fused elementwise pass) for the weight gradient.
 
     Autograd through ``swiglu`` then ``grouped_gemm`` keeps both ``h [M, 2H]`` (for the SwiGLU
     backward) and the SwiGLU output ``[M, H]`` (for the weight gradient) alive until backward; this
     keeps only ``h``, a third less activation memory between forward and backward, for one extra
-    SiLU pass in backward. The backward is written with differentiable ops, so double backward
-    still works.
+    SwiGLU pass in backward. The gradient of ``h`` is written over ``h`` (see
+    :func:`_swiglu_backward_owned`). When a graph of the backward is built (double backward) the
+    backward runs in differentiable ops.
     """
 
     @staticmethod
-    def forward(ctx, h, w_out, offsets, trans_b):
-        half = h.shape[-1] // 2
-        act = F.silu(h[..., :half]).mul_(h[..., half:])
+    def forward(ctx, h, w_out, offsets, trans_b, inplace):
+        act = torch.ops.moe_framework.swiglu.default(h)
         ctx.save_for_backward(h, w_out, offsets)
         ctx.trans_b = trans_b
+        ctx.inplace_backward = inplace
         return ops.grouped_gemm(act, w_out, offsets, trans_b=trans_b)
 
     @staticmethod
     def backward(ctx, grad_y):
-        h, w_out, offsets = ctx.saved_tensors
-        half = h.shape[-1] // 2
+        h, w_out, offsets = _saved(ctx)
         gg = torch.ops.moe_framework.grouped_gemm
         grad_h = grad_w = None
         if ctx.needs_input_grad[1]:
             # The recomputed SwiGLU output lives only for the weight-gradient GEMM.
-            act = F.silu(h[..., :half]) * h[..., half:]
+            if torch.is_grad_enabled():
+                act = ops.swiglu(h)  # differentiable (double backward)
+            else:
+                act = torch.ops.moe_framework.swiglu.default(h)
             grad_w = torch.ops.moe_framework.grouped_gemm_wgrad(act, grad_y, offsets, ctx.trans_b)
             del act
         if ctx.needs_input_grad[0]:
             grad_act = gg(grad_y, w_out, offsets, not ctx.trans_b)
-            grad_h = _swiglu_backward(grad_act, h, grad_is_scratch=True)
-        return grad_h, grad_w, None, None
+            grad_h = _swiglu_backward_owned(grad_act, h, ctx.inplace_backward)
+        return grad_h, grad_w, None, None, None
 
 
 def _is_silu(act_fn) -> bool:
@@ -161,12 +172,22 @@ def _is_silu(act_fn) -> bool:
 
 
 def swiglu(h: torch.Tensor, act_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
-    """``act(h[..., :H]) * h[..., H:]`` for ``h [..., 2H]`` (``act`` defaults to SiLU, which takes
-    a memory-saving fused path)."""
+    """``act(h[..., :H]) * h[..., H:]`` for ``h [..., 2H]``.
+
+    With ``act`` SiLU (the default) this is the fused :func:`moe_framework.ops.swiglu` op (one
+    pass forward and backward, saves only ``h``); any other ``act_fn`` runs as plain PyTorch ops.
+    """
     if _is_silu(act_fn):
-        return _SwiGLU.apply(h)
+        return ops.swiglu(h)
     half = h.shape[-1] // 2
     return act_fn(h[..., :half]) * h[..., half:]
+
+
+def _swiglu_owned(h: torch.Tensor, act_fn=None, inplace: bool = True) -> torch.Tensor:
+    # swiglu() for the FFNs' own h: the SiLU path writes its gradient over h when `inplace`.
+    if _is_silu(act_fn):
+        return _SwiGLUOwned.apply(h, inplace)
+    return swiglu(h, act_fn)
 
 
 def _check_layout(name: str, layout: str) -> None:
@@ -186,6 +207,7 @@ def expert_ffn(
     b_out: Optional[torch.Tensor] = None,
     act_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     recompute_activation: bool = True,
+    inplace_backward: bool = True,
 ) -> torch.Tensor:
     """Run every expert on its rows of an expert-sorted buffer (the functional ``ExpertBank``).
 
@@ -205,6 +227,12 @@ def expert_ffn(
             output between forward and backward, recomputing it in backward (a third less
             activation memory in the experts; about 3% slower forward+backward on CPU at the
             benchmark shape, docs/performance.md). ``False`` keeps it.
+        inplace_backward: SwiGLU with SiLU only: the backward writes the gradient of ``h`` over
+            ``h`` itself (which it no longer needs) instead of a fresh ``[M, 2h]`` buffer, the
+            largest of the layer's backward. The graph can then be backpropagated only once: a
+            second backward through it (``retain_graph=True``, ``gradcheck``) raises a
+            ``RuntimeError`` saying so; pass ``False`` for those. Double backward
+            (``create_graph=True``) is unaffected.
 
     Returns:
         ``[M, d]``, dtype of ``x_sorted``.
@@ -217,9 +245,9 @@ def expert_ffn(
     if b_in is not None:
         h = h + _row_bias(b_in, rows_expert)
     if activation == "swiglu" and _is_silu(act_fn) and recompute_activation:
-        y = _SwiGLUDown.apply(h, w_out, offsets, trans_b)
+        y = _SwiGLUDown.apply(h, w_out, offsets, trans_b, inplace_backward)
     else:
-        h = swiglu(h, act_fn) if activation == "swiglu" else F.gelu(h)
+        h = _swiglu_owned(h, act_fn, inplace_backward) if activation == "swiglu" else F.gelu(h)
         y = ops.grouped_gemm(h, w_out, offsets, trans_b=trans_b)
     if b_out is not None:
         y = y + _row_bias(b_out, rows_expert)
@@ -247,6 +275,8 @@ class ExpertBank(nn.Module):
         init_std: ``None`` for ``nn.Linear``'s default init, else ``N(0, init_std)`` weights.
         recompute_activation: recompute the SwiGLU output in backward instead of keeping it
             (see :func:`expert_ffn`; default True).
+        inplace_backward: write the SwiGLU gradient over the saved activation (see
+            :func:`expert_ffn`; default True; False allows a second backward through one graph).
         dtype, device: of the parameters.
 
     Parameters (see the module docstring for both layouts): ``w_gate_up`` (SwiGLU) or ``w_in``
@@ -268,6 +298,7 @@ class ExpertBank(nn.Module):
         layout: str = "in_out",
         init_std: Optional[float] = None,
         recompute_activation: bool = True,
+        inplace_backward: bool = True,
         dtype: Optional[torch.dtype] = None,
         device=None,
     ):
@@ -289,6 +320,7 @@ class ExpertBank(nn.Module):
         self.layout = layout
         self.init_std = init_std
         self.recompute_activation = bool(recompute_activation)
+        self.inplace_backward = bool(inplace_backward)
         kw = {"dtype": dtype, "device": device}
         E, d, h = num_experts, d_model, d_hidden
         n_in = 2 * h if activation == "swiglu" else h
@@ -351,6 +383,7 @@ class ExpertBank(nn.Module):
             b_in=b_in,
             b_out=b_out,
             recompute_activation=self.recompute_activation,
+            inplace_backward=self.inplace_backward,
         )
 
     def extra_repr(self) -> str:
@@ -365,6 +398,8 @@ class DenseFFN(nn.Module):
 
     Same activations, layout (``"in_out"``: ``w_gate_up [d, 2h]`` / ``w_in [d, h]``, ``w_out [h, d]``)
     and initialisation as one expert of :class:`ExpertBank`, run with plain dense matmuls.
+    ``inplace_backward`` as in :func:`expert_ffn` (SwiGLU: the backward writes the gradient of the
+    first projection's output over it; ``False`` allows a second backward through one graph).
 
     ``forward(x [..., d]) -> [..., d]``.
     """
@@ -377,10 +412,12 @@ class DenseFFN(nn.Module):
         bias: bool = False,
         *,
         init_std: Optional[float] = None,
+        inplace_backward: bool = True,
         dtype: Optional[torch.dtype] = None,
         device=None,
     ):
         super().__init__()
+        self.inplace_backward = bool(inplace_backward)
         for name, v in (("d_model", d_model), ("d_hidden", d_hidden)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"DenseFFN: {name} must be an int >= 1, got {v!r}")
@@ -418,7 +455,7 @@ class DenseFFN(nn.Module):
         if self.b_in is not None:
             h = h + self.b_in
         if self.activation == "swiglu":
-            h = swiglu(h)
+            h = _swiglu_owned(h, None, self.inplace_backward)
         else:
             h = F.gelu(h)
         y = h @ self.w_out

@@ -317,6 +317,8 @@ def test_swiglu_gradients_match_autograd_of_the_plain_formula(seed):
 def test_expert_ffn_swiglu_down_projection_gradients_match_plain_formula(seed, layout):
     # The SwiGLU + down projection runs as one autograd node that recomputes the SwiGLU output in
     # backward. Gradients (first and second order) must equal autograd of the plain formula.
+    # gradcheck backpropagates one graph many times: it needs inplace_backward=False (the default
+    # path is compared with the plain formula directly).
     E, d, hid = 3, 5, 4
     offsets = torch.tensor([0, 2, 2, 7], dtype=torch.int64)
     x = torch.randn(7, d, dtype=torch.float64, requires_grad=True)
@@ -326,8 +328,11 @@ def test_expert_ffn_swiglu_down_projection_gradients_match_plain_formula(seed, l
     w_in = torch.randn(shape_in, dtype=torch.float64, requires_grad=True)
     w_out = torch.randn(shape_out, dtype=torch.float64, requires_grad=True)
 
-    def ours(x, w_in, w_out):
-        return expert_ffn(x, offsets, w_in, w_out, layout=layout)
+    def ours(x, w_in, w_out, inplace_backward=True):
+        return expert_ffn(x, offsets, w_in, w_out, layout=layout, inplace_backward=inplace_backward)
+
+    def ours_reusable(x, w_in, w_out):
+        return ours(x, w_in, w_out, inplace_backward=False)
 
     def plain(x, w_in, w_out):
         wi = w_in.transpose(1, 2) if layout == "out_in" else w_in
@@ -344,8 +349,8 @@ def test_expert_ffn_swiglu_down_projection_gradients_match_plain_formula(seed, l
     want = torch.autograd.grad(plain(x, w_in, w_out), (x, w_in, w_out), g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    assert torch.autograd.gradcheck(ours, (x, w_in, w_out))
-    assert torch.autograd.gradgradcheck(ours, (x, w_in, w_out))
+    assert torch.autograd.gradcheck(ours_reusable, (x, w_in, w_out))
+    assert torch.autograd.gradgradcheck(ours_reusable, (x, w_in, w_out))
 
 
 def test_expert_ffn_keeps_no_swiglu_output_alive_between_forward_and_backward(seed):

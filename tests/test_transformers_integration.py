@@ -228,3 +228,26 @@ def test_swapped_block_compiles_fullgraph_and_matches_eager(seed):
     (gx_comp,) = torch.autograd.grad(y_comp.sum(), x)
     torch.testing.assert_close(y_comp, y_eager, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gx_comp, gx_eager, rtol=1e-6, atol=1e-6)
+
+
+def test_second_backward_needs_inplace_backward_off_and_then_matches(seed):
+    # The experts write the SwiGLU gradient over their saved activation by default: one graph can
+    # be backpropagated once, and a second backward raises an error that names the switch.
+    torch.manual_seed(seed)
+    model = _mixtral()
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 7))
+    replace_moe_blocks(model)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace_backward=False"):
+        loss.backward()
+    restore_moe_blocks(model)
+    model.zero_grad(set_to_none=True)
+    assert replace_moe_blocks(model, inplace_backward=False) == COMMON["num_hidden_layers"]
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward(retain_graph=True)
+    first = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    loss.backward()
+    for n, p in model.named_parameters():
+        if n in first:
+            torch.testing.assert_close(p.grad, 2 * first[n], rtol=1e-5, atol=1e-6)

@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "moe_framework/cpu_convert.h"
 #include "moe_framework/cpu_isa.h"
 
 namespace moe_framework {
@@ -173,29 +174,9 @@ void check_rows_permutation(const char* op, const int64_t* rows, int64_t n) {
 // not enabled: without it both builds round every product and sum the same way, so results are
 // bitwise identical whichever build runs.
 
-template <typename scalar_t>
-MOE_ALWAYS_INLINE acc_t<scalar_t> load_acc(scalar_t v) {
-  return static_cast<acc_t<scalar_t>>(v);
-}
-template <>
-MOE_ALWAYS_INLINE float load_acc<c10::BFloat16>(c10::BFloat16 v) {
-  return c10::detail::f32_from_bits(v.x);
-}
-
-template <typename scalar_t>
-MOE_ALWAYS_INLINE scalar_t store_acc(acc_t<scalar_t> v) {
-  return static_cast<scalar_t>(v);
-}
-// Same rounding as c10::BFloat16(float) (round to nearest even, NaN -> 0x7FC0), written without a
-// branch so the loops that use it vectorise.
-template <>
-MOE_ALWAYS_INLINE c10::BFloat16 store_acc<c10::BFloat16>(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  const uint32_t rounded = (u + UINT32_C(0x7FFF) + ((u >> 16) & 1u)) >> 16;
-  const uint16_t bits = v != v ? UINT16_C(0x7FC0) : static_cast<uint16_t>(rounded);
-  return c10::BFloat16(bits, c10::BFloat16::from_bits());
-}
+// load_acc / store_acc: cpu_convert.h.
+using cpu::load_acc;
+using cpu::store_acc;
 
 // ---------------------------------------------------------------------------------------------
 // Gather-combine: out[t] = sum_{j in order} w[t, j] * src[rows[t*k+j]] over rows < limit.

@@ -103,11 +103,21 @@ class HFMoEBlock(MoELayer):
 
     ``forward(hidden_states [B, S, d]) -> [B, S, d]`` like the HF block. With
     ``keep_routing_info=True`` the last call's :class:`RoutingInfo` (with draft reports when
-    ``reports=True``) is kept in ``last_routing_info``.
+    ``reports=True``) is kept in ``last_routing_info``. ``inplace_backward``: as in
+    :func:`moe_framework.experts.expert_ffn` (the experts' backward writes the SwiGLU gradient over
+    their saved activation; ``False`` allows a second backward through one graph).
     """
 
-    def __init__(self, block: nn.Module, *, reports: bool = False, report_top_tokens: int = 4):
+    def __init__(
+        self,
+        block: nn.Module,
+        *,
+        reports: bool = False,
+        report_top_tokens: int = 4,
+        inplace_backward: bool = True,
+    ):
         nn.Module.__init__(self)
+        self.inplace_backward = bool(inplace_backward)
         _check_experts(block)
         ex = block.experts
         self.gate = block.gate
@@ -156,6 +166,7 @@ class HFMoEBlock(MoELayer):
             activation="swiglu",
             layout="out_in",
             act_fn=act,
+            inplace_backward=self.inplace_backward,
         )
 
     def _shared(self, x2: torch.Tensor) -> Optional[torch.Tensor]:
@@ -193,13 +204,19 @@ def _swap(model: nn.Module, match, make) -> int:
 
 
 def replace_moe_blocks(
-    model: nn.Module, *, reports: bool = False, report_top_tokens: int = 4
+    model: nn.Module,
+    *,
+    reports: bool = False,
+    report_top_tokens: int = 4,
+    inplace_backward: bool = True,
 ) -> int:
     """Swap every supported HF sparse MoE block of ``model`` for an :class:`HFMoEBlock`, in place.
 
     Parameters are shared, not copied. Returns the number of blocks replaced (0 when the model has
     none). ``reports`` / ``report_top_tokens`` configure the draft reports of each adapter (off by
-    default: the HF model does not consume them).
+    default: the HF model does not consume them). ``inplace_backward=False`` lets one graph be
+    backpropagated more than once (``retain_graph=True``, ``gradcheck``; see
+    :func:`moe_framework.experts.expert_ffn`).
     """
     classes = supported_block_classes()
     if not isinstance(model, nn.Module):
@@ -209,7 +226,12 @@ def replace_moe_blocks(
     return _swap(
         model,
         lambda m: type(m) in classes,
-        lambda m: HFMoEBlock(m, reports=reports, report_top_tokens=report_top_tokens),
+        lambda m: HFMoEBlock(
+            m,
+            reports=reports,
+            report_top_tokens=report_top_tokens,
+            inplace_backward=inplace_backward,
+        ),
     )
 
 

@@ -11,10 +11,12 @@ from . import grouped_gemm as _grouped_gemm
 from . import permute as _permute
 from . import route as _route
 from . import similarity as _similarity
+from . import swiglu as _swiglu
 from .grouped_gemm import *  # noqa: F401,F403
 from .permute import *  # noqa: F401,F403
 from .route import *  # noqa: F401,F403
 from .similarity import *  # noqa: F401,F403
+from .swiglu import *  # noqa: F401,F403
 
 OPS = (
     "route",
@@ -25,6 +27,9 @@ OPS = (
     "unpermute_backward",
     "grouped_gemm",
     "grouped_gemm_wgrad",
+    "swiglu",
+    "swiglu_backward",
+    "swiglu_backward_",
     "dedup",
     "kg_search",
 )
@@ -34,6 +39,7 @@ __all__ = (
     + list(_permute.__all__)
     + list(_grouped_gemm.__all__)
     + list(_similarity.__all__)
+    + list(_swiglu.__all__)
     + ["OPS", "registered_kernels"]
 )
 

@@ -13,6 +13,8 @@ __all__ = [
     "permute_ref",
     "unpermute_ref",
     "grouped_gemm_ref",
+    "swiglu_ref",
+    "swiglu_backward_ref",
     "dedup_ref",
     "kg_search_ref",
 ]
@@ -138,6 +140,25 @@ def grouped_gemm_ref(
             w = b[e].t() if trans_b else b[e]
             out[lo:hi] = a[lo:hi].to(acc) @ w.to(acc)
     return out.to(a.dtype)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def swiglu_ref(h: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``h = [gate | up]`` along the last dimension, in float32 (float64
+    for float64) and rounded once to ``h``'s dtype."""
+    gate, up = h.to(_acc_dtype(h.dtype)).chunk(2, dim=-1)
+    return (gate * torch.sigmoid(gate) * up).to(h.dtype)
+
+
+def swiglu_backward_ref(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Gradient of :func:`swiglu_ref` with respect to ``h``, by autograd in the accumulation type."""
+    x = h.detach().to(_acc_dtype(h.dtype)).requires_grad_(True)
+    gate, up = x.chunk(2, dim=-1)
+    (gx,) = torch.autograd.grad(gate * torch.sigmoid(gate) * up, x, grad.to(x.dtype))
+    return gx.to(h.dtype)
 
 
 def dedup_ref(emb: torch.Tensor, threshold: float):

@@ -32,6 +32,7 @@
 #include <string_view>
 
 #include "moe_framework/common.h"
+#include "moe_framework/fast_math.h"
 
 namespace moe_framework {
 namespace route {
@@ -46,117 +47,20 @@ enum Scoring : int { kSoftmax = 0, kSigmoid = 1 };
 // selection then gets zero weights instead of 0/0.
 constexpr double kSigmoidRenormEps = 1e-20;
 
-template <typename T>
-MOE_HD T pos_inf() {
-  return std::numeric_limits<T>::infinity();
-}
+// pos_inf, is_nan, quiet_greater / quiet_less, float_from_bits, exp_acc and sigmoid: fast_math.h.
+using namespace ::moe_framework::math;  // NOLINT: the route math is written against them
 
-template <typename T>
-MOE_HD bool is_nan(T v) {
-  return v != v;
-}
-
-// a > b and a < b without raising FP exceptions on NaN. The host versions (std::isgreater) let
-// GCC turn the selects of exp_acc into vector blends under its default -ftrapping-math.
-template <typename T>
-MOE_HD bool quiet_greater(T a, T b) {
-#if defined(__CUDA_ARCH__)
-  return a > b;
-#else
-  return std::isgreater(a, b);
-#endif
-}
-template <typename T>
-MOE_HD bool quiet_less(T a, T b) {
-#if defined(__CUDA_ARCH__)
-  return a < b;
-#else
-  return std::isless(a, b);
-#endif
-}
-
-MOE_HD float float_from_bits(int32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __int_as_float(bits);
-#else
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-#endif
-}
-
-// exp for fp32 with no branches and no library call, so the CPU loops that apply it to a whole
-// row vectorise (libm's expf does not without -ffast-math), and CPU and GPU use one formula.
-// exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by the classic Cephes
-// degree-6 polynomial: within 2 ulp of the exact result for normal outputs. Results below
-// FLT_MIN flush to 0 (softmax probabilities under 1e-38), exp(-inf) = 0, exp(+inf) = +inf,
-// exp(NaN) = NaN.
-MOE_HD float exp_acc(float x) {
-  constexpr float kHi = 88.3762626647949f;   // above: +inf
-  constexpr float kLo = -87.3365447505531f;  // below: 0 (log of FLT_MIN)
-  float xc = quiet_greater(x, kHi) ? kHi : x;
-  xc = quiet_less(xc, kLo) ? kLo : xc;  // NaN passes both comparisons unchanged
-  // Round to nearest integer by the 1.5 * 2^23 trick (no rint call, vectorises).
-  float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  n = is_nan(n) ? 0.0f : n;  // keeps the int conversion below defined
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float er = (p * r * r + r) + 1.0f;
-  const float scale = float_from_bits((static_cast<int32_t>(n) + 127) << 23);
-  float y = er * scale;
-  y = quiet_less(x, kLo) ? 0.0f : y;
-  y = quiet_greater(x, kHi) ? pos_inf<float>() : y;
-  return y;
-}
-
-MOE_HD double exp_acc(double x) {
-  return ::exp(x);
-}
-
-#if !defined(__CUDACC__) && (defined(__GNUC__) || defined(__clang__))
-// exp_acc on 16 fp32 lanes at once (GCC vector extension; the CPU row-block kernel routes 16
-// tokens per vector). The same operations in the same order as exp_acc above, so every lane gives
-// exp_acc's bits whichever ISA the vector is lowered to (no FMA: the clones that use this are
-// compiled without it). Keep the two in step; tests/test_route.py compares the paths bitwise.
+#if MOE_MATH_LANES
+// 16-lane versions of the route math for the CPU row-block kernel (exp_acc and sigmoid per lane:
+// fast_math.h's math::lanes).
 #define MOE_ROUTE_LANES 1
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"  // always-inline helpers: no call ABI involved
 namespace lanes {
-typedef float VF __attribute__((vector_size(64)));
-typedef int32_t VI __attribute__((vector_size(64)));
-
-inline __attribute__((always_inline)) VF exp_acc(VF x) {
-  const VF hi = VF{} + 88.3762626647949f;
-  const VF lo = VF{} - 87.3365447505531f;
-  VF xc = x > hi ? hi : x;  // NaN compares false: passes unchanged
-  xc = xc < lo ? lo : xc;
-  VF n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  n = n != n ? VF{} : n;
-  VF r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  VF p = VF{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const VF er = (p * r * r + r) + 1.0f;
-  const VF scale = reinterpret_cast<VF>((__builtin_convertvector(n, VI) + 127) << 23);
-  VF y = er * scale;
-  y = x < lo ? VF{} : y;
-  y = x > hi ? VF{} + pos_inf<float>() : y;
-  return y;
-}
-
-inline __attribute__((always_inline)) VF sigmoid(VF x) {
-  return 1.0f / (1.0f + exp_acc(-x));
-}
+using math::lanes::exp_acc;
+using math::lanes::sigmoid;
+using math::lanes::VF;
+using math::lanes::VI;
 
 // softmax_shift / softmax_numerator below, per lane.
 inline __attribute__((always_inline)) VF softmax_numerator(VF x, VF row_max) {
@@ -169,11 +73,6 @@ inline __attribute__((always_inline)) VF softmax_numerator(VF x, VF row_max) {
 }  // namespace lanes
 #pragma GCC diagnostic pop
 #endif
-
-template <typename T>
-MOE_HD T sigmoid(T x) {
-  return T(1) / (T(1) + exp_acc(-x));
-}
 
 // x - row_max for a softmax, with the limits of +-inf: when the row holds +inf logits, they share
 // all the mass (shift 0) and finite logits get none (shift -inf); an all -inf row has no mass.
