@@ -11,8 +11,9 @@
 // is orders of magnitude slower); fp32 from 128 rows with AVX2, and with AVX-512 never (b^T groups
 // from 24 rows pack transposed B panels for the 8x48 kernel, smaller ones run a dot-product
 // kernel); bf16 on CPUs with AVX512-BF16 never in the forward (vdpbf16ps kernels: the 6x64 panel
-// kernels, the direct 8x48 tile at 7-8 rows, the dot-product kernel for b^T below 20 rows) and
-// from 8 rows in the weight gradient; bf16 without AVX512-BF16 from 32 rows.
+// kernels, the direct 8x48 tile at 7-8 rows, the dot-product kernel for b^T below 20 rows), and
+// in the weight gradient only at 8-31 rows (from 32 rows the panel micro-kernels run it,
+// wgrad_bf16_panels); bf16 without AVX512-BF16 from 32 rows.
 // bf16/fp16 accumulate in fp32: the fp32 kernels convert the activations once and the weight
 // panels while packing; the vdpbf16ps kernels multiply bf16 pairs directly. Every output element is
 // a sum over K (or over the rows of an expert, for wgrad) in a fixed order, independent of the
