@@ -63,10 +63,8 @@ dim3 grid_for(int64_t rows, int64_t half) {
 
 at::Tensor swiglu_cuda(const at::Tensor& h_in) {
   swiglu::check_h(h_in, "swiglu");
-  std::vector<int64_t> shape = h_in.sizes().vec();
   const int64_t half = h_in.size(-1) / 2;
-  shape.back() = half;
-  at::Tensor out = at::empty(shape, h_in.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = swiglu::new_output(h_in, /*backward=*/false);
   if (out.numel() == 0) return out;
   const c10::cuda::CUDAGuard guard(h_in.device());
   const at::Tensor h = swiglu::as_rows(h_in);
@@ -95,8 +93,7 @@ void backward_into(const at::Tensor& grad_in, const at::Tensor& h, at::Tensor& o
 
 at::Tensor swiglu_backward_cuda(const at::Tensor& grad, const at::Tensor& h_in) {
   swiglu::check_grad(grad, h_in, "swiglu_backward");
-  at::Tensor out =
-      at::empty(h_in.sizes(), h_in.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = swiglu::new_output(h_in, /*backward=*/true);
   if (out.numel() == 0) return out;
   const c10::cuda::CUDAGuard guard(h_in.device());
   const at::Tensor h = swiglu::as_rows(h_in);
@@ -106,10 +103,7 @@ at::Tensor swiglu_backward_cuda(const at::Tensor& grad, const at::Tensor& h_in) 
 }
 
 void swiglu_backward_inplace_cuda(const at::Tensor& grad, const at::Tensor& h) {
-  swiglu::check_grad(grad, h, "swiglu_backward_");
-  TORCH_CHECK(h.is_contiguous(), "swiglu_backward_: h must be contiguous (the gradient is written ",
-              "over it in place), got strides ", h.strides(), " for shape ", h.sizes());
-  TORCH_CHECK(!grad.is_alias_of(h), "swiglu_backward_: grad must not share memory with h");
+  swiglu::check_inplace(grad, h);
   if (h.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(h.device());
   at::Tensor hv = h.view({-1, h.size(-1)});

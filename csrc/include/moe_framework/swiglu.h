@@ -8,9 +8,11 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "moe_framework/common.h"
 #include "moe_framework/fast_math.h"
@@ -86,6 +88,21 @@ inline at::Tensor as_rows(const at::Tensor& t) {
   for (int64_t i = 0; i + 1 < t.dim(); ++i) lead *= t.size(i);
   at::Tensor r = t.reshape({lead, w});
   return (w <= 1 || r.stride(1) == 1) ? r : r.contiguous();
+}
+
+// A new [..., H] (forward) or [..., 2H] (backward) contiguous output for h.
+inline at::Tensor new_output(const at::Tensor& h, bool backward) {
+  std::vector<int64_t> shape = h.sizes().vec();
+  if (!backward) shape.back() /= 2;
+  return at::empty(shape, h.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+// Input checks of swiglu_backward_ (which writes the gradient over h).
+inline void check_inplace(const at::Tensor& grad, const at::Tensor& h) {
+  check_grad(grad, h, "swiglu_backward_");
+  TORCH_CHECK(h.is_contiguous(), "swiglu_backward_: h must be contiguous (the gradient is written ",
+              "over it in place), got strides ", h.strides(), " for shape ", h.sizes());
+  TORCH_CHECK(!grad.is_alias_of(h), "swiglu_backward_: grad must not share memory with h");
 }
 
 }  // namespace swiglu
