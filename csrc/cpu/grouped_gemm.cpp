@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -1602,6 +1603,16 @@ void grouped_gemm_tiles_bf16(const std::vector<WorkTile>& tiles, const at::Tenso
 }
 #endif
 
+// Which rows of a a thread's padded copy holds (grouped_gemm_tiles), and from which call.
+struct ACopyKey {
+  uint64_t call;
+  int64_t r0, r1;
+};
+uint64_t next_call_id() {
+  static std::atomic<uint64_t> calls{0};
+  return calls.fetch_add(1, std::memory_order_relaxed) + 1;
+}
+
 template <typename scalar_t>
 void grouped_gemm_tiles(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& off,
                         bool trans_b, at::Tensor& out) {
@@ -1650,6 +1661,8 @@ void grouped_gemm_tiles(const at::Tensor& a, const at::Tensor& b, const std::vec
   const at::Tensor a32 = as_float_rows(a);
   const float* ap = a32.const_data_ptr<float>();
   const int64_t lda = a32.stride(0);
+  // Identifies this call's copies of a (a later call may reuse the same address for new data).
+  const uint64_t call = next_call_id();
   const scalar_t* bp = b.const_data_ptr<scalar_t>();
   // B(p, j) of expert e = b[e, p, j], or b[e, j, p] with trans_b.
   const int64_t sk = trans_b ? b.stride(2) : b.stride(1);
@@ -1660,13 +1673,19 @@ void grouped_gemm_tiles(const at::Tensor& a, const at::Tensor& b, const std::vec
                         const int64_t rows = w.r1 - w.r0;
                         // The tile's rows of a, copied with a padded row stride: with a
                         // power-of-two stride (d_model) the rows of a micro-kernel's row block
-                        // all fall into the same few L1 sets and evict each other.
+                        // all fall into the same few L1 sets and evict each other. A thread's
+                        // tiles come in row-range-major order, so the copy is kept for the
+                        // column blocks that follow on the same rows (keyed by this call).
                         thread_local std::vector<float> abuf;
+                        thread_local ACopyKey akey{};
                         const int64_t ldt = panel_ld(k);
-                        abuf.resize(static_cast<size_t>(rows * ldt));
-                        for (int64_t i = 0; i < rows; ++i)
-                          std::memcpy(abuf.data() + i * ldt, ap + (w.r0 + i) * lda,
-                                      static_cast<size_t>(k) * sizeof(float));
+                        if (akey.call != call || akey.r0 != w.r0 || akey.r1 != w.r1) {
+                          abuf.resize(static_cast<size_t>(rows * ldt));
+                          for (int64_t i = 0; i < rows; ++i)
+                            std::memcpy(abuf.data() + i * ldt, ap + (w.r0 + i) * lda,
+                                        static_cast<size_t>(k) * sizeof(float));
+                          akey = {call, w.r0, w.r1};
+                        }
                         const float* at = abuf.data();
                         const bool pack = packed_bt(off[w.expert + 1] - off[w.expert]);
                         if (direct_gemm(rows, w.n1 - w.n0, k, at, ldt, bv, c, ldc)) return;
@@ -1742,6 +1761,7 @@ void wgrad_tiles(const at::Tensor& a, const at::Tensor& g, const std::vector<int
   const float* yp = y.const_data_ptr<float>();
   const int64_t ldx = x.stride(0), ldy = y.stride(0);
   scalar_t* dbp = db.mutable_data_ptr<scalar_t>();
+  const uint64_t call = next_call_id();
   // Each expert's output block starts at db[e]; tiles address it through r0 (rows of db[e]).
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> panel;
@@ -1751,14 +1771,33 @@ void wgrad_tiles(const at::Tensor& a, const at::Tensor& g, const std::vector<int
       const int64_t lo = off[w.expert], rows = off[w.expert + 1] - lo;
       const int64_t m = w.r1 - w.r0, n = w.n1 - w.n0;
       scalar_t* dst = dbp + w.expert * p_dim * q_dim + w.r0 * q_dim + w.n0;
-      // A(i, p) = x[lo + p, r0 + i]: strides (1, ldx); B(p, j) = y[lo + p, n0 + j].
+      // A(i, p) = x[lo + p, r0 + i] (copied below); B(p, j) = y[lo + p, n0 + j].
       const BView<float> bv{yp + lo * ldy + w.n0, ldy, 1};
+      // With AVX-512: x[lo:, r0:r1] copied with a padded row stride (as a in
+      // grouped_gemm_tiles): the micro-kernel reads one line of it per k, and with the stride of
+      // x (d_model, or h) those lines fall into a few L1 sets. Kept for the column blocks that
+      // follow on the same rows.
+      thread_local std::vector<float> xbuf;
+      thread_local ACopyKey xkey{};
       const float* ax = xp + lo * ldx + w.r0;
+      int64_t ldt = ldx;
+      if (gemm_isa() == Isa::kAvx512) {
+        ldt = panel_ld(m);
+        const int64_t key0 = w.expert * p_dim + w.r0;
+        if (xkey.call != call || xkey.r0 != key0 || xkey.r1 != key0 + m) {
+          xbuf.resize(static_cast<size_t>(rows * ldt));
+          for (int64_t p = 0; p < rows; ++p)
+            std::memcpy(xbuf.data() + p * ldt, ax + p * ldx,
+                        static_cast<size_t>(m) * sizeof(float));
+          xkey = {call, key0, key0 + m};
+        }
+        ax = xbuf.data();
+      }
       if constexpr (std::is_same_v<scalar_t, float>) {
-        tile_gemm(m, n, rows, ax, 1, ldx, bv, dst, q_dim, panel);
+        tile_gemm(m, n, rows, ax, 1, ldt, bv, dst, q_dim, panel);
       } else {
         cbuf.resize(static_cast<size_t>(m * n));
-        tile_gemm(m, n, rows, ax, 1, ldx, bv, cbuf.data(), n, panel);
+        tile_gemm(m, n, rows, ax, 1, ldt, bv, cbuf.data(), n, panel);
         store_tile(cbuf.data(), n, dst, q_dim, m, n);
       }
     }
