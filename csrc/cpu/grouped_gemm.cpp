@@ -731,6 +731,37 @@ MOE_TARGET_AVX512 inline __m512 load16_as_float(const scalar_t* p, __mmask16 k) 
   }
 }
 
+// Shared by the dot-product kernels (dot_8x3, dot_bf16_8x3): the 8 row pointers of A and 3 of B
+// (past mi / nj they repeat the last row: computed, not stored) and zeroed accumulators ...
+template <typename A, typename B>
+MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void dot_8x3_begin(const A* a, int64_t lda, int64_t mi,
+                                                       const B* b, int64_t ldbj, int64_t nj,
+                                                       const A* (&ar)[8], const B* (&br)[3],
+                                                       __m512 (&acc)[8][3]) {
+  for (int64_t i = 0; i < 8; ++i) ar[i] = a + std::min(i, mi - 1) * lda;
+  for (int64_t j = 0; j < 3; ++j) br[j] = b + std::min(j, nj - 1) * ldbj;
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    acc[i][0] = _mm512_setzero_ps();
+    acc[i][1] = acc[i][0];
+    acc[i][2] = acc[i][0];
+  }
+}
+
+// ... and the epilogue: one horizontal sum per (row < mi, column < nj).
+MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void dot_8x3_end(const __m512 (&acc)[8][3], int64_t mi,
+                                                     int64_t nj, float* c, int64_t ldc) {
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    if (i < mi) {
+      float* ci = c + i * ldc;
+      ci[0] = _mm512_reduce_add_ps(acc[i][0]);
+      if (nj > 1) ci[1] = _mm512_reduce_add_ps(acc[i][1]);
+      if (nj > 2) ci[2] = _mm512_reduce_add_ps(acc[i][2]);
+    }
+  }
+}
+
 // C[i, j] = sum_p A[i, p] B[j, p] for i < 8 (rows past mi repeat row mi-1 and are not stored),
 // j < 3 (same for nj). Sums run over 16 lanes in p order, then one horizontal reduction.
 template <typename scalar_t>
@@ -738,16 +769,9 @@ MOE_TARGET_AVX512 void dot_8x3(int64_t k, const float* a, int64_t lda, int64_t m
                                const scalar_t* b, int64_t ldbj, int64_t nj, float* c, int64_t ldc,
                                const scalar_t* pf) {
   const float* ar[8];
-  for (int64_t i = 0; i < 8; ++i) ar[i] = a + std::min(i, mi - 1) * lda;
   const scalar_t* br[3];
-  for (int64_t j = 0; j < 3; ++j) br[j] = b + std::min(j, nj - 1) * ldbj;
   __m512 acc[8][3];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    acc[i][0] = _mm512_setzero_ps();
-    acc[i][1] = acc[i][0];
-    acc[i][2] = acc[i][0];
-  }
+  dot_8x3_begin(a, lda, mi, b, ldbj, nj, ar, br, acc);
   const int64_t k16 = k / 16 * 16;
   for (int64_t p = 0; p < k16; p += 16) {
     if (pf != nullptr) {
@@ -780,15 +804,7 @@ MOE_TARGET_AVX512 void dot_8x3(int64_t k, const float* a, int64_t lda, int64_t m
       acc[i][2] = _mm512_fmadd_ps(av, b2, acc[i][2]);
     }
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    if (i < mi) {
-      float* ci = c + i * ldc;
-      ci[0] = _mm512_reduce_add_ps(acc[i][0]);
-      if (nj > 1) ci[1] = _mm512_reduce_add_ps(acc[i][1]);
-      if (nj > 2) ci[2] = _mm512_reduce_add_ps(acc[i][2]);
-    }
-  }
+  dot_8x3_end(acc, mi, nj, c, ldc);
 }
 #endif
 
@@ -1249,16 +1265,9 @@ MOE_TARGET_AVX512_BF16 void dot_bf16_8x3(int64_t k, const bf16_t* a, int64_t lda
                                          const bf16_t* b, int64_t ldbj, int64_t nj, float* c,
                                          int64_t ldc, const bf16_t* pf) {
   const bf16_t* ar[8];
-  for (int64_t i = 0; i < 8; ++i) ar[i] = a + std::min(i, mi - 1) * lda;
   const bf16_t* br[3];
-  for (int64_t j = 0; j < 3; ++j) br[j] = b + std::min(j, nj - 1) * ldbj;
   __m512 acc[8][3];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    acc[i][0] = _mm512_setzero_ps();
-    acc[i][1] = acc[i][0];
-    acc[i][2] = acc[i][0];
-  }
+  dot_8x3_begin(a, lda, mi, b, ldbj, nj, ar, br, acc);
   for (int64_t p = 0; p < k; p += 32) {
     const __mmask32 km = k - p >= 32 ? ~__mmask32{0} : (__mmask32{1} << (k - p)) - 1;
     if (pf != nullptr) {
@@ -1277,15 +1286,7 @@ MOE_TARGET_AVX512_BF16 void dot_bf16_8x3(int64_t k, const bf16_t* a, int64_t lda
       acc[i][2] = _mm512_dpbf16_ps(acc[i][2], av, b2);
     }
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    if (i < mi) {
-      float* ci = c + i * ldc;
-      ci[0] = _mm512_reduce_add_ps(acc[i][0]);
-      if (nj > 1) ci[1] = _mm512_reduce_add_ps(acc[i][1]);
-      if (nj > 2) ci[2] = _mm512_reduce_add_ps(acc[i][2]);
-    }
-  }
+  dot_8x3_end(acc, mi, nj, c, ldc);
 }
 
 void dot_gemm_bf16(int64_t m, int64_t n, int64_t k, const bf16_t* a, int64_t lda, const bf16_t* b,
