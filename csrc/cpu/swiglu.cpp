@@ -134,32 +134,28 @@ MOE_ALWAYS_INLINE void backward_rows(const Rows<scalar_t>& p, int64_t r0, int64_
 // Builds of the row loops: baseline x86-64 (scalar), AVX2 (8-lane vectors) and AVX-512 (16-lane
 // vectors). None contracts to FMA (pragma above), so all three
 // give the same bits.
+template <bool kBackward, int kW, typename scalar_t>
+MOE_ALWAYS_INLINE void run_build(const Rows<scalar_t>& p, int64_t r0, int64_t r1) {
+  if constexpr (kBackward) {
+    backward_rows<kW>(p, r0, r1);
+  } else {
+    forward_rows<kW>(p, r0, r1);
+  }
+}
+
 #if MOE_CPU_AVX2_CLONE
-template <typename scalar_t>
-MOE_TARGET_AVX512 void forward_avx512(const Rows<scalar_t>& p, int64_t r0, int64_t r1) {
-  forward_rows<16>(p, r0, r1);
+template <bool kBackward, typename scalar_t>
+MOE_TARGET_AVX512 void rows_avx512(const Rows<scalar_t>& p, int64_t r0, int64_t r1) {
+  run_build<kBackward, 16>(p, r0, r1);
 }
-template <typename scalar_t>
-MOE_TARGET_AVX512 void backward_avx512(const Rows<scalar_t>& p, int64_t r0, int64_t r1) {
-  backward_rows<16>(p, r0, r1);
-}
-template <typename scalar_t>
-MOE_TARGET_AVX2 void forward_avx2(const Rows<scalar_t>& p, int64_t r0, int64_t r1) {
-  forward_rows<8>(p, r0, r1);
-}
-template <typename scalar_t>
-MOE_TARGET_AVX2 void backward_avx2(const Rows<scalar_t>& p, int64_t r0, int64_t r1) {
-  backward_rows<8>(p, r0, r1);
+template <bool kBackward, typename scalar_t>
+MOE_TARGET_AVX2 void rows_avx2(const Rows<scalar_t>& p, int64_t r0, int64_t r1) {
+  run_build<kBackward, 8>(p, r0, r1);
 }
 #endif
-
-template <typename scalar_t>
-void forward_base(const Rows<scalar_t>& p, int64_t r0, int64_t r1) {
-  forward_rows<0>(p, r0, r1);
-}
-template <typename scalar_t>
-void backward_base(const Rows<scalar_t>& p, int64_t r0, int64_t r1) {
-  backward_rows<0>(p, r0, r1);
+template <bool kBackward, typename scalar_t>
+void rows_base(const Rows<scalar_t>& p, int64_t r0, int64_t r1) {
+  run_build<kBackward, 0>(p, r0, r1);
 }
 
 template <bool kBackward, typename scalar_t>
@@ -168,10 +164,10 @@ void run_rows(const Rows<scalar_t>& p, int64_t rows) {
   const int64_t grain = std::max<int64_t>(1, kMinWorkPerTask / std::max<int64_t>(1, p.half));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
 #if MOE_CPU_AVX2_CLONE
-    if (avx512) return kBackward ? backward_avx512(p, r0, r1) : forward_avx512(p, r0, r1);
-    if (avx2) return kBackward ? backward_avx2(p, r0, r1) : forward_avx2(p, r0, r1);
+    if (avx512) return rows_avx512<kBackward>(p, r0, r1);
+    if (avx2) return rows_avx2<kBackward>(p, r0, r1);
 #endif
-    return kBackward ? backward_base(p, r0, r1) : forward_base(p, r0, r1);
+    rows_base<kBackward>(p, r0, r1);
   });
 }
 
