@@ -1,7 +1,11 @@
 // Every operator schema of the moe_framework library, defined once. Device files
 // (csrc/cpu/*.cpp, csrc/cuda/*.cu) only add TORCH_LIBRARY_IMPL blocks for their own kernels; fake
 // kernels and autograd are registered in Python next to each wrapper (moe_framework/ops/).
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <Python.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 extern "C" {
@@ -68,4 +72,28 @@ TORCH_LIBRARY(moe_framework, m) {
   m.def(
       "kg_search(Tensor queries, Tensor bank, int k, Tensor n_valid) -> (Tensor scores, Tensor "
       "ids)");
+}
+
+namespace {
+
+// swiglu_backward_ writes over h: bump h's version counter, as built-in in-place ops do, so that
+// autograd refuses (instead of silently reading the new values) when h was saved for a backward
+// that runs later (e.g. a second backward through the same graph). The dispatcher does not do
+// this for custom ops; the ADInplaceOrView kernel is where ATen's own in-place ops do it.
+void swiglu_backward_inplace_bump(c10::DispatchKeySet keys, const at::Tensor& grad,
+                                  const at::Tensor& h) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("moe_framework::swiglu_backward_", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, grad, h);
+  }
+  torch::autograd::impl::bump_version(h);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe_framework, ADInplaceOrView, m) {
+  m.impl("swiglu_backward_", TORCH_FN(swiglu_backward_inplace_bump));
 }

@@ -96,7 +96,7 @@ def _swiglu_backward_owned(grad: torch.Tensor, h: torch.Tensor, inplace: bool) -
     For the expert FFNs, which own ``h`` (a GEMM output that nothing else saves) and need it no
     more once this gradient exists: the fused kernel writes ``[d gate | d up]`` into ``h``'s own
     memory, so the backward allocates no ``[..., 2H]`` buffer (the largest one of the layer).
-    ``h``'s version counter is bumped, so a second backward through the same graph
+    The op bumps ``h``'s version counter, so a second backward through the same graph
     (``retain_graph=True``) raises autograd's "modified by an inplace operation" error instead of
     reading the overwritten values. A fresh buffer is used instead when a graph of the backward is
     being built (double backward: differentiable ops), under ``torch.compile`` (whose own buffer
@@ -106,8 +106,7 @@ def _swiglu_backward_owned(grad: torch.Tensor, h: torch.Tensor, inplace: bool) -
         return swiglu_backward_differentiable(grad, h)
     grad = grad.to(h.dtype)  # a no-op unless a caller fed a gradient of another dtype
     if inplace and h.is_contiguous() and not torch.compiler.is_compiling():
-        torch.ops.moe_framework.swiglu_backward_.default(grad, h)
-        torch.autograd.graph.increment_version(h)
+        torch.ops.moe_framework.swiglu_backward_.default(grad, h)  # bumps h's version
         return h
     return torch.ops.moe_framework.swiglu_backward.default(grad, h)
 

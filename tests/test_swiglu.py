@@ -143,6 +143,21 @@ def test_swiglu_bad_input_raises_clear_error(fn, args, match):
         fn(*args)
 
 
+def test_swiglu_backward_inplace_bumps_the_version_so_autograd_refuses_stale_saved_h(seed):
+    h = torch.randn(4, 10)
+    v = h._version
+    OPS.swiglu_backward_(torch.randn(4, 5), h)
+    assert h._version == v + 1
+    # h saved by an autograd node, then overwritten by the op: backward must refuse, not use it
+    x = torch.randn(4, 10, requires_grad=True)
+    y = x * 2
+    loss = (y * y).sum()  # saves y
+    with torch.no_grad():
+        OPS.swiglu_backward_(torch.randn(4, 5), y)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_swiglu_backward_inplace_rejects_grad_aliasing_h():
     h = torch.randn(3, 8)
     with pytest.raises(RuntimeError, match="must not share memory"):
