@@ -8,7 +8,7 @@ from torch.library import opcheck
 
 import moe_framework  # noqa: F401
 from moe_framework.ops import grouped_gemm
-from moe_framework.ops.reference import grouped_gemm_ref
+from moe_framework.ops.reference import grouped_gemm_ref, grouped_gemm_wgrad_ref
 
 ops = torch.ops.moe_framework
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -43,17 +43,6 @@ def _rand_offsets(M, E, zero_frac=0.3, gaps=False):
 
 def _ref64(a, b, offsets, trans_b):
     return grouped_gemm_ref(a.double(), b.double(), offsets, trans_b)
-
-
-def _wgrad_ref64(a, g, offsets, trans_b):
-    E = offsets.shape[0] - 1
-    K, N = a.shape[1], g.shape[1]
-    out = torch.zeros((E, N, K) if trans_b else (E, K, N), dtype=torch.float64)
-    for e in range(E):
-        lo, hi = int(offsets[e]), int(offsets[e + 1])
-        ae, ge = a[lo:hi].double(), g[lo:hi].double()
-        out[e] = ge.t() @ ae if trans_b else ae.t() @ ge
-    return out
 
 
 def _make(M, K, N, E, dtype, trans_b, scale=1.0):
@@ -139,7 +128,9 @@ def test_grouped_gemm_wgrad_matches_reference(seed, E, trans_b, dtype):
         off = _rand_offsets(M, E, gaps=bool(torch.randint(0, 2, ())))
         got = ops.grouped_gemm_wgrad(a, g, off, trans_b)
         assert got.dtype == dtype and got.shape == ((E, N, K) if trans_b else (E, K, N))
-        torch.testing.assert_close(got.double(), _wgrad_ref64(a, g, off, trans_b), **TOL[dtype])
+        torch.testing.assert_close(
+            got.double(), grouped_gemm_wgrad_ref(a, g, off, trans_b), **TOL[dtype]
+        )
 
 
 def test_grouped_gemm_wgrad_experts_without_rows_get_zero(seed):
@@ -160,7 +151,7 @@ def test_grouped_gemm_wgrad_noncontiguous_and_large_groups(seed, rows):
     for trans_b in (False, True):
         got = ops.grouped_gemm_wgrad(a, g, off, trans_b)
         torch.testing.assert_close(
-            got.double(), _wgrad_ref64(a, g, off, trans_b), **TOL[torch.float32]
+            got.double(), grouped_gemm_wgrad_ref(a, g, off, trans_b), **TOL[torch.float32]
         )
 
 
@@ -337,7 +328,9 @@ def test_cuda_grouped_gemm_matches_reference(seed, dtype, E):
             torch.testing.assert_close(got.cpu().double(), _ref64(a, b, off, trans_b), **tol)
             g = torch.randn(M, N).to(dtype)
             db = ops.grouped_gemm_wgrad(a.cuda(), g.cuda(), off.cuda(), trans_b)
-            torch.testing.assert_close(db.cpu().double(), _wgrad_ref64(a, g, off, trans_b), **tol)
+            torch.testing.assert_close(
+                db.cpu().double(), grouped_gemm_wgrad_ref(a, g, off, trans_b), **tol
+            )
 
 
 @pytest.mark.cuda
@@ -373,7 +366,7 @@ _ISA_SCRIPT = r"""
 import sys
 import torch
 import moe_framework  # noqa: F401
-from moe_framework.ops.reference import grouped_gemm_ref
+from moe_framework.ops.reference import grouped_gemm_ref, grouped_gemm_wgrad_ref
 
 ops = torch.ops.moe_framework
 torch.manual_seed(int(sys.argv[1]))
@@ -411,11 +404,7 @@ for counts, K, N in CASES:
             want = grouped_gemm_ref(a.double(), b.double(), off, trans_b)
             torch.testing.assert_close(out.double(), want, **TOL[dtype], msg=f"{counts} {K} {N}")
             db = ops.grouped_gemm_wgrad(a, g, off, trans_b)
-            want_db = torch.stack([
-                (g[lo:hi].double().t() @ a[lo:hi].double()) if trans_b
-                else (a[lo:hi].double().t() @ g[lo:hi].double())
-                for lo, hi in zip(off[:-1].tolist(), off[1:].tolist())
-            ])
+            want_db = grouped_gemm_wgrad_ref(a, g, off, trans_b)
             torch.testing.assert_close(db.double(), want_db, **TOL[dtype], msg=f"db {K} {N}")
             checked += 1
 # Strided operands on the direct kernel: rows of a with a padded stride, b[e] with a padded row

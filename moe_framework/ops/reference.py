@@ -13,6 +13,7 @@ __all__ = [
     "permute_ref",
     "unpermute_ref",
     "grouped_gemm_ref",
+    "grouped_gemm_wgrad_ref",
     "swiglu_ref",
     "swiglu_backward_ref",
     "dedup_ref",
@@ -140,6 +141,20 @@ def grouped_gemm_ref(
             w = b[e].t() if trans_b else b[e]
             out[lo:hi] = a[lo:hi].to(acc) @ w.to(acc)
     return out.to(a.dtype)
+
+
+def grouped_gemm_wgrad_ref(
+    a: torch.Tensor, grad_out: torch.Tensor, offsets: torch.Tensor, trans_b: bool = False
+):
+    """db[e] = a_e^T @ grad_e ([E, K, N]), or grad_e^T @ a_e ([E, N, K]) with trans_b, over the rows
+    offsets[e]:offsets[e+1]; zero for experts without rows. In float64 (exact products)."""
+    offs = offsets.tolist()
+    E, K, N = len(offs) - 1, a.shape[1], grad_out.shape[1]
+    out = torch.zeros((E, N, K) if trans_b else (E, K, N), dtype=torch.float64, device=a.device)
+    for e in range(E):
+        ae, ge = a[offs[e] : offs[e + 1]].double(), grad_out[offs[e] : offs[e + 1]].double()
+        out[e] = ge.t() @ ae if trans_b else ae.t() @ ge
+    return out
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
