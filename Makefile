@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 # AUTO builds the CUDA kernels when nvcc and a CUDA build of torch are present; 0 forces CPU-only.
 MOE_FRAMEWORK_CUDA ?= AUTO
 export MOE_FRAMEWORK_CUDA
+# The torch to install and build against: the CUDA 13 build by default (6.1 GB of venv with its
+# CUDA libraries); TORCH=torch==2.13.0 takes the CPU-only wheel (1.7 GB; no CUDA kernels are built).
+TORCH ?= torch==2.14.1
 # One OpenMP thread pool of at most the machine's cores (never oversubscribe).
 NPROC := $(shell nproc 2>/dev/null || echo 2)
 
@@ -13,10 +16,13 @@ NPROC := $(shell nproc 2>/dev/null || echo 2)
 $(VENV)/.deps-stamp: requirements-ci.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -r requirements-ci.txt
+	$(PY) -m pip install --no-cache-dir "$(TORCH)" -r requirements-ci.txt
 	touch $@
 
 venv: $(VENV)/.deps-stamp
+	@$(PY) -c "import sys, importlib.metadata as m; want = '$(TORCH)'.partition('==')[2]; \
+		have = m.version('torch'); sys.exit(0 if not want or have.split('+')[0] == want else \
+		f'$(VENV) holds torch {have} but TORCH=$(TORCH): rm -rf $(VENV) build, then rerun')"
 
 # --no-build-isolation: compile against the torch installed in the venv (an extension must match
 # the exact torch it is loaded into; an isolated build would fetch another torch to build with).
