@@ -26,6 +26,16 @@ E=64 experts shows that nothing grows with T*E.
     python -m benchmarks.bench_moe_layer                 # speed, all shapes (~15 min on 2 cores)
     python -m benchmarks.bench_moe_layer --quick         # smoke run
     python -m benchmarks.bench_moe_layer --memory        # peak memory table only
+    python -m benchmarks.bench_moe_layer --goal          # the issue's goal comparison, interleaved
+
+Goal (``--goal``): fwd+bwd at 2048 tokens, 8 experts, top-2, HF eager vs ``MoELayer`` (and
+``keep_act``) measured in turn for ``--rounds`` rounds, the fastest repetition of each, so that a
+slow spell of a shared machine hits all three alike; at d = 512 (the goal shape) and the other
+widths of ``--goal-d`` (h = 3.5 d), which show how the ratio moves as the layer gets GEMM-bound.
+``%gemm_roof`` is the layer's expert-GEMM rate against one large torch.mm measured in the same run
+(MKL / oneDNN); with ``--fma-peak`` (fp32 GFLOP/s per thread, measured separately: the clock that
+/proc/cpuinfo shows in a VM is not the one the core runs at) ``%fma_peak`` too, the bound that
+the fp32 goal runs into (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -166,6 +176,65 @@ def speed(args):
     return rows
 
 
+# -------------------------------------------------------------------------------------------- goal
+
+
+def goal(args):
+    """HF eager vs MoELayer fwd+bwd at 2048 tokens, 8 experts, top-2, interleaved rounds."""
+    T, E, k = (512, 8, 2) if args.quick else (2048, 8, 2)
+    widths = [128] if args.quick else args.goal_d
+    rounds = 1 if args.quick else args.rounds
+    threads = common.thread_counts(args.threads or [1, 2])
+    rows = []
+    for t in threads:
+        torch.set_num_threads(t)
+        roof = common.roofline(t, quick=args.quick)
+        print(f"threads={t}: roofline {roof}", flush=True)
+        for d in widths:
+            h = int(3.5 * d)
+            for dtype in (torch.float32, torch.bfloat16):
+                cfg, blk = _hf_block(T, E, k, d, h, dtype)
+                cfg._experts_implementation = "eager"
+                layer = _moe_layer_on(blk, E, k, d, h, dtype)
+                keep = _moe_layer_on(blk, E, k, d, h, dtype)
+                keep.experts.recompute_activation = False
+                torch.manual_seed(1)
+                x = torch.randn(1, T, d).to(dtype)
+                grad_y = torch.randn(1, T, d).to(dtype)
+                best = {"hf_eager": [], "moe_layer": [], "keep_act": []}
+                for _ in range(rounds):
+                    for name, mod in (("hf_eager", blk), ("moe_layer", layer), ("keep_act", keep)):
+                        best[name].append(_timed(mod, x, grad_y, True, args.quick)["min_s"])
+                ms = {n: 1e3 * min(v) for n, v in best.items()}
+                gflops = 3 * 2.0 * T * k * 3 * d * h / (ms["moe_layer"] / 1e3) / 1e9
+                row = {
+                    "threads": t,
+                    "d": d,
+                    "h": h,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "hf_eager_ms": ms["hf_eager"],
+                    "moe_layer_ms": ms["moe_layer"],
+                    "keep_act_ms": ms["keep_act"],
+                    "x_vs_hf_eager": ms["hf_eager"] / ms["moe_layer"],
+                    "keep_act_x": ms["hf_eager"] / ms["keep_act"],
+                    "rounds_x": " ".join(
+                        f"{a / b:.2f}" for a, b in zip(best["hf_eager"], best["moe_layer"])
+                    ),
+                    "moe_GFLOP/s": gflops,
+                    "%gemm_roof": 100.0
+                    * gflops
+                    / roof["gemm_bf16_gflops" if dtype == torch.bfloat16 else "gemm_fp32_gflops"],
+                }
+                if args.fma_peak and dtype == torch.float32:
+                    row["%fma_peak"] = 100.0 * gflops / (args.fma_peak * t)
+                rows.append(row)
+                print(row, flush=True)
+    common.print_table(
+        rows, title=f"goal: fwd+bwd, T={T}, E={E}, top-{k}, best of {rounds} interleaved rounds"
+    )
+    return {"T": T, "E": E, "k": k, "fma_peak_gflops_per_thread": args.fma_peak, "rows": rows}
+
+
 # ------------------------------------------------------------------------------------------ memory
 
 
@@ -298,8 +367,16 @@ def main():
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--memory", action="store_true", help="only the peak-memory table")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory table")
+    p.add_argument("--goal", action="store_true", help="only the interleaved goal comparison")
+    p.add_argument("--goal-d", type=int, nargs="+", default=[256, 512, 1024], help="--goal widths")
+    p.add_argument("--rounds", type=int, default=3, help="--goal interleaved rounds")
+    p.add_argument("--fma-peak", type=float, default=None, help="fp32 GFLOP/s per thread")
     args = p.parse_args()
     payload = {"machine": common.machine_info("cpu"), "transformers": transformers.__version__}
+    if args.goal:
+        payload["goal"] = goal(args)
+        common.write_json("bench_moe_layer_goal", payload, out_dir=args.out)
+        return
     if not args.memory:
         payload["speed"] = speed(args)
     if not args.no_memory:
