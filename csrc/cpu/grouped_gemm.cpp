@@ -269,8 +269,18 @@ MOE_TARGET_AVX512 inline __mmask16 strip_mask(int64_t n) {
                  : (n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1));
 }
 
-// Rows of B the direct kernel prefetches ahead (see "Direct kernel" below).
-constexpr int64_t kDirectPrefetch = 32;
+// Software prefetches of B rows that lie a row stride apart (the direct kernels and the bf16
+// packing row block walk a strip of B down K: the hardware prefetchers do not follow that walk)
+// go to L2, not L1: a prefetch into L1 holds one of the core's few L1 miss buffers until its line
+// arrives, which caps the lines in flight below what DRAM latency needs; L2 tracks many more
+// misses, and the loads then hit L2. Measured (1 thread, K = N = 1024, Zen 4 EPYC, its AVX-512 on
+// 256-bit units), T0 -> T1: fp32 128 experts x 8 rows 31 -> 72 GFLOP/s, 64 x 16 48 -> 84; bf16
+// 128 x 8 55-60 -> 93-121, 64 x 16 104-120 -> 166 (benchmarks/bench_grouped_gemm.py). The
+// earlier T0 numbers of the Zen 5 class machine are in docs/performance.md.
+constexpr auto kStreamHint = _MM_HINT_T1;
+// Rows of B the direct kernels prefetch ahead (see "Direct kernel" below). Zen 4, T1, 128 x 8
+// fp32: 16 / 32 / 48 rows: 54-57 / 66-70 / 73-77 GFLOP/s.
+constexpr int64_t kDirectPrefetch = 48;
 
 // The tile itself: C[MR x nr] (+)= A[MR x k] B[k x nr], A(i, p) = a[i * rsa + p * csa], B rows
 // ldb apart with unit column stride. For p < kpf it prefetches B kDirectPrefetch rows ahead (the
@@ -293,10 +303,10 @@ MOE_TARGET_AVX512 void tile_avx512(int64_t k, const float* a, int64_t rsa, int64
   for (int64_t p = 0; p < k; ++p, bp += ldb, ap += csa) {
     if (p < kpf) {
       const char* f = reinterpret_cast<const char*>(bp + pfo);
-      _mm_prefetch(f, _MM_HINT_T0);
-      _mm_prefetch(f + 64, _MM_HINT_T0);
-      _mm_prefetch(f + 128, _MM_HINT_T0);
-      _mm_prefetch(f + 188, _MM_HINT_T0);  // the 4th line a misaligned strip touches
+      _mm_prefetch(f, kStreamHint);
+      _mm_prefetch(f + 64, kStreamHint);
+      _mm_prefetch(f + 128, kStreamHint);
+      _mm_prefetch(f + 188, kStreamHint);  // the 4th line a misaligned strip touches
     }
     __m512 b0, b1, b2;
     if constexpr (kFull) {
@@ -655,8 +665,9 @@ bool stream_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
 // ahead (rows of B are a page apart at N = 1024 floats: the hardware prefetchers do not follow that
 // walk). Tiles of 9-16 rows run two passes per 48-column strip; the second one finds the strip (K x
 // 192 bytes) in L2. Sums run over k in order, as in micro_avx512. Measured (128 experts x 8 rows, K
-// = N = 1024, 1 thread): 1.4-1.6x the packed path; without the software prefetch 0.9x; prefetch
-// distance 16 / 32 / 64 rows: 26 / 24 / 24.5 ms (kDirectPrefetch, with tile_avx512).
+// = N = 1024, 1 thread, Zen 5 class CPU, prefetch into L1): 1.4-1.6x the packed path; without the
+// software prefetch 0.9x; distance 16 / 32 / 64 rows: 26 / 24 / 24.5 ms. Prefetching into L2
+// (kStreamHint) took it from 31 to 72 GFLOP/s on a Zen 4 CPU.
 constexpr int64_t kDirectRows = 16;
 // Rows per pass of the direct kernels: 9-16 rows run as two equal passes (12 = 6 + 6, not 8 + 4;
 // measured 1.21 vs 1.18x the packed path at 12 rows, 1.06 vs 1.03x at 9).
@@ -883,10 +894,10 @@ MOE_TARGET_AVX512_BF16 void direct_bf16(int64_t k, const bf16_t* a, int64_t lda,
   for (int64_t p = 0; p < k; p += 2, bp += 2 * ldb) {
     if (p < kpf) {
       const char* f = reinterpret_cast<const char*>(bp + pfo);
-      _mm_prefetch(f, _MM_HINT_T0);
-      _mm_prefetch(f + 94, _MM_HINT_T0);
-      _mm_prefetch(f + 2 * ldb, _MM_HINT_T0);
-      _mm_prefetch(f + 2 * ldb + 94, _MM_HINT_T0);
+      _mm_prefetch(f, kStreamHint);
+      _mm_prefetch(f + 94, kStreamHint);
+      _mm_prefetch(f + 2 * ldb, kStreamHint);
+      _mm_prefetch(f + 2 * ldb + 94, kStreamHint);
     }
     const bf16_t* r1 = p + 1 < k ? bp + ldb : nullptr;
     const __m512bh b0 = pair_rows(bp, r1, k0, idx);
@@ -1099,10 +1110,10 @@ MOE_TARGET_AVX512_BF16 void micro_bf16(int64_t kq, const bf16_t* a, int64_t lda,
       const bf16_t* r1 = 2 * q + 1 < src.kc ? r0 + src.sk : nullptr;
       if (2 * (q + kPackPrefetch) + 1 < src.kc) {
         const char* f = reinterpret_cast<const char*>(r0 + 2 * kPackPrefetch * src.sk);
-        _mm_prefetch(f, _MM_HINT_T0);
-        _mm_prefetch(f + 32 * NV - 2, _MM_HINT_T0);
-        _mm_prefetch(f + 2 * src.sk, _MM_HINT_T0);
-        _mm_prefetch(f + 2 * src.sk + 32 * NV - 2, _MM_HINT_T0);
+        _mm_prefetch(f, kStreamHint);
+        _mm_prefetch(f + 32 * NV - 2, kStreamHint);
+        _mm_prefetch(f + 2 * src.sk, kStreamHint);
+        _mm_prefetch(f + 2 * src.sk + 32 * NV - 2, kStreamHint);
       }
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
