@@ -39,7 +39,6 @@
 #include "moe_framework/cpu_isa.h"
 
 #if MOE_CPU_AVX2_CLONE
-#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -321,17 +320,11 @@ constexpr int64_t kPrefetchMinBankBytes = int64_t{64} << 20;
 // EPYC the same prefetch makes the scan slower: 1M x 384, q = 1, 1 thread, interleaved with
 // FAISS: 71-72 ms with it (0.82x FAISS), 50-58 ms without (1.14-1.24x FAISS; the hardware
 // prefetcher alone reaches the DRAM triad there). CPUs of AMD family 19h (Zen 3 and Zen 4; only
-// Zen 4 runs this AVX-512 pass) therefore skip it. Prefetching never changes the result.
+// Zen 4 runs this AVX-512 pass; GCC's __builtin_cpu_is) therefore skip it. Prefetching never
+// changes the result.
 bool bank_prefetch_helps() {
 #if MOE_CPU_AVX2_CLONE
-  static const bool helps = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (__get_cpuid(0, &a, &b, &c, &d) == 0) return true;
-    const bool amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "AuthenticAMD"
-    if (__get_cpuid(1, &a, &b, &c, &d) == 0) return true;
-    const unsigned family = ((a >> 8) & 0xfu) + ((a >> 8 & 0xfu) == 0xfu ? (a >> 20) & 0xffu : 0u);
-    return !(amd && family == 0x19u);
-  }();
+  static const bool helps = !__builtin_cpu_is("amdfam19h");
   return helps;
 #else
   return false;
