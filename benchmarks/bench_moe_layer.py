@@ -87,6 +87,18 @@ def _moe_layer_on(blk, E, k, d, h, dtype):
     return layer
 
 
+def _contenders(T, E, k, d, h, dtype):
+    """The HF block, MoELayer and MoELayer keep_act on its weights, and the input / output grad."""
+    cfg, blk = _hf_block(T, E, k, d, h, dtype)
+    layer = _moe_layer_on(blk, E, k, d, h, dtype)
+    keep = _moe_layer_on(blk, E, k, d, h, dtype)
+    keep.experts.recompute_activation = False
+    torch.manual_seed(1)
+    x = torch.randn(1, T, d).to(dtype)
+    grad_y = torch.randn(1, T, d).to(dtype)
+    return cfg, blk, layer, keep, x, grad_y
+
+
 def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -122,15 +134,9 @@ def speed(args):
         print(f"threads={t}: roofline {roof}", flush=True)
         for T, E, k, d, h in shapes:
             for dtype in (torch.float32, torch.bfloat16):
-                cfg, blk = _hf_block(T, E, k, d, h, dtype)
+                cfg, blk, layer, layer_keep, x, grad_y = _contenders(T, E, k, d, h, dtype)
                 ours_hf = HFMoEBlock(blk)
-                layer = _moe_layer_on(blk, E, k, d, h, dtype)
-                layer_keep = _moe_layer_on(blk, E, k, d, h, dtype)
-                layer_keep.experts.recompute_activation = False
-                torch.manual_seed(1)
                 dense = DenseFFN(d, k * h, dtype=dtype)
-                x = torch.randn(1, T, d).to(dtype)
-                grad_y = torch.randn(1, T, d).to(dtype)
                 flops = 2.0 * T * k * 3 * d * h  # expert FLOPs of one forward
                 for backward in (False, True):
                     res = {}
@@ -193,14 +199,8 @@ def goal(args):
         for d in widths:
             h = int(3.5 * d)
             for dtype in (torch.float32, torch.bfloat16):
-                cfg, blk = _hf_block(T, E, k, d, h, dtype)
+                cfg, blk, layer, keep, x, grad_y = _contenders(T, E, k, d, h, dtype)
                 cfg._experts_implementation = "eager"
-                layer = _moe_layer_on(blk, E, k, d, h, dtype)
-                keep = _moe_layer_on(blk, E, k, d, h, dtype)
-                keep.experts.recompute_activation = False
-                torch.manual_seed(1)
-                x = torch.randn(1, T, d).to(dtype)
-                grad_y = torch.randn(1, T, d).to(dtype)
                 best = {"hf_eager": [], "moe_layer": [], "keep_act": []}
                 for _ in range(rounds):
                     for name, mod in (("hf_eager", blk), ("moe_layer", layer), ("keep_act", keep)):
