@@ -5,7 +5,8 @@ Shapes are (E experts, rows per expert) mixes from 8 x 512 (prefill, large group
 (decode, fine-grained experts), at d_model = 1024 and d_ff in 512..2048. "fwd" times
 ``out = a @ b[e]`` per group; "fwd+bwd" adds the backward to ``a`` and ``b``. GFLOP/s count
 2*M*K*N per GEMM (x3 for fwd+bwd); "peak" is the measured large-square torch.mm rate of the same
-dtype and thread count (benchmarks/common.py roofline).
+dtype and thread count, "fma" the cores' arithmetic peak (fp32 FMAs, bf16 dot products) measured
+by benchmarks/fma_peak.c (benchmarks/common.py roofline).
 
 Goals (CPU): >= 0.95x the dense mm at >= 128 rows/expert; >= 2x the per-expert loop at <= 16.
 
@@ -92,6 +93,7 @@ def main() -> None:
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
             peak = roof["gemm_bf16_gflops" if dtype == torch.bfloat16 else "gemm_fp32_gflops"]
+            fma = roof.get("dot_bf16_gflops" if dtype == torch.bfloat16 else "fma_fp32_gflops")
             for E, rows, K, N in shapes:
                 a, b, w, offsets, dy = _case(E, rows, K, N, dtype, device)
                 fwd, fwdbwd = _methods(a, b, w, offsets, dy)
@@ -119,6 +121,7 @@ def main() -> None:
                             "ours/loop": res["ours"] / res["loop"],
                             "ours/dense": res["ours"] / res["dense"],
                             "ours/peak": res["ours"] / peak,
+                            "ours/fma": res["ours"] / fma if fma else None,
                         }
                     )
                     print(rows_out[-1], flush=True)

@@ -33,9 +33,11 @@ Goal (``--goal``): fwd+bwd at 2048 tokens, 8 experts, top-2, HF eager vs ``MoELa
 slow spell of a shared machine hits all three alike; at d = 512 (the goal shape) and the other
 widths of ``--goal-d`` (h = 3.5 d), which show how the ratio moves as the layer gets GEMM-bound.
 ``%gemm_roof`` is the layer's expert-GEMM rate against one large torch.mm measured in the same run
-(MKL / oneDNN); with ``--fma-peak`` (fp32 GFLOP/s per thread, measured separately: the clock that
-/proc/cpuinfo shows in a VM is not the one the core runs at) ``%fma_peak`` too, the bound that
-the fp32 goal runs into (docs/performance.md).
+(MKL / oneDNN); ``%fma_peak`` against the cores' arithmetic peak measured in the same run
+(``common.cpu_compute_peak``: fp32 FMAs, bf16 dot products). ``max_x`` is HF eager's time over
+the time the layer's expert GEMMs alone take at that peak: the most any implementation of the
+layer could reach against HF eager on this machine, the bound the goal runs into
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -206,7 +208,8 @@ def goal(args):
                     for name, mod in (("hf_eager", blk), ("moe_layer", layer), ("keep_act", keep)):
                         best[name].append(_timed(mod, x, grad_y, True, args.quick)["min_s"])
                 ms = {n: 1e3 * min(v) for n, v in best.items()}
-                gflops = 3 * 2.0 * T * k * 3 * d * h / (ms["moe_layer"] / 1e3) / 1e9
+                gemm_gflop = 3 * 2.0 * T * k * 3 * d * h / 1e9  # 3 projections, fwd + bwd
+                gflops = gemm_gflop / (ms["moe_layer"] / 1e3)
                 row = {
                     "threads": t,
                     "d": d,
@@ -225,14 +228,16 @@ def goal(args):
                     * gflops
                     / roof["gemm_bf16_gflops" if dtype == torch.bfloat16 else "gemm_fp32_gflops"],
                 }
-                if args.fma_peak and dtype == torch.float32:
-                    row["%fma_peak"] = 100.0 * gflops / (args.fma_peak * t)
+                peak = roof["dot_bf16_gflops" if dtype == torch.bfloat16 else "fma_fp32_gflops"]
+                if peak:
+                    row["%fma_peak"] = 100.0 * gflops / peak
+                    row["max_x"] = ms["hf_eager"] / (1e3 * gemm_gflop / peak)
                 rows.append(row)
                 print(row, flush=True)
     common.print_table(
         rows, title=f"goal: fwd+bwd, T={T}, E={E}, top-{k}, best of {rounds} interleaved rounds"
     )
-    return {"T": T, "E": E, "k": k, "fma_peak_gflops_per_thread": args.fma_peak, "rows": rows}
+    return {"T": T, "E": E, "k": k, "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -370,7 +375,6 @@ def main():
     p.add_argument("--goal", action="store_true", help="only the interleaved goal comparison")
     p.add_argument("--goal-d", type=int, nargs="+", default=[256, 512, 1024], help="--goal widths")
     p.add_argument("--rounds", type=int, default=3, help="--goal interleaved rounds")
-    p.add_argument("--fma-peak", type=float, default=None, help="fp32 GFLOP/s per thread")
     args = p.parse_args()
     payload = {"machine": common.machine_info("cpu"), "transformers": transformers.__version__}
     if args.goal:

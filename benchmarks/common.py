@@ -3,7 +3,8 @@
 Every benchmark in this folder:
   * states the machine it ran on (``machine_info``),
   * compares against baselines in the same run,
-  * reports achieved rates against the *measured* peak of this machine (``roofline``),
+  * reports achieved rates against the *measured* peak of this machine (``roofline``: what torch's
+    GEMM reaches, DRAM bandwidth, and the cores' FMA / bf16 dot-product peak from fma_peak.c),
   * prints a table (``print_table``) and writes JSON (``write_json``).
 
 Benchmarks are not tests: they never assert speed. Threads: ``thread_counts`` never returns more
@@ -19,8 +20,11 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from functools import cache
 from typing import Callable, Iterable, Optional, Sequence
@@ -155,18 +159,69 @@ def _measure_bandwidth(threads: int, device: str, numel: int) -> float:
         torch.set_num_threads(prev)
 
 
+FMA_PEAK_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fma_peak.c")
+
+
+@cache
+def cpu_compute_peak(threads: int, seconds: float = 0.2) -> dict:
+    """The arithmetic peak of ``threads`` cores running at once, measured by ``fma_peak.c``
+    (compiled here with ``$CC``, else ``cc``; best of 5 repetitions of ``seconds``): ``fp32_gflops`` (fused multiply-adds on the widest
+    vectors the CPU has) and ``bf16_gflops`` (AVX512-BF16 dot products; None without them). This is
+    the bound no GEMM can pass, where ``gemm_*_gflops`` of ``roofline`` is what torch's BLAS
+    reaches. Without a compiler or on a CPU the program does not know, both are None and
+    ``error`` says why (printed once)."""
+    if threads < 1:
+        raise ValueError(f"cpu_compute_peak: threads must be >= 1, got {threads}")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    none = {"threads": threads, "fp32_isa": None, "fp32_gflops": None, "bf16_gflops": None}
+    if cc is None:
+        out = {**none, "error": "no C compiler (cc, gcc or $CC) to build benchmarks/fma_peak.c"}
+    else:
+        with tempfile.TemporaryDirectory(prefix="moe_fma_peak_") as tmp:
+            exe = os.path.join(tmp, "fma_peak")
+            try:
+                subprocess.run(
+                    [cc, "-O2", "-pthread", FMA_PEAK_SRC, "-o", exe],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+                run = subprocess.run(
+                    [exe, str(threads), str(seconds)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
+                out = json.loads(run.stdout)
+            except (OSError, subprocess.SubprocessError, json.JSONDecodeError) as exc:
+                detail = getattr(exc, "stderr", None) or str(exc)
+                out = {**none, "error": f"fma_peak.c: {type(exc).__name__}: {detail.strip()}"}
+    if out.get("error"):
+        print(f"benchmarks: no measured compute peak: {out['error']}", file=sys.stderr)
+    return out
+
+
 def roofline(threads: Optional[int] = None, device: str = "cpu", quick: bool = False) -> dict:
     """Measured peak of this machine at ``threads``: fp32 and bf16 GEMM FLOP/s (large square
-    torch.mm) and DRAM bandwidth (triad on arrays far larger than the caches), in GFLOP/s, GB/s."""
+    torch.mm), DRAM bandwidth (triad on arrays far larger than the caches), in GFLOP/s, GB/s, and
+    on CPU the cores' arithmetic peak (``fma_fp32_gflops``, ``dot_bf16_gflops``: see
+    ``cpu_compute_peak``; None where it cannot be measured)."""
     threads = threads or torch.get_num_threads()
     n = 1024 if quick else 2048
     numel = (16 if quick else 64) * 1024 * 1024
-    return {
+    roof = {
         "threads": threads,
         "gemm_fp32_gflops": _measure_gemm_flops(threads, torch.float32, device, n) / 1e9,
         "gemm_bf16_gflops": _measure_gemm_flops(threads, torch.bfloat16, device, n) / 1e9,
         "triad_gbs": _measure_bandwidth(threads, device, numel) / 1e9,
     }
+    if device == "cpu":
+        peak = cpu_compute_peak(threads)
+        roof["fma_fp32_gflops"] = peak["fp32_gflops"]
+        roof["dot_bf16_gflops"] = peak["bf16_gflops"]
+    return roof
 
 
 # --------------------------------------------------------------------------- memory
