@@ -86,10 +86,10 @@ def main() -> None:
     args = parser.parse_args()
     device = args.device
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    rows_out = []
+    rows_out, roofs = [], {}
     for threads in common.thread_counts(args.threads):
         torch.set_num_threads(threads)
-        roof = common.roofline(threads, device=device, quick=args.quick)
+        roof = roofs[threads] = common.roofline(threads, device=device, quick=args.quick)
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
             peak = roof["gemm_bf16_gflops" if dtype == torch.bfloat16 else "gemm_fp32_gflops"]
@@ -128,7 +128,9 @@ def main() -> None:
     info = common.machine_info(device)
     common.print_table(rows_out, title=f"grouped_gemm ({info['cpu']}, torch {info['torch']})")
     common.write_json(
-        "grouped_gemm", {"machine": info, "quick": args.quick, "rows": rows_out}, args.out
+        "grouped_gemm",
+        {"machine": info, "quick": args.quick, "roofline": roofs, "rows": rows_out},
+        args.out,
     )
 
 

@@ -193,10 +193,10 @@ def goal(args):
     widths = [128] if args.quick else args.goal_d
     rounds = 1 if args.quick else args.rounds
     threads = common.thread_counts(args.threads or [1, 2])
-    rows = []
+    rows, roofs = [], {}
     for t in threads:
         torch.set_num_threads(t)
-        roof = common.roofline(t, quick=args.quick)
+        roof = roofs[t] = common.roofline(t, quick=args.quick)
         print(f"threads={t}: roofline {roof}", flush=True)
         for d in widths:
             h = int(3.5 * d)
@@ -237,7 +237,7 @@ def goal(args):
     common.print_table(
         rows, title=f"goal: fwd+bwd, T={T}, E={E}, top-{k}, best of {rounds} interleaved rounds"
     )
-    return {"T": T, "E": E, "k": k, "rows": rows}
+    return {"T": T, "E": E, "k": k, "roofline": roofs, "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------ memory
