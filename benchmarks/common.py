@@ -162,17 +162,22 @@ def _measure_bandwidth(threads: int, device: str, numel: int) -> float:
 FMA_PEAK_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fma_peak.c")
 
 
+def c_compiler() -> Optional[str]:
+    """The C compiler that builds fma_peak.c: ``$CC``, else ``cc`` or ``gcc`` on PATH (or None)."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 @cache
 def cpu_compute_peak(threads: int, seconds: float = 0.2) -> dict:
     """The arithmetic peak of ``threads`` cores running at once, measured by ``fma_peak.c``
-    (compiled here with ``$CC``, else ``cc``; best of 5 repetitions of ``seconds``): ``fp32_gflops`` (fused multiply-adds on the widest
-    vectors the CPU has) and ``bf16_gflops`` (AVX512-BF16 dot products; None without them). This is
-    the bound no GEMM can pass, where ``gemm_*_gflops`` of ``roofline`` is what torch's BLAS
-    reaches. Without a compiler or on a CPU the program does not know, both are None and
-    ``error`` says why (printed once)."""
+    (built with ``c_compiler()``; best of 5 repetitions of ``seconds``): ``fp32_gflops`` (fused
+    multiply-adds on the widest vectors the CPU has) and ``bf16_gflops`` (AVX512-BF16 dot
+    products; None without them). This is the bound no GEMM can pass, where ``gemm_*_gflops`` of
+    ``roofline`` is what torch's BLAS reaches. Without a compiler or on a CPU the program does not
+    know, both are None and ``error`` says why (printed once)."""
     if threads < 1:
         raise ValueError(f"cpu_compute_peak: threads must be >= 1, got {threads}")
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = c_compiler()
     none = {"threads": threads, "fp32_isa": None, "fp32_gflops": None, "bf16_gflops": None}
     if cc is None:
         out = {**none, "error": "no C compiler (cc, gcc or $CC) to build benchmarks/fma_peak.c"}

@@ -6,14 +6,25 @@ import importlib.util
 import json
 import os
 import platform
-import shutil
 import subprocess
 
 import pytest
 
 BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-SRC = os.path.join(BENCH_DIR, "fma_peak.c")
-CC = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _common():
+    """A fresh copy of benchmarks/common.py (its caches start empty)."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_common", os.path.join(BENCH_DIR, "common.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_COMMON = _common()
+SRC, CC = _COMMON.FMA_PEAK_SRC, _COMMON.c_compiler()
 
 pytestmark = pytest.mark.skipif(CC is None, reason="needs a C compiler (cc, gcc or $CC)")
 
@@ -104,15 +115,6 @@ def test_bad_arguments_exit_2_naming_the_argument(exe, args, needle):
     assert run.returncode == 2
     assert needle in run.stderr
     assert run.stdout == ""
-
-
-def _common():
-    spec = importlib.util.spec_from_file_location(
-        "bench_common", os.path.join(BENCH_DIR, "common.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_cpu_compute_peak_builds_and_runs_the_program():
