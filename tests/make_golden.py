@@ -1,0 +1,138 @@
+"""Writes tests/data/golden/: reference outputs of MoELayer and MixtureOfExpertsSystem recorded
+with the code at a known commit, so a refactor can prove that outputs and gradients stay bitwise
+equal (tests/test_golden.py). Each case stores its layer's parameters and buffers, the input,
+and forward/backward results; the test rebuilds the layer from the case's JSON arguments, loads
+the stored state and compares with ``torch.equal``.
+
+Run only to re-record after an intended numerical change, and say so in the commit message:
+    python tests/make_golden.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "data", "golden")
+
+# (name, MoELayer kwargs, Supervisor kwargs or None for the default router, training mode)
+CASES = [
+    ("topk", {}, {}, True),
+    ("topk_capacity", {}, {"capacity_factor": 0.75, "load_balance_coef": 0.01}, True),
+    ("topk_then_softmax", {}, {"strategy": "topk_then_softmax", "z_loss_coef": 1e-3}, True),
+    ("switch", {"k": 1}, {"strategy": "switch", "load_balance_coef": 0.01}, True),
+    ("noisy_topk", {}, {"strategy": "noisy_topk", "seed": 7}, True),
+    (
+        "grouped_sigmoid",
+        {"num_shared_experts": 1, "shared_expert_gate": True},
+        {
+            "strategy": "grouped_sigmoid",
+            "n_group": 3,
+            "topk_group": 2,
+            "routed_scaling_factor": 2.5,
+            "bias_update_rate": 1e-3,
+            "auto_update_bias": True,
+        },
+        True,
+    ),
+    ("expert_choice", {}, {"strategy": "expert_choice", "capacity_factor": 1.0}, True),
+    ("attention", {}, {"strategy": "attention", "attention_dim": 8}, False),
+    ("gelu_bias", {"activation": "gelu", "bias": True}, {}, True),
+]
+T, D, H, E = 23, 16, 24, 6
+
+
+def record(name, layer_kw, sup_kw, training) -> dict:
+    from moe_framework import MoELayer, Supervisor
+
+    torch.manual_seed(1234)
+    k = layer_kw.pop("k", 2)
+    sup = Supervisor(D, E, k, **sup_kw)
+    layer = MoELayer(D, H, E, k, supervisor=sup, report_top_tokens=3, **layer_kw)
+    layer.train(training)
+    state = {f"state.{n}": t.detach().clone().contiguous() for n, t in layer.state_dict().items()}
+    x = torch.randn(2, T, D, requires_grad=True)
+    y, info = layer(x)
+    loss = y.square().mean() + info.aux_loss
+    loss.backward()
+    out = {
+        "x": x.detach(),
+        "y": y.detach(),
+        "weights": info.weights,
+        "ids": info.ids,
+        "counts": info.counts,
+        "aux_loss": info.aux_loss.detach(),
+        "grad_x": x.grad,
+        "reports.mean_output": info.reports.mean_output,
+        "reports.confidence": info.reports.confidence,
+        "reports.token_count": info.reports.token_count,
+        "reports.top_tokens": info.reports.top_tokens,
+    }
+    for n, p in layer.named_parameters():
+        out[f"grad.{n}"] = p.grad
+    out.update(state)
+    meta = {
+        "layer_kw": json.dumps({"k": k, **layer_kw}),
+        "sup_kw": json.dumps(sup_kw),
+        "training": json.dumps(training),
+        "sizes": json.dumps({"T": T, "d_model": D, "d_hidden": H, "num_experts": E}),
+    }
+    save_file(
+        {k_: v.contiguous() for k_, v in out.items()},
+        os.path.join(OUT, f"{name}.safetensors"),
+        metadata=meta,
+    )
+    return meta
+
+
+def record_system() -> None:
+    """A saved MixtureOfExpertsSystem (today's on-disk format, no knowledge graph) and its
+    predictions on a fixed input."""
+    from moe_framework import MixtureOfExpertsSystem, MoEConfig
+
+    torch.manual_seed(99)
+    cfg = MoEConfig(
+        input_dim=12,
+        output_dim=5,
+        d_model=16,
+        d_hidden=24,
+        num_layers=2,
+        num_experts=4,
+        top_k=2,
+        num_shared_experts=1,
+    )
+    system = MixtureOfExpertsSystem(cfg).eval()
+    d = os.path.join(OUT, "system_v1")
+    system.save(d)
+    x = torch.randn(7, 12)
+    with torch.no_grad():
+        out = system(x)
+    save_file(
+        {"x": x, "output": out.output.contiguous()}, os.path.join(OUT, "system_v1_io.safetensors")
+    )
+
+
+def main() -> None:
+    os.makedirs(OUT, exist_ok=True)
+    torch.set_num_threads(1)
+    for name, layer_kw, sup_kw, training in CASES:
+        record(name, dict(layer_kw), dict(sup_kw), training)
+    record_system()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE
+    ).stdout.strip()
+    with open(os.path.join(OUT, "RECORDED_AT"), "w") as f:
+        f.write(f"{commit}\n")
+    print(
+        f"wrote {len(CASES)} layer cases and system_v1 to {OUT} (commit {commit})", file=sys.stderr
+    )
+
+
+if __name__ == "__main__":
+    main()

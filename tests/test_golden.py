@@ -1,0 +1,102 @@
+"""Outputs and gradients stay bitwise equal to the ones recorded in tests/data/golden/ (see
+tests/make_golden.py, and RECORDED_AT there for the commit). A refactor that changes any bit of a
+forward, a backward, a routing decision or a draft report fails here; an intended numerical
+change re-records the files and says so in its commit."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from moe_framework import MixtureOfExpertsSystem, MoELayer, Supervisor
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden")
+CASES = sorted(
+    f[: -len(".safetensors")]
+    for f in os.listdir(GOLDEN)
+    if f.endswith(".safetensors") and not f.startswith("system_")
+)
+
+
+def _load(name):
+    path = os.path.join(GOLDEN, f"{name}.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+    return meta, load_file(path)
+
+
+def _build(meta) -> torch.nn.Module:
+    s = meta["sizes"]
+    layer_kw = dict(meta["layer_kw"])
+    k = layer_kw.pop("k")
+    sup = Supervisor(s["d_model"], s["num_experts"], k, **meta["sup_kw"])
+    return MoELayer(
+        s["d_model"],
+        s["d_hidden"],
+        s["num_experts"],
+        k,
+        supervisor=sup,
+        report_top_tokens=3,
+        **layer_kw,
+    )
+
+
+def test_golden_cases_cover_every_routing_strategy():
+    from moe_framework.supervisor import STRATEGIES
+
+    seen = {_load(c)[0]["sup_kw"].get("strategy", "topk") for c in CASES}
+    assert seen == set(STRATEGIES)
+
+
+@pytest.fixture
+def one_thread():
+    # Recorded on one thread: torch's own matmuls (the router's nn.Linear) reduce in a
+    # thread-count-dependent order, so bitwise comparisons pin the thread count too.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_moe_layer_matches_golden_bitwise(case, one_thread):
+    meta, g = _load(case)
+    layer = _build(meta)
+    state = {k[len("state.") :]: v for k, v in g.items() if k.startswith("state.")}
+    layer.load_state_dict(state, strict=True)
+    layer.train(meta["training"])
+    x = g["x"].clone().requires_grad_(True)
+    y, info = layer(x)
+    (y.square().mean() + info.aux_loss).backward()
+    got = {
+        "y": y.detach(),
+        "weights": info.weights,
+        "ids": info.ids,
+        "counts": info.counts,
+        "aux_loss": info.aux_loss.detach(),
+        "grad_x": x.grad,
+        "reports.mean_output": info.reports.mean_output,
+        "reports.confidence": info.reports.confidence,
+        "reports.token_count": info.reports.token_count,
+        "reports.top_tokens": info.reports.top_tokens,
+    }
+    for n, p in layer.named_parameters():
+        got[f"grad.{n}"] = p.grad
+    expected = {k: v for k, v in g.items() if k != "x" and not k.startswith("state.")}
+    assert set(got) == set(expected)
+    for name, want in expected.items():
+        assert got[name].dtype == want.dtype, name
+        assert torch.equal(got[name], want), f"{case}: {name} differs from the golden record"
+
+
+def test_system_saved_in_v1_format_loads_and_predicts_bitwise(one_thread):
+    system = MixtureOfExpertsSystem.load(os.path.join(GOLDEN, "system_v1")).eval()
+    io = load_file(os.path.join(GOLDEN, "system_v1_io.safetensors"))
+    with torch.no_grad():
+        out = system(io["x"])
+    assert torch.equal(out.output, io["output"])
