@@ -16,10 +16,9 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import heapq
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -29,9 +28,13 @@ from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Unio
 
 import numpy as np
 
+from .kg import files as _files
 from .kg import schema as _s
+from .kg import validate as _v
 from .kg.errors import KnowledgeGraphError, StoreLockedError
 from .kg.index import INDEX_TYPES, VectorIndex
+from .kg.paths import touches_store
+from .kg.storefile import open_store_file
 
 __all__ = [
     "KnowledgeGraph",
@@ -94,9 +97,10 @@ class KnowledgeGraph:
     provenance, in one SQLite file; cosine search through a derived FAISS index.
 
     Open with :meth:`open` (creates the file when missing and ``dim`` is given) or :meth:`create`.
-    One process may hold a store open for writing (an OS lock on ``<path>.lock``); any number of
-    ``readonly=True`` handles may read it. A handle is safe to use from several threads: searches
-    and reads run concurrently, writes are serialised.
+    One handle may hold a store open for writing (an exclusive ``flock`` on the store file itself,
+    so a symlink or hard link to it meets the same lock); any number of ``readonly=True`` handles
+    may read it. A handle is safe to use from several threads: searches and reads run
+    concurrently, writes are serialised.
 
     Args:
         path: the store file.
@@ -109,10 +113,13 @@ class KnowledgeGraph:
         index_params: overrides for the approximate index (hnsw: M, ef_construction, ef_search;
             ivfpq: nlist, m, nbits, nprobe, train_min).
         readonly: open read-only (no lock, no writes; SQLite reads see later commits of the
-            writer, the search index reflects the store as it was at open).
+            writer, the search index reflects the store as it was at open). On read-only media
+            (a folder this process cannot write) a cleanly closed store is read as immutable.
         verify: "quick" (default: SQLite quick_check), "full" (integrity_check) or "none".
         keep_checkpoints: how many snapshots :meth:`checkpoint` keeps.
         checkpoint_dir: where snapshots go (default ``<path>.checkpoints``).
+        progress: show a progress bar while an approximate index is built or trained (default:
+            when stderr is a terminal). The build is also logged at INFO level.
     """
 
     def __init__(
@@ -128,6 +135,7 @@ class KnowledgeGraph:
         verify: str = "quick",
         keep_checkpoints: int = 3,
         checkpoint_dir: Optional[PathLike] = None,
+        progress: Optional[bool] = None,
         _create: Optional[bool] = None,
     ) -> None:
         self.path = os.fspath(path)
@@ -163,15 +171,19 @@ class KnowledgeGraph:
         self._readers_lock = threading.Lock()
         self._local = threading.local()
         self._conn: Optional[sqlite3.Connection] = None
-        self._lock_fd: Optional[int] = None
+        self._file = None  # the pinned store file (kg.storefile), holder of the writer lock
+        self._created = False  # this call created the file (removed again if opening fails)
+        self._immutable = False  # read-only media: read without locks or -shm
+        self._schema_cookie = None
         self._bank = None
         self._closed = False
         self._queued: list = []
         self._pending_rebuild = False
+        VectorIndex.check_params(index_type, index_params)
         try:
-            self._open(dim, index_type, index_params, verify, _create)
+            self._open(dim, index_type, index_params, verify, _create, progress)
         except BaseException:
-            self._release()
+            self._release(discard_created=True)
             raise
 
     # ================================================================== opening
@@ -193,22 +205,27 @@ class KnowledgeGraph:
             raise ValueError("KnowledgeGraph.create: dim is required")
         return cls(path, dim, _create=True, **kwargs)
 
-    def _open(self, dim, index_type, index_params, verify, create) -> None:
+    def _open(self, dim, index_type, index_params, verify, create, progress) -> None:
         path = self.path
-        exists = os.path.exists(path)
-        kind = _s.sniff_file(path) if exists else "missing"
+        if not self.readonly and dim is not None:
+            self._create_if_missing()
+        try:
+            self._file = open_store_file(path)
+        except FileNotFoundError:
+            hint = "" if self.readonly or dim is not None else " (pass dim=... to create it)"
+            raise FileNotFoundError(f"KnowledgeGraph.open: {path} does not exist{hint}") from None
+        if not self.readonly:
+            self._file.lock_for_writing()
+            self._check_writable_media()
+            self._warn_hard_links()
+        kind = _s.sniff_file(path, self._file.read_head())
         if create and kind == "sqlite":
             raise FileExistsError(f"KnowledgeGraph.create: {path} already exists")
-        if kind in ("missing", "empty") and (self.readonly or dim is None):
-            if kind == "missing":
-                raise FileNotFoundError(
-                    f"KnowledgeGraph.open: {path} does not exist (pass dim=... to create it)"
-                )
+        if kind == "empty" and (self.readonly or dim is None):
             raise KnowledgeGraphError(f"{path}: empty file, not a knowledge-graph store")
-        if not self.readonly:
-            self._take_lock()
+        wal_left = self._choose_read_mode() if self.readonly else 0
         try:
-            self._conn = _s.connect(path, readonly=self.readonly)
+            self._conn = _s.connect(path, readonly=self.readonly, immutable=self._immutable)
             app_id, version, n_tables = _s.read_header(self._conn, path)
             fresh = app_id == 0 and n_tables == 0
             if fresh and (self.readonly or dim is None):
@@ -217,13 +234,15 @@ class KnowledgeGraph:
                 )
             if not fresh:
                 _s.check_header(path, app_id, version)
+                _v.check_schema(self._conn, path)
             if self.readonly:
                 _s.configure_common(self._conn)
             else:
-                # Only now, after the header says the file is ours, may SQLite write to it.
+                # Only now, after the header and schema say the file is ours, may SQLite write.
                 _s.configure_writer(self._conn)
             if fresh:
                 _s.init_schema(self._conn, int(dim), time.time())
+            self._schema_cookie = self._conn.execute("PRAGMA schema_version").fetchone()[0]
             _s.check_integrity(self._conn, path, verify)
             meta = _s.read_meta(self._conn, path)
             if dim is not None and int(dim) != meta["dim"]:
@@ -232,30 +251,94 @@ class KnowledgeGraph:
                 )
             self.dim = meta["dim"]
             _s.check_references(self._conn, path)
-            bad = self._conn.execute(
-                "SELECT id FROM nodes WHERE NOT json_valid(metadata) LIMIT 1"
-            ).fetchone()
-            if bad is not None:
-                raise KnowledgeGraphError(f"{path}: node {bad[0]} has invalid JSON metadata")
-            self._index = VectorIndex(self.dim, index_type, index_params)
+            _v.check_node_metadata(self._conn, path)
+            self._index = VectorIndex(self.dim, index_type, index_params, progress=progress)
             self._rebuild_index(self._conn)
+        except sqlite3.OperationalError as exc:
+            if wal_left:
+                raise self._read_only_media_error(wal_left) from exc
+            raise KnowledgeGraphError(f"{path}: not a valid knowledge-graph store ({exc})") from exc
         except sqlite3.DatabaseError as exc:
             raise KnowledgeGraphError(f"{path}: not a valid knowledge-graph store ({exc})") from exc
 
-    def _take_lock(self) -> None:
-        lock_path = self.path + ".lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    def _create_if_missing(self) -> None:
+        """Create an empty store file (mode 0o666 & ~umask) so the writer lock can be taken on
+        it before SQLite writes anything; a concurrent creator is fine (the lock decides)."""
+        path = self.path
+        if os.path.lexists(path):
+            return
+        folder = os.path.dirname(os.path.abspath(path))
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.close(_files.create_new(path))
+        except FileExistsError:
+            return
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"KnowledgeGraph.open: cannot create {path}: folder {folder} does not exist"
+            ) from None
         except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise StoreLockedError(
-                    f"{self.path} is already open for writing (lock {lock_path} is held by another "
-                    "process or handle); open it with readonly=True to read"
-                ) from None
-            raise
-        self._lock_fd = fd
+            raise PermissionError(
+                exc.errno,
+                f"KnowledgeGraph.open: cannot create {path}: folder {folder} is not writable "
+                f"({exc.strerror}); a store on read-only media can only be read "
+                "(readonly=True)",
+            ) from None
+        self._created = True
+
+    def _check_writable_media(self) -> None:
+        """A writer needs the file and its folder writable (SQLite creates -wal and -shm there);
+        say so instead of letting SQLite report a 'readonly database'."""
+        real = os.path.realpath(self.path)
+        for what, p in (("the file", real), ("its folder", os.path.dirname(real))):
+            if not os.access(p, os.W_OK):
+                raise PermissionError(
+                    f"KnowledgeGraph.open: cannot open {self.path} for writing: {what} {p} is "
+                    "not writable (read-only media or permissions; SQLite keeps its -wal and -shm "
+                    "files beside the store). Open it with readonly=True to read it"
+                )
+
+    def _choose_read_mode(self) -> int:
+        """Decide how a readonly handle reads; returns the size of a leftover -wal on
+        read-only media (0 otherwise).
+
+        SQLite reads a WAL store through a ``-shm`` file it creates beside it. Where this process
+        cannot create files (read-only media) and no ``-wal`` exists, nobody can be writing the
+        store: read it as immutable (no locks, no ``-shm``). A ``-wal`` left there by a writer that
+        did not close cleanly cannot be replayed without a ``-shm``.
+        """
+        real = os.path.realpath(self.path)
+        if os.access(os.path.dirname(real), os.W_OK):
+            return 0
+        try:
+            wal_size = os.stat(real + "-wal").st_size
+        except FileNotFoundError:
+            self._immutable = True
+            return 0
+        return max(1, wal_size)
+
+    def _warn_hard_links(self) -> None:
+        links = self._file.links()
+        if links > 1:
+            warnings.warn(
+                f"KnowledgeGraph: {self.path} has {links} hard links (names for the same file). "
+                "SQLite keeps the write-ahead log beside the name the store was opened with, so "
+                "always open it under one name: after a crash, opening it under another name "
+                "would not see the transactions in that log. Every name also sees every write "
+                "(a hard link is not a copy; use backup() for copies)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _read_only_media_error(self, wal_size: int) -> PermissionError:
+        real = os.path.realpath(self.path)
+        return PermissionError(
+            f"KnowledgeGraph.open: cannot read {self.path}: the folder {os.path.dirname(real)} is "
+            f"not writable, and the write-ahead log {real}-wal ({wal_size} bytes) that a writer "
+            f"left behind (it did not close cleanly) can only be read through {real}-shm, which "
+            "SQLite cannot create there. The store file itself is not at fault: open it once for "
+            "writing on writable media (that folds the log into the file), or copy the store and "
+            "its -wal file to a writable folder and read the copy"
+        )
 
     def _iter_embeddings(self, conn, chunk: int = 65536) -> Iterator[tuple]:
         """(ids [m], unit vectors [m, d]) chunks of the whole store, validated."""
@@ -312,7 +395,7 @@ class KnowledgeGraph:
             self._closed = True
             self._release()
 
-    def _release(self) -> None:
+    def _release(self, discard_created: bool = False) -> None:
         with self._readers_lock:
             for conn in self._readers.values():
                 with contextlib.suppress(Exception):
@@ -322,11 +405,16 @@ class KnowledgeGraph:
             with contextlib.suppress(Exception):
                 self._conn.close()
             self._conn = None
-        if self._lock_fd is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._file is not None:
+            if discard_created and self._created and self._file.is_writer:
+                # Opening failed on a file this call created: remove it while still holding the
+                # lock, so nobody else can have started using it.
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(self.path + suffix)
+            # After the connections: the pinned descriptor keeps SQLite's locks alive until then.
+            self._file.release()
+            self._file = None
 
     def __enter__(self) -> KnowledgeGraph:
         return self
@@ -359,7 +447,7 @@ class KnowledgeGraph:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
-        conn = _s.connect(self.path, readonly=True)
+        conn = _s.connect(self.path, readonly=True, immutable=self._immutable)
         conn.execute("PRAGMA query_only=ON")
         with self._readers_lock:
             alive = {t.ident for t in threading.enumerate()}
@@ -385,6 +473,7 @@ class KnowledgeGraph:
             self._queued = []
             conn.execute("BEGIN IMMEDIATE")
             try:
+                self._recheck_schema(conn)
                 yield conn
                 conn.execute("COMMIT")
             except BaseException:
@@ -405,6 +494,28 @@ class KnowledgeGraph:
                     RuntimeWarning,
                     stacklevel=3,
                 )
+                return
+            if self._index.needs_rebuild or self._index.wants_training():
+                # Train (ivfpq reached train_min) or drop stale entries now, in the write that
+                # made it necessary, so no search ever waits for it.
+                try:
+                    self._rebuild_index(conn)
+                except Exception as exc:
+                    self._pending_rebuild = True
+                    warnings.warn(
+                        f"KnowledgeGraph: index rebuild failed ({exc!r}); retrying before the "
+                        "next search or write",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+
+    def _recheck_schema(self, conn) -> None:
+        """Inside a write transaction: if another client changed the schema since it was
+        checked (say, added a trigger), check it again before writing anything."""
+        cookie = conn.execute("PRAGMA schema_version").fetchone()[0]
+        if cookie != self._schema_cookie:
+            _v.check_schema(conn, self.path)
+            self._schema_cookie = cookie
 
     # ================================================================== writes: nodes
 
@@ -553,7 +664,7 @@ class KnowledgeGraph:
                             "SELECT embedding, metadata FROM nodes WHERE id = ?", (best_id,)
                         ).fetchone()
                         old = _s.from_blob(row[0], self.dim, self.path)
-                        old_meta = _s.loads_json(row[1])
+                        old_meta = _s.loads_json(row[1], f"{self.path}: node {best_id} metadata")
                     new = (
                         (1.0 - self.ema_rate) * old.astype(np.float64)
                         + self.ema_rate * x[j].astype(np.float64)
@@ -637,8 +748,6 @@ class KnowledgeGraph:
                 self._bank.add(add_ids, add_vecs)
             if len(upd_ids):
                 self._bank.update(upd_ids, upd_vecs)
-        if self._index.needs_rebuild or self._index.wants_training():
-            self._pending_rebuild = True
 
     def _exact_scores_writer(self, ids: np.ndarray, q: np.ndarray) -> np.ndarray:
         return self._exact_scores(ids, q, self._conn)
@@ -781,8 +890,8 @@ class KnowledgeGraph:
                 "id": r[0],
                 "action": r[1],
                 "similarity": r[2],
-                "source": _s.loads_json(r[3]),
-                "metadata": _s.loads_json(r[4]),
+                "source": _s.loads_json(r[3], f"{self.path}: provenance row {r[0]} source"),
+                "metadata": _s.loads_json(r[4], f"{self.path}: provenance row {r[0]} metadata"),
                 "embedding": None if r[5] is None else _s.from_blob(r[5], self.dim, self.path),
                 "created_at": r[6],
             }
@@ -871,7 +980,11 @@ class KnowledgeGraph:
             for i, t, m in conn.execute(q, part):
                 info[i] = (t, m)
         return [
-            SimilarNode(i, s, info[i][0], _s.loads_json(info[i][1])) for i, s in hits if i in info
+            SimilarNode(
+                i, s, info[i][0], _s.loads_json(info[i][1], f"{self.path}: node {i} metadata")
+            )
+            for i, s in hits
+            if i in info
         ]
 
     def _maybe_rebuild(self) -> None:
@@ -1045,25 +1158,47 @@ class KnowledgeGraph:
         self._check_writable("checkpoint")
         with self._wlock:
             return take_snapshot(
-                self._conn, self.checkpoint_dir, self.keep_checkpoints, self._checkpoint_hook
+                self._conn,
+                self.checkpoint_dir,
+                self.keep_checkpoints,
+                self._checkpoint_hook,
+                store=self.path,
             )
 
     def backup(self, path: PathLike) -> str:
-        """Write a consistent copy of the store to ``path`` (SQLite backup API into a temporary
-        file next to it, quick_check, fsync, atomic rename, directory fsync). Works on readonly
-        handles too; ``path`` must not be this store. Returns the path."""
+        """Write a consistent copy of the store to ``path`` (SQLite backup API into a new temporary
+        file next to it, quick_check, fsync, atomic rename, directory fsync; mode 0o666 & ~umask).
+        Works on readonly handles too. ``ValueError`` when ``path`` is this store or one of its
+        companion files under any name (symlink, symlinked folder, hard link). Returns the path."""
         from .kg.snapshots import write_copy
 
         self._check_open()
         dst = os.path.abspath(os.fspath(path))
-        if dst == os.path.abspath(self.path):
-            raise ValueError("KnowledgeGraph.backup: the destination is the store itself")
+        self._refuse_store_path("backup", dst)
+        if os.path.isdir(dst):
+            raise IsADirectoryError(f"KnowledgeGraph.backup: {dst} is a directory, not a file path")
         folder = os.path.dirname(dst)
-        tmp = os.path.join(folder, f".{os.path.basename(dst)}.tmp-{os.getpid()}")
-        with self._wlock:
-            write_copy(self._conn, tmp, dst)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"KnowledgeGraph.backup: folder {folder} does not exist")
+        _files.remove_stale_temps(folder, _files.temp_pattern(re.escape(os.path.basename(dst))))
+        tmp = _files.temp_path(dst)
+        try:
+            with self._wlock:
+                write_copy(self._conn, tmp, dst)
+        finally:
+            _files.done_with(tmp)
         _s.fsync_dir(folder)
         return dst
+
+    def _refuse_store_path(self, op: str, dest: str) -> None:
+        """Writing ``dest`` must not replace the open store: compare file identities, not
+        spellings (see :mod:`moe_framework.kg.paths`)."""
+        if touches_store(dest, self.path):
+            raise ValueError(
+                f"KnowledgeGraph.{op}: {dest} is the store itself ({os.path.realpath(self.path)}) "
+                "or one of its -wal/-shm/-journal files under another name (a symlink, a "
+                "symlinked folder or a hard link); writing it would destroy the open store"
+            )
 
     def list_checkpoints(self) -> list:
         """Complete snapshots, oldest first."""
@@ -1077,6 +1212,7 @@ class KnowledgeGraph:
         """Write the graph as one JSON document (nodes, edges, provenance-free)."""
         from .kg.export import to_json
 
+        self._refuse_store_path("to_json", os.fspath(path))
         to_json(self, os.fspath(path), include_embeddings)
 
     def to_graphml(self, path: PathLike) -> None:
@@ -1084,6 +1220,7 @@ class KnowledgeGraph:
         metadata field as its own attribute; edge type and weight)."""
         from .kg.export import to_graphml
 
+        self._refuse_store_path("to_graphml", os.fspath(path))
         to_graphml(self, os.fspath(path))
 
     def draw(
@@ -1099,6 +1236,7 @@ class KnowledgeGraph:
         colours are the value of metadata field ``color_by``."""
         from .kg.export import draw
 
+        self._refuse_store_path("draw", os.fspath(path_png))
         draw(self, os.fspath(path_png), nodes, color_by, max_nodes, title)
 
 
@@ -1153,7 +1291,7 @@ def _node(row, dim: int, path: str) -> Node:
         int(row[0]),
         row[1],
         _s.from_blob(row[2], dim, path),
-        _s.loads_json(row[3]),
+        _s.loads_json(row[3], f"{path}: node {row[0]} metadata"),
         int(row[4]),
         float(row[5]),
         float(row[6]),
@@ -1181,3 +1319,4 @@ def _as_id(x: Any, what: str) -> int:
 def _check_type(t: Any, what: str = "node type") -> None:
     if not isinstance(t, str) or not t:
         raise ValueError(f"KnowledgeGraph: {what} must be a non-empty str, got {t!r}")
+    _v.check_text(t, what)

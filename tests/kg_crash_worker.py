@@ -63,3 +63,30 @@ def hold_open_for_writing(path: str, ready_path: str) -> None:
         f.write("ready")
     signal.pause()
     kg.close()
+
+
+def write_and_die(path: str) -> None:
+    """Commit a few nodes, then SIGKILL ourselves: the committed transactions stay in the
+    store's -wal file (a writer that did not close cleanly)."""
+    kg = KnowledgeGraph.open(path, dim=DIM, verify="none")
+    kg.add_nodes_batch(txn_embeddings(7), "t", [{"txn": 7}] * NODES_PER_TXN)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+UNPRIVILEGED_UID = 65534  # "nobody"
+
+
+def open_unprivileged(path: str, readonly: bool, conn) -> None:
+    """Open the store as an unprivileged user and report through the pipe ``conn``:
+    ``("ok", node ids)`` or ``(exception type name, message)``.
+
+    Tests run as root in some environments, and root ignores permission bits, so a folder with
+    mode 0555 would not be read-only media for it; the child drops to ``nobody`` first."""
+    if os.geteuid() == 0:
+        os.setgid(UNPRIVILEGED_UID)
+        os.setuid(UNPRIVILEGED_UID)
+    try:
+        with KnowledgeGraph.open(path, dim=None if readonly else DIM, readonly=readonly) as kg:
+            conn.send(("ok", kg.node_ids().tolist()))
+    except Exception as exc:
+        conn.send((type(exc).__name__, str(exc)))

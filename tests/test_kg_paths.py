@@ -42,3 +42,17 @@ def test_touches_store_covers_sqlite_companions(tmp_path):
     for suffix in ("", "-wal", "-shm", "-journal", ".lock"):
         assert touches_store(str(tmp_path / "latest" / "kg.sqlite") + suffix, f)
     assert not touches_store(tmp_path / "latest" / "backup.sqlite", f)
+
+
+def test_touches_store_sees_companions_of_a_symlinked_store_file(tmp_path):
+    # SQLite resolves a symlinked store and keeps -wal/-shm beside the real file.
+    _, f = _store(tmp_path)
+    os.symlink(f, tmp_path / "s.sqlite")
+    (tmp_path / "ckpt-1" / "kg.sqlite-wal").write_bytes(b"w")
+    assert touches_store(str(f) + "-wal", tmp_path / "s.sqlite")
+    assert touches_store(str(f) + "-shm", tmp_path / "s.sqlite")  # not created yet
+
+
+def test_same_file_treats_a_path_under_a_regular_file_as_missing(tmp_path):
+    _, f = _store(tmp_path)
+    assert not same_file(str(f) + "/x", f)

@@ -793,3 +793,521 @@ def test_backup_writes_a_consistent_standalone_copy(tmp_path, seed):
             assert copy.node_ids().tolist() == ids.tolist()
             assert copy.edges() == [(int(ids[0]), int(ids[1]), "t", 0.5)]
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+# ============================================================================ other names of the store
+
+
+def _linked_store(tmp_path, n=20, dim=8):
+    """``runs/ckpt-1/kg.sqlite`` with ``n`` nodes, ``runs/latest -> ckpt-1`` (a symlinked folder),
+    ``runs/soft.sqlite`` (a symlink to the file) and ``runs/hard.sqlite`` (a hard link)."""
+    runs = tmp_path / "runs"
+    (runs / "ckpt-1").mkdir(parents=True)
+    path = runs / "ckpt-1" / "kg.sqlite"
+    _populated(path, n=n, dim=dim)
+    os.symlink("ckpt-1", runs / "latest")
+    os.symlink(path, runs / "soft.sqlite")
+    os.link(path, runs / "hard.sqlite")
+    return path, runs
+
+
+def _assert_intact(path, n):
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    con.close()
+    with KnowledgeGraph.open(path, readonly=True, verify="full") as kg:
+        assert len(kg) == n
+
+
+def test_backup_and_exports_refuse_every_other_name_of_the_open_store(tmp_path):
+    path, runs = _linked_store(tmp_path)
+    others = [
+        runs / "latest" / "kg.sqlite",  # symlinked folder
+        runs / "latest" / "kg.sqlite-wal",  # a companion, through the symlinked folder
+        runs / "latest" / "kg.sqlite-shm",
+        runs / "soft.sqlite",  # symlinked file
+        runs / "hard.sqlite",  # hard link
+        runs / "ckpt-1" / ".." / "ckpt-1" / "kg.sqlite",
+    ]
+    with pytest.warns(RuntimeWarning, match="hard links"):
+        kg = KnowledgeGraph.open(path, dim=8)
+    with kg:
+        for dest in others:
+            for call in (kg.backup, kg.to_json, kg.to_graphml, kg.draw):
+                with pytest.raises(ValueError, match="is the store itself"):
+                    call(dest)
+        with KnowledgeGraph.open(runs / "latest" / "kg.sqlite", readonly=True) as ro:
+            with pytest.raises(ValueError, match="is the store itself"):
+                ro.backup(path)  # a readonly handle's backup, too
+        # The writer goes on as if nothing happened (the issue's reproducer corrupted it here).
+        kg.add_nodes_batch(np.random.default_rng(1).standard_normal((300, 8)), "n", [{}] * 300)
+        kg.backup(runs / "latest" / "copy.sqlite")  # another file in the same folder is fine
+    _assert_intact(path, 320)
+    _assert_intact(runs / "ckpt-1" / "copy.sqlite", 320)
+
+
+def test_checkpoint_rotation_never_removes_the_store_named_like_a_snapshot(tmp_path):
+    folder = tmp_path / "snaps"
+    folder.mkdir()
+    path = folder / "snapshot-00000001.sqlite"
+    _populated(path, n=10)
+    os.symlink("snaps", tmp_path / "alias")
+    with KnowledgeGraph.open(
+        path, dim=8, keep_checkpoints=1, checkpoint_dir=tmp_path / "alias"
+    ) as kg:
+        for _ in range(3):
+            snap = kg.checkpoint()
+            assert not os.path.samefile(snap, path)
+        assert [os.path.basename(p) for p in kg.list_checkpoints()] == [
+            "snapshot-00000001.sqlite",  # the store: listed by name, never rotated away
+            "snapshot-00000004.sqlite",
+        ]
+    _assert_intact(path, 10)
+
+
+@pytest.mark.parametrize("name", ["soft.sqlite", "latest/kg.sqlite", "hard.sqlite"])
+def test_second_writer_through_another_name_is_refused(tmp_path, name):
+    path, runs = _linked_store(tmp_path, dim=worker.DIM)
+    with pytest.warns(RuntimeWarning, match="hard links"):
+        kg = KnowledgeGraph.open(path, dim=worker.DIM)
+    with kg:
+        with pytest.raises(StoreLockedError, match="already open for writing"):
+            KnowledgeGraph.open(runs / name, dim=worker.DIM)
+    # and across processes
+    ctx = _forkserver()
+    ready = tmp_path / "ready"
+    child = ctx.Process(target=worker.hold_open_for_writing, args=(str(runs / name), str(ready)))
+    child.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert child.is_alive() and time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(StoreLockedError):
+            KnowledgeGraph.open(path, dim=worker.DIM)
+    finally:
+        if child.is_alive():
+            os.kill(child.pid, signal.SIGKILL)
+        child.join()
+
+
+def test_close_leaves_no_lock_file_and_the_lock_is_free_again(tmp_path):
+    path = tmp_path / "kg.sqlite"
+    with KnowledgeGraph.open(path, dim=4) as kg:
+        kg.add_node(np.ones(4))
+        with KnowledgeGraph.open(path, readonly=True) as ro:
+            assert len(ro) == 1
+    assert sorted(os.listdir(tmp_path)) == ["kg.sqlite"]
+    with KnowledgeGraph.open(path, dim=4) as kg:  # the lock went with the handle
+        assert len(kg) == 1
+
+
+def test_closing_a_reader_keeps_the_writer_lock_of_another_handle(tmp_path):
+    path = tmp_path / "kg.sqlite"
+    with KnowledgeGraph.open(path, dim=4) as kg:
+        KnowledgeGraph.open(path, readonly=True).close()
+        with pytest.raises(StoreLockedError):
+            KnowledgeGraph.open(path, dim=4)
+        kg.add_node(np.ones(4))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_store_path_that_is_not_a_regular_file_is_refused_without_hanging(tmp_path, kind):
+    path = tmp_path / "kg.sqlite"
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    for kw in ({"readonly": True}, {"dim": 4}):
+        with pytest.raises(KnowledgeGraphError, match="a FIFO|a directory"):
+            KnowledgeGraph.open(path, **kw)
+
+
+# ============================================================================ hostile schema
+
+
+@pytest.mark.parametrize(
+    "sql,msg",
+    [
+        (
+            "CREATE TRIGGER wipe AFTER INSERT ON nodes BEGIN DELETE FROM nodes; END",
+            "unexpected trigger 'wipe' on table 'nodes'",
+        ),
+        ("CREATE VIEW v AS SELECT id FROM nodes", "unexpected view 'v'"),
+        ("CREATE TABLE extra (x)", "unexpected table 'extra'"),
+        ("CREATE INDEX by_type ON nodes (type)", "unexpected index 'by_type' on table 'nodes'"),
+        ("ALTER TABLE nodes ADD COLUMN evil TEXT", "table 'nodes' is defined as"),
+        ("DROP INDEX edges_by_dst", "missing index 'edges_by_dst'"),
+    ],
+)
+@pytest.mark.parametrize("verify", ["none", "full"])
+def test_store_with_foreign_schema_objects_is_refused_untouched(tmp_path, sql, msg, verify):
+    path = tmp_path / "kg.sqlite"
+    _populated(path)
+    con = sqlite3.connect(path)
+    con.execute(sql)
+    con.commit()
+    con.close()
+    before = path.read_bytes()
+    for kw in ({"readonly": True}, {"dim": 8}):
+        with pytest.raises(KnowledgeGraphError, match=msg):
+            KnowledgeGraph.open(path, verify=verify, **kw)
+    assert path.read_bytes() == before
+
+
+def test_planner_statistics_from_analyze_are_accepted(tmp_path):
+    path = tmp_path / "kg.sqlite"
+    _populated(path)
+    con = sqlite3.connect(path)
+    con.execute("ANALYZE")
+    con.commit()
+    con.close()
+    with KnowledgeGraph.open(path, dim=8) as kg:
+        kg.add_node(np.ones(8))
+        assert len(kg) == 201
+
+
+def test_trigger_added_after_open_is_refused_before_the_next_write(tmp_path):
+    path = tmp_path / "kg.sqlite"
+    with KnowledgeGraph.open(path, dim=4) as kg:
+        kg.add_nodes_batch(np.eye(4))
+        con = sqlite3.connect(path)
+        con.execute("CREATE TRIGGER wipe AFTER INSERT ON nodes BEGIN DELETE FROM nodes; END")
+        con.commit()
+        con.close()
+        with pytest.raises(KnowledgeGraphError, match="unexpected trigger 'wipe'"):
+            kg.add_node(np.ones(4))
+        assert len(kg) == 4
+
+
+@pytest.mark.parametrize(
+    "text,kind",
+    [("[1, 2]", "an array"), ("3", "a number"), ('"s"', "a string"), ("null", "null")],
+)
+def test_metadata_that_is_json_but_not_an_object_is_refused(tmp_path, text, kind):
+    path = tmp_path / "kg.sqlite"
+    _populated(path)
+    _tamper(path, "UPDATE nodes SET metadata = ? WHERE id = 2", text)
+    for kw in ({"readonly": True}, {"dim": 8, "verify": "none"}):
+        with pytest.raises(KnowledgeGraphError, match=f"node 2 metadata is {kind}, expected"):
+            KnowledgeGraph.open(path, **kw)
+
+
+def test_metadata_changed_to_non_object_after_open_raises_a_clear_error(tmp_path):
+    path = tmp_path / "kg.sqlite"
+    ids = _populated(path)
+    with KnowledgeGraph.open(path, readonly=True) as ro:
+        _tamper(path, "UPDATE nodes SET metadata = '[1]' WHERE id = ?", int(ids[3]))
+        with pytest.raises(KnowledgeGraphError, match=f"node {ids[3]} metadata is an array"):
+            ro.get_node(int(ids[3]))
+
+
+def _nested(depth, leaf=0):
+    v = leaf
+    for _ in range(depth):
+        v = [v]
+    return v
+
+
+@pytest.mark.parametrize("depth", [100, 5000])  # 5000: json.dumps itself would recurse out
+def test_deeply_nested_metadata_is_refused_on_write_naming_the_field(tmp_path, depth):
+    with _store(tmp_path, dim=4) as kg:
+        kg.add_node(np.ones(4), metadata={"ok": _nested(99)})  # 100 levels with the object
+        with pytest.raises(ValueError, match="metadata field 'deep' is nested more than 100"):
+            kg.add_node(np.ones(4), metadata={"a": 1, "deep": _nested(depth)})
+        with pytest.raises(ValueError, match="provenance field 'src' is nested more than 100"):
+            kg.add_or_update_node(np.ones(4), provenance={"src": _nested(depth)})
+        assert len(kg) == 1
+
+
+@pytest.mark.parametrize("depth", [150, 5000])
+def test_deeply_nested_metadata_in_the_file_is_refused_on_open_and_read(tmp_path, depth):
+    path = tmp_path / "kg.sqlite"
+    ids = _populated(path)
+    deep = '{"a": 1, "deep": ' + "[" * depth + "]" * depth + "}"
+    with KnowledgeGraph.open(path, readonly=True) as ro:
+        _tamper(path, "UPDATE nodes SET metadata = ? WHERE id = ?", deep, int(ids[5]))
+        if depth > 1000:  # past what Python's json can parse: a clear error, not RecursionError
+            with pytest.raises(KnowledgeGraphError, match="field 'deep' is nested more than"):
+                ro.get_node(int(ids[5]))
+    for kw in ({"readonly": True}, {"dim": 8, "verify": "none"}):
+        with pytest.raises(KnowledgeGraphError, match=f"node {ids[5]} metadata field 'deep'"):
+            KnowledgeGraph.open(path, **kw)
+
+
+# ============================================================================ text in exports
+
+# Every character XML 1.0 cannot hold, plus the ones it holds only with care.
+_AWKWARD = "".join(chr(c) for c in range(32)) + "\ufffe\uffff<&>\"'ü"
+
+
+def test_lone_surrogates_are_refused_on_input(tmp_path):
+    with _store(tmp_path, dim=4) as kg:
+        a = kg.add_node(np.ones(4))
+        with pytest.raises(ValueError, match=r"metadata field 'name' holds a lone surrogate"):
+            kg.add_node(np.ones(4), metadata={"name": "x\udc80"})
+        with pytest.raises(ValueError, match="lone surrogate"):
+            kg.add_or_update_node(np.ones(4), metadata={"k\ud800": 1})
+        with pytest.raises(ValueError, match="node type .* lone surrogate"):
+            kg.add_node(np.ones(4), type="t\udfff")
+        with pytest.raises(ValueError, match="edge type .* lone surrogate"):
+            kg.add_edge(a, a, "e\udc00")
+        assert len(kg) == 1 and kg.num_edges() == 0
+
+
+def test_exports_with_control_characters_read_back_with_networkx(tmp_path):
+    import json
+
+    metas = [{"text": _AWKWARD, _AWKWARD: i, "n": i} for i in range(3)]
+    types = ["plain", "t" + _AWKWARD, "cr\r\nlf"]
+    with _store(tmp_path, dim=4) as kg:
+        ids = kg.add_nodes_batch(np.eye(4)[:3] + 0.1, types, metas)
+        kg.add_edges_batch([(int(ids[0]), int(ids[1]), "e" + _AWKWARD, 0.5)])
+        kg.to_graphml(tmp_path / "g.graphml")
+        kg.to_json(tmp_path / "g.json")
+    g = nx.read_graphml(tmp_path / "g.graphml")
+    assert g.number_of_nodes() == 3 and g.number_of_edges() == 1
+    for i, t, m in zip(ids, types, metas):
+        node = g.nodes[f"n{i}"]
+        assert json.loads(node["metadata"]) == m  # the metadata attribute is exact
+        assert node["meta_n"] == m["n"]
+        assert node["type"] == _xml_escaped(t)
+    assert g.nodes[f"n{ids[2]}"]["type"] == "cr\r\nlf"  # CR survives XML end-of-line handling
+    doc = json.loads((tmp_path / "g.json").read_text(encoding="utf-8"))
+    assert [n["metadata"] for n in doc["nodes"]] == metas
+    assert [n["type"] for n in doc["nodes"]] == types
+    jg = nx.node_link_graph(
+        doc, directed=True, multigraph=False, edges="edges", source="src", target="dst"
+    )
+    assert jg.nodes[int(ids[1])]["type"] == types[1]
+    assert jg.edges[int(ids[0]), int(ids[1])]["type"] == "e" + _AWKWARD
+
+
+def _xml_escaped(s):
+    bad = set(range(0, 9)) | {11, 12} | set(range(14, 32)) | {0xFFFE, 0xFFFF}
+    return "".join(f"\\u{ord(c):04x}" if ord(c) in bad else c for c in s)
+
+
+def test_graphml_export_of_a_store_holding_a_lone_surrogate_still_works(tmp_path):
+    import json
+
+    path = tmp_path / "kg.sqlite"
+    ids = _populated(path, n=3)
+    # Written by an earlier version (or another client): JSON escapes of a lone surrogate.
+    _tamper(path, "UPDATE nodes SET metadata = ? WHERE id = ?", '{"s": "a\\udc80b"}', int(ids[0]))
+    with KnowledgeGraph.open(path, readonly=True) as kg:
+        kg.to_graphml(tmp_path / "g.graphml")
+    g = nx.read_graphml(tmp_path / "g.graphml")
+    assert json.loads(g.nodes[f"n{ids[0]}"]["metadata"]) == {"s": "a\udc80b"}
+    assert g.nodes[f"n{ids[0]}"]["meta_s"] == "a\\udc80b"
+
+
+# ============================================================================ files we write
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_files_honour_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        with _store(tmp_path, dim=4) as kg:
+            kg.add_nodes_batch(np.eye(4), "n", [{"expert": i} for i in range(4)])
+            written = [
+                tmp_path / "kg.sqlite",
+                kg.backup(tmp_path / "copy.sqlite"),
+                kg.checkpoint(),
+                tmp_path / "g.json",
+                tmp_path / "g.graphml",
+                tmp_path / "g.png",
+            ]
+            kg.to_json(tmp_path / "g.json")
+            kg.to_graphml(tmp_path / "g.graphml")
+            kg.draw(tmp_path / "g.png")
+    finally:
+        os.umask(old)
+    for p in written:
+        assert oct(os.stat(p).st_mode & 0o777) == oct(0o666 & ~umask), p
+
+
+def _dead_pid():
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_checkpoint_removes_crash_leftovers_and_keeps_foreign_files(tmp_path):
+    import subprocess
+
+    cdir = tmp_path / "kg.sqlite.checkpoints"
+    cdir.mkdir()
+    dead = _dead_pid()
+    leftovers = [
+        f".snapshot-00000002.sqlite.tmp-{dead}",
+        f".snapshot-00000002.sqlite.tmp-{dead}-journal",  # what a kill during the copy leaves
+        f".snapshot-00000003.sqlite.tmp-{dead}-0a1b2c3d",
+        f".snapshot-00000003.sqlite.tmp-{dead}-0a1b2c3d-wal",
+    ]
+    for name in leftovers:
+        (cdir / name).write_bytes(b"x")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        busy = f".snapshot-00000004.sqlite.tmp-{sleeper.pid}-journal"  # a live writer's file
+        foreign = ["notes.txt", "snapshot-abc.sqlite", ".snapshot-x.sqlite.tmp-12-journal"]
+        for name in [busy] + foreign:
+            (cdir / name).write_bytes(b"x")
+        (cdir / "snapshot-00000009.sqlite").mkdir()  # not a file: never listed nor removed
+        with _store(tmp_path, dim=4, keep_checkpoints=2) as kg:
+            kg.add_node(np.ones(4))
+            first = kg.checkpoint()
+            assert os.path.basename(first) == "snapshot-00000010.sqlite"
+        left = set(os.listdir(cdir))
+        assert not left & set(leftovers)
+        assert {busy, *foreign, "snapshot-00000009.sqlite"} <= left
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_snapshot_numbers_past_eight_digits_are_listed_and_rotated(tmp_path):
+    cdir = tmp_path / "kg.sqlite.checkpoints"
+    cdir.mkdir()
+    _populated(cdir / "snapshot-99999999.sqlite", n=5)  # a stray snapshot with a high number
+    with _store(tmp_path, dim=8, keep_checkpoints=2) as kg:
+        kg.add_node(np.ones(8))
+        names = [os.path.basename(kg.checkpoint()) for _ in range(3)]
+        assert names == [f"snapshot-{n}.sqlite" for n in (100000000, 100000001, 100000002)]
+        assert [os.path.basename(p) for p in kg.list_checkpoints()] == names[1:]
+        assert sorted(os.listdir(cdir)) == names[1:]
+
+
+# ============================================================================ read-only media
+
+
+@pytest.fixture
+def world_dir():
+    """A folder an unprivileged user can reach (pytest's tmp_path may sit under a 0700 folder);
+    made writable again before it is removed."""
+    import shutil
+
+    d = tempfile.mkdtemp(prefix="kg-ro-")
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        for root, dirs, _ in os.walk(d):
+            for x in [root] + [os.path.join(root, n) for n in dirs]:
+                os.chmod(x, 0o755)
+        shutil.rmtree(d)
+
+
+def _open_unprivileged(path, readonly=True):
+    ctx = _forkserver()
+    parent, child_end = ctx.Pipe()
+    child = ctx.Process(target=worker.open_unprivileged, args=(str(path), readonly, child_end))
+    child.start()
+    try:
+        assert parent.poll(60), "the child did not answer"
+        return parent.recv()
+    finally:
+        child.join(60)
+
+
+def _make_read_only(folder):
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o444)
+    os.chmod(folder, 0o555)
+
+
+def test_cleanly_closed_store_on_read_only_media_opens_readonly(world_dir):
+    path = os.path.join(world_dir, "kg.sqlite")
+    ids = _populated(path, n=30, dim=worker.DIM)
+    assert os.listdir(world_dir) == ["kg.sqlite"]
+    _make_read_only(world_dir)
+    assert _open_unprivileged(path) == ("ok", ids.tolist())
+    kind, msg = _open_unprivileged(path, readonly=False)
+    assert kind == "PermissionError"
+    assert "for writing" in msg and "not writable" in msg and "readonly=True" in msg
+
+
+def test_leftover_wal_on_read_only_media_names_the_real_cause(world_dir):
+    path = os.path.join(world_dir, "kg.sqlite")
+    ctx = _forkserver()
+    child = ctx.Process(target=worker.write_and_die, args=(path,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    assert os.path.getsize(path + "-wal") > 0
+    os.remove(path + "-shm")  # e.g. copied to read-only media without it
+    _make_read_only(world_dir)
+    kind, msg = _open_unprivileged(path)
+    assert kind == "PermissionError"
+    assert "-wal" in msg and "not writable" in msg and "not at fault" in msg
+    assert "not a valid knowledge-graph store" not in msg
+
+
+# ============================================================================ ivfpq training
+
+
+def _ivfpq_params():
+    return {"train_min": 1000, "nlist": 8, "nbits": 4}
+
+
+def _trained(kg):
+    inner = faiss_downcast(kg._index._index.index)
+    return kg._index.approximate and inner.is_trained and type(inner).__name__ == "IndexIVFPQ"
+
+
+def faiss_downcast(index):
+    import faiss
+
+    return faiss.downcast_index(index)
+
+
+def test_ivfpq_is_trained_on_open_with_a_log_line_before_any_search(tmp_path, caplog, capsys):
+    import logging
+
+    path = tmp_path / "kg.sqlite"
+    _populated(path, n=1200, dim=16)
+    caplog.set_level(logging.INFO, logger="moe_framework.knowledge_graph")
+    with KnowledgeGraph.open(
+        path, readonly=True, index_type="ivfpq", index_params=_ivfpq_params(), progress=True
+    ) as kg:
+        assert _trained(kg)
+        assert "training the ivfpq index on 1200 of 1200 vectors" in caplog.text
+        assert "ivfpq index built in" in caplog.text
+        assert "ivfpq index" in capsys.readouterr().err  # the progress bar
+        kg.search(np.ones(16), 3)
+
+
+def test_ivfpq_trains_in_the_write_that_reaches_train_min_not_in_a_search(
+    tmp_path, caplog, monkeypatch
+):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="moe_framework.knowledge_graph")
+    rng = _rng(0)
+    with _store(tmp_path, dim=16, index_type="ivfpq", index_params=_ivfpq_params()) as kg:
+        kg.add_nodes_batch(rng.standard_normal((900, 16)))
+        assert not kg._index.approximate and "training" not in caplog.text
+        kg.add_nodes_batch(rng.standard_normal((200, 16)))  # 1100 >= train_min
+        assert _trained(kg) and "training the ivfpq index on 1100" in caplog.text
+
+        def no_rebuild(*a):
+            raise AssertionError("a search rebuilt the index")
+
+        monkeypatch.setattr(kg, "_rebuild_index", no_rebuild)
+        scores, ids = kg.search(rng.standard_normal((2, 16)), 5)
+        assert (ids >= 0).all()
+
+
+def test_store_creation_that_fails_leaves_no_file_behind(tmp_path, monkeypatch):
+    from moe_framework.kg import schema
+
+    def broken(*args):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(schema, "init_schema", broken)
+    with pytest.raises(OSError, match="simulated"):
+        KnowledgeGraph.open(tmp_path / "kg.sqlite", dim=4)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    with KnowledgeGraph.open(tmp_path / "kg.sqlite", dim=4) as kg:  # and creating works again
+        assert len(kg) == 0

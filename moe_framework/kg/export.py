@@ -4,29 +4,39 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
 from typing import Iterable, Optional
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
+from . import files
 from . import schema as _s
 
 
-def _atomic_write_text(path: str, write) -> None:
-    """Write through a temp file in the same folder, then rename: no half-written exports."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".export-", dir=folder)
+def _atomic_write(path: str, write, binary: bool = False) -> None:
+    """Write through a new temporary file in the same folder (mode 0o666 & ~umask), fsync, then
+    rename: no half-written exports, and the file gets the permissions any other tool would give
+    it."""
+    final = os.path.abspath(path)
+    folder = os.path.dirname(final)
+    files.remove_stale_temps(folder, files.temp_pattern(re.escape(os.path.basename(final))))
+    tmp = files.temp_path(final)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        fd = files.create_new(tmp)
+        with os.fdopen(
+            fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})
+        ) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, final)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    finally:
+        files.done_with(tmp)
 
 
 def to_json(kg, path: str, include_embeddings: bool = True) -> None:
@@ -54,10 +64,25 @@ def to_json(kg, path: str, include_embeddings: bool = True) -> None:
             f.write(("," if i else "") + "\n" + json.dumps(rec, allow_nan=False))
         f.write("\n]}\n")
 
-    _atomic_write_text(path, write)
+    _atomic_write(path, write)
 
 
 _GRAPHML_TYPES = {bool: "boolean", int: "long", float: "double", str: "string"}
+
+# Characters XML 1.0 cannot hold, not even as character references: C0 controls other than tab,
+# newline and carriage return, lone surrogates, U+FFFE and U+FFFF.
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_safe(s: str) -> str:
+    """``s`` with the characters XML cannot hold written as ``\\uXXXX`` escapes (inside the
+    ``metadata`` JSON text these are standard JSON escapes, so it parses back exactly)."""
+    return _XML_INVALID.sub(lambda m: f"\\u{ord(m.group()):04x}", s)
+
+
+def _xml_text(s: str) -> str:
+    # A literal carriage return would be read back as a newline (XML end-of-line handling).
+    return escape(_xml_safe(s), {"\r": "&#13;"})
 
 
 def to_graphml(kg, path: str) -> None:
@@ -90,31 +115,32 @@ def to_graphml(kg, path: str) -> None:
         keys += [("e_type", "edge", "type", "string"), ("e_weight", "edge", "weight", "double")]
         for kid, dom, name, typ in keys:
             f.write(
-                f'  <key id="{kid}" for="{dom}" attr.name={quoteattr(name)} attr.type="{typ}"/>\n'
+                f'  <key id="{kid}" for="{dom}" attr.name={quoteattr(_xml_safe(name))} '
+                f'attr.type="{typ}"/>\n'
             )
         f.write('  <graph id="G" edgedefault="directed">\n')
         for n in nodes:
             f.write(f'    <node id="n{n.id}">\n')
-            f.write(f'      <data key="n_type">{escape(n.type)}</data>\n')
+            f.write(f'      <data key="n_type">{_xml_text(n.type)}</data>\n')
             f.write(f'      <data key="n_merge_count">{n.merge_count}</data>\n')
-            meta = json.dumps(n.metadata, sort_keys=True, allow_nan=False)
-            f.write(f'      <data key="n_metadata">{escape(meta)}</data>\n')
+            meta = json.dumps(n.metadata, sort_keys=True, allow_nan=False, ensure_ascii=False)
+            f.write(f'      <data key="n_metadata">{_xml_text(meta)}</data>\n')
             for i, k in enumerate(fields):
                 if k in n.metadata:
                     v = n.metadata[k]
                     text = ("true" if v else "false") if isinstance(v, bool) else str(v)
                     if isinstance(v, float):
                         text = repr(v)
-                    f.write(f'      <data key="n_meta_{i}">{escape(text)}</data>\n')
+                    f.write(f'      <data key="n_meta_{i}">{_xml_text(text)}</data>\n')
             f.write("    </node>\n")
         for j, (src, dst, t, w) in enumerate(kg.edges()):
             f.write(f'    <edge id="e{j}" source="n{src}" target="n{dst}">\n')
-            f.write(f'      <data key="e_type">{escape(t)}</data>\n')
+            f.write(f'      <data key="e_type">{_xml_text(t)}</data>\n')
             f.write(f'      <data key="e_weight">{w!r}</data>\n')
             f.write("    </edge>\n")
         f.write("  </graph>\n</graphml>\n")
 
-    _atomic_write_text(path, write)
+    _atomic_write(path, write)
 
 
 def draw(
@@ -173,7 +199,7 @@ def draw(
         if len(cats) <= 20:
             ax.legend(loc="best", fontsize=7, frameon=False)
         ax.autoscale_view()
-    fig.savefig(path_png, format="png")
+    _atomic_write(path_png, lambda f: fig.savefig(f, format="png"), binary=True)
 
 
 def _pca2(x: np.ndarray) -> np.ndarray:

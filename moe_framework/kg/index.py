@@ -12,7 +12,9 @@ Index types (all on unit-normalised vectors, inner product = cosine):
   ``ef_search``), sub-linear queries, slow to build.
 * ``ivfpq`` — ``IndexIDMap(IndexIVFPQ)``: inverted lists of product-quantised codes, approximate
   (recall depends on ``nprobe`` and the code size), small memory. Needs training: until the
-  store holds ``train_min`` vectors it behaves as ``flat``.
+  store holds ``train_min`` vectors it behaves as ``flat``. Training happens when the index is
+  built (on open, or in the write that brings the store to ``train_min``), never in a search;
+  it is logged at INFO level and shown as a progress bar when stderr is a terminal.
 
 Approximate indexes cannot update a vector in place: an updated node is re-added under the same
 id and its old entry becomes stale. Searches over-fetch, drop duplicate ids and re-score every
@@ -24,13 +26,20 @@ when stale entries exceed a quarter of it.
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 import threading
+import time
 from typing import Callable, Iterable, Optional
 
 import faiss
 import numpy as np
 
 INDEX_TYPES = ("flat", "hnsw", "ivfpq")
+
+log = logging.getLogger("moe_framework.knowledge_graph")
+
+_ADD_CHUNK = 65536  # rows per FAISS add while building (progress granularity)
 
 DEFAULT_PARAMS = {
     "hnsw": {"M": 32, "ef_construction": 80, "ef_search": 128, "rerank": 2},
@@ -102,23 +111,37 @@ class VectorIndex:
     mutations take the write side of an :class:`RWLock`.
     """
 
-    def __init__(self, dim: int, index_type: str = "flat", params: Optional[dict] = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        index_type: str = "flat",
+        params: Optional[dict] = None,
+        progress: Optional[bool] = None,
+    ) -> None:
+        self.check_params(index_type, params)
+        self.dim = dim
+        self.index_type = index_type
+        self.params = dict(DEFAULT_PARAMS.get(index_type, {}))
+        self.params.update(params or {})
+        self.progress = progress
+        self.lock = RWLock()
+        self._reset()
+
+    @staticmethod
+    def check_params(index_type: str, params: Optional[dict]) -> None:
+        """``ValueError`` for an unknown index type or parameter (checked before any file is
+        touched)."""
         if index_type not in INDEX_TYPES:
             raise ValueError(
                 f"KnowledgeGraph: index_type must be one of {INDEX_TYPES}, got {index_type!r}"
             )
-        self.dim = dim
-        self.index_type = index_type
-        self.params = dict(DEFAULT_PARAMS.get(index_type, {}))
-        unknown = set(params or {}) - set(self.params)
+        known = DEFAULT_PARAMS.get(index_type, {})
+        unknown = set(params or {}) - set(known)
         if unknown:
             raise ValueError(
                 f"KnowledgeGraph: unknown index_params {sorted(unknown)} for {index_type!r} "
-                f"(known: {sorted(self.params)})"
+                f"(known: {sorted(known)})"
             )
-        self.params.update(params or {})
-        self.lock = RWLock()
-        self._reset()
 
     # ------------------------------------------------------------------ construction
 
@@ -138,11 +161,7 @@ class VectorIndex:
             inner.hnsw.efConstruction = int(self.params["ef_construction"])
             inner.hnsw.efSearch = int(self.params["ef_search"])
             return faiss.IndexIDMap(inner)
-        n = sample.shape[0]
-        # ~4 sqrt(N) lists (capped: more lists cost training time for little recall at nprobe=32).
-        nlist = self.params["nlist"] or int(max(16, min(1024, 4 * np.sqrt(n_total))))
-        nlist = min(nlist, max(1, n // 39))  # k-means wants ~39 points per centroid
-        m = self.params["m"] or _default_pq_m(d)
+        nlist, m = self._ivfpq_shape(sample.shape[0], n_total)
         if d % m:
             raise ValueError(f"KnowledgeGraph: ivfpq m={m} must divide dim={d}")
         quantizer = faiss.IndexFlatIP(d)
@@ -161,38 +180,78 @@ class VectorIndex:
     def rebuild_from_chunks(self, chunks: Iterable[tuple], n_total: int) -> None:
         """Replace the contents with ``(ids [m], unit vecs [m, d])`` chunks, ``n_total`` rows in
         all. Streams (peak memory: the index plus one chunk) except when an ivfpq index must be
-        trained, which needs the rows in one array."""
+        trained, which needs the rows in one array. Approximate builds are logged (INFO) and
+        shown as a progress bar (see ``progress``)."""
         self.lock.acquire_write()
         try:
             self._reset()
-            if self.index_type == "ivfpq" and n_total >= int(self.params["train_min"]):
-                all_ids = np.empty(n_total, np.int64)
-                all_vecs = np.empty((n_total, self.dim), np.float32)
-                filled = 0
+            train = self.index_type == "ivfpq" and n_total >= int(self.params["train_min"])
+            if not (train or (self.index_type == "hnsw" and n_total)):
                 for ids, vecs in chunks:
-                    all_ids[filled : filled + len(ids)] = ids
-                    all_vecs[filled : filled + len(ids)] = vecs
-                    filled += len(ids)
-                if filled != n_total:
-                    raise RuntimeError(f"VectorIndex: expected {n_total} rows, got {filled}")
-                self._build(all_ids, all_vecs)
-            else:
-                for ids, vecs in chunks:  # hnsw: the first chunk creates the graph
                     self._add_locked(np.asarray(ids, dtype=np.int64), vecs)
+                return
+            t0 = time.perf_counter()
+            with _Progress(self._show_progress(), n_total, f"{self.index_type} index") as bar:
+                if train:
+                    self._train_and_fill(chunks, n_total, bar)
+                else:
+                    bar.stage("hnsw index: inserting vectors")
+                    for ids, vecs in chunks:  # the first chunk creates the graph
+                        self._add_locked(np.asarray(ids, dtype=np.int64), vecs)
+                        bar.update(len(ids))
+            log.info(
+                "KnowledgeGraph: %s index built in %.1f s (%d vectors)",
+                self.index_type,
+                time.perf_counter() - t0,
+                n_total,
+            )
         finally:
             self.lock.release_write()
 
-    def _build(self, ids: np.ndarray, vecs: np.ndarray) -> None:
-        if self.index_type == "hnsw" and len(ids):
-            self._index = self._new_approx(vecs)
-            self._trained_kind = "hnsw"
-        elif self.index_type == "ivfpq" and len(ids) >= int(self.params["train_min"]):
-            rng = np.random.default_rng(0)  # deterministic training sample
-            n_train = min(len(ids), 100_000)
-            sample = vecs[np.sort(rng.choice(len(ids), n_train, replace=False))]
-            self._index = self._new_approx(sample, len(ids))
-            self._trained_kind = "ivfpq"
-        self._add_locked(ids, vecs)
+    def _show_progress(self) -> bool:
+        if self.progress is not None:
+            return bool(self.progress)
+        return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+    def _train_and_fill(self, chunks: Iterable[tuple], n_total: int, bar) -> None:
+        bar.stage("ivfpq index: reading vectors")
+        all_ids = np.empty(n_total, np.int64)
+        all_vecs = np.empty((n_total, self.dim), np.float32)
+        filled = 0
+        for ids, vecs in chunks:
+            all_ids[filled : filled + len(ids)] = ids
+            all_vecs[filled : filled + len(ids)] = vecs
+            filled += len(ids)
+            bar.update(len(ids))
+        if filled != n_total:
+            raise RuntimeError(f"VectorIndex: expected {n_total} rows, got {filled}")
+        rng = np.random.default_rng(0)  # deterministic training sample
+        n_train = min(n_total, 100_000)
+        sample = all_vecs[np.sort(rng.choice(n_total, n_train, replace=False))]
+        nlist, m = self._ivfpq_shape(n_train, n_total)
+        log.info(
+            "KnowledgeGraph: training the ivfpq index on %d of %d vectors (nlist=%d, m=%d, "
+            "nbits=%d); searches wait until it is built",
+            n_train,
+            n_total,
+            nlist,
+            m,
+            int(self.params["nbits"]),
+        )
+        bar.stage(f"ivfpq index: training (k-means, {n_train} vectors)", reset=n_total)
+        self._index = self._new_approx(sample, n_total)
+        self._trained_kind = "ivfpq"
+        bar.stage("ivfpq index: adding vectors")
+        for lo in range(0, n_total, _ADD_CHUNK):
+            self._add_locked(all_ids[lo : lo + _ADD_CHUNK], all_vecs[lo : lo + _ADD_CHUNK])
+            bar.update(min(_ADD_CHUNK, n_total - lo))
+
+    def _ivfpq_shape(self, n_train: int, n_total: int) -> tuple:
+        # ~4 sqrt(N) lists (capped: more lists cost training time for little recall at nprobe=32).
+        nlist = self.params["nlist"] or int(max(16, min(1024, 4 * np.sqrt(n_total))))
+        nlist = min(nlist, max(1, n_train // 39))  # k-means wants ~39 points per centroid
+        m = self.params["m"] or _default_pq_m(self.dim)
+        return nlist, m
 
     # ------------------------------------------------------------------ mutation
 
@@ -341,6 +400,36 @@ class VectorIndex:
             out_s[r, : ok.sum()] = s[ok]
             out_i[r, : ok.sum()] = uniq[ok]
         return out_s, out_i
+
+
+class _Progress:
+    """A tqdm bar over the vectors of an index build, or nothing when disabled."""
+
+    def __init__(self, enabled: bool, total: int, desc: str) -> None:
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total, desc=desc, unit="vec", unit_scale=True, leave=False, file=sys.stderr
+            )
+
+    def stage(self, desc: str, reset: Optional[int] = None) -> None:
+        if self._bar is not None:
+            if reset is not None:
+                self._bar.reset(total=reset)
+            self._bar.set_description(desc)
+
+    def update(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def _sort_rows(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple:

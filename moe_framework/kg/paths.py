@@ -12,7 +12,8 @@ PathLike = Union[str, os.PathLike]
 
 __all__ = ["same_file", "store_companions", "touches_store"]
 
-# SQLite's own files next to a database (WAL, shared memory, rollback journal) and our lock file.
+# SQLite's own files next to a database (WAL, shared memory, rollback journal) and the lock file
+# earlier versions kept beside the store.
 _COMPANION_SUFFIXES = ("-wal", "-shm", "-journal", ".lock")
 
 
@@ -27,15 +28,23 @@ def same_file(a: PathLike, b: PathLike) -> bool:
     a, b = os.fspath(a), os.fspath(b)
     try:
         sa, sb = os.stat(a), os.stat(b)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return os.path.realpath(a) == os.path.realpath(b)
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def store_companions(path: PathLike) -> list:
-    """The store file and the files SQLite and the single-writer lock keep beside it."""
+    """The store file and the files SQLite and the single-writer lock keep beside it.
+
+    SQLite resolves a symlinked store file and keeps its ``-wal``/``-shm`` beside the real file,
+    so the companions of both spellings are listed when they differ.
+    """
     p = os.fspath(path)
-    return [p] + [p + s for s in _COMPANION_SUFFIXES]
+    names = [p] + [p + s for s in _COMPANION_SUFFIXES]
+    real = os.path.realpath(p)
+    if real != os.path.abspath(p):
+        names += [real + s for s in _COMPANION_SUFFIXES]
+    return names
 
 
 def touches_store(dest: PathLike, store: PathLike) -> bool:

@@ -6,7 +6,6 @@ one place. See docs/knowledge_graph.md for the format description.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sqlite3
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .errors import KnowledgeGraphError
+from .validate import dumps_object, loads_object
 
 # PRAGMA application_id marks the file as ours ("MOKG"), so a foreign SQLite database is
 # recognised before we touch it; PRAGMA user_version is the schema version.
@@ -64,19 +64,14 @@ CREATE INDEX provenance_by_node ON provenance (node_id);
 
 
 def dumps_json(value: Any, what: str) -> str:
-    """Strict JSON (no NaN/Inf, str keys) so every reader of the file can parse it."""
-    if not isinstance(value, dict):
-        raise ValueError(f"KnowledgeGraph: {what} must be a dict, got {type(value).__name__}")
-    try:
-        return json.dumps(value, sort_keys=True, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"KnowledgeGraph: {what} must be JSON-serialisable (no NaN/Inf): {exc}"
-        ) from None
+    """Strict JSON object text (no NaN/Inf, str keys, at most ``MAX_JSON_DEPTH`` levels, valid
+    Unicode) so every reader of the file can parse it; ``ValueError`` naming ``what`` otherwise."""
+    return dumps_object(value, what)
 
 
-def loads_json(text: str) -> Any:
-    return json.loads(text)
+def loads_json(text: Any, where: str) -> dict:
+    """A stored JSON object; :class:`KnowledgeGraphError` naming ``where`` when it is not one."""
+    return loads_object(text, where)
 
 
 def check_embeddings(x: Any, dim: int, what: str = "embedding") -> np.ndarray:
@@ -125,14 +120,13 @@ def from_blob(blob: bytes, dim: int, where: str) -> np.ndarray:
 # ------------------------------------------------------------------------------ file checks
 
 
-def sniff_file(path: str) -> str:
-    """Classify an existing file without letting SQLite touch it: 'empty', 'sqlite', or raise.
+def sniff_file(path: str, head: bytes) -> str:
+    """Classify a file from its first 100 bytes ``head`` without letting SQLite touch it:
+    'empty', 'sqlite', or raise.
 
     We read the header ourselves first: SQLite would happily open (and, in write mode, modify) an
     empty or foreign file, and we want a pickle renamed to the store's name to be named as such.
     """
-    with open(path, "rb") as f:
-        head = f.read(100)
     if len(head) == 0:
         return "empty"
     if head.startswith(_SQLITE_MAGIC):
@@ -153,15 +147,26 @@ def sniff_file(path: str) -> str:
     )
 
 
-def connect(path: str, readonly: bool, timeout: float = 30.0) -> sqlite3.Connection:
-    """A connection in autocommit mode (we issue BEGIN/COMMIT ourselves)."""
+def connect(
+    path: str, readonly: bool, timeout: float = 30.0, immutable: bool = False
+) -> sqlite3.Connection:
+    """A connection in autocommit mode (we issue BEGIN/COMMIT ourselves).
+
+    ``readonly`` opens with ``mode=ro``; ``immutable`` adds ``immutable=1``, which reads the file
+    without locks or a ``-shm`` file: only for a store nobody can write (read-only media).
+    """
     if readonly:
         uri = "file:" + _quote_uri(os.path.abspath(path)) + "?mode=ro"
+        if immutable:
+            uri += "&immutable=1"
         conn = sqlite3.connect(
             uri, uri=True, isolation_level=None, check_same_thread=False, timeout=timeout
         )
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=timeout)
+    # Schema objects may not call functions with side effects (defence in depth: the schema is
+    # also checked to hold no trigger or view at all).
+    conn.execute("PRAGMA trusted_schema=OFF")
     return conn
 
 
