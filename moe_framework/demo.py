@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from typing import Optional
 
@@ -25,9 +26,12 @@ from .config import MoEConfig
 from .metrics import load_summary, specialisation
 from .system import MixtureOfExpertsSystem
 
-__all__ = ["run_demo", "DenseBaseline", "demo_config", "count_active_parameters"]
+__all__ = ["run_demo", "check_demo_args", "DenseBaseline", "demo_config", "count_active_parameters"]
 
 NUM_CLASSES = 10
+# The seed also seeds scikit-learn's split (numpy's RandomState takes 0 .. 2**32 - 1).
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 4096
 
 
 # ====================================================================== models
@@ -199,6 +203,51 @@ def _accuracy(fn, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y).float().mean())
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_demo_args(
+    out_dir: str = os.path.join("outputs", "demo"),
+    device: str = "cpu",
+    epochs: Optional[int] = None,
+    seed: int = 0,
+    threads: Optional[int] = 1,
+) -> None:
+    """Check :func:`run_demo`'s arguments before any work: ``ValueError`` naming the argument,
+    the expected and the received value. Creates ``out_dir`` (and checks a file can be written
+    there), so an unwritable folder fails now, not after training."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"demo: device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"demo: device {device!r} requested but torch.cuda.is_available() is False"
+        )
+    if epochs is not None and (not _is_int(epochs) or epochs < 1):
+        raise ValueError(f"demo: epochs must be an int >= 1, got {epochs!r}")
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"demo: seed must be an int in [0, {MAX_SEED}], got {seed!r}")
+    if threads is not None and (not _is_int(threads) or not 1 <= threads <= MAX_THREADS):
+        raise ValueError(
+            f"demo: threads must be None (torch's default) or an int in [1, {MAX_THREADS}], "
+            f"got {threads!r}"
+        )
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"demo: the output folder {out_dir!r} exists and is not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        raise ValueError(
+            f"demo: cannot write the output folder {out_dir!r}: {exc.strerror or exc}"
+        ) from None
+
+
 def run_demo(
     out_dir: str = os.path.join("outputs", "demo"),
     device: str = "cpu",
@@ -217,16 +266,11 @@ def run_demo(
     give; None keeps torch's setting)."""
     from tqdm.auto import tqdm
 
+    check_demo_args(out_dir, device, epochs, seed, threads)
     if threads is not None:
         torch.set_num_threads(threads)
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("demo: --device cuda requested but torch.cuda.is_available() is False")
     dev = torch.device(device)
     epochs = epochs if epochs is not None else (2 if tiny else 30)
-    if epochs < 1:
-        raise SystemExit(f"demo: --epochs must be >= 1, got {epochs}")
-    os.makedirs(out_dir, exist_ok=True)
     t_start = time.perf_counter()
     torch.manual_seed(seed)
 
