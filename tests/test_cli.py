@@ -533,3 +533,30 @@ def test_info_says_cuda_kernels_compiled_but_unusable_without_a_device(monkeypat
     assert cli.main(["info", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["cuda_kernels"] == {"compiled": "yes", "usable": False, "reason": "no CUDA device"}
+
+
+def test_import_without_the_compiled_extension_says_the_cause_and_the_fix(tmp_path):
+    import shutil
+
+    src = os.path.dirname(os.path.abspath(cli.__file__))
+    shutil.copytree(
+        src,
+        tmp_path / "moe_framework",
+        ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__", "*.tmp"),
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", "import moe_framework"],
+        cwd=str(tmp_path),
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0
+    assert "circular import" not in r.stderr
+    assert "partially initialized" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: moe_framework: the compiled extension")
+    assert "missing" in last and "never built" in last
+    assert "make inplace" in last and "pip install --no-build-isolation ." in last
+    assert "outside the source tree" in last
