@@ -560,3 +560,66 @@ def test_import_without_the_compiled_extension_says_the_cause_and_the_fix(tmp_pa
     assert "missing" in last and "never built" in last
     assert "make inplace" in last and "pip install --no-build-isolation ." in last
     assert "outside the source tree" in last
+
+
+# ---------------------------------------------------------------- demo output (item 22)
+
+
+def test_demo_text_labels_which_conditional_probability_it_prints(tiny_demo_run):
+    _, out, _ = tiny_demo_run
+    spec_header = next(line for line in out.splitlines() if "expert specialisation" in line)
+    assert "P(digit | expert)" in spec_header
+    query = out[out.index("query:") :].splitlines()
+    hits = [line for line in query if line.lstrip().startswith("node")]
+    assert hits and all("P(expert | digit)" in line for line in hits)
+
+
+def test_demo_progress_bar_says_its_numbers_are_training_losses(tiny_demo_run):
+    _, _, err = tiny_demo_run
+    assert "train loss: moe " in err and ", dense " in err
+    assert "dense=" not in err and "moe=" not in err
+
+
+def test_demo_graph_layout_gives_each_layer_its_own_column(tiny_demo):
+    from moe_framework.demo import graph_layout
+    from moe_framework.knowledge_graph import KnowledgeGraph
+
+    with KnowledgeGraph.open(str(tiny_demo / "knowledge.sqlite"), readonly=True) as kg:
+        nodes = list(kg.iter_nodes())
+    pos = graph_layout(nodes, num_layers=2, num_experts=4)
+    assert set(pos) == {n.id for n in nodes}
+    column = {}
+    for n in nodes:
+        key = "digits" if n.type == "digit" else n.metadata["layer"]
+        column.setdefault(key, []).append(pos[n.id][0])
+        if n.type != "digit":
+            assert pos[n.id][1] == -n.metadata["expert"]  # one row per expert
+    assert max(column[0]) < min(column[1]) < max(column[1]) < min(column["digits"])
+    # within an expert's row, older knowledge is further left
+    for layer in (0, 1):
+        for e in range(4):
+            row = [
+                n for n in nodes if n.metadata.get("layer") == layer and n.metadata["expert"] == e
+            ]
+            ordered = sorted(row, key=lambda n: (n.metadata["step"], n.id))
+            assert [pos[n.id][0] for n in ordered] == sorted(pos[n.id][0] for n in ordered)
+
+
+def test_demo_graph_picture_labels_experts_and_explains_node_size(tiny_demo, tmp_path):
+    from moe_framework.demo import draw_knowledge_graph
+    from moe_framework.knowledge_graph import KnowledgeGraph
+
+    s = json.loads((tiny_demo / "summary.json").read_text())
+    spec = s["specialisation"]["per_layer"]
+    names = [f"expert_{e}" for e in range(4)]
+    png = tmp_path / "kg.png"
+    with KnowledgeGraph.open(str(tiny_demo / "knowledge.sqlite"), readonly=True) as kg:
+        texts = draw_knowledge_graph(kg, str(png), spec, names)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "layer 0 experts" in texts and "layer 1 experts" in texts and "digits" in texts
+    for e in range(4):
+        labels = [t for t in texts if t.startswith(f"expert_{e}: top digit ")]
+        assert len(labels) == 2  # one per layer
+    caption = texts[-1]
+    assert "Node size" in caption and "P(expert | digit)" in caption
+    assert "P(digit | expert)" in caption
