@@ -18,6 +18,7 @@ import argparse
 import glob
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -36,6 +37,8 @@ __all__ = ["main", "build_parser", "find_benchmarks", "info_dict", "packaged_ben
 
 # Exit status of a bad argument or file (argparse's own, for consistency).
 EXIT_USAGE = 2
+# Node ids are SQLite INTEGERs (signed 64-bit).
+MAX_NODE_ID = 2**63 - 1
 
 
 class CLIError(Exception):
@@ -53,7 +56,7 @@ _UNSAFE_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Zl", "Zp"))
 
 def safe_text(text: object) -> str:
     """``str(text)`` with every control, format or separator character written as a Python
-    escape (``\x1b``, ``\u202e``): safe to print to a terminal, and always one line."""
+    escape (``\\x1b``, ``\\u202e``): safe to print to a terminal, and always one line."""
     text = str(text)
     if text.isprintable():
         return text
@@ -382,49 +385,79 @@ def _node_line(node, extra: str = "") -> str:
     return f"  node {node.id:>5}{extra} {safe_text(node.type):<10} {_json(node.metadata)}"
 
 
-def cmd_kg(args: argparse.Namespace) -> int:
+def _kg_query(kg, args: argparse.Namespace) -> tuple:
+    """(query vector or None, its heading, node id to leave out of the hits) of --like/--vector,
+    checked against the store before anything is printed."""
     import numpy as np
 
+    if args.like is not None:
+        try:
+            query = kg.get_node(args.like).embedding
+        except KeyError:
+            raise CLIError(
+                f"--like {args.like}: no node with this id in {args.store} ({len(kg)} nodes)"
+            ) from None
+        return query, f"nodes most similar to node {args.like}", args.like
+    if args.vector is not None:
+        query = np.asarray(_parse_vector(args.vector, kg.dim), dtype=np.float32)
+        return query, "nodes most similar to the given vector", -1
+    return None, "", -1
+
+
+def _print_matches(kg, keep, limit: int) -> None:
+    """The first ``limit`` nodes ``keep`` accepts, then how many more there are."""
+    shown = total = 0
+    for node in kg.iter_nodes():
+        if keep(node.metadata):
+            total += 1
+            if shown < limit:
+                print(_node_line(node))
+                shown += 1
+    if total > shown:
+        print(f"  ... {total - shown} more (raise --list to see them)")
+    elif not total:
+        print("  (none)")
+
+
+def _kg_exports(kg, args: argparse.Namespace) -> None:
+    if args.export_json:
+        kg.to_json(args.export_json, include_embeddings=not args.no_embeddings)
+        print(f"wrote {safe_text(args.export_json)}")
+    if args.export_graphml:
+        kg.to_graphml(args.export_graphml)
+        print(f"wrote {safe_text(args.export_graphml)}")
+    if args.draw:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        kg.draw(args.draw, color_by=args.color_by)
+        print(f"wrote {safe_text(args.draw)}")
+
+
+def cmd_kg(args: argparse.Namespace) -> int:
     from moe_framework.knowledge_graph import KnowledgeGraph
 
     _check_store_file(args.store)
     where = _parse_where(args.where)
-    outputs = [
-        (args.export_json, "--export-json"),
-        (args.export_graphml, "--export-graphml"),
-        (args.draw, "--draw"),
-    ]
-    for path, flag in outputs:
+    outputs = {"--export-json": args.export_json, "--export-graphml": args.export_graphml}
+    outputs["--draw"] = args.draw
+    for flag, path in outputs.items():
         if path is not None:
             _check_output_path(path, flag, args.store)
     if args.draw is not None and importlib.util.find_spec("matplotlib") is None:
         raise CLIError("--draw needs matplotlib (pip install matplotlib)")
     keep = (lambda m: _where_matches(m, *where)) if where else (lambda m: True)
     limit = 20 if args.list is None else args.list
+    filtered = f" where {safe_text(where[0])}={safe_text(where[1])}" if where else ""
 
     with KnowledgeGraph.open(args.store, readonly=True) as kg:
-        # Every argument that depends on the store is checked before anything is printed.
-        query, title, exclude = None, "", -1
-        if args.like is not None:
-            try:
-                query = kg.get_node(args.like).embedding
-            except KeyError:
-                raise CLIError(
-                    f"--like {args.like}: no node with this id in {args.store} ({len(kg)} nodes)"
-                ) from None
-            title, exclude = f"nodes most similar to node {args.like}", args.like
-        elif args.vector is not None:
-            query = np.asarray(_parse_vector(args.vector, kg.dim), dtype=np.float32)
-            title = "nodes most similar to the given vector"
-        filtered = f" where {safe_text(where[0])}={safe_text(where[1])}" if where else ""
-
+        query, title, exclude = _kg_query(kg, args)
         print(f"store: {safe_text(args.store)}")
         print(f"  nodes: {len(kg)}  edges: {kg.num_edges()}  dim: {kg.dim}")
-        asked = query is not None or where or any(path for path, _ in outputs)
+        # The plain listing only when asked for, or when nothing else is.
+        asked = query is not None or where or any(outputs.values())
         if not where and (args.list is not None or not asked):
-            for i, node in enumerate(kg.iter_nodes()):
-                if i >= limit:
-                    break
+            for node in itertools.islice(kg.iter_nodes(), limit):
                 print(_node_line(node, f" merges={node.merge_count:<4}"))
         if query is not None:
             print(f"\n{title}{filtered}:")
@@ -435,29 +468,8 @@ def cmd_kg(args: argparse.Namespace) -> int:
                 print("  (none)")
         elif where:
             print(f"\nnodes{filtered}:")
-            shown = total = 0
-            for node in kg.iter_nodes():
-                if keep(node.metadata):
-                    total += 1
-                    if shown < limit:
-                        print(_node_line(node))
-                        shown += 1
-            if total > shown:
-                print(f"  ... {total - shown} more (raise --list to see them)")
-            elif not total:
-                print("  (none)")
-        if args.export_json:
-            kg.to_json(args.export_json, include_embeddings=not args.no_embeddings)
-            print(f"wrote {safe_text(args.export_json)}")
-        if args.export_graphml:
-            kg.to_graphml(args.export_graphml)
-            print(f"wrote {safe_text(args.export_graphml)}")
-        if args.draw:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            kg.draw(args.draw, color_by=args.color_by)
-            print(f"wrote {safe_text(args.draw)}")
+            _print_matches(kg, keep, limit)
+        _kg_exports(kg, args)
     return 0
 
 
@@ -496,7 +508,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moe_framework.demo import MAX_SEED, MAX_THREADS
+    from moe_framework.demo import MAX_EPOCHS, MAX_SEED, MAX_THREADS
 
     p = _Parser(
         prog="python -m moe_framework",
@@ -509,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     d.add_argument(
         "--epochs",
-        type=_int_in(1),
+        type=_int_in(1, MAX_EPOCHS),
         default=None,
         help="training epochs (default 30; 2 with --tiny)",
     )
@@ -546,7 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
         "at most N matching nodes",
     )
     k.add_argument(
-        "--like", type=_int_in(0), default=None, metavar="ID", help="nodes similar to ID"
+        "--like",
+        type=_int_in(0, MAX_NODE_ID),
+        default=None,
+        metavar="ID",
+        help="nodes similar to ID",
     )
     k.add_argument("--vector", default=None, help="nodes similar to a JSON list of floats")
     k.add_argument(

@@ -32,6 +32,8 @@ NUM_CLASSES = 10
 # The seed also seeds scikit-learn's split (numpy's RandomState takes 0 .. 2**32 - 1).
 MAX_SEED = 2**32 - 1
 MAX_THREADS = 4096
+# A demo, not a training run; also bounds the per-epoch history the demo keeps in memory.
+MAX_EPOCHS = 10_000
 
 
 # ====================================================================== models
@@ -386,8 +388,8 @@ def check_demo_args(
         raise ValueError(
             f"demo: device {device!r} requested but torch.cuda.is_available() is False"
         )
-    if epochs is not None and (not _is_int(epochs) or epochs < 1):
-        raise ValueError(f"demo: epochs must be an int >= 1, got {epochs!r}")
+    if epochs is not None and (not _is_int(epochs) or not 1 <= epochs <= MAX_EPOCHS):
+        raise ValueError(f"demo: epochs must be an int in [1, {MAX_EPOCHS}], got {epochs!r}")
     if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"demo: seed must be an int in [0, {MAX_SEED}], got {seed!r}")
     if threads is not None and (not _is_int(threads) or not 1 <= threads <= MAX_THREADS):
