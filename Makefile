@@ -42,18 +42,19 @@ demo: install
 	@# run outside the source tree so the installed package (with its compiled extension) is used
 	cd / && $(abspath $(PY)) -m moe_framework demo --out $(CURDIR)/outputs/demo $(DEMO_ARGS)
 
+# The suite ships inside the package (moe_framework/benchmarks); JSON lands in ./bench_results.
 bench: install
-	cd / && $(abspath $(PY)) -m moe_framework bench --dir $(CURDIR)/benchmarks $(BENCH_ARGS)
+	cd / && MOE_BENCH_RESULTS=$(CURDIR)/bench_results $(abspath $(PY)) -m moe_framework bench $(BENCH_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check moe_framework tests benchmarks examples
-	$(VENV)/bin/ruff format --check moe_framework tests benchmarks examples
-	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/include/moe_framework/*.h $(wildcard csrc/cpu/*.cpp) $(wildcard csrc/cuda/*.cu) $(wildcard csrc/include/moe_framework/*.cuh) benchmarks/*.c
+	$(VENV)/bin/ruff check moe_framework tests examples
+	$(VENV)/bin/ruff format --check moe_framework tests examples
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/include/moe_framework/*.h $(wildcard csrc/cpu/*.cpp) $(wildcard csrc/cuda/*.cu) $(wildcard csrc/include/moe_framework/*.cuh) moe_framework/benchmarks/*.c
 
 format: venv
-	$(VENV)/bin/ruff format moe_framework tests benchmarks examples
-	$(VENV)/bin/ruff check --fix moe_framework tests benchmarks examples
-	$(VENV)/bin/clang-format -i csrc/*.cpp csrc/include/moe_framework/*.h $(wildcard csrc/cpu/*.cpp) $(wildcard csrc/cuda/*.cu) $(wildcard csrc/include/moe_framework/*.cuh) benchmarks/*.c
+	$(VENV)/bin/ruff format moe_framework tests examples
+	$(VENV)/bin/ruff check --fix moe_framework tests examples
+	$(VENV)/bin/clang-format -i csrc/*.cpp csrc/include/moe_framework/*.h $(wildcard csrc/cpu/*.cpp) $(wildcard csrc/cuda/*.cu) $(wildcard csrc/include/moe_framework/*.cuh) moe_framework/benchmarks/*.c
 
 # Developer build into the source tree with the current python (no venv): `make inplace` then
 # `python -m pytest tests`. Use MOE_FRAMEWORK_CUDA=0 for fast CPU-only iterations.

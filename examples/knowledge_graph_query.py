@@ -4,7 +4,8 @@
 
 Each MoE layer emits per-expert draft reports (mean output, confidence, token count) on the device
 during forward; consolidate() runs the librarian (dedup + merge) and files them into the SQLite
-store. A query is an embedding in the same space: here, the mean MoE output for images of a digit.
+store. A query is an embedding in the same space: here, the mean last-layer MoE output for images
+of a digit, compared with the last layer's nodes only.
 """
 
 import argparse
@@ -26,6 +27,7 @@ def main():
     args = p.parse_args()
     torch.manual_seed(0)
     out = args.out or tempfile.mkdtemp(prefix="moe_kg_")
+    os.makedirs(out, exist_ok=True)
     kg_path = os.path.join(out, "knowledge.sqlite")
     x_tr, y_tr, x_te, y_te = load_digits_split(seed=0, tiny=True)
     cfg = MoEConfig(
@@ -45,9 +47,14 @@ def main():
             idx = torch.randint(0, len(x_tr), (64,))
             model.training_step((x_tr[idx], y_tr[idx]), opt)
         model.consolidate()
+        # The query is an embedding of the last layer's output, so only that layer's nodes live in
+        # the same space: filter on their "layer" metadata.
+        last = cfg.num_layers - 1
         for digit in (0, 7):
-            hits = model.query_knowledge_graph(x_te[y_te == digit], top_k=2, from_inputs=True)
-            print(f"digit {digit}:")
+            hits = model.query_knowledge_graph(
+                x_te[y_te == digit], top_k=2, from_inputs=True, layer=last, where={"layer": last}
+            )
+            print(f"digit {digit} (nodes of layer {last}):")
             for h in hits:
                 m = h["metadata"]
                 print(f"  node {h['id']} cos={h['similarity']:+.3f} metadata={m}")

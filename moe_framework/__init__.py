@@ -9,13 +9,9 @@ import torch  # noqa: F401  (libtorch must be loaded before our extension)
 try:
     from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
 except ImportError as exc:  # a source checkout that was never built, or a torch ABI mismatch
-    raise ImportError(
-        "moe_framework: cannot load the compiled extension moe_framework._C "
-        f"({exc}). If you are running from the source tree, build it in place with "
-        "`make inplace` or run from another directory so the installed package is used; "
-        "after upgrading torch, reinstall with `pip install --no-build-isolation .` "
-        "(see docs/troubleshooting.md)."
-    ) from exc
+    from ._extension_error import extension_error
+
+    raise ImportError(extension_error(exc)) from None
 from . import ops
 from .config import MoEConfig
 from .constellation import DraftReports, MoELayer, RoutingInfo

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from typing import Optional
 
@@ -25,9 +26,14 @@ from .config import MoEConfig
 from .metrics import load_summary, specialisation
 from .system import MixtureOfExpertsSystem
 
-__all__ = ["run_demo", "DenseBaseline", "demo_config", "count_active_parameters"]
+__all__ = ["run_demo", "check_demo_args", "DenseBaseline", "demo_config", "count_active_parameters"]
 
 NUM_CLASSES = 10
+# The seed also seeds scikit-learn's split (numpy's RandomState takes 0 .. 2**32 - 1).
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 4096
+# A demo, not a training run; also bounds the per-epoch history the demo keeps in memory.
+MAX_EPOCHS = 10_000
 
 
 # ====================================================================== models
@@ -175,13 +181,167 @@ def _plots(out_dir: str, load_history: np.ndarray, spec: list, names: list) -> l
         ax.set_xlabel("expert")
         ax.set_ylabel("digit")
         ax.set_title(f"layer {layer}: P(expert | digit), test set")
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.colorbar(im, ax=ax, fraction=0.046, label="P(expert | digit)")
     fig.tight_layout()
     path = os.path.join(out_dir, "specialisation.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
     return written
+
+
+def _top_digits(spec_layer: dict) -> list:
+    """Per expert: (its most frequent digit, P(digit | expert)) on the test set, or None if the
+    expert got no slots."""
+    counts = np.asarray(spec_layer["counts"], dtype=np.float64)  # [classes, E]
+    out = []
+    for e in range(counts.shape[1]):
+        total = counts[:, e].sum()
+        d = int(np.argmax(counts[:, e]))  # ties: the lower digit
+        out.append((d, float(counts[d, e] / total)) if total > 0 else None)
+    return out
+
+
+def graph_layout(nodes: list, num_layers: int, num_experts: int) -> dict:
+    """Positions ``{node id: (x, y)}`` of the demo's knowledge graph, one column per layer.
+
+    nodes: the store's nodes. An expert-report node (metadata ``layer``, ``expert``) goes to its
+    layer's column, in its expert's row, oldest to newest (``step``, then id) from left to right;
+    ``digit`` nodes form a last column spanning the same height. Other nodes are left out.
+    """
+    groups: dict = {}
+    digits = []
+    for n in nodes:
+        m = n.metadata
+        if n.type == "digit" and isinstance(m.get("digit"), int):
+            digits.append((m["digit"], n.id))
+        elif isinstance(m.get("layer"), int) and isinstance(m.get("expert"), int):
+            if 0 <= m["layer"] < num_layers and 0 <= m["expert"] < num_experts:
+                key = (m["layer"], m["expert"])
+                groups.setdefault(key, []).append((m.get("step", 0), n.id))
+    pos = {}
+    for (layer, e), members in groups.items():
+        members.sort()
+        n = len(members)
+        gap = min(0.3, 1.8 / max(n - 1, 1))
+        for j, (_, nid) in enumerate(members):
+            # newest at the right edge of the column, nearest the digits
+            pos[nid] = (3.0 * layer + 0.9 - gap * (n - 1 - j), -float(e))
+    span = max(num_experts - 1, 1)
+    digits.sort()
+    for j, (_, nid) in enumerate(digits):
+        pos[nid] = (3.0 * num_layers + 0.5, -span * j / max(len(digits) - 1, 1))
+    return pos
+
+
+def draw_knowledge_graph(kg, path: str, spec: list, names: list) -> list:
+    """Draw the demo's knowledge graph to ``path`` (PNG) with :func:`graph_layout`; returns the
+    texts written on the figure (title, column heads, node labels, caption).
+
+    spec: per layer, the test set's specialisation (``counts`` [digits, experts]), which labels
+    each expert row with its most frequent digit. Node size: reports merged into the node.
+    Lines: ``routes_to`` (digit -> expert, width P(expert | digit)) and the librarian's
+    ``similar`` links.
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    L, E = len(spec), len(names)
+    nodes = {n.id: n for n in kg.iter_nodes()}
+    pos = graph_layout(list(nodes.values()), L, E)
+    cmap = colormaps["tab10" if E <= 10 else "tab20"]
+    fig = Figure(figsize=(4.2 * (L + 1), max(5.0, 0.62 * E + 2.6)), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.02, 0.17, 0.96, 0.73))
+    ax.set_axis_off()
+    texts = []
+
+    def text(x, y, s, **kw):
+        ax.text(x, y, s, **kw)
+        texts.append(s)
+
+    # edges first, under the nodes
+    top_expert = {}  # digit node -> (P(expert | digit), expert) of its strongest edge
+    for src, dst, etype, w in kg.edges():
+        if src not in pos or dst not in pos:
+            continue
+        (x0, y0), (x1, y1) = pos[src], pos[dst]
+        if etype == "routes_to":
+            if w < 0.05:
+                continue
+            e = nodes[dst].metadata.get("expert", 0)
+            ax.plot(
+                [x0, x1], [y0, y1], color=cmap(e % cmap.N), lw=0.5 + 5 * w, alpha=0.25 + 0.6 * w
+            )
+            top_expert[src] = max(top_expert.get(src, (0.0, -1)), (w, e))
+        else:
+            ax.plot([x0, x1], [y0, y1], color="0.5", lw=0.5, ls=":", alpha=0.5)
+
+    for layer_e, members in _by_group(nodes, pos).items():
+        layer, e = layer_e
+        xs = [pos[n.id][0] for n in members]
+        ys = [pos[n.id][1] for n in members]
+        sizes = [25 + 35 * np.sqrt(max(n.merge_count, 1)) for n in members]
+        alphas = np.linspace(0.3, 1.0, len(members)) if len(members) > 1 else [1.0]
+        for x, y, sz, a in zip(xs, ys, sizes, alphas):
+            ax.scatter([x], [y], s=sz, color=cmap(e % cmap.N), alpha=a, edgecolors="k", lw=0.4)
+        top = _top_digits(spec[layer])[e] if layer < len(spec) else None
+        label = names[e] + (f": top digit {top[0]} ({top[1]:.0%})" if top else ": unused")
+        text(3.0 * layer - 0.95, -e + 0.28, label, fontsize=7, ha="left", va="bottom")
+
+    for nid, (x, y) in pos.items():
+        if nodes[nid].type != "digit":
+            continue
+        d = nodes[nid].metadata["digit"]
+        ax.scatter([x], [y], s=260, marker="s", color="white", edgecolors="k", lw=0.8, zorder=3)
+        ax.text(x, y, str(d), fontsize=9, ha="center", va="center", zorder=4)
+        if nid in top_expert:
+            w, e = top_expert[nid]
+            text(x + 0.3, y, f"top: {names[e]}, P={w:.2f}", fontsize=7, va="center")
+
+    top_y = 0.9
+    for layer in range(L):
+        text(3.0 * layer, top_y, f"layer {layer} experts", fontsize=10, ha="center", weight="bold")
+    text(3.0 * L + 0.5, top_y, "digits", fontsize=10, ha="center", weight="bold")
+    ax.set_xlim(-1.2, 3.0 * L + 2.4)
+    ax.set_ylim(-(E - 1) - 0.6, top_y + 0.5)
+
+    title = f"knowledge graph: {len(nodes)} nodes, {len(kg.edges())} edges"
+    fig.suptitle(title, fontsize=12)
+    texts.append(title)
+    caption = (
+        "Each row is one expert's knowledge nodes, oldest (faded) to newest (right); its label is "
+        "the digit most of its test slots carry, with P(digit | expert).\n"
+        "Node size: reports merged into the node. Coloured lines: digit \u2192 last-layer expert, "
+        "width = P(expert | digit) on the test set (under 5% not drawn); "
+        "beside each digit: its top expert and that P.\n"
+        "Dotted lines: the librarian's 'similar' links between knowledge nodes."
+    )
+    fig.text(0.02, 0.02, caption, fontsize=8, va="bottom", ha="left", wrap=True)
+    texts.append(caption)
+    fig.legend(
+        handles=[
+            Line2D([], [], color="0.3", lw=3, label="routes_to: digit \u2192 expert (width: P)"),
+            Line2D([], [], color="0.45", lw=0.8, ls=":", label="similar (librarian)"),
+        ],
+        loc="upper right",
+        fontsize=8,
+        frameon=False,
+    )
+    fig.savefig(path, format="png")
+    return texts
+
+
+def _by_group(nodes: dict, pos: dict) -> dict:
+    """Expert nodes placed by :func:`graph_layout`, grouped by (layer, expert), left to right."""
+    out: dict = {}
+    for nid in sorted(pos, key=lambda i: pos[i][0]):
+        m = nodes[nid].metadata
+        if nodes[nid].type != "digit":
+            out.setdefault((m["layer"], m["expert"]), []).append(nodes[nid])
+    return out
 
 
 # ====================================================================== main
@@ -197,6 +357,56 @@ def _batches(n: int, batch: int, gen: torch.Generator):
 def _accuracy(fn, x: torch.Tensor, y: torch.Tensor) -> float:
     pred = fn(x).argmax(-1)
     return float((pred == y).float().mean())
+
+
+def _loss_postfix(loss_history: dict) -> str:
+    """The progress bar's postfix: the last epoch's mean training loss of both models."""
+    return f"train loss: moe {loss_history['moe'][-1]:.3f}, dense {loss_history['dense'][-1]:.3f}"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_demo_args(
+    out_dir: str = os.path.join("outputs", "demo"),
+    device: str = "cpu",
+    epochs: Optional[int] = None,
+    seed: int = 0,
+    threads: Optional[int] = 1,
+) -> None:
+    """Check :func:`run_demo`'s arguments before any work: ``ValueError`` naming the argument,
+    the expected and the received value. Creates ``out_dir`` (and checks a file can be written
+    there), so an unwritable folder fails now, not after training."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"demo: device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"demo: device {device!r} requested but torch.cuda.is_available() is False"
+        )
+    if epochs is not None and (not _is_int(epochs) or not 1 <= epochs <= MAX_EPOCHS):
+        raise ValueError(f"demo: epochs must be an int in [1, {MAX_EPOCHS}], got {epochs!r}")
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"demo: seed must be an int in [0, {MAX_SEED}], got {seed!r}")
+    if threads is not None and (not _is_int(threads) or not 1 <= threads <= MAX_THREADS):
+        raise ValueError(
+            f"demo: threads must be None (torch's default) or an int in [1, {MAX_THREADS}], "
+            f"got {threads!r}"
+        )
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"demo: the output folder {out_dir!r} exists and is not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        raise ValueError(
+            f"demo: cannot write the output folder {out_dir!r}: {exc.strerror or exc}"
+        ) from None
 
 
 def run_demo(
@@ -217,16 +427,11 @@ def run_demo(
     give; None keeps torch's setting)."""
     from tqdm.auto import tqdm
 
+    check_demo_args(out_dir, device, epochs, seed, threads)
     if threads is not None:
         torch.set_num_threads(threads)
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("demo: --device cuda requested but torch.cuda.is_available() is False")
     dev = torch.device(device)
     epochs = epochs if epochs is not None else (2 if tiny else 30)
-    if epochs < 1:
-        raise SystemExit(f"demo: --epochs must be >= 1, got {epochs}")
-    os.makedirs(out_dir, exist_ok=True)
     t_start = time.perf_counter()
     torch.manual_seed(seed)
 
@@ -286,9 +491,7 @@ def run_demo(
             bar.update(1)
         for k in sums:
             loss_history[k].append(sums[k] / steps_per_epoch)
-        bar.set_postfix(
-            moe=f"{loss_history['moe'][-1]:.3f}", dense=f"{loss_history['dense'][-1]:.3f}"
-        )
+        bar.set_postfix_str(_loss_postfix(loss_history))
     bar.close()
 
     # ---- evaluation
@@ -325,7 +528,10 @@ def run_demo(
 
     # ---- specialisation: for each expert, the digits that make up most of its traffic
     experts_classes = []
-    print("\nexpert specialisation (last layer; share of the expert's test slots per digit)")
+    print(
+        "\nexpert specialisation (last layer): the digits most of each expert's test slots carry, "
+        "P(digit | expert)"
+    )
     last = spec[-1]
     counts = np.asarray(last["counts"], dtype=np.float64)  # [classes, E]
     for e in range(E):
@@ -375,10 +581,11 @@ def run_demo(
         )
         h["digits_routed_here"] = [{"digit": d, "p_expert_given_digit": w} for w, d in served[:3]]
         m = h["metadata"]
-        desc = ", ".join(f"{d} (p={w:.2f})" for w, d in served[:3]) or "-"
+        desc = ", ".join(f"{d} ({w:.2f})" for w, d in served[:3]) or "-"
         print(
             f"  node {h['id']:>4} cos={h['similarity']:+.3f}  layer {m.get('layer')} "
-            f"{m.get('expert_name', m.get('expert'))}: serves digits {desc}"
+            f"{m.get('expert_name', m.get('expert'))}: digits routed here, "
+            f"P(expert | digit): {desc}"
         )
     routed_to = per_digit.get(digit, {}).get("routed_to")
     print(f"  routing on the test set sends digit {digit} mostly to experts {routed_to}")
@@ -400,7 +607,7 @@ def run_demo(
     # ---- files
     written = _plots(out_dir, load_history, spec, names)
     kg_png = os.path.join(out_dir, "knowledge_graph.png")
-    kg.draw(kg_png, color_by="layer", title="expert knowledge (color: layer)")
+    draw_knowledge_graph(kg, kg_png, spec, names)
     written.append(kg_png)
     model_dir = os.path.join(out_dir, "model")
     moe.save(model_dir)

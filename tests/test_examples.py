@@ -45,3 +45,29 @@ def test_example_runs(script, tmp_path):
     )
     assert r.returncode == 0, f"{script} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert r.stdout.strip(), f"{script} printed nothing"
+
+
+def test_knowledge_graph_query_example_answers_from_the_queried_layer_only(tmp_path):
+    # The query is a last-layer embedding: hits from another layer's nodes would compare vectors
+    # of different spaces.
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("OMP_NUM_THREADS", "2")
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(EXAMPLES, "knowledge_graph_query.py"),
+            "--steps",
+            "12",
+            "--out",
+            str(tmp_path / "new-folder"),
+        ],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    hits = [line for line in r.stdout.splitlines() if "metadata=" in line]
+    assert len(hits) == 4  # two digits, top 2 each
+    assert all("'layer': 1," in line for line in hits), r.stdout

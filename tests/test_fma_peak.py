@@ -1,6 +1,6 @@
-"""benchmarks/fma_peak.c (the cores' arithmetic peak in the benchmarks' roofline) and its Python
-wrapper benchmarks/common.py:cpu_compute_peak. These check what it reports and how it fails, not
-how fast the machine is."""
+"""moe_framework/benchmarks/fma_peak.c (the cores' arithmetic peak in the benchmarks' roofline) and
+its Python wrapper moe_framework/benchmarks/common.py:cpu_compute_peak. These check what it reports
+and how it fails, not how fast the machine is."""
 
 import importlib.util
 import json
@@ -10,11 +10,13 @@ import subprocess
 
 import pytest
 
-BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+BENCH_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "moe_framework", "benchmarks"
+)
 
 
 def _common():
-    """A fresh copy of benchmarks/common.py (its caches start empty)."""
+    """A fresh copy of moe_framework/benchmarks/common.py (its caches start empty)."""
     spec = importlib.util.spec_from_file_location(
         "bench_common", os.path.join(BENCH_DIR, "common.py")
     )

@@ -5,6 +5,8 @@ the fake (meta) kernel that lets ``torch.compile`` trace it, and its autograd fo
 ``reference`` holds plain-PyTorch implementations of every op, used by the tests.
 """
 
+from typing import Optional
+
 import torch
 
 from . import grouped_gemm as _grouped_gemm
@@ -40,7 +42,7 @@ __all__ = (
     + list(_grouped_gemm.__all__)
     + list(_similarity.__all__)
     + list(_swiglu.__all__)
-    + ["OPS", "registered_kernels"]
+    + ["OPS", "cuda_kernel_status", "registered_kernels"]
 )
 
 
@@ -61,3 +63,39 @@ def registered_kernels() -> dict:
                 pass
         out[name] = keys
     return out
+
+
+def cuda_kernel_status(kernels: Optional[dict] = None) -> dict:
+    """Whether this build's CUDA kernels exist and whether this process can run them.
+
+    ``compiled`` is ``"yes"``, ``"no"`` or ``"partly (n of m ops)"`` (from ``kernels``, default
+    :func:`registered_kernels`); ``usable`` is True only when they are compiled and torch sees a
+    CUDA device; ``reason`` says why not (empty when usable). A kernel registered for CUDA is not
+    one that can run: a CUDA build on a machine without a GPU has the first and not the second.
+    """
+    kernels = registered_kernels() if kernels is None else kernels
+    n_cuda = sum("CUDA" in keys for keys in kernels.values())
+    if n_cuda == len(kernels) and n_cuda:
+        compiled = "yes"
+    elif n_cuda:
+        compiled = f"partly ({n_cuda} of {len(kernels)} ops)"
+    else:
+        compiled = "no"
+    if torch.version.cuda is None:
+        device = "this torch is built without CUDA"
+    elif not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        device = "no CUDA device"
+    else:
+        device = ""
+    missing = [op for op, keys in kernels.items() if "CUDA" not in keys]
+    if n_cuda == 0:
+        reason = "this build of the extension is CPU-only"
+        if device:
+            reason += f"; {device}"
+        else:
+            reason += " (rebuild with nvcc on the PATH to use the GPU: docs/troubleshooting.md)"
+    elif missing:
+        reason = "; ".join(filter(None, [device, f"no CUDA kernel for {', '.join(missing)}"]))
+    else:
+        reason = device
+    return {"compiled": compiled, "usable": not reason, "reason": reason}

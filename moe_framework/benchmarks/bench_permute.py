@@ -8,8 +8,8 @@ Times are the fastest of the repetitions (the development machine is shared; med
 JSON). Achieved GB/s counts the bytes each pass must move at least once (rows of x, x_sorted, y, grads;
 index tensors are negligible), against the measured DRAM triad bandwidth of the same thread count.
 
-    python -m benchmarks.bench_permute            # full matrix (several minutes)
-    python -m benchmarks.bench_permute --quick    # smoke run
+    python -m moe_framework.benchmarks.bench_permute            # full matrix (several minutes)
+    python -m moe_framework.benchmarks.bench_permute --quick    # smoke run
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import math
 import torch
 
 import moe_framework  # noqa: F401
-from benchmarks import common
+from moe_framework.benchmarks import common
 from moe_framework.ops import permute, unpermute
 
 

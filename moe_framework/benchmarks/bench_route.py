@@ -12,9 +12,9 @@ The eager chain is written the way Hugging Face's MixtralTopKRouter / DeepseekV3
 against the measured DRAM triad bandwidth of the same thread count: at these sizes the logits
 mostly sit in cache, so a value above 100% is possible and means "compute bound".
 
-    python -m benchmarks.bench_route            # full matrix (a few minutes)
-    python -m benchmarks.bench_route --quick    # smoke run
-    python -m benchmarks.bench_route --device cuda
+    python -m moe_framework.benchmarks.bench_route            # full matrix (a few minutes)
+    python -m moe_framework.benchmarks.bench_route --quick    # smoke run
+    python -m moe_framework.benchmarks.bench_route --device cuda
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import itertools
 import torch
 
 import moe_framework  # noqa: F401
-from benchmarks import common
+from moe_framework.benchmarks import common
 from moe_framework.ops import route
 
 

@@ -15,8 +15,8 @@ builds, only run where it fits in --max-naive-gb) and "dense" (one n x n similar
 torch.mm). Peak memory: a fresh subprocess makes the input, resets its peak RSS, runs one call;
 peak_MB is the peak RSS during the call over the RSS before it (input excluded).
 
-    python -m benchmarks.bench_similarity            # full run (about 5 minutes on 2 cores)
-    python -m benchmarks.bench_similarity --quick    # smoke run
+    python -m moe_framework.benchmarks.bench_similarity            # full run (about 5 minutes on 2 cores)
+    python -m moe_framework.benchmarks.bench_similarity --quick    # smoke run
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import moe_framework  # noqa: F401
-from benchmarks import common
+from moe_framework.benchmarks import common
 from moe_framework.ops import dedup, kg_search
 
 D = 384
@@ -206,7 +206,11 @@ def bench_dedup(threads, ns, quick, max_naive_gb):
                 continue
             same = all(torch.equal(a, b) for a, b in zip(run[method](emb, 0.9), want))
             mem = common.peak_memory_in_subprocess(
-                "benchmarks.bench_similarity:_dedup_once", method=method, n=n, d=D, threads=threads
+                "moe_framework.benchmarks.bench_similarity:_dedup_once",
+                method=method,
+                n=n,
+                d=D,
+                threads=threads,
             )
             rows.append(
                 {

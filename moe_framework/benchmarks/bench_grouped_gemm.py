@@ -6,12 +6,12 @@ Shapes are (E experts, rows per expert) mixes from 8 x 512 (prefill, large group
 ``out = a @ b[e]`` per group; "fwd+bwd" adds the backward to ``a`` and ``b``. GFLOP/s count
 2*M*K*N per GEMM (x3 for fwd+bwd); "peak" is the measured large-square torch.mm rate of the same
 dtype and thread count, "fma" the cores' arithmetic peak (fp32 FMAs, bf16 dot products) measured
-by benchmarks/fma_peak.c (benchmarks/common.py roofline).
+by fma_peak.c (common.py roofline).
 
 Goals (CPU): >= 0.95x the dense mm at >= 128 rows/expert; >= 2x the per-expert loop at <= 16.
 
-    python -m benchmarks.bench_grouped_gemm            # full matrix (several minutes)
-    python -m benchmarks.bench_grouped_gemm --quick    # smoke run
+    python -m moe_framework.benchmarks.bench_grouped_gemm            # full matrix (several minutes)
+    python -m moe_framework.benchmarks.bench_grouped_gemm --quick    # smoke run
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 import moe_framework  # noqa: F401
-from benchmarks import common
+from moe_framework.benchmarks import common
 from moe_framework.ops import grouped_gemm
 
 # (experts, rows per expert, K = d_model, N = d_ff)

@@ -180,7 +180,10 @@ def cpu_compute_peak(threads: int, seconds: float = 0.2) -> dict:
     cc = c_compiler()
     none = {"threads": threads, "fp32_isa": None, "fp32_gflops": None, "bf16_gflops": None}
     if cc is None:
-        out = {**none, "error": "no C compiler (cc, gcc or $CC) to build benchmarks/fma_peak.c"}
+        out = {
+            **none,
+            "error": "no C compiler (cc, gcc or $CC) to build the benchmarks' fma_peak.c",
+        }
     else:
         with tempfile.TemporaryDirectory(prefix="moe_fma_peak_") as tmp:
             exe = os.path.join(tmp, "fma_peak")

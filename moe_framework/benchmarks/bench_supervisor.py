@@ -3,21 +3,16 @@
 Baseline in the same run: the plain-PyTorch Mixtral router (linear gate, softmax, top-k,
 renormalise; what transformers' MixtralSparseMoeBlock does) on the same inputs and weights.
 
-    python benchmarks/bench_supervisor.py [--quick] [--device cpu|cuda]
+    python -m moe_framework.benchmarks.bench_supervisor [--quick] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-
-import moe_framework  # noqa: E402,F401
-from moe_framework.supervisor import Supervisor  # noqa: E402
+import moe_framework  # noqa: F401
+from moe_framework.benchmarks import common
+from moe_framework.supervisor import Supervisor
 
 
 def mixtral_router(x, weight, k):

@@ -12,8 +12,8 @@ Methods, timed interleaved in one process on the same inputs:
 pass must move once (fwd: read 2H, write H; bwd: read 3H, write 2H per row), against the
 measured DRAM triad of the same thread count (``%triad``).
 
-    python -m benchmarks.bench_swiglu            # M in {256, 4096, 16384}, H in {256, 1792}
-    python -m benchmarks.bench_swiglu --quick    # smoke run
+    python -m moe_framework.benchmarks.bench_swiglu            # M in {256, 4096, 16384}, H in {256, 1792}
+    python -m moe_framework.benchmarks.bench_swiglu --quick    # smoke run
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import moe_framework  # noqa: F401
-from benchmarks import common
+from moe_framework.benchmarks import common
 from moe_framework.ops import swiglu, swiglu_backward
 
 OPS = torch.ops.moe_framework

@@ -23,10 +23,10 @@ large blocks mmapped, see ``common.peak_memory_in_subprocess``): parameters + th
 ``act_MB`` is the peak minus parameters and their gradients (what grows with tokens); a layer with
 E=64 experts shows that nothing grows with T*E.
 
-    python -m benchmarks.bench_moe_layer                 # speed, all shapes (~15 min on 2 cores)
-    python -m benchmarks.bench_moe_layer --quick         # smoke run
-    python -m benchmarks.bench_moe_layer --memory        # peak memory table only
-    python -m benchmarks.bench_moe_layer --goal          # the goal comparison, interleaved
+    python -m moe_framework.benchmarks.bench_moe_layer                 # speed, all shapes (~15 min on 2 cores)
+    python -m moe_framework.benchmarks.bench_moe_layer --quick         # smoke run
+    python -m moe_framework.benchmarks.bench_moe_layer --memory        # peak memory table only
+    python -m moe_framework.benchmarks.bench_moe_layer --goal          # the goal comparison, interleaved
 
 Goal (``--goal``): fwd+bwd at 2048 tokens, 8 experts, top-2, HF eager vs ``MoELayer`` (and
 ``keep_act``) measured in turn for ``--rounds`` rounds, the fastest repetition of each, so that a
@@ -49,7 +49,7 @@ import transformers
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 import moe_framework  # noqa: F401
-from benchmarks import common
+from moe_framework.benchmarks import common
 from moe_framework.constellation import MoELayer
 from moe_framework.experts import DenseFFN
 from moe_framework.integrations.transformers import HFMoEBlock
@@ -330,7 +330,7 @@ def memory(args):
         lin_act = lin_peak = ffn_peak = None
         for kind, E, k in configs:
             out = common.peak_memory_in_subprocess(
-                "benchmarks.bench_moe_layer:mem_run",
+                "moe_framework.benchmarks.bench_moe_layer:mem_run",
                 kind=kind,
                 T=T,
                 E=E,

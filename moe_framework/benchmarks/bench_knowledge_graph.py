@@ -17,8 +17,8 @@ Data: a mixture of Gaussians on the sphere (``n/1000`` centres, noise 0.35/sqrt(
 dimension), queries are fresh draws from the same mixture — uniform random vectors would make every
 approximate index look bad and are not what expert reports look like.
 
-    python -m benchmarks.bench_knowledge_graph            # full run (~15 min on 2 cores)
-    python -m benchmarks.bench_knowledge_graph --quick    # smoke run (seconds)
+    python -m moe_framework.benchmarks.bench_knowledge_graph            # full run (~15 min on 2 cores)
+    python -m moe_framework.benchmarks.bench_knowledge_graph --quick    # smoke run (seconds)
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import faiss
 import numpy as np
 
 import moe_framework  # noqa: F401
-from benchmarks import common
+from moe_framework.benchmarks import common
 from moe_framework.kg.index import VectorIndex
 from moe_framework.knowledge_graph import KnowledgeGraph
 
