@@ -49,12 +49,12 @@ bench: install
 lint: venv
 	$(VENV)/bin/ruff check moe_framework tests examples
 	$(VENV)/bin/ruff format --check moe_framework tests examples
-	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/include/moe_framework/*.h $(wildcard csrc/cpu/*.cpp) $(wildcard csrc/cuda/*.cu) $(wildcard csrc/include/moe_framework/*.cuh) moe_framework/benchmarks/*.c
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/include/moe_framework/*.h $(wildcard csrc/cpu/*.cpp csrc/cpu/*/*.cpp csrc/cpu/*/*.h) $(wildcard csrc/cuda/*.cu) $(wildcard csrc/include/moe_framework/*.cuh) moe_framework/benchmarks/*.c
 
 format: venv
 	$(VENV)/bin/ruff format moe_framework tests examples
 	$(VENV)/bin/ruff check --fix moe_framework tests examples
-	$(VENV)/bin/clang-format -i csrc/*.cpp csrc/include/moe_framework/*.h $(wildcard csrc/cpu/*.cpp) $(wildcard csrc/cuda/*.cu) $(wildcard csrc/include/moe_framework/*.cuh) moe_framework/benchmarks/*.c
+	$(VENV)/bin/clang-format -i csrc/*.cpp csrc/include/moe_framework/*.h $(wildcard csrc/cpu/*.cpp csrc/cpu/*/*.cpp csrc/cpu/*/*.h) $(wildcard csrc/cuda/*.cu) $(wildcard csrc/include/moe_framework/*.cuh) moe_framework/benchmarks/*.c
 
 # Developer build into the source tree with the current python (no venv): `make inplace` then
 # `python -m pytest tests`. Use MOE_FRAMEWORK_CUDA=0 for fast CPU-only iterations.

@@ -18,8 +18,9 @@ from moe_framework.ops.reference import grouped_gemm_ref
 ops = torch.ops.moe_framework
 TOL = dict(rtol=4e-3, atol=1e-3)
 
-# Panel kernel geometry (csrc/cpu/grouped_gemm.cpp): 6-row x 64-column register tiles, k blocks
-# of 1024, row ranges of up to 512 rows of one expert, column blocks of <= 256 KiB panels.
+# Panel kernel geometry (csrc/cpu/grouped_gemm/bf16.h, tuning.h): 6-row x 64-column register
+# tiles, k blocks of 1024, row ranges of up to 512 rows of one expert, column blocks of <= 256 KiB
+# panels.
 _PANEL_SCRIPT = r"""
 import sys
 import torch

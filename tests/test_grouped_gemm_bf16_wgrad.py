@@ -17,7 +17,7 @@ from moe_framework.ops.reference import grouped_gemm_wgrad_ref
 ops = torch.ops.moe_framework
 TOL = dict(rtol=4e-3, atol=1e-3)
 
-# Panel geometry (csrc/cpu/grouped_gemm.cpp, wgrad_strips_bf16): 6-row x 64-column register
+# Panel geometry (csrc/cpu/grouped_gemm/wgrad.h, wgrad_strips_bf16): 6-row x 64-column register
 # tiles over db[e], whole 64-column rows stored non-temporally (N a multiple of 32, full strip),
 # row pairs (odd row counts pair the last row with zero), k blocks of 1024 rows (1025 and 2049
 # rows: two and three blocks summed through fp32), x^T packed in 16 x 16 word blocks.
