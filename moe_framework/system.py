@@ -92,6 +92,7 @@ def _make_supervisor(cfg: MoEConfig, layer_index: int) -> Supervisor:
         # Distinct noise streams per layer, reproducible from the config's seed.
         seed=cfg.seed * 1000 + layer_index,
         causal=cfg.causal,
+        track_stats=cfg.track_stats,
     )
     if cfg.router_noise_eps is not None:
         kw["noise_eps"] = cfg.router_noise_eps
