@@ -170,6 +170,14 @@ class MixtureOfExpertsSystem(nn.Module):
         self.register_buffer("report_output_sum", torch.zeros(L, E, d), persistent=False)
         self.register_buffer("report_confidence_sum", torch.zeros(L, E), persistent=False)
         self.register_buffer("report_tokens", torch.zeros(L, E, dtype=torch.int64), False)
+        # Each expert's most confident tokens of the interval: gate weight (-1 = empty) and
+        # position in the stream of tokens the layer saw since the last consolidation.
+        R = self.blocks[0].moe.report_top_tokens if L else 0
+        self.register_buffer("report_top_weight", torch.full((L, E, R), -1.0), persistent=False)
+        self.register_buffer(
+            "report_top_index", torch.full((L, E, R), -1, dtype=torch.int64), persistent=False
+        )
+        self.register_buffer("report_seen", torch.zeros(L, dtype=torch.int64), persistent=False)
         self.collect_reports = True
         self.step = 0
         self._kg = None
@@ -207,18 +215,40 @@ class MixtureOfExpertsSystem(nn.Module):
             h, info = block(h)
             aux = aux + info.aux_loss.float()
             if self.collect_reports:
-                self._collect(i, info.reports)
+                self._collect(i, info)
             infos.append(info)
         out = self.head(self.final_norm(h))
         return SystemOutput(out, aux, tuple(infos))
 
     @torch.no_grad()
-    def _collect(self, layer: int, reports) -> None:
+    def _collect(self, layer: int, info) -> None:
+        reports = info.reports
         n = reports.token_count.to(torch.int64)
         nf = n.to(torch.float32)
         self.report_output_sum[layer] += reports.mean_output.detach().float() * nf[:, None]
         self.report_confidence_sum[layer] += reports.confidence.detach().float() * nf
         self.report_tokens[layer] += n
+        self._collect_top_tokens(layer, reports.top_tokens, info.ids, info.weights)
+
+    def _collect_top_tokens(self, layer: int, top, ids, weights) -> None:
+        """Merge this forward's top tokens ``[E, r]`` into the interval's ``[E, R]``: highest
+        gate weight first, ties to the earlier token (fixed shapes, no host sync)."""
+        E, T = top.shape[0], ids.shape[0]
+        valid = top >= 0
+        t = top.clamp_min(0)
+        # The gate weight of token t's slot on expert e (a token has at most one slot per expert).
+        mine = ids[t].long() == torch.arange(E, device=top.device)[:, None, None]
+        w = (weights[t].float() * mine).sum(-1)
+        w = torch.where(valid, w, torch.full_like(w, -1.0))
+        pos = torch.where(valid, t + self.report_seen[layer], torch.full_like(t, -1))
+        # Earlier tokens come first in the concatenation: the stable sort keeps them first on ties.
+        cand_w = torch.cat([self.report_top_weight[layer], w], 1)
+        cand_i = torch.cat([self.report_top_index[layer], pos], 1)
+        R = self.report_top_index.shape[-1]
+        order = torch.sort(-cand_w, dim=1, stable=True).indices[:, :R]
+        self.report_top_weight[layer] = cand_w.gather(1, order)
+        self.report_top_index[layer] = cand_i.gather(1, order)
+        self.report_seen[layer] += T
 
     # ================================================================== training
 
@@ -402,11 +432,13 @@ class MixtureOfExpertsSystem(nn.Module):
 
     def pending_reports(self) -> list:
         """Per layer, the accumulated draft reports as ``DraftReports`` (reads nothing from the
-        device: shapes [E, ...])."""
+        device: shapes [E, ...]). ``top_tokens [E, r]`` are each expert's most confident tokens of
+        the whole interval (highest gate weight first, ties to the earlier token) as positions in
+        the stream of tokens the model saw since the last consolidation: batch after batch, each
+        flattened like ``x[..., d]``; -1 padded."""
         from .constellation import DraftReports
 
         out = []
-        E = self.config.num_experts
         for layer in range(self.config.num_layers):
             n = self.report_tokens[layer]
             nf = n.clamp_min(1).to(torch.float32)
@@ -415,7 +447,7 @@ class MixtureOfExpertsSystem(nn.Module):
                     mean_output=self.report_output_sum[layer] / nf[:, None],
                     confidence=self.report_confidence_sum[layer] / nf,
                     token_count=n.clone(),
-                    top_tokens=torch.full((E, 1), -1, dtype=torch.int64, device=n.device),
+                    top_tokens=self.report_top_index[layer].clone(),
                 )
             )
         return out
@@ -424,8 +456,9 @@ class MixtureOfExpertsSystem(nn.Module):
     def consolidate(self) -> list:
         """Run the librarian over the reports accumulated since the last consolidation and write
         them into the knowledge graph (outside any compiled region: this reads the device).
-        Experts that saw no token are skipped. Clears the accumulators. Returns the librarian's
-        result per layer."""
+        Experts that saw no token are skipped. Each node's ``top_tokens`` are the expert's most
+        confident tokens of the interval (see :meth:`pending_reports`). Clears the accumulators.
+        Returns the librarian's result per layer."""
         names = self.config.expert_names
         results = []
         for layer, reports in enumerate(self.pending_reports()):
@@ -437,6 +470,9 @@ class MixtureOfExpertsSystem(nn.Module):
         self.report_output_sum.zero_()
         self.report_confidence_sum.zero_()
         self.report_tokens.zero_()
+        self.report_top_weight.fill_(-1.0)
+        self.report_top_index.fill_(-1)
+        self.report_seen.zero_()
         return results
 
     def query_knowledge_graph(

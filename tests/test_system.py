@@ -260,6 +260,67 @@ def test_system_consolidated_embedding_is_token_weighted_mean_of_reports(tmp_pat
     assert torch.equal(pending.token_count, n.long())
 
 
+def _expected_top_tokens(outs, E, r):
+    """Per layer, per expert: the r (position in the token stream, weight) of highest weight
+    over all forwards, ties to the earlier position (a plain-Python reference)."""
+    per = {}
+    seen = 0
+    for routing in outs:
+        T = routing[0].ids.shape[0]
+        for layer, info in enumerate(routing):
+            for t in range(T):
+                for j in range(info.ids.shape[1]):
+                    e = int(info.ids[t, j])
+                    if e >= 0:
+                        per.setdefault((layer, e), []).append(
+                            (-float(info.weights[t, j]), seen + t)
+                        )
+        seen += T
+    return {key: [p for _, p in sorted(v)[:r]] for key, v in per.items()}
+
+
+def test_system_consolidation_files_each_experts_top_tokens_of_the_interval(tmp_path, seed):
+    model = MixtureOfExpertsSystem(_cfg(tmp_path))
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for n in (8, 20, 5):
+            outs.append(model(torch.randn(n, 12)).routing)
+    want = _expected_top_tokens(outs, 4, 4)
+    for layer, pending in enumerate(model.pending_reports()):
+        for e in range(4):
+            got = [int(t) for t in pending.top_tokens[e] if t >= 0]
+            assert got == want.get((layer, e), []), (layer, e)
+    model.consolidate()
+    nodes = list(model.knowledge_graph.iter_nodes())
+    assert nodes
+    for node in nodes:
+        m = node.metadata
+        assert m["top_tokens"] and m["top_tokens"] == want[(m["layer"], m["expert"])]
+    # the next interval starts from an empty stream
+    assert (model.pending_reports()[0].top_tokens == -1).all()
+    model.close()
+
+
+def test_system_top_tokens_are_collected_inside_a_fullgraph_compiled_forward(seed):
+    model = MixtureOfExpertsSystem(_cfg()).eval()
+    x = torch.randn(6, 12)
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+    expected = [p.top_tokens.clone() for p in model.pending_reports()]
+    model.report_top_weight.fill_(-1.0)
+    model.report_top_index.fill_(-1)
+    model.report_seen.zero_()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for _ in range(2):
+            compiled(x)
+    for want, got in zip(expected, model.pending_reports()):
+        assert (want >= 0).any() and torch.equal(want, got.top_tokens)
+
+
 def test_system_query_knowledge_graph_returns_similarity_and_metadata(tmp_path, seed):
     model = MixtureOfExpertsSystem(_cfg(tmp_path))
     x, y = _task()
