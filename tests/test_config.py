@@ -253,3 +253,15 @@ def test_config_to_json_writes_atomically_with_the_umask(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o644
     assert os.listdir(tmp_path) == ["config.json"]  # no temporary file left behind
     assert MoEConfig.from_json(path) == MoEConfig()
+
+
+def test_demo_config_tracks_routing_statistics_in_every_layer(tmp_path):
+    import torch
+
+    from moe_framework.demo import demo_config
+    from moe_framework.system import MixtureOfExpertsSystem
+
+    cfg = demo_config(str(tmp_path), tiny=True, steps_per_epoch=5, seed=0)
+    model = MixtureOfExpertsSystem(cfg.replace(kg_path=None, consolidation_interval=0))
+    model(torch.randn(3, cfg.input_dim))
+    assert all(block.moe.routing_stats()["tokens"] == 3 for block in model.blocks)
