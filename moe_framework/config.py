@@ -8,12 +8,17 @@ error, not silently dropped. Field reference: docs/configuration.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass
-from typing import Any, Optional, Tuple, Union
+import re
+import reprlib
+import stat
+import warnings
+from dataclasses import InitVar, dataclass
+from typing import Any, BinaryIO, Optional, Tuple, Union
 
 __all__ = [
     "MoEConfig",
@@ -22,6 +27,7 @@ __all__ = [
     "COMPILE_MODES",
     "AMP_DTYPES",
     "INDEX_TYPES",
+    "SIZE_LIMITS",
 ]
 
 # Kept in sync with the Supervisor / ExpertBank / KnowledgeGraph choices; a test checks that
@@ -42,9 +48,104 @@ INDEX_TYPES = ("flat", "hnsw", "ivfpq")
 
 _FORMAT = "moe_framework.MoEConfig/1"
 
+# Upper bounds of the size fields: far above any model this package can train, low enough that a
+# hostile or mistyped config.json is refused before anything is allocated or built (a million
+# layers would take hours just to construct, even on the meta device).
+SIZE_LIMITS = {
+    "d_model": 1 << 16,
+    "d_hidden": 1 << 18,
+    "num_layers": 1024,
+    "input_dim": 1 << 24,
+    "vocab_size": 1 << 24,
+    "output_dim": 1 << 24,
+    "num_experts": 1 << 16,
+    "num_shared_experts": 1024,
+    "max_batch_size": 1 << 20,
+}
+# A config value is at most a list of strings (depth 2 inside the document).
+_MAX_JSON_DEPTH = 8
+# config.json is a few KB; a larger "config" is not one (and must not be read into memory whole).
+MAX_CONFIG_BYTES = 16 << 20
+
+# repr of a bad value in an error message: bounded in length and nesting depth, so a huge or
+# deeply nested value cannot make the error itself fail (repr of a 10k-deep list raises
+# RecursionError).
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 80
+_short.maxlevel = 3
+
 
 def _bad(name: str, expected: str, got: Any) -> ValueError:
-    return ValueError(f"MoEConfig: {name} must be {expected}, got {got!r}")
+    return ValueError(f"MoEConfig: {name} must be {expected}, got {_short.repr(got)}")
+
+
+def open_regular_file(path: Union[str, os.PathLike], what: str) -> BinaryIO:
+    """Open ``path`` for binary reading, refusing anything but a regular file.
+
+    The file is opened with ``O_NONBLOCK`` and checked with ``fstat`` on the open descriptor: a
+    FIFO opens at once instead of blocking until a writer appears, and no swap of the path between
+    a check and the open can slip a FIFO, device or directory through. ``what`` names the caller
+    in the error (e.g. ``"MoEConfig.from_json"``).
+    """
+    p = os.fspath(path)
+    fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = (
+                "a directory"
+                if stat.S_ISDIR(st.st_mode)
+                else "a FIFO"
+                if stat.S_ISFIFO(st.st_mode)
+                else "a device or socket"
+            )
+            raise ValueError(f"{what}: {p} is {kind}, expected a regular file")
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _warn_max_seq_len(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _bad("max_seq_len", "an int >= 1 (deprecated: leave it out)", value)
+    # The model has no positional state and no buffer sized by the sequence length, so the field
+    # never limited anything. The old default (written into every saved config) only concerns
+    # developers; another value was set by someone who expected a limit, so they are told.
+    category = DeprecationWarning if value == 1 else FutureWarning
+    warnings.warn(
+        f"MoEConfig: max_seq_len={value} is deprecated and ignored: the model has no positional "
+        "state, so sequences of any length run and nothing was ever limited by it; leave it out "
+        "(saving the model again writes its config without it)",
+        category,
+        stacklevel=4,
+    )
+
+
+def _json_depth_field(text: str, limit: int) -> Optional[tuple]:
+    """``(field, depth)`` of the first top-level field of a JSON object nested deeper than
+    ``limit`` (``field`` is None outside any field), or None. One pass over the strings and
+    brackets, no recursion: ``json.loads`` itself raises RecursionError on deep documents."""
+    depth = 0
+    field = None
+    expect_key = False
+    for m in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[\]{},:]', text):
+        tok = m.group()
+        if tok in "[{":
+            depth += 1
+            expect_key = tok == "{" and depth == 1
+            if depth > limit:
+                return field, depth
+        elif tok in "]}":
+            depth -= 1
+        elif tok == ",":
+            expect_key = depth == 1
+        elif tok == ":":
+            expect_key = False
+        elif expect_key:
+            field = tok[1:-1]
+            expect_key = False
+    return None
 
 
 @dataclass
@@ -84,6 +185,7 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     bias_update_rate: float = 0.0
     causal: bool = False
+    track_stats: bool = False
     # ---- losses
     aux_loss_weight: float = 1e-2
     z_loss_weight: float = 1e-3
@@ -104,11 +206,14 @@ class MoEConfig:
     grad_clip_norm: Optional[float] = 1.0
     # ---- shapes
     max_batch_size: int = 64
-    max_seq_len: int = 1
     # ---- reproducibility
     seed: int = 0
+    # ---- deprecated: accepted (with a warning) so older configs still load, never stored
+    max_seq_len: InitVar[Optional[int]] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, max_seq_len: Optional[int] = None) -> None:
+        if max_seq_len is not None:
+            _warn_max_seq_len(max_seq_len)
         if isinstance(self.specialisation_names, list):
             self.specialisation_names = tuple(self.specialisation_names)
         self._check_types()
@@ -143,7 +248,9 @@ class MoEConfig:
                 if not isinstance(v, str):
                     raise _bad(f.name, "a str", v)
         names = self.specialisation_names
-        if names is not None and not all(isinstance(n, str) and n for n in names):
+        if names is not None and not (
+            isinstance(names, tuple) and all(isinstance(n, str) and n for n in names)
+        ):
             raise _bad("specialisation_names", "None or a list of non-empty str", names)
 
     def _check_ranges(self) -> None:
@@ -161,13 +268,16 @@ class MoEConfig:
             "num_groups",
             "topk_groups",
             "max_batch_size",
-            "max_seq_len",
             "kg_snapshots_kept",
         ):
             positive(name)
         for name in ("input_dim", "vocab_size"):
             if getattr(self, name) is not None:
                 positive(name)
+        for name, limit in SIZE_LIMITS.items():
+            v = getattr(self, name)
+            if v is not None and v > limit:
+                raise _bad(name, f"<= {limit} (a sanity bound of MoEConfig)", v)
         for name in (
             "num_shared_experts",
             "consolidation_interval",
@@ -313,8 +423,8 @@ class MoEConfig:
         fmt = d.pop("format", _FORMAT)
         if fmt != _FORMAT:
             raise _bad("format", repr(_FORMAT), fmt)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        known = {f.name for f in dataclasses.fields(cls)} | {"max_seq_len"}
+        unknown = sorted((k for k in d if k not in known), key=str)
         if unknown:
             raise ValueError(f"MoEConfig: unknown field(s) {unknown} (known: {sorted(known)})")
         return cls(**d)
@@ -323,23 +433,86 @@ class MoEConfig:
         """The config as a JSON string; also written to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
         if path is not None:
-            tmp = os.fspath(path) + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_file_atomically(path, text.encode("utf-8"))
         return text
 
     @classmethod
     def from_json(cls, text_or_path: Union[str, os.PathLike]) -> MoEConfig:
-        """Parse a JSON string, or read a file when given a path to an existing file."""
+        """Parse a JSON string, or read a file when given a path to an existing file (a regular
+        file of at most :data:`MAX_CONFIG_BYTES`: a FIFO or device is refused, never waited on).
+        Malformed or absurdly nested JSON is a ``ValueError``."""
         s = os.fspath(text_or_path)
-        if not s.lstrip().startswith("{") and os.path.exists(s):
-            with open(s, encoding="utf-8") as f:
-                s = f.read()
-        try:
-            d = json.loads(s)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"MoEConfig.from_json: not valid JSON ({exc})") from None
-        return cls.from_dict(d)
+        if not s.lstrip().startswith("{") and os.path.lexists(s):
+            s = read_config_text(s, "MoEConfig.from_json")
+        return cls.from_dict(parse_config_json(s, "MoEConfig.from_json"))
+
+
+def read_config_text(path: Union[str, os.PathLike], what: str) -> str:
+    """The text of a config file: a regular file (see :func:`open_regular_file`) of at most
+    :data:`MAX_CONFIG_BYTES`, UTF-8."""
+    with open_regular_file(path, what) as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(
+            f"{what}: {os.fspath(path)} is larger than {MAX_CONFIG_BYTES} bytes, not a config"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what}: {os.fspath(path)} is not UTF-8 text ({exc})") from None
+
+
+def parse_config_json(text: str, what: str) -> Any:
+    """``json.loads`` of a config document, with nesting bounded before parsing (the parser
+    would raise RecursionError) and errors as ``ValueError`` naming ``what`` and the field."""
+    deep = _json_depth_field(text, _MAX_JSON_DEPTH)
+    if deep is not None:
+        field, depth = deep
+        where = f"field {field!r}" if field is not None else "the document"
+        raise ValueError(
+            f"{what}: {where} is nested deeper than {_MAX_JSON_DEPTH} levels (got at least "
+            f"{depth}); a config value is a scalar or a list of strings"
+        )
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what}: not valid JSON ({exc})") from None
+    except RecursionError:  # unreachable with the depth bound above; kept as a clear error
+        raise ValueError(f"{what}: JSON nested too deeply") from None
+
+
+def write_file_atomically(path: Union[str, os.PathLike], data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one:
+    a temporary file beside it (mode ``0o666`` minus the umask, like any other tool), fsync,
+    ``os.replace``, fsync of the directory."""
+    p = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(p) or ".", f".{os.path.basename(p)}.tmp-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):  # a leftover of a crash (or a planted link)
+        os.remove(tmp)
+    # O_EXCL: a fresh file, so its mode comes from 0o666 and the umask alone.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    fsync_dir(os.path.dirname(p) or ".")
+
+
+def fsync_dir(path: Union[str, os.PathLike]) -> None:
+    """fsync a directory, so a rename inside it survives a crash (no-op where unsupported)."""
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -17,6 +17,7 @@ Dropless: every token keeps its k slots, so the only data-dependent quantities a
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -121,6 +122,25 @@ def draft_reports(
     return DraftReports(mean_output, confidence, counts.to(torch.long), top_tokens)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_supervisor(supervisor: nn.Module, d_model: int, num_experts: int, k: int) -> None:
+    """A given supervisor must route this layer's tokens: checked at construction, so a mismatch
+    is not found only by the first forward."""
+    spt = getattr(supervisor, "slots_per_token", None)
+    if spt != k:
+        raise ValueError(f"MoELayer: k={k} must equal supervisor.slots_per_token, got {spt!r}")
+    # Routers that do not say (plain user modules) are trusted; those that do must agree.
+    for name, want in (("num_experts", num_experts), ("d_model", d_model)):
+        got = getattr(supervisor, name, want)
+        if got != want:
+            raise ValueError(
+                f"MoELayer: supervisor.{name} must equal the layer's {name}={want}, got {got!r}"
+            )
+
+
 class MoELayer(nn.Module):
     """Dropless Mixture-of-Experts feed-forward layer.
 
@@ -173,21 +193,31 @@ class MoELayer(nn.Module):
     ):
         super().__init__()
         for name, v in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not _is_int(v) or v < 1:
                 raise ValueError(f"MoELayer: {name} must be an int >= 1, got {v!r}")
-        if not isinstance(k, int) or not 1 <= k <= num_experts:
+        if not _is_int(k) or not 1 <= k <= num_experts:
             raise ValueError(
                 f"MoELayer: k must be an int in [1, num_experts={num_experts}], got {k!r}"
             )
-        if activation not in ACTIVATIONS:
+        # A bool flag given as a string ("no") would be truthy: only real bools are accepted.
+        for name, v in (
+            ("bias", bias),
+            ("shared_expert_gate", shared_expert_gate),
+            ("reports", reports),
+            ("recompute_activation", recompute_activation),
+            ("inplace_backward", inplace_backward),
+        ):
+            if not isinstance(v, bool):
+                raise ValueError(f"MoELayer: {name} must be a bool, got {v!r}")
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(
                 f"MoELayer: activation must be one of {ACTIVATIONS}, got {activation!r}"
             )
-        if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
+        if not _is_int(num_shared_experts) or num_shared_experts < 0:
             raise ValueError(
                 f"MoELayer: num_shared_experts must be an int >= 0, got {num_shared_experts!r}"
             )
-        if shared_hidden is not None and (not isinstance(shared_hidden, int) or shared_hidden < 1):
+        if shared_hidden is not None and (not _is_int(shared_hidden) or shared_hidden < 1):
             raise ValueError(
                 f"MoELayer: shared_hidden must be None or an int >= 1, got {shared_hidden!r}"
             )
@@ -195,7 +225,7 @@ class MoELayer(nn.Module):
             raise ValueError(
                 "MoELayer: shared_expert_gate=True needs num_shared_experts >= 1, got 0"
             )
-        if not isinstance(report_top_tokens, int) or report_top_tokens < 0:
+        if not _is_int(report_top_tokens) or report_top_tokens < 0:
             raise ValueError(
                 f"MoELayer: report_top_tokens must be an int >= 0, got {report_top_tokens!r}"
             )
@@ -203,17 +233,7 @@ class MoELayer(nn.Module):
             supervisor = Supervisor(d_model, num_experts, k)
             supervisor.to(device=device, dtype=dtype)
         else:
-            spt = getattr(supervisor, "slots_per_token", None)
-            if spt != k:
-                raise ValueError(
-                    f"MoELayer: k={k} must equal supervisor.slots_per_token, got {spt!r}"
-                )
-            sup_e = getattr(supervisor, "num_experts", num_experts)
-            if sup_e != num_experts:
-                raise ValueError(
-                    f"MoELayer: supervisor.num_experts must equal num_experts={num_experts}, "
-                    f"got {sup_e!r}"
-                )
+            _check_supervisor(supervisor, d_model, num_experts, k)
         self.d_model = d_model
         self.num_experts = num_experts
         self.k = k
@@ -262,9 +282,13 @@ class MoELayer(nn.Module):
     def routing_stats(self) -> dict:
         """The supervisor's accumulated routing telemetry as a plain dict (reads the device
         buffers once; see :class:`~moe_framework.metrics.RoutingStats`). Needs a supervisor built
-        with ``track_stats=True``."""
+        with ``track_stats=True`` (``MoEConfig(track_stats=True)`` in a system): otherwise a
+        ``RuntimeError`` says so, instead of zeros that would call every expert dead."""
         if not hasattr(self.supervisor, "routing_stats"):
-            raise ValueError("MoELayer.routing_stats: the supervisor does not track statistics")
+            raise ValueError(
+                "MoELayer.routing_stats: the supervisor does not track statistics (it has no "
+                "routing_stats(); use a Supervisor(..., track_stats=True))"
+            )
         return self.supervisor.routing_stats()
 
     def reset_stats(self) -> None:

@@ -101,6 +101,8 @@ def demo_config(out_dir: str, tiny: bool, steps_per_epoch: int, seed: int) -> Mo
         top_k=2,
         activation="swiglu",
         routing_strategy="topk",
+        # every layer keeps routing telemetry: blocks[i].moe.routing_stats() after a run
+        track_stats=True,
         aux_loss_weight=1e-2,
         z_loss_weight=1e-3,
         dedup_threshold=0.98,

@@ -32,6 +32,7 @@ draws weights from ``N(0, s)`` and zeroes biases, the GPT-2 / Megatron / Hugging
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional
 
 import torch
@@ -189,8 +190,26 @@ def _swiglu_owned(h: torch.Tensor, act_fn=None, inplace: bool = True) -> torch.T
     return swiglu(h, act_fn)
 
 
+def _is_int(v) -> bool:
+    # bool is an int in Python: d_model=True must not build a width-1 layer.
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_flags_and_std(owner: str, init_std, **flags) -> None:
+    # A flag given as a string ("no") would be truthy: only real bools are accepted.
+    for name, v in flags.items():
+        if not isinstance(v, bool):
+            raise ValueError(f"{owner}: {name} must be a bool, got {v!r}")
+    if init_std is not None and not (
+        isinstance(init_std, numbers.Real)
+        and not isinstance(init_std, bool)
+        and 0 <= init_std < math.inf
+    ):
+        raise ValueError(f"{owner}: init_std must be None or a finite float >= 0, got {init_std!r}")
+
+
 def _check_layout(name: str, layout: str) -> None:
-    if layout not in LAYOUTS:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"{name}: layout must be one of {LAYOUTS}, got {layout!r}")
 
 
@@ -303,15 +322,20 @@ class ExpertBank(nn.Module):
     ):
         super().__init__()
         for name, v in (("num_experts", num_experts), ("d_model", d_model), ("d_hidden", d_hidden)):
-            if not isinstance(v, int) or v < 1:
+            if not _is_int(v) or v < 1:
                 raise ValueError(f"ExpertBank: {name} must be an int >= 1, got {v!r}")
-        if activation not in ACTIVATIONS:
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(
                 f"ExpertBank: activation must be one of {ACTIVATIONS}, got {activation!r}"
             )
         _check_layout("ExpertBank", layout)
-        if init_std is not None and not init_std >= 0:
-            raise ValueError(f"ExpertBank: init_std must be None or >= 0, got {init_std!r}")
+        _check_flags_and_std(
+            "ExpertBank",
+            bias=bias,
+            recompute_activation=recompute_activation,
+            inplace_backward=inplace_backward,
+            init_std=init_std,
+        )
         self.num_experts = num_experts
         self.d_model = d_model
         self.d_hidden = d_hidden
@@ -416,11 +440,14 @@ class DenseFFN(nn.Module):
         device=None,
     ):
         super().__init__()
-        self.inplace_backward = bool(inplace_backward)
         for name, v in (("d_model", d_model), ("d_hidden", d_hidden)):
-            if not isinstance(v, int) or v < 1:
+            if not _is_int(v) or v < 1:
                 raise ValueError(f"DenseFFN: {name} must be an int >= 1, got {v!r}")
-        if activation not in ACTIVATIONS:
+        _check_flags_and_std(
+            "DenseFFN", bias=bias, inplace_backward=inplace_backward, init_std=init_std
+        )
+        self.inplace_backward = inplace_backward
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(
                 f"DenseFFN: activation must be one of {ACTIVATIONS}, got {activation!r}"
             )

@@ -261,6 +261,15 @@ def counter_normal(seed: int, step: torch.Tensor, shape, stream: int = 0, device
 # ------------------------------------------------------------------------------------------------
 
 
+def _is_int(v) -> bool:
+    # numpy and torch integer scalars count; bool does not (True would be a silent 1).
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _route(logits, k, scoring, correction_bias, n_group, topk_group, renormalize, scaling_factor):
     return ops.route(
         logits,
@@ -338,20 +347,58 @@ class Supervisor(nn.Module):
         def bad(arg, expected, got):
             raise ValueError(f"Supervisor: {arg} must be {expected}, got {got!r}")
 
-        if strategy not in STRATEGIES:
-            bad("strategy", f"one of {STRATEGIES}", strategy)
-        if not isinstance(d_model, numbers.Integral) or d_model < 1:
+        # bool is an int and a str is truthy in Python: every argument is checked for its type
+        # first, so d_model=True or renormalize="no" is an error, not a silent 1 or True.
+        for name, v in (
+            ("renormalize", renormalize),
+            ("auto_update_bias", auto_update_bias),
+            ("causal", causal),
+            ("track_stats", track_stats),
+        ):
+            if not isinstance(v, bool):
+                bad(name, "a bool", v)
+        for name, v in (
+            ("d_model", d_model),
+            ("num_experts", num_experts),
+            ("k", k),
+            ("n_group", n_group),
+            ("topk_group", topk_group),
+            ("seed", seed),
+        ):
+            if not _is_int(v):
+                bad(name, "an int", v)
+        for name, v in (
+            ("temperature", temperature),
+            ("load_balance_coef", load_balance_coef),
+            ("z_loss_coef", z_loss_coef),
+            ("bias_update_rate", bias_update_rate),
+            ("routed_scaling_factor", routed_scaling_factor),
+            ("noise_eps", noise_eps),
+            ("jitter_eps", jitter_eps),
+        ):
+            if not _is_real(v):
+                bad(name, "a float", v)
+        for name, v, allowed in (
+            ("strategy", strategy, STRATEGIES),
+            ("load_balance_scope", load_balance_scope, ("batch", "sequence")),
+            ("attention_score", attention_score, ("cosine", "dot")),
+        ):
+            if not isinstance(v, str) or v not in allowed:
+                bad(name, f"one of {allowed}", v)
+        if d_model < 1:
             bad("d_model", "a positive int", d_model)
-        if not isinstance(num_experts, numbers.Integral) or num_experts < 1:
+        if num_experts < 1:
             bad("num_experts", "a positive int", num_experts)
-        if not isinstance(k, numbers.Integral) or not 1 <= k <= num_experts:
+        if not 1 <= k <= num_experts:
             bad("k", f"in [1, num_experts={num_experts}]", k)
         if strategy == "switch" and k != 1:
             bad("k", "1 for strategy='switch' (top-1 routing)", k)
+        if seed < 0:
+            bad("seed", "an int >= 0", seed)
         if not (temperature > 0 and math.isfinite(temperature)):
             bad("temperature", "a finite float > 0", temperature)
         if capacity_factor is not None and not (
-            capacity_factor > 0 and math.isfinite(capacity_factor)
+            _is_real(capacity_factor) and capacity_factor > 0 and math.isfinite(capacity_factor)
         ):
             bad("capacity_factor", "None (dropless) or a finite float > 0", capacity_factor)
         for name, val in (
@@ -362,15 +409,13 @@ class Supervisor(nn.Module):
         ):
             if not (val >= 0 and math.isfinite(val)):
                 bad(name, "a finite float >= 0", val)
-        if load_balance_scope not in ("batch", "sequence"):
-            bad("load_balance_scope", "'batch' or 'sequence'", load_balance_scope)
         if not (0 <= jitter_eps < 1):
             bad("jitter_eps", "in [0, 1)", jitter_eps)
         if not (routed_scaling_factor > 0 and math.isfinite(routed_scaling_factor)):
             bad("routed_scaling_factor", "a finite float > 0", routed_scaling_factor)
-        if not isinstance(n_group, numbers.Integral) or n_group < 1 or num_experts % n_group != 0:
+        if n_group < 1 or num_experts % n_group != 0:
             bad("n_group", f"a positive divisor of num_experts={num_experts}", n_group)
-        if not isinstance(topk_group, numbers.Integral) or not 1 <= topk_group <= n_group:
+        if not 1 <= topk_group <= n_group:
             bad("topk_group", f"in [1, n_group={n_group}]", topk_group)
         if k > topk_group * (num_experts // n_group):
             bad(
@@ -389,16 +434,14 @@ class Supervisor(nn.Module):
             if bias_update_rate > 0:
                 bad("bias_update_rate", "0 for strategy='expert_choice' (balanced by design)", 0)
         if expert_choice_slots is not None and not (
-            isinstance(expert_choice_slots, int) and 1 <= expert_choice_slots <= num_experts
+            _is_int(expert_choice_slots) and 1 <= expert_choice_slots <= num_experts
         ):
             bad("expert_choice_slots", f"None or an int in [1, {num_experts}]", expert_choice_slots)
         if expert_choice_slots is not None and strategy != "expert_choice":
             bad("expert_choice_slots", "None unless strategy='expert_choice'", expert_choice_slots)
         if attention_dim is not None and strategy != "attention":
             bad("attention_dim", "None unless strategy='attention'", attention_dim)
-        if attention_score not in ("cosine", "dot"):
-            bad("attention_score", "'cosine' or 'dot'", attention_score)
-        if attention_dim is not None and (not isinstance(attention_dim, int) or attention_dim < 1):
+        if attention_dim is not None and (not _is_int(attention_dim) or attention_dim < 1):
             bad("attention_dim", "None or a positive int", attention_dim)
 
         self.d_model = int(d_model)
@@ -672,7 +715,17 @@ class Supervisor(nn.Module):
     # -- telemetry -----------------------------------------------------------------------------
 
     def routing_stats(self) -> dict:
-        """Telemetry accumulated since the last reset, as a plain dict (reads the device once)."""
+        """Telemetry accumulated since the last reset, as a plain dict (reads the device once).
+
+        Raises ``RuntimeError`` when statistics were never tracked (``track_stats=False`` and no
+        forward was ever recorded): zeros would read as "every expert is dead"."""
+        if not self.track_stats and int(self.stats.steps) == 0:
+            raise RuntimeError(
+                "Supervisor.routing_stats: routing statistics are not tracked; build the "
+                "supervisor with Supervisor(..., track_stats=True) (MoEConfig(track_stats=True) "
+                "for a MixtureOfExpertsSystem), or set supervisor.track_stats = True, then run "
+                "forward passes"
+            )
         return self.stats.routing_stats()
 
     def reset_stats(self) -> None:

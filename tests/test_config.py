@@ -1,5 +1,9 @@
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+import warnings
 
 import pytest
 
@@ -45,7 +49,7 @@ def test_config_json_file_round_trip_keeps_every_field(tmp_path):
         amp_dtype="bf16",
         gradient_checkpointing=True,
         grad_clip_norm=None,
-        max_seq_len=128,
+        track_stats=True,
     )
     path = tmp_path / "config.json"
     cfg.to_json(path)
@@ -111,7 +115,15 @@ def test_config_from_json_rejects_foreign_format_and_bad_json():
         (dict(d_hidden=2.5), "d_hidden"),
         (dict(num_layers=True), "num_layers"),
         (dict(max_batch_size=0), "max_batch_size"),
-        (dict(max_seq_len=None), "max_seq_len"),
+        (dict(max_seq_len=0), "max_seq_len"),
+        (dict(max_seq_len=True), "max_seq_len"),
+        (dict(track_stats="yes"), "track_stats"),
+        (dict(specialisation_names="abcdefgh"), "specialisation_names"),
+        (dict(num_experts=(1 << 16) + 1, top_k=1), "num_experts"),
+        (dict(d_model=(1 << 16) + 1), "d_model"),
+        (dict(d_hidden=(1 << 18) + 1), "d_hidden"),
+        (dict(num_layers=1025), "num_layers"),
+        (dict(vocab_size=(1 << 24) + 1), "vocab_size"),
         (dict(num_shared_experts=-1), "num_shared_experts"),
         (dict(cuda_graphs="yes"), "cuda_graphs"),
         (dict(kg_path=3), "kg_path"),
@@ -150,3 +162,106 @@ def test_config_choices_match_the_modules_they_configure():
     assert set(INDEX_TYPES) == set(KG_INDEX_TYPES)
     assert "none" in COMPILE_MODES and "none" in AMP_DTYPES
     assert "swiglu" in ACTIVATIONS
+
+
+def test_config_track_stats_turns_tracking_on_in_every_layer():
+    from moe_framework.system import MixtureOfExpertsSystem
+
+    cfg = MoEConfig(input_dim=8, d_model=8, d_hidden=8, num_experts=4, top_k=2, track_stats=True)
+    assert MoEConfig.from_json(cfg.to_json()).track_stats is True
+    model = MixtureOfExpertsSystem(cfg)
+    import torch
+
+    model(torch.randn(5, 8))
+    for block in model.blocks:
+        assert block.moe.supervisor.track_stats is True
+        assert block.moe.routing_stats()["tokens"] == 5
+
+
+def test_config_from_an_older_version_with_max_seq_len_loads_with_a_deprecation_warning():
+    old = json.loads(MoEConfig().to_json())
+    old["max_seq_len"] = 1  # every config written before the field was removed has it
+    with pytest.warns(DeprecationWarning, match="max_seq_len=1 is deprecated and ignored"):
+        cfg = MoEConfig.from_json(json.dumps(old))
+    assert cfg == MoEConfig()
+    assert "max_seq_len" not in cfg.to_dict()
+    old["max_seq_len"] = 16  # someone set it expecting a limit: they are told it is not one
+    with pytest.warns(FutureWarning, match="sequences of any length run"):
+        MoEConfig.from_dict(old)
+    with pytest.warns(FutureWarning, match="max_seq_len"):
+        MoEConfig(max_seq_len=16)
+
+
+def test_config_without_max_seq_len_warns_nothing():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MoEConfig.from_json(MoEConfig().to_json())
+
+
+def test_config_deeply_nested_json_is_a_value_error_naming_the_field():
+    text = '{"d_model": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with pytest.raises(ValueError, match="field 'd_model' is nested deeper"):
+        MoEConfig.from_json(text)
+    with pytest.raises(ValueError, match="the document is nested deeper"):
+        MoEConfig.from_json("[" * 100_000 + "]" * 100_000)
+
+
+def test_config_deeply_nested_value_is_a_value_error_naming_the_field():
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(ValueError, match="d_model must be an int"):
+        MoEConfig.from_dict({"d_model": deep})
+    with pytest.raises(ValueError, match="specialisation_names"):
+        MoEConfig(specialisation_names=deep)
+
+
+def test_config_from_json_refuses_a_fifo_instead_of_hanging(tmp_path):
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+    code = (
+        "import sys\n"
+        "from moe_framework.config import MoEConfig\n"
+        "try:\n"
+        "    MoEConfig.from_json(sys.argv[1])\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    # A subprocess with a timeout, so a regression cannot hang the suite.
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=60
+    )
+    assert "is a FIFO, expected a regular file" in out.stdout, out.stderr
+
+
+def test_config_from_json_refuses_a_directory_and_an_oversized_file(tmp_path):
+    with pytest.raises(ValueError, match="is a directory"):
+        MoEConfig.from_json(tmp_path)
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (16 << 20) + b"{}")
+    with pytest.raises(ValueError, match="larger than"):
+        MoEConfig.from_json(big)
+
+
+def test_config_to_json_writes_atomically_with_the_umask(tmp_path):
+    path = tmp_path / "config.json"
+    old = os.umask(0o022)
+    try:
+        MoEConfig().to_json(path)
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert os.listdir(tmp_path) == ["config.json"]  # no temporary file left behind
+    assert MoEConfig.from_json(path) == MoEConfig()
+
+
+def test_demo_config_tracks_routing_statistics_in_every_layer(tmp_path):
+    import torch
+
+    from moe_framework.demo import demo_config
+    from moe_framework.system import MixtureOfExpertsSystem
+
+    cfg = demo_config(str(tmp_path), tiny=True, steps_per_epoch=5, seed=0)
+    model = MixtureOfExpertsSystem(cfg.replace(kg_path=None, consolidation_interval=0))
+    model(torch.randn(3, cfg.input_dim))
+    assert all(block.moe.routing_stats()["tokens"] == 3 for block in model.blocks)

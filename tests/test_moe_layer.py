@@ -511,6 +511,19 @@ def test_moe_layer_is_bitwise_deterministic(seed):
         (dict(shared_expert_gate=True), "shared_expert_gate"),
         (dict(report_top_tokens=-1), "report_top_tokens"),
         (dict(layout="kn"), "layout"),
+        # bool is an int in Python and a str is truthy: neither may pass for an int or a bool
+        (dict(d_model=True), "d_model"),
+        (dict(num_experts=True, k=1), "num_experts"),
+        (dict(k=True), "k must be"),
+        (dict(num_shared_experts=True), "num_shared_experts"),
+        (dict(report_top_tokens=False), "report_top_tokens"),
+        (dict(bias="no"), "bias must be a bool"),
+        (dict(reports="yes"), "reports must be a bool"),
+        (dict(recompute_activation="False"), "recompute_activation must be a bool"),
+        (dict(inplace_backward=1), "inplace_backward must be a bool"),
+        (dict(init_std="0.02"), "init_std"),
+        (dict(init_std=True), "init_std"),
+        (dict(init_std=float("inf")), "init_std"),
     ],
 )
 def test_moe_layer_rejects_bad_constructor_args(kwargs, match):
@@ -529,6 +542,28 @@ def test_moe_layer_rejects_supervisor_that_disagrees_on_k_or_experts():
         MoELayer(8, 8, 4, 2, supervisor=Supervisor(8, 5, 2))
 
 
+def test_moe_layer_rejects_supervisor_of_another_width_at_construction():
+    from moe_framework.supervisor import Supervisor
+
+    with pytest.raises(ValueError, match="supervisor.d_model must equal the layer's d_model=8"):
+        MoELayer(8, 8, 4, 2, supervisor=Supervisor(16, 4, 2))
+
+
+def test_moe_layer_routing_stats_without_tracking_is_an_error_saying_how_to_turn_it_on():
+    layer = MoELayer(8, 8, 4, 2)
+    layer(torch.randn(6, 8))
+    with pytest.raises(RuntimeError, match="track_stats=True"):
+        layer.routing_stats()
+    # turned on later: from then on the statistics are real
+    layer.supervisor.track_stats = True
+    layer(torch.randn(6, 8))
+    stats = layer.routing_stats()
+    assert stats["tokens"] == 6 and sum(stats["tokens_per_expert"]) == 12
+    # turned off again: what was tracked stays readable
+    layer.supervisor.track_stats = False
+    assert layer.routing_stats()["tokens"] == 6
+
+
 def test_moe_layer_rejects_input_of_wrong_width():
     with pytest.raises(ValueError, match="d_model=8"):
         MoELayer(8, 8, 4, 2)(torch.randn(3, 7))
@@ -541,6 +576,11 @@ def test_moe_layer_rejects_input_of_wrong_width():
         (ExpertBank, (2, 4, 4, "tanh"), "activation"),
         (DenseFFN, (4, 0), "d_hidden"),
         (DenseFFN, (4, 4, "tanh"), "activation"),
+        (ExpertBank, (True, 4, 4), "num_experts"),
+        (ExpertBank, (2, True, 4), "d_model"),
+        (ExpertBank, (2, 4, 4, "swiglu", "no"), "bias must be a bool"),
+        (DenseFFN, (4, True), "d_hidden"),
+        (DenseFFN, (4, 4, "swiglu", "yes"), "bias must be a bool"),
     ],
 )
 def test_expert_modules_reject_bad_args(cls, args, match):

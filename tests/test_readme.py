@@ -22,9 +22,13 @@ def test_readme_python_snippets_run():
     assert tuple(namespace["y"].shape) == (4, 16, 64)
     assert tuple(namespace["info"].ids.shape) == (64, 2)
     assert int(namespace["info"].counts.sum()) == 64 * 2
+    # the loss the snippet adds is a real balancing loss, not the default's exact 0
+    assert float(namespace["info"].aux_loss) > 0
     system_ns = namespaces[1]
     assert len(system_ns["hits"]) == 3 and {"id", "similarity"} <= set(system_ns["hits"][0])
     system, same, x = system_ns["system"], system_ns["same"], system_ns["x"]
+    assert system_ns["step"].aux_loss > 0  # on by default in MoEConfig, as the comment says
+    assert system.config.amp_dtype == "none"  # so the snippet does not claim AMP
     system.eval()
     same.eval()
     with torch.no_grad():

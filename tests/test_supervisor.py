@@ -687,6 +687,27 @@ def test_capacity_routing_compiles_with_inductor(seed):
         ({"expert_choice_slots": 2}, "expert_choice_slots"),
         ({"attention_dim": 4}, "attention_dim"),
         ({"strategy": "attention", "attention_dim": 0}, "attention_dim"),
+        # bool is an int in Python and a str is truthy: each is refused, naming the argument
+        ({"k": True}, "k must be an int"),
+        ({"renormalize": "yes"}, "renormalize must be a bool"),
+        ({"renormalize": 0}, "renormalize must be a bool"),
+        ({"auto_update_bias": "no"}, "auto_update_bias must be a bool"),
+        ({"causal": 1}, "causal must be a bool"),
+        ({"track_stats": "True"}, "track_stats must be a bool"),
+        ({"n_group": True}, "n_group must be an int"),
+        ({"strategy": "grouped_sigmoid", "n_group": 2, "topk_group": True}, "topk_group"),
+        ({"seed": 1.5}, "seed must be an int"),
+        ({"seed": -1}, "seed must be an int >= 0"),
+        ({"temperature": True}, "temperature must be a float"),
+        ({"temperature": "1.0"}, "temperature must be a float"),
+        ({"load_balance_coef": True}, "load_balance_coef must be a float"),
+        ({"z_loss_coef": "0.1"}, "z_loss_coef must be a float"),
+        ({"capacity_factor": True}, "capacity_factor"),
+        ({"capacity_factor": "1.25"}, "capacity_factor"),
+        ({"jitter_eps": "0.1"}, "jitter_eps must be a float"),
+        ({"strategy": ["topk"]}, "strategy must be one of"),
+        ({"strategy": "expert_choice", "expert_choice_slots": True}, "expert_choice_slots"),
+        ({"strategy": "attention", "attention_dim": True}, "attention_dim"),
     ],
 )
 def test_bad_config_raises_value_error_naming_the_argument(kwargs, arg):
@@ -694,6 +715,30 @@ def test_bad_config_raises_value_error_naming_the_argument(kwargs, arg):
     k = kw.pop("k", 2)
     with pytest.raises(ValueError, match=arg):
         Supervisor(16, 8, k, **kw)
+
+
+@pytest.mark.parametrize("d_model, num_experts", [(True, 8), (16, True)])
+def test_bool_sizes_are_refused_not_read_as_one(d_model, num_experts):
+    with pytest.raises(ValueError, match="must be an int"):
+        Supervisor(d_model, num_experts, 1)
+
+
+def test_numpy_integer_sizes_are_accepted():
+    np = pytest.importorskip("numpy")
+    sup = Supervisor(np.int64(8), np.int32(4), np.int64(2), temperature=np.float32(0.5))
+    assert (sup.d_model, sup.num_experts, sup.k) == (8, 4, 2)
+
+
+def test_routing_stats_never_tracked_is_an_error_not_all_experts_dead():
+    sup = make("topk", 8, 4, 2)
+    sup(torch.randn(5, 8))
+    with pytest.raises(RuntimeError, match="not tracked.*track_stats=True"):
+        sup.routing_stats()
+
+
+def test_routing_stats_tracked_before_any_forward_reports_zero_steps():
+    stats = make("topk", 8, 4, 2, track_stats=True).routing_stats()
+    assert stats["steps"] == 0 and stats["tokens"] == 0
 
 
 def test_bad_input_shapes_raise_value_error():

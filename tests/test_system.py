@@ -1,5 +1,9 @@
+import json
 import os
 import sqlite3
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -52,7 +56,7 @@ def test_system_training_reduces_loss_and_frees_gradients(seed):
 
 
 def test_system_training_step_accepts_token_ids_and_per_position_targets(seed):
-    cfg = _cfg(input_dim=None, vocab_size=20, output_dim=20, max_seq_len=6)
+    cfg = _cfg(input_dim=None, vocab_size=20, output_dim=20)
     model = MixtureOfExpertsSystem(cfg)
     ids = torch.randint(0, 20, (4, 6))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -256,6 +260,67 @@ def test_system_consolidated_embedding_is_token_weighted_mean_of_reports(tmp_pat
     assert torch.equal(pending.token_count, n.long())
 
 
+def _expected_top_tokens(outs, E, r):
+    """Per layer, per expert: the r (position in the token stream, weight) of highest weight
+    over all forwards, ties to the earlier position (a plain-Python reference)."""
+    per = {}
+    seen = 0
+    for routing in outs:
+        T = routing[0].ids.shape[0]
+        for layer, info in enumerate(routing):
+            for t in range(T):
+                for j in range(info.ids.shape[1]):
+                    e = int(info.ids[t, j])
+                    if e >= 0:
+                        per.setdefault((layer, e), []).append(
+                            (-float(info.weights[t, j]), seen + t)
+                        )
+        seen += T
+    return {key: [p for _, p in sorted(v)[:r]] for key, v in per.items()}
+
+
+def test_system_consolidation_files_each_experts_top_tokens_of_the_interval(tmp_path, seed):
+    model = MixtureOfExpertsSystem(_cfg(tmp_path))
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for n in (8, 20, 5):
+            outs.append(model(torch.randn(n, 12)).routing)
+    want = _expected_top_tokens(outs, 4, 4)
+    for layer, pending in enumerate(model.pending_reports()):
+        for e in range(4):
+            got = [int(t) for t in pending.top_tokens[e] if t >= 0]
+            assert got == want.get((layer, e), []), (layer, e)
+    model.consolidate()
+    nodes = list(model.knowledge_graph.iter_nodes())
+    assert nodes
+    for node in nodes:
+        m = node.metadata
+        assert m["top_tokens"] and m["top_tokens"] == want[(m["layer"], m["expert"])]
+    # the next interval starts from an empty stream
+    assert (model.pending_reports()[0].top_tokens == -1).all()
+    model.close()
+
+
+def test_system_top_tokens_are_collected_inside_a_fullgraph_compiled_forward(seed):
+    model = MixtureOfExpertsSystem(_cfg()).eval()
+    x = torch.randn(6, 12)
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+    expected = [p.top_tokens.clone() for p in model.pending_reports()]
+    model.report_top_weight.fill_(-1.0)
+    model.report_top_index.fill_(-1)
+    model.report_seen.zero_()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for _ in range(2):
+            compiled(x)
+    for want, got in zip(expected, model.pending_reports()):
+        assert (want >= 0).any() and torch.equal(want, got.top_tokens)
+
+
 def test_system_query_knowledge_graph_returns_similarity_and_metadata(tmp_path, seed):
     model = MixtureOfExpertsSystem(_cfg(tmp_path))
     x, y = _task()
@@ -339,3 +404,389 @@ def test_system_predict_with_cuda_graphs_matches_eager(seed):
     with torch.no_grad():
         ref2 = model(x2).output
     torch.testing.assert_close(model.predict(x2), ref2)
+
+
+# ------------------------------------------------------------------------------------------------
+# save / load under hostile use: other spellings of the live store, planted files
+
+
+def _trained(tmp_path, steps=2, **kw):
+    model = MixtureOfExpertsSystem(_cfg(tmp_path, **kw))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        model.training_step(_task(32), opt)
+    model.consolidate()
+    return model
+
+
+def _read_st(path):
+    data = open(path, "rb").read()
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def _write_st(path, header, body):
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw + body)
+
+
+def _edit_header(path, fn):
+    header, body = _read_st(path)
+    fn(header)
+    _write_st(path, header, body)
+
+
+def _fill_rows(kg, batches=40, rows=100):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    meta = {"blob": "x" * 2048}
+    for _ in range(batches):
+        kg.add_nodes_batch(
+            rng.standard_normal((rows, kg.dim)).astype("float32"), "n", [meta] * rows
+        )
+
+
+def _check_store(path, at_least):
+    from moe_framework.knowledge_graph import KnowledgeGraph
+
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    con.close()
+    with KnowledgeGraph.open(path, readonly=True) as kg:
+        nodes = list(kg.iter_nodes())
+        assert len(nodes) == len(kg) >= at_least
+        for n in nodes:
+            assert kg.get_node(n.id).metadata == n.metadata
+
+
+def test_system_save_into_its_own_directory_through_a_symlink_keeps_the_live_store(tmp_path, seed):
+    # The issue's reproducer: load through runs/latest -> ckpt-1, save through runs/ckpt-1.
+    runs = tmp_path / "runs"
+    model = _trained(tmp_path)
+    model.save(runs / "ckpt-1")
+    model.close()
+    os.symlink("ckpt-1", runs / "latest")
+    m2 = MixtureOfExpertsSystem.load(runs / "latest")
+    before = len(m2.knowledge_graph)
+    inode = os.stat(runs / "ckpt-1" / "knowledge.sqlite").st_ino
+    m2.save(runs / "ckpt-1")  # the same directory, another spelling: nothing copied over it
+    assert os.stat(runs / "ckpt-1" / "knowledge.sqlite").st_ino == inode
+    _fill_rows(m2.knowledge_graph)
+    m2.close()
+    _check_store(runs / "ckpt-1" / "knowledge.sqlite", before + 4000)
+    again = MixtureOfExpertsSystem.load(runs / "ckpt-1")
+    assert len(again.knowledge_graph) == before + 4000
+    again.close()
+
+
+def test_system_save_into_its_own_directory_folds_the_wal_into_the_store(tmp_path, seed):
+    model = _trained(tmp_path)
+    model.save(tmp_path / "m")
+    model.close()
+    m2 = MixtureOfExpertsSystem.load(tmp_path / "m")
+    _fill_rows(m2.knowledge_graph, batches=2)
+    n = len(m2.knowledge_graph)
+    m2.save(tmp_path / "m")
+    # While the writer stays open, the store file alone (no WAL beside it) holds every row.
+    copy = tmp_path / "alone.sqlite"
+    copy.write_bytes((tmp_path / "m" / "knowledge.sqlite").read_bytes())
+    _check_store(copy, n)
+    m2.close()
+
+
+def test_system_save_into_a_directory_holding_a_hard_link_of_the_store(tmp_path, seed):
+    model = _trained(tmp_path)
+    store = model.knowledge_graph.path
+    (tmp_path / "linked").mkdir()
+    os.link(store, tmp_path / "linked" / "knowledge.sqlite")
+    before = len(model.knowledge_graph)
+    model.save(tmp_path / "linked")
+    _fill_rows(model.knowledge_graph)
+    model.close()
+    _check_store(store, before + 4000)
+
+
+def test_system_save_replaces_a_symlinked_destination_instead_of_writing_through_it(tmp_path, seed):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "out").mkdir()
+    os.symlink(victim, tmp_path / "out" / "knowledge.sqlite")
+    model = _trained(tmp_path)
+    model.save(tmp_path / "out")
+    model.close()
+    assert victim.read_text() == "keep me"
+    assert not os.path.islink(tmp_path / "out" / "knowledge.sqlite")
+    _check_store(tmp_path / "out" / "knowledge.sqlite", 1)
+
+
+def test_system_save_refuses_to_write_weights_over_the_live_store(tmp_path, seed):
+    model = _trained(tmp_path)
+    (tmp_path / "out").mkdir()
+    os.symlink(model.knowledge_graph.path, tmp_path / "out" / "model.safetensors")
+    with pytest.raises(ValueError, match="would overwrite the live knowledge-graph store"):
+        model.save(tmp_path / "out")
+    _check_store(model.knowledge_graph.path, 1)
+    model.close()
+
+
+def test_system_save_honours_the_umask_and_leaves_no_temporary_files(tmp_path, seed):
+    model = _trained(tmp_path)
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        old = os.umask(umask)
+        try:
+            model.save(tmp_path / f"m{umask:o}")
+        finally:
+            os.umask(old)
+        folder = tmp_path / f"m{umask:o}"
+        for name in ("model.safetensors", "config.json"):
+            assert os.stat(folder / name).st_mode & 0o777 == mode, (name, oct(umask))
+        assert sorted(os.listdir(folder)) == [
+            "config.json",
+            "knowledge.sqlite",
+            "model.safetensors",
+        ]
+    model.close()
+
+
+def test_system_crash_while_saving_weights_leaves_the_previous_save_loadable(
+    tmp_path, seed, monkeypatch
+):
+    import safetensors.torch
+
+    model = _trained(tmp_path, steps=1)
+    model.save(tmp_path / "m")
+    ref = open(tmp_path / "m" / "model.safetensors", "rb").read()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    model.step = 7
+    with pytest.raises(OSError, match="disk full"):
+        model.save(tmp_path / "m")
+    model.close()
+    assert open(tmp_path / "m" / "model.safetensors", "rb").read() == ref
+    assert sorted(os.listdir(tmp_path / "m")) == [
+        "config.json",
+        "knowledge.sqlite",
+        "model.safetensors",
+    ]
+    MixtureOfExpertsSystem.load(tmp_path / "m").close()
+
+
+def test_system_load_reads_a_directory_saved_by_the_previous_version(tmp_path, seed):
+    # Exactly what save() wrote before: safetensors' save_file, and a config.json holding the
+    # since-removed max_seq_len (and no track_stats).
+    from safetensors.torch import save_file
+
+    model = _trained(tmp_path)
+    folder = tmp_path / "old"
+    folder.mkdir()
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={
+        "format": "moe_framework.MixtureOfExpertsSystem/1", "step": "2"})  # fmt: skip
+    old = model.config.to_dict()
+    del old["track_stats"]
+    old["max_seq_len"] = 1
+    (folder / "config.json").write_text(json.dumps(old, indent=2, sort_keys=True))
+    model.knowledge_graph.backup(folder / "knowledge.sqlite")
+    with pytest.warns(DeprecationWarning, match="max_seq_len"):
+        loaded = MixtureOfExpertsSystem.load(folder)
+    assert loaded.step == 2
+    x = torch.randn(5, 12)
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).output, model(x).output)
+    assert len(loaded.knowledge_graph) == len(model.knowledge_graph)
+    loaded.close()
+    model.close()
+
+
+def test_system_load_of_a_bf16_saved_model_gives_float32_weights(tmp_path, seed):
+    model = MixtureOfExpertsSystem(_cfg()).to(torch.bfloat16)
+    model.save(tmp_path / "m")
+    loaded = MixtureOfExpertsSystem.load(tmp_path / "m")
+    w = loaded.head.weight
+    assert w.dtype == torch.float32 and torch.equal(w, model.head.weight.float())
+
+
+@pytest.mark.parametrize("name", ["knowledge.sqlite", "model.safetensors", "config.json"])
+def test_system_load_refuses_a_symlink_leaving_the_model_directory(tmp_path, seed, name):
+    model = _trained(tmp_path)
+    model.save(tmp_path / "m")
+    model.close()
+    outside = tmp_path / f"outside-{name}"
+    os.replace(tmp_path / "m" / name, outside)
+    os.symlink(outside, tmp_path / "m" / name)
+    with pytest.raises(ValueError, match="outside the model directory"):
+        MixtureOfExpertsSystem.load(tmp_path / "m")
+
+
+def test_system_load_refuses_a_planted_wal_symlink_beside_the_store(tmp_path, seed):
+    model = _trained(tmp_path)
+    model.save(tmp_path / "m")
+    model.close()
+    os.symlink(tmp_path / "elsewhere-wal", tmp_path / "m" / "knowledge.sqlite-wal")  # dangling
+    with pytest.raises(ValueError, match="knowledge.sqlite-wal is a symlink.*outside"):
+        MixtureOfExpertsSystem.load(tmp_path / "m")
+
+
+def test_system_load_follows_symlinks_that_stay_inside_the_directory(tmp_path, seed):
+    model = _trained(tmp_path)
+    model.save(tmp_path / "m")
+    model.close()
+    sub = tmp_path / "m" / "blobs"
+    sub.mkdir()
+    for name in ("knowledge.sqlite", "model.safetensors", "config.json"):
+        os.replace(tmp_path / "m" / name, sub / name)
+        os.symlink(os.path.join("blobs", name), tmp_path / "m" / name)
+    loaded = MixtureOfExpertsSystem.load(tmp_path / "m")
+    assert len(loaded.knowledge_graph) > 0
+    loaded.close()
+
+
+def test_system_load_refuses_a_changed_dtype_in_the_weights_header(tmp_path):
+    MixtureOfExpertsSystem(_cfg()).save(tmp_path)
+
+    def to_i32(header):
+        header["head.weight"]["dtype"] = "I32"  # same size: safetensors would reinterpret bits
+
+    _edit_header(tmp_path / "model.safetensors", to_i32)
+    with pytest.raises(ValueError, match="'head.weight' has dtype 'I32', expected a floating"):
+        MixtureOfExpertsSystem.load(tmp_path)
+
+
+def test_system_load_refuses_an_integer_buffer_saved_as_float(tmp_path):
+    MixtureOfExpertsSystem(_cfg()).save(tmp_path)
+    name = "blocks.0.moe.supervisor.load_accumulator"
+
+    def to_f64(header):
+        header[name]["dtype"] = "F64"
+
+    _edit_header(tmp_path / "model.safetensors", to_f64)
+    with pytest.raises(ValueError, match=f"'{name}' has dtype 'F64', expected 'I64'"):
+        MixtureOfExpertsSystem.load(tmp_path)
+
+
+def test_system_load_refuses_weights_whose_shape_disagrees_with_the_config(tmp_path):
+    MixtureOfExpertsSystem(_cfg()).save(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["d_hidden"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json implies"):
+        MixtureOfExpertsSystem.load(tmp_path)
+
+
+@pytest.mark.parametrize("cut", ["truncate", "pad", "overlap"])
+def test_system_load_refuses_weights_data_that_does_not_match_the_header(tmp_path, cut):
+    MixtureOfExpertsSystem(_cfg()).save(tmp_path)
+    path = tmp_path / "model.safetensors"
+    header, body = _read_st(path)
+    if cut == "truncate":
+        body, match = body[:-4], "holds"
+    elif cut == "pad":
+        body, match = body + b"\0" * 4, "holds"
+    else:
+        first = min((v for k, v in header.items() if k != "__metadata__"),
+                    key=lambda v: v["data_offsets"][0])  # fmt: skip
+        second = min((v for k, v in header.items() if k != "__metadata__" and v is not first),
+                     key=lambda v: v["data_offsets"][0])  # fmt: skip
+        second["data_offsets"] = [o - 4 for o in second["data_offsets"]]
+        match = "no gap or overlap"
+    _write_st(path, header, body)
+    with pytest.raises(ValueError, match=match):
+        MixtureOfExpertsSystem.load(tmp_path)
+
+
+def test_system_load_refuses_nan_weights_unless_allowed(tmp_path):
+    MixtureOfExpertsSystem(_cfg()).save(tmp_path)
+    path = tmp_path / "model.safetensors"
+    header, body = _read_st(path)
+    begin = header["head.weight"]["data_offsets"][0]
+    body = body[:begin] + torch.tensor([float("nan")]).numpy().tobytes() + body[begin + 4 :]
+    _write_st(path, header, body)
+    with pytest.raises(ValueError, match="'head.weight'.*NaN or Inf.*allow_nonfinite=True"):
+        MixtureOfExpertsSystem.load(tmp_path)
+    loaded = MixtureOfExpertsSystem.load(tmp_path, allow_nonfinite=True)
+    assert torch.isnan(loaded.head.weight.reshape(-1)[0])
+
+
+@pytest.mark.parametrize("step", ["-5", "1.5", "abc", "", " 3", "9" * 40])
+def test_system_load_refuses_a_step_that_is_not_a_non_negative_integer(tmp_path, step):
+    MixtureOfExpertsSystem(_cfg()).save(tmp_path)
+
+    def set_step(header):
+        header["__metadata__"]["step"] = step
+
+    _edit_header(tmp_path / "model.safetensors", set_step)
+    with pytest.raises(ValueError, match="'step' must be a non-negative integer"):
+        MixtureOfExpertsSystem.load(tmp_path)
+
+
+def test_system_load_refuses_a_model_state_above_max_parameters(tmp_path):
+    MixtureOfExpertsSystem(_cfg()).save(tmp_path)
+    with pytest.raises(ValueError, match="pass a larger max_parameters"):
+        MixtureOfExpertsSystem.load(tmp_path, max_parameters=100)
+    MixtureOfExpertsSystem.load(tmp_path, max_parameters=10**6)
+
+
+def test_system_load_refuses_a_missing_directory_or_file_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        MixtureOfExpertsSystem.load(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        MixtureOfExpertsSystem.load(tmp_path)
+
+
+def _run_load(directory, timeout=120):
+    """load() in a subprocess (a regression must not hang or bloat the suite); prints the error
+    and the peak RSS growth in MB."""
+    code = textwrap.dedent(
+        """
+        import resource, sys
+        from moe_framework.system import MixtureOfExpertsSystem
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            MixtureOfExpertsSystem.load(sys.argv[1])
+            print("LOADED")
+        except (ValueError, OSError) as e:
+            print("ERROR", type(e).__name__, e)
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        print("RSS_GROWTH_MB", grown)
+        """
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True,
+                         text=True, timeout=timeout, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_system_load_compares_the_header_with_the_config_before_allocating(tmp_path):
+    # A ~60 KB weights file with a config of 512 experts x 512 x 1024 (2 layers: 1.6e9 parameters,
+    # 6.4 GB): refused from the header alone, without building the model.
+    MixtureOfExpertsSystem(_cfg()).save(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(num_experts=512, d_model=512, d_hidden=1024)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    out = _run_load(tmp_path)
+    assert "ERROR ValueError" in out and "config.json implies" in out, out
+    grown = float(out.split("RSS_GROWTH_MB")[1])
+    assert grown < 200, out
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "knowledge.sqlite"])
+def test_system_load_refuses_a_fifo_instead_of_hanging(tmp_path, seed, name):
+    model = _trained(tmp_path)
+    model.save(tmp_path / "m")
+    model.close()
+    os.remove(tmp_path / "m" / name)
+    os.mkfifo(tmp_path / "m" / name)
+    out = _run_load(tmp_path / "m", timeout=60)
+    assert "ERROR ValueError" in out, out
+    assert "not a regular file" in out or "is a FIFO, expected a regular file" in out, out
