@@ -11,7 +11,7 @@ TORCH ?= torch==2.14.1
 # One OpenMP thread pool of at most the machine's cores (never oversubscribe).
 NPROC := $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: venv install test demo bench lint format inplace clean
+.PHONY: venv install test demo bench lint format inplace docs clean
 
 $(VENV)/.deps-stamp: requirements-ci.txt
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ inplace:
 	@# copy then rename: a process that has the old library loaded keeps its (unlinked) file
 	for f in build/inplace-$(MOE_FRAMEWORK_CUDA)/_C*.so; do \
 		cp $$f moe_framework/.$$(basename $$f).tmp && mv moe_framework/.$$(basename $$f).tmp moe_framework/$$(basename $$f); done
+
+# API reference generated from the docstrings (pdoc) into build/api/index.html: every public module
+# of the installed package (names without a leading underscore; the benchmark scripts left out).
+docs: install
+	cd / && $(abspath $(PY)) -m moe_framework.apidocs $(CURDIR)/build/api
 
 clean:
 	rm -rf build moe_framework/_C*.so
