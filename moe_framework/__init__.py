@@ -7,7 +7,7 @@ operators under ``torch.ops.moe_framework``; ``moe_framework.ops`` holds their P
 import torch  # noqa: F401  (libtorch must be loaded before our extension)
 
 try:
-    from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
+    from . import _C  # type: ignore[attr-defined]  # noqa: F401  (runs the TORCH_LIBRARY registrations)
 except ImportError as exc:  # a source checkout that was never built, or a torch ABI mismatch
     from ._extension_error import extension_error
 

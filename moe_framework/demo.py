@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
+from .experts import ExpertBank
 from .metrics import load_summary, specialisation
 from .system import MixtureOfExpertsSystem
 
@@ -59,6 +60,7 @@ class DenseBaseline(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         h = cfg.top_k * cfg.d_hidden + cfg.num_shared_experts * cfg.d_hidden
+        assert cfg.input_dim is not None, "the dense baseline takes dense features (input_dim)"
         self.embed = nn.Linear(cfg.input_dim, cfg.d_model)
         self.norms = nn.ModuleList(nn.LayerNorm(cfg.d_model) for _ in range(cfg.num_layers))
         self.ffns = nn.ModuleList(_SwiGLU(cfg.d_model, h) for _ in range(cfg.num_layers))
@@ -79,10 +81,9 @@ def count_active_parameters(model: nn.Module, cfg: Optional[MoEConfig] = None) -
     total = sum(p.numel() for p in model.parameters())
     if cfg is None or not isinstance(model, MixtureOfExpertsSystem):
         return {"total": total, "active": total}
-    expert = 0
-    for block in model.blocks:
-        bank = block.moe.experts
-        expert += sum(p.numel() for p in bank.parameters())
+    expert = sum(
+        p.numel() for m in model.modules() if isinstance(m, ExpertBank) for p in m.parameters()
+    )
     inactive = expert * (cfg.num_experts - cfg.top_k) // cfg.num_experts
     return {"total": total, "active": total - inactive}
 
@@ -265,7 +266,7 @@ def draw_knowledge_graph(kg, path: str, spec: list, names: list) -> list:
         texts.append(s)
 
     # edges first, under the nodes
-    top_expert = {}  # digit node -> (P(expert | digit), expert) of its strongest edge
+    top_expert: dict = {}  # digit node -> (P(expert | digit), expert) of its strongest edge
     for src, dst, etype, w in kg.edges():
         if src not in pos or dst not in pos:
             continue
@@ -441,6 +442,7 @@ def run_demo(
     x_tr, y_tr, x_te, y_te = (t.to(dev) for t in (x_tr, y_tr, x_te, y_te))
     steps_per_epoch = (len(x_tr) + batch_size - 1) // batch_size
     cfg = demo_config(out_dir, tiny, steps_per_epoch, seed)
+    assert cfg.kg_path is not None  # demo_config always sets it
     _clear_store(cfg.kg_path)
     names = list(cfg.expert_names)
 
@@ -462,7 +464,7 @@ def run_demo(
 
     L, E = cfg.num_layers, cfg.num_experts
     load_history = np.zeros((L, epochs, E))
-    loss_history = {"moe": [], "dense": []}
+    loss_history: dict = {"moe": [], "dense": []}
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(
         total=epochs * steps_per_epoch,
@@ -486,7 +488,8 @@ def run_demo(
             loss = F.cross_entropy(dense(xb), yb)
             opt_dense.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(dense.parameters(), cfg.grad_clip_norm)
+            if cfg.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(dense.parameters(), cfg.grad_clip_norm)
             opt_dense.step()
             t_train["dense"] += time.perf_counter() - t0
             sums["dense"] += float(loss.detach())
@@ -651,7 +654,8 @@ def _add_digit_nodes(moe, kg, x_te, y_te, spec, L) -> dict:
     ``routes_to`` edge to the last layer's expert nodes weighted by P(expert | digit)."""
     # Link each digit to the most recently updated node of each last-layer expert: what the
     # expert knows now, not an early snapshot of it.
-    expert_node, newest = {}, {}
+    expert_node: dict = {}
+    newest: dict = {}
     for node in kg.iter_nodes():
         m = node.metadata
         if m.get("layer") == L - 1 and "expert" in m and node.type != "digit":

@@ -63,6 +63,18 @@ class RoutingStats(nn.Module):
     Optionally ``label_counts`` [num_labels, E] for the specialisation analysis.
     """
 
+    # Buffers, declared for type checkers (register_buffer creates them in __init__).
+    tokens_per_expert: torch.Tensor
+    steps: torch.Tensor
+    tokens: torch.Tensor
+    routed: torch.Tensor
+    dropped: torch.Tensor
+    entropy_sum: torch.Tensor
+    entropy_tokens: torch.Tensor
+    aux_loss_sum: torch.Tensor
+    aux_loss_steps: torch.Tensor
+    label_counts: torch.Tensor
+
     def __init__(self, num_experts: int, num_labels: Optional[int] = None):
         super().__init__()
         if num_experts < 1:
@@ -163,7 +175,7 @@ class RoutingStats(nn.Module):
         """
         tpe = self.tokens_per_expert.tolist()
         total = sum(tpe)
-        out = {
+        out: dict = {
             "steps": int(self.steps),
             "tokens": int(self.tokens),
             "tokens_per_expert": tpe,

@@ -70,8 +70,8 @@ def _latency(fn, queries) -> dict:
         t0 = time.perf_counter()
         fn(q)
         t.append(time.perf_counter() - t0)
-    t = np.asarray(t) * 1e3
-    return {"p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99))}
+    ms = np.asarray(t) * 1e3
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
 
 def _recall(found: np.ndarray, exact: np.ndarray) -> float:
@@ -196,10 +196,14 @@ def bench_index(args, mix: Mixture, queries: np.ndarray, rows: list, out: dict) 
         def exact(cand, q, sub=sub):
             return np.einsum("ij,ij->i", sub[cand - 1], q)
 
-        lat = _latency(lambda q, idx=idx, ex=exact: idx.search(q[None], 10, ex), uq[: args.nq])
-        t = common.timeit(
-            lambda idx=idx, ex=exact: idx.search(uq[:64], 10, ex), min_time=0.5, warmup=1
-        )
+        def one_query(q, idx=idx, ex=exact):
+            return idx.search(q[None], 10, ex)
+
+        def batch_of_64(idx=idx, ex=exact):
+            return idx.search(uq[:64], 10, ex)
+
+        lat = _latency(one_query, uq[: args.nq])
+        t = common.timeit(batch_of_64, min_time=0.5, warmup=1)
         _, found = idx.search(uq, 10, exact)
         if itype == "flat":
             truth[size] = found

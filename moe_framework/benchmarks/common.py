@@ -110,7 +110,7 @@ def timeit(
     for _ in range(warmup):
         fn()
     _sync(device)
-    times = []
+    times: list = []
     start = time.perf_counter()
     while len(times) < min_reps or (
         time.perf_counter() - start < min_time and len(times) < max_reps
