@@ -9,7 +9,7 @@
 //   bf16.h          vdpbf16ps kernels (AVX512-BF16): direct, pair panels + 6x64 tile, dot product
 //   schedule.h      is_large (BLAS or our tiles), work tiles, the parallel tile loop
 //   wgrad.h         the weight gradient (fp32 tiles; bf16 panel micro-kernels)
-// Measurements behind the choices: docs/performance.md, "Grouped GEMM: kernel experiment log".
+// Measurements behind the choices: docs/performance_log.md, "Grouped GEMM: kernel experiment log".
 //
 // Two paths, chosen per expert from its row count (the offsets are host memory on CPU):
 //  * "large" groups call torch's BLAS (at::mm_out) on the contiguous row slice;
@@ -62,7 +62,7 @@ namespace {
 // Ask the kernel to back a freshly allocated output with transparent huge pages. The outputs of
 // this op (notably the weight gradient, as large as all expert weights) are written once right
 // after allocation, and with 4 KiB pages the first-touch page faults cost more than the writes
-// (by an order of magnitude, measured: docs/performance.md). Only 2 MiB-aligned
+// (by an order of magnitude, measured: docs/performance_log.md). Only 2 MiB-aligned
 // subranges can use huge pages; madvise is advisory (ignored when THP is off, harmless on memory
 // that is already mapped), so failures are ignored.
 void advise_huge_pages(const at::Tensor& t) {

@@ -99,10 +99,10 @@ bool stream_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
 // ahead (rows of B are a page apart at N = 1024 floats: the hardware prefetchers do not follow that
 // walk). Tiles of 9-16 rows run two passes per 48-column strip; the second one finds the strip (K x
 // 192 bytes) in L2. Sums run over k in order, as in micro_avx512. Without the software prefetch
-// it is slower than the packed path (measurements: the experiment log in docs/performance.md).
+// it is slower than the packed path (measurements: the experiment log in docs/performance_log.md).
 
 // Rows per pass of the direct kernels: 9-16 rows run as two equal passes (12 = 6 + 6, not 8 + 4,
-// which measured slower: docs/performance.md, "Grouped GEMM: kernel experiment log").
+// which measured slower: docs/performance_log.md, "Grouped GEMM: kernel experiment log").
 inline int64_t direct_pass_rows(int64_t m) {
   return m > 8 ? (m + 1) / 2 : 8;
 }

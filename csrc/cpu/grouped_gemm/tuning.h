@@ -1,7 +1,7 @@
 // Every threshold and tile constant of the grouped_gemm CPU kernels, each with the reason for its
 // value. They were tuned on two AMD EPYC cores with AVX-512 and AVX512-BF16 (a Zen 5 class core
 // with 512-bit units, a Zen 4 core with 256-bit units); the measurements behind them, and what was
-// tried instead, are in docs/performance.md, "Grouped GEMM: kernel experiment log". They choose
+// tried instead, are in docs/performance_log.md, "Grouped GEMM: kernel experiment log". They choose
 // kernels and tilings by instruction set and shape, never by timing at run time, so a build gives
 // the same bits on a given CPU every time.
 #pragma once
