@@ -2,7 +2,7 @@
 
 :class:`KnowledgeGraph` (``graph.py``) is composed of one part per concern: ``core.py`` (state,
 connections, transactions, index upkeep), ``lifecycle.py`` (open, validate, lock, close),
-``writes.py``, ``merge.py`` (the merge rule), ``reads.py``, ``search.py``,
+``writes.py``, ``merge.py`` (the merge rule), ``reads.py``, ``search.py`` and ``filters.py``,
 ``traversal.py``, ``persistence.py`` (snapshots, backups, exports). Below them: the file format
 (``schema.py``, ``validate.py``), the FAISS index (``index.py``), the device bank (``bank.py``),
 snapshots and exports (``snapshots.py``, ``export.py``), file identity and locking (``paths.py``,

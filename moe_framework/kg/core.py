@@ -56,6 +56,9 @@ class StoreCore:
     _queued: list
     _pending_rebuild: bool
     _index: VectorIndex
+    # Highest node id the search index was built from: a readonly handle's filtered searches
+    # stay within it, like its index (see Search).
+    _indexed_max_id: int
 
     # ------------------------------------------------------------------ connections
 
@@ -183,6 +186,7 @@ class StoreCore:
         conn.execute("BEGIN")
         try:
             n_total = conn.execute("SELECT count(*) FROM nodes").fetchone()[0]
+            max_id = conn.execute("SELECT coalesce(max(id), 0) FROM nodes").fetchone()[0]
             bank = self._bank
             if bank is not None:
                 bank.reset(np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32))
@@ -194,6 +198,7 @@ class StoreCore:
                     yield ids, vecs
 
             self._index.rebuild_from_chunks(chunks(), n_total)
+            self._indexed_max_id = int(max_id)
         finally:
             conn.execute("COMMIT")
 

@@ -14,7 +14,7 @@ Example::
 
 The class is composed of parts, one concern each (all in :mod:`moe_framework.kg`): ``core``
 (state, connections, transactions, index upkeep), ``lifecycle`` (open / close), ``writes``,
-``merge`` (the merge rule), ``reads``, ``search``, ``traversal`` and
+``merge`` (the merge rule), ``reads``, ``search`` (with ``filters``), ``traversal`` and
 ``persistence`` (snapshots, backups, exports).
 """
 
@@ -127,6 +127,7 @@ class KnowledgeGraph(Lifecycle, Writes, MergeRule, Reads, Search, Traversal, Per
         self._closed = False
         self._queued: list = []
         self._pending_rebuild = False
+        self._indexed_max_id = 0
         VectorIndex.check_params(index_type, index_params)
         try:
             self._open(dim, index_type, index_params, verify, _create, progress)

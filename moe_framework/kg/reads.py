@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
 from . import schema as _s
 from .core import StoreCore
+from .filters import NodeFilter
 from .records import Node
 from .records import as_id as _as_id
 from .records import node_from_row as _node
@@ -48,18 +49,34 @@ class Reads(StoreCore):
         rows = self._reader().execute("SELECT id FROM nodes ORDER BY id").fetchall()
         return np.asarray([r[0] for r in rows], np.int64)
 
-    def iter_nodes(self, batch: int = 4096) -> Iterator[Node]:
-        """Every node in id order (streams; fine for large stores)."""
+    def iter_nodes(
+        self, batch: int = 4096, *, types: Any = None, where: Optional[dict] = None
+    ) -> Iterator[Node]:
+        """Every node in id order (streams; fine for large stores).
+
+        ``types`` / ``where``: only the nodes of these types / whose metadata holds these keys
+        with equal JSON values, as in :meth:`find_similar_nodes` (SQLite narrows the rows first).
+        """
+        flt = NodeFilter.build(types, where, "iter_nodes")
+        if flt is not None and flt.matches_nothing:
+            return iter(())
+        cond, args = ("1", []) if flt is None else flt.sql()
         cur = self._reader().execute(
             "SELECT id, type, embedding, metadata, merge_count, created_at, updated_at FROM nodes "
-            "ORDER BY id"
+            f"WHERE {cond} ORDER BY id",
+            args,
         )
+        return self._stream_nodes(cur, batch, flt)
+
+    def _stream_nodes(self, cur, batch: int, flt: Optional[NodeFilter]) -> Iterator[Node]:
         while True:
             rows = cur.fetchmany(batch)
             if not rows:
                 return
             for r in rows:
-                yield _node(r, self.dim, self.path)
+                node = _node(r, self.dim, self.path)
+                if flt is None or flt.matches(node.type, node.metadata):
+                    yield node
 
     def edges(self) -> list:
         """Every edge as ``(src, dst, type, weight)``, sorted."""
