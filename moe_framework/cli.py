@@ -184,20 +184,7 @@ def _parse_vector(text: str):
     return np.asarray(v, dtype=np.float32)
 
 
-def _parse_where(text: str) -> dict:
-    """``KEY=VALUE`` -> ``{KEY: VALUE}``, VALUE read as JSON when it is JSON (``3``, ``true``,
-    ``null``, ``"3"``), else taken as a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise SystemExit(f"kg: --where must be KEY=VALUE, got {text!r}")
-    try:
-        return {key: json.loads(value, parse_constant=str)}  # NaN / Infinity: strings
-    except json.JSONDecodeError:
-        return {key: value}
-
-
 def cmd_kg(args: argparse.Namespace) -> int:
-    where = _parse_where(args.where) if args.where else None
     if not os.path.exists(args.store):
         print(f"kg: {args.store} does not exist", file=sys.stderr)
         return 2
@@ -225,11 +212,12 @@ def cmd_kg(args: argparse.Namespace) -> int:
             for hit in kg.find_similar_nodes(np.asarray(query), top_k=args.top_k):
                 meta = json.dumps(hit.metadata, sort_keys=True)
                 print(f"  node {hit.id:>5} cos={hit.score:+.3f} {hit.type:<10} {meta}")
-        if where:
-            ((key, value),) = where.items()
-            print(f"\nnodes with metadata {key} == {json.dumps(value)}:")
-            for node in kg.iter_nodes(where=where):
-                print(f"  node {node.id:>5} {json.dumps(node.metadata, sort_keys=True)}")
+        if args.where:
+            key, _, value = args.where.partition("=")
+            print(f"\nnodes with metadata {key} == {value!r}:")
+            for node in kg.iter_nodes():
+                if str(node.metadata.get(key)) == value:
+                    print(f"  node {node.id:>5} {json.dumps(node.metadata, sort_keys=True)}")
         if args.export_json:
             kg.to_json(args.export_json, include_embeddings=not args.no_embeddings)
             print(f"wrote {args.export_json}")
@@ -299,13 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--list", type=int, default=20, metavar="N", help="print the first N nodes")
     k.add_argument("--like", type=int, default=None, metavar="ID", help="nodes similar to ID")
     k.add_argument("--vector", default=None, help="nodes similar to a JSON list of floats")
-    k.add_argument(
-        "--where",
-        default=None,
-        metavar="KEY=VALUE",
-        help="list the nodes whose metadata KEY equals VALUE (JSON when it parses: 3, true, "
-        "null, '\"3\"'; else a string)",
-    )
+    k.add_argument("--where", default=None, metavar="KEY=VALUE", help="filter by metadata")
     k.add_argument("--top-k", type=int, default=5)
     k.add_argument("--export-json", default=None, metavar="PATH")
     k.add_argument("--no-embeddings", action="store_true", help="JSON export without embeddings")

@@ -1,7 +1,6 @@
 """KnowledgeGraph.find_similar_nodes(types=..., where=...) and iter_nodes filters: the store
 returns exactly the top_k best nodes that pass, on either of its two search paths."""
 
-import json
 import sqlite3
 from fractions import Fraction
 
@@ -9,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from moe_framework import cli
 from moe_framework.kg import KnowledgeGraph, KnowledgeGraphError
 from moe_framework.kg import search as kg_search
 
@@ -359,7 +357,7 @@ def test_selective_filter_on_a_large_store_parses_only_nodes_that_may_pass(
         assert len(parsed) <= 6  # the 3 passing nodes, seen by each of the two ways at most
 
 
-# ---------------------------------------------------------------- system and command line
+# ---------------------------------------------------------------- system
 
 
 def test_system_query_knowledge_graph_filters_in_the_store(tmp_path):
@@ -381,24 +379,3 @@ def test_system_query_knowledge_graph_filters_in_the_store(tmp_path):
             torch.from_numpy(q), top_k=1, types="expert_report", where={"layer": 0}
         )
         assert [h["id"] for h in hits] == [want]
-
-
-def test_cli_kg_where_lists_nodes_whose_value_equals_the_json_value(tmp_path, capsys):
-    path = tmp_path / "kg.sqlite"
-    with KnowledgeGraph.open(path, dim=4) as kg:
-        metas = [{"digit": 3}, {"digit": "3"}, {"digit": True}, {"name": "north"}, {"digit": 4}]
-        kg.add_nodes_batch(np.eye(4)[[0, 1, 2, 3, 0]], "d", metas)
-    assert cli.main(["kg", str(path), "--list", "0", "--where", "digit=3"]) == 0
-    out = capsys.readouterr().out
-    listed = [
-        json.loads(line.split(None, 2)[2])
-        for line in out.splitlines()
-        if line.startswith("  node ")
-    ]
-    assert listed == [{"digit": 3}]
-    cli.main(["kg", str(path), "--list", "0", "--where", 'digit="3"'])
-    assert '{"digit": "3"}' in capsys.readouterr().out
-    cli.main(["kg", str(path), "--list", "0", "--where", "name=north"])  # not JSON: a string
-    assert '{"name": "north"}' in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--where must be KEY=VALUE"):
-        cli.main(["kg", str(path), "--where", "digit"])
