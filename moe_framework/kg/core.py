@@ -66,6 +66,14 @@ class StoreCore:
         if self._closed or self._conn is None:
             raise ValueError(f"KnowledgeGraph: {self.path} is closed")
 
+    def _own_conn(self) -> sqlite3.Connection:
+        """The handle's own connection (the writer's; a readonly handle's open-time one)."""
+        self._check_open()
+        conn = self._conn
+        if conn is None:  # closed (``_check_open`` says so first); narrows the type
+            raise ValueError(f"KnowledgeGraph: {self.path} is closed")
+        return conn
+
     def _check_writable(self, op: str) -> None:
         self._check_open()
         if self.readonly:
@@ -96,7 +104,7 @@ class StoreCore:
         self._check_writable(op)
         with self._wlock:
             self._check_writable(op)
-            conn = self._conn
+            conn = self._own_conn()
             if self._pending_rebuild:
                 self._pending_rebuild = False
                 self._rebuild_index(conn)

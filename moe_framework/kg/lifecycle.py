@@ -8,7 +8,7 @@ import os
 import sqlite3
 import time
 import warnings
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 from . import files as _files
 from . import schema as _s
@@ -18,8 +18,7 @@ from .errors import KnowledgeGraphError
 from .index import VectorIndex
 from .storefile import open_store_file
 
-if TYPE_CHECKING:
-    from .graph import KnowledgeGraph
+_Handle = TypeVar("_Handle", bound="Lifecycle")
 
 __all__ = ["Lifecycle"]
 
@@ -141,6 +140,7 @@ class Lifecycle(StoreCore):
         return max(1, wal_size)
 
     def _warn_hard_links(self) -> None:
+        assert self._file is not None  # _open pinned it just before
         links = self._file.links()
         if links > 1:
             warnings.warn(
@@ -195,7 +195,7 @@ class Lifecycle(StoreCore):
             self._file.release()
             self._file = None
 
-    def __enter__(self) -> KnowledgeGraph:
+    def __enter__(self: _Handle) -> _Handle:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -35,7 +35,7 @@ class Persistence(StoreCore):
         self._check_writable("checkpoint")
         with self._wlock:
             return take_snapshot(
-                self._conn,
+                self._own_conn(),
                 self.checkpoint_dir,
                 self.keep_checkpoints,
                 self._checkpoint_hook,
@@ -61,7 +61,7 @@ class Persistence(StoreCore):
         tmp = _files.temp_path(dst)
         try:
             with self._wlock:
-                write_copy(self._conn, tmp, dst)
+                write_copy(self._own_conn(), tmp, dst)
         finally:
             _files.done_with(tmp)
         _s.fsync_dir(folder)

@@ -130,7 +130,7 @@ class Search(StoreCore):
             new = [i for i, _ in found if i not in checked]
             passing.update(self._node_info(new, flt))
             checked.update(new)
-            hits = []
+            hits: list = []
             for i, s in found:
                 if t is not None and s < t:
                     return hits  # sorted: every further node scores below the threshold too

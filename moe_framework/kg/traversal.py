@@ -107,7 +107,7 @@ class Traversal(StoreCore):
         if a == b:
             return [a]
         if not weighted:
-            parent = {a: None}
+            parent: dict = {a: None}
             frontier = [a]
             while frontier:
                 nxt = []
@@ -145,7 +145,7 @@ class Traversal(StoreCore):
 
 
 def _unwind(parent: dict, b: int) -> list:
-    path = deque()
+    path: deque = deque()
     v = b
     while v is not None:
         path.appendleft(v)
