@@ -19,7 +19,7 @@ __all__ = ["Search"]
 # if that found too few, scores every node the filter lets through (one scan of the table, SQLite
 # narrowing the rows first): exact, and the cheaper way when few pass. Candidates are checked in
 # SQLite too, so reading them costs about what the scan costs per node; measured on 100k nodes
-# (one CPU core), widening to an eighth of the store costs under half a scan, which bounds what a
+# (one CPU core), widening to an eighth of the store costs about half a scan, which bounds what a
 # selective filter pays for trying the index first.
 _MAX_WIDENED = 16384
 
