@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .knowledge_graph import KnowledgeGraph, KnowledgeGraphError
+from .kg import KnowledgeGraph, KnowledgeGraphError
 
 __all__ = ["Librarian", "FilingSummary", "KnowledgeGraph", "KnowledgeGraphError"]
 

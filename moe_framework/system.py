@@ -491,7 +491,8 @@ class MixtureOfExpertsSystem(nn.Module):
             ``from_inputs=True``, model inputs whose embedding is the mean MoE output of
             ``layer`` over all their tokens (the same space the experts' reports live in).
         types: keep only nodes of these types (e.g. ``("expert_report",)``).
-        where: keep only nodes whose metadata has these key/value pairs (e.g. ``{"layer": 1}``).
+        where: keep only nodes whose metadata has these key/value pairs (e.g. ``{"layer": 1}``;
+            compared as JSON values, see :meth:`KnowledgeGraph.find_similar_nodes`).
         Returns, per query (a flat list for a single query), dicts ``{"id", "similarity",
         "type", "metadata"}``.
         """
@@ -513,7 +514,7 @@ class MixtureOfExpertsSystem(nn.Module):
         kg = self.knowledge_graph
         out = []
         for row in q:
-            hits = _search(kg, row, top_k, types, where)
+            hits = kg.find_similar_nodes(row, top_k=top_k, types=types, where=where)
             out.append(
                 [
                     {"id": h.id, "similarity": h.score, "type": h.type, "metadata": h.metadata}
@@ -676,24 +677,6 @@ class MixtureOfExpertsSystem(nn.Module):
             f"layers={c.num_layers}, d_model={c.d_model}, experts={c.num_experts}, "
             f"top_k={c.top_k}, strategy={c.routing_strategy!r}"
         )
-
-
-def _search(kg, row, top_k: int, types, where) -> list:
-    if types is None and not where:
-        return kg.find_similar_nodes(row, top_k=top_k)
-
-    def keep(h) -> bool:
-        if types is not None and h.type not in types:
-            return False
-        return all(h.metadata.get(k) == v for k, v in (where or {}).items())
-
-    # The index has no filters: widen the search until enough hits pass them.
-    fetch = max(4 * top_k, 16)
-    while True:
-        hits = [h for h in kg.find_similar_nodes(row, top_k=fetch) if keep(h)]
-        if len(hits) >= top_k or fetch >= len(kg):
-            return hits[:top_k]
-        fetch *= 4
 
 
 # ====================================================================== save / load helpers

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterable, Optional
+from typing import IO, Iterable, Optional
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
@@ -24,9 +24,8 @@ def _atomic_write(path: str, write, binary: bool = False) -> None:
     tmp = files.temp_path(final)
     try:
         fd = files.create_new(tmp)
-        with os.fdopen(
-            fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})
-        ) as f:
+        f: IO = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")
+        with f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -68,7 +68,7 @@ def remove_stale_temps(folder: str, pattern: re.Pattern) -> list:
     """Remove the files in ``folder`` matching ``pattern`` whose writer is gone: its pid is not
     running, or it is this process but no write of ours uses the name (a crashed run that had
     the same pid, as happens in containers). Returns the removed paths."""
-    removed = []
+    removed: list = []
     me = os.getpid()
     try:
         names = os.listdir(folder)

@@ -30,7 +30,7 @@ import logging
 import sys
 import threading
 import time
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import faiss
 import numpy as np
@@ -41,7 +41,7 @@ log = logging.getLogger("moe_framework.knowledge_graph")
 
 _ADD_CHUNK = 65536  # rows per FAISS add while building (progress granularity)
 
-DEFAULT_PARAMS = {
+DEFAULT_PARAMS: dict[str, dict] = {
     "hnsw": {"M": 32, "ef_construction": 80, "ef_search": 128, "rerank": 2},
     "ivfpq": {"nlist": None, "m": None, "nbits": 8, "nprobe": 32, "train_min": 20000, "rerank": 32},
 }
@@ -157,10 +157,10 @@ class VectorIndex:
     def _new_approx(self, sample: np.ndarray, n_total: int = 0):
         d = self.dim
         if self.index_type == "hnsw":
-            inner = faiss.IndexHNSWFlat(d, int(self.params["M"]), faiss.METRIC_INNER_PRODUCT)
-            inner.hnsw.efConstruction = int(self.params["ef_construction"])
-            inner.hnsw.efSearch = int(self.params["ef_search"])
-            return faiss.IndexIDMap(inner)
+            hnsw = faiss.IndexHNSWFlat(d, int(self.params["M"]), faiss.METRIC_INNER_PRODUCT)
+            hnsw.hnsw.efConstruction = int(self.params["ef_construction"])
+            hnsw.hnsw.efSearch = int(self.params["ef_search"])
+            return faiss.IndexIDMap(hnsw)
         nlist, m = self._ivfpq_shape(sample.shape[0], n_total)
         if d % m:
             raise ValueError(f"KnowledgeGraph: ivfpq m={m} must divide dim={d}")
@@ -368,7 +368,8 @@ class VectorIndex:
     def _flat_storage(self) -> np.ndarray:
         """Writable [ntotal, d] view of the flat index's vectors (valid until the next add)."""
         n = self._index.ntotal
-        ptr = faiss.downcast_index(self._index.index).get_xb()
+        flat: Any = faiss.downcast_index(self._index.index)  # an IndexFlatIP
+        ptr = flat.get_xb()
         return faiss.rev_swig_ptr(ptr, n * self.dim).reshape(n, self.dim)
 
     def _flat_search_batched(self, queries: np.ndarray, k: int) -> tuple:
@@ -437,8 +438,8 @@ def _sort_rows(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple:
     q, kk = ids.shape
     scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
     key_id = np.where(ids < 0, np.iinfo(np.int64).max, ids)
-    order = np.lexsort((key_id, -scores.astype(np.float64)), axis=1) if kk else None
     if kk:
+        order = np.lexsort((key_id, -scores.astype(np.float64)), axis=1)
         scores = np.take_along_axis(scores, order, 1)
         ids = np.take_along_axis(ids, order, 1)
     if kk < k:

@@ -79,11 +79,12 @@ def check_embeddings(x: Any, dim: int, what: str = "embedding") -> np.ndarray:
     if hasattr(x, "detach"):  # a torch tensor (any device, any float dtype incl. bfloat16)
         x = x.detach().cpu().float().numpy()
     arr = np.asarray(x)
+    shape = list(arr.shape)  # as given, for the message
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != dim:
         raise ValueError(
-            f"KnowledgeGraph: {what} must have shape [n, {dim}] or [{dim}], got {list(arr.shape)}"
+            f"KnowledgeGraph: {what} must have shape [n, {dim}] or [{dim}], got {shape}"
         )
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(f"KnowledgeGraph: {what} must be a float array, got dtype {arr.dtype}")

@@ -115,6 +115,7 @@ def _python_depth_exceeds(value: Any, limit: int) -> bool:
     stack = [(value, 1)]
     while stack:
         v, d = stack.pop()
+        children: Any
         if isinstance(v, dict):
             children = v.values()
         elif isinstance(v, (list, tuple)):
