@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import moe_framework  # noqa: F401
-from moe_framework.constellation import RoutingInfo
 from moe_framework.integrations.transformers import (
     HFMoEBlock,
     replace_moe_blocks,
     restore_moe_blocks,
 )
+from moe_framework.moe_layer import RoutingInfo
 
 transformers = pytest.importorskip("transformers")
 
@@ -201,7 +201,7 @@ def test_mixtral_router_jitter_in_training_matches_hf(seed):
 
 def test_adapter_can_keep_routing_info_and_draft_reports(seed):
     model = _qwen3_moe(norm_topk_prob=True)
-    replace_moe_blocks(model, reports=True, report_top_tokens=2)
+    replace_moe_blocks(model, report_top_tokens=2)
     block = model.model.layers[0].mlp
     block.keep_routing_info = True
     ids = torch.randint(0, COMMON["vocab_size"], (2, 5))
