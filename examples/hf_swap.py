@@ -2,9 +2,10 @@
 
     python examples/hf_swap.py
 
-replace_moe_blocks() swaps every sparse MoE block in place for an adapter that shares the HF
-parameters (no copy) and runs route -> permute -> grouped GEMM -> unpermute on our ops. The
-outputs match the original model to float32 rounding. No download: the model is built from a config.
+replace_moe_blocks() swaps every sparse MoE block in place for a MoELayer composed of adapters
+(the HF router as our Router, the HF experts as our Experts) that share the HF parameters (no
+copy) and run HF routing -> permute -> grouped GEMM -> unpermute on our ops. The outputs match the
+original model to float32 rounding. No download: the model is built from a config.
 """
 
 import torch

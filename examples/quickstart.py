@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_framework.constellation import MoELayer
+from moe_framework import MoELayer
 
 
 class TinyModel(nn.Module):
@@ -20,8 +20,8 @@ class TinyModel(nn.Module):
         super().__init__()
         self.inp = nn.Linear(8, d)
         self.norm = nn.LayerNorm(d)
-        # route -> permute -> grouped GEMM experts -> weighted combine, all on our own ops
-        self.moe = MoELayer(d_model=d, d_hidden=2 * d, num_experts=experts, k=2)
+        # router -> dispatcher (permute) -> grouped GEMM experts -> combine, all on our own ops
+        self.moe = MoELayer.build(d_model=d, d_hidden=2 * d, num_experts=experts, k=2)
         self.out = nn.Linear(d, 1)
 
     def forward(self, x):

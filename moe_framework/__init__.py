@@ -1,7 +1,8 @@
 """moe_framework: Mixture-of-Experts for PyTorch on our own C++/CUDA operators.
 
 Importing the package loads the compiled extension ``moe_framework._C``, which registers the
-operators under ``torch.ops.moe_framework``; ``moe_framework.ops`` holds their Python wrappers.
+operators in torch's ``moe_framework`` op namespace; ``moe_framework.ops`` holds their Python
+wrappers, the only code that calls them directly.
 """
 
 import torch  # noqa: F401  (libtorch must be loaded before our extension)

@@ -1,5 +1,13 @@
-"""Expert weights: ``ExpertBank`` (E stacked experts run by ``ops.grouped_gemm``) and ``DenseFFN``
-(one always-on expert, used for shared experts and as the dense baseline).
+"""The experts stage of an MoE layer: the :class:`Experts` protocol and its implementations.
+
+* :class:`ExpertBank`: E feed-forward experts with stacked weights, run on an expert-sorted buffer by
+  two ``ops.grouped_gemm`` calls (no per-expert loop, no host sync).
+* :class:`CheckpointedExperts`: any :class:`Experts`, recomputed in backward instead of keeping its
+  activations (gradient checkpointing of the expert block).
+* :class:`DenseFFN`: one always-on feed-forward expert (shared experts, the dense baseline), and
+  :class:`GatedSharedExperts`, Qwen2-MoE's sigmoid-gated shared experts.
+* :func:`expert_ffn`: the functional ``ExpertBank`` on tensors you pass in (the Hugging Face
+  experts adapter uses it on the model's own parameters).
 
 Weight layouts
 --------------
@@ -33,20 +41,23 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from . import ops
-from .ops.swiglu import swiglu_backward_differentiable
 
 __all__ = [
     "ACTIVATIONS",
     "LAYOUTS",
+    "Experts",
     "ExpertBank",
+    "CheckpointedExperts",
     "DenseFFN",
+    "GatedSharedExperts",
     "expert_ffn",
     "expert_of_row",
     "swiglu",
@@ -54,6 +65,31 @@ __all__ = [
 
 ACTIVATIONS = ("swiglu", "gelu")
 LAYOUTS = ("in_out", "out_in")
+
+
+class Experts(Protocol):
+    """The experts stage of an :class:`~moe_framework.moe_layer.MoELayer` (an ``nn.Module``).
+
+    ``forward(x_sorted [M, d], offsets [E+1] int64) -> y_sorted [M, d]``: rows
+    ``offsets[e]:offsets[e+1]`` of ``x_sorted`` are expert ``e``'s tokens (as the dispatcher
+    sorted them) and ``y_sorted`` holds each row's output of its expert, same dtype. Rows from
+    ``offsets[E]`` on are dropped slots: their outputs must be zeros (the combine gives them weight
+    0, and ``0 * nan`` would not be 0). ``offsets`` stays on the device: an implementation that
+    reads it on the host (``.tolist()``, a Python loop over experts) works but syncs and breaks
+    ``torch.compile(fullgraph=True)``.
+
+    Attribute ``num_experts``: E, the number of experts it runs (``offsets`` has ``E + 1``
+    entries). An implementation may also have ``d_model``; ``MoELayer`` then checks it against the
+    router's at construction.
+
+    Implementations: :class:`ExpertBank`, :class:`CheckpointedExperts` (around any other),
+    ``moe_framework.integrations.transformers.HFExperts`` (a Hugging Face experts module); a new
+    kind (quantised, offloaded) is one new class with this ``forward`` and ``num_experts``.
+    """
+
+    num_experts: int
+
+    def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor: ...
 
 
 def expert_of_row(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -72,99 +108,6 @@ def _row_bias(bias: torch.Tensor, rows_expert: torch.Tensor) -> torch.Tensor:
     # reduction on both CPU and CUDA (sort-based on CUDA), so the bias gradient stays deterministic.
     padded = torch.cat([bias, bias.new_zeros(1, bias.shape[1])], 0)
     return F.embedding(rows_expert, padded)
-
-
-def _saved(ctx) -> tuple:
-    # ctx.saved_tensors, with autograd's version-counter error for an h that an earlier backward
-    # overwrote (inplace_backward) explained in our terms.
-    try:
-        return ctx.saved_tensors
-    except RuntimeError as e:
-        if ctx.inplace_backward and "modified by an inplace operation" in str(e):
-            raise RuntimeError(
-                "moe_framework expert FFN: this graph was already backpropagated once, and that "
-                "backward wrote the SwiGLU gradient over its saved activation h to save memory "
-                "(inplace_backward=True, the default). A second backward through the same graph "
-                "(retain_graph=True, torch.autograd.gradcheck) needs inplace_backward=False on "
-                "ExpertBank / MoELayer / DenseFFN / expert_ffn / replace_moe_blocks."
-            ) from e
-        raise
-
-
-def _swiglu_backward_owned(grad: torch.Tensor, h: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """Gradient of ``silu(h[..., :H]) * h[..., H:]`` with respect to ``h``, written over ``h``.
-
-    For the expert FFNs, which own ``h`` (a GEMM output that nothing else saves) and need it no
-    more once this gradient exists: the fused kernel writes ``[d gate | d up]`` into ``h``'s own
-    memory, so the backward allocates no ``[..., 2H]`` buffer (the largest one of the layer).
-    The op bumps ``h``'s version counter, so a second backward through the same graph
-    (``retain_graph=True``) raises autograd's "modified by an inplace operation" error instead of
-    reading the overwritten values. A fresh buffer is used instead when a graph of the backward is
-    being built (double backward: differentiable ops), under ``torch.compile`` (whose own buffer
-    reuse applies) and for a non-contiguous ``h``.
-    """
-    if torch.is_grad_enabled():
-        return swiglu_backward_differentiable(grad, h)
-    grad = grad.to(h.dtype)  # a no-op unless a caller fed a gradient of another dtype
-    if inplace and h.is_contiguous() and not torch.compiler.is_compiling():
-        torch.ops.moe_framework.swiglu_backward_.default(grad, h)  # bumps h's version
-        return h
-    return torch.ops.moe_framework.swiglu_backward.default(grad, h)
-
-
-class _SwiGLUOwned(torch.autograd.Function):
-    """``ops.swiglu(h)`` for an ``h`` the caller owns: saves only ``h`` and writes the gradient
-    over it in backward when ``inplace`` (see :func:`_swiglu_backward_owned`)."""
-
-    @staticmethod
-    def forward(ctx, h, inplace):
-        ctx.save_for_backward(h)
-        ctx.inplace_backward = inplace
-        return torch.ops.moe_framework.swiglu.default(h)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (h,) = _saved(ctx)
-        return _swiglu_backward_owned(grad, h, ctx.inplace_backward), None
-
-
-class _SwiGLUDown(torch.autograd.Function):
-    """``grouped_gemm(swiglu(h), w_out)`` saving ``h`` but not the ``[M, H]`` SwiGLU output:
-    backward recomputes it (one fused elementwise pass) for the weight gradient.
-
-    Autograd through ``swiglu`` then ``grouped_gemm`` keeps both ``h [M, 2H]`` (for the SwiGLU
-    backward) and the SwiGLU output ``[M, H]`` (for the weight gradient) alive until backward; this
-    keeps only ``h``, a third less activation memory between forward and backward, for one extra
-    SwiGLU pass in backward. The gradient of ``h`` is written over ``h`` (see
-    :func:`_swiglu_backward_owned`). When a graph of the backward is built (double backward) the
-    backward runs in differentiable ops.
-    """
-
-    @staticmethod
-    def forward(ctx, h, w_out, offsets, trans_b, inplace):
-        act = torch.ops.moe_framework.swiglu.default(h)
-        ctx.save_for_backward(h, w_out, offsets)
-        ctx.trans_b = trans_b
-        ctx.inplace_backward = inplace
-        return ops.grouped_gemm(act, w_out, offsets, trans_b=trans_b)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        h, w_out, offsets = _saved(ctx)
-        gg = torch.ops.moe_framework.grouped_gemm
-        grad_h = grad_w = None
-        if ctx.needs_input_grad[1]:
-            # The recomputed SwiGLU output lives only for the weight-gradient GEMM.
-            if torch.is_grad_enabled():
-                act = ops.swiglu(h)  # differentiable (double backward)
-            else:
-                act = torch.ops.moe_framework.swiglu.default(h)
-            grad_w = torch.ops.moe_framework.grouped_gemm_wgrad(act, grad_y, offsets, ctx.trans_b)
-            del act
-        if ctx.needs_input_grad[0]:
-            grad_act = gg(grad_y, w_out, offsets, not ctx.trans_b)
-            grad_h = _swiglu_backward_owned(grad_act, h, ctx.inplace_backward)
-        return grad_h, grad_w, None, None, None
 
 
 def _is_silu(act_fn) -> bool:
@@ -186,7 +129,7 @@ def swiglu(h: torch.Tensor, act_fn: Optional[Callable[[torch.Tensor], torch.Tens
 def _swiglu_owned(h: torch.Tensor, act_fn=None, inplace: bool = True) -> torch.Tensor:
     # swiglu() for the FFNs' own h: the SiLU path writes its gradient over h when `inplace`.
     if _is_silu(act_fn):
-        return _SwiGLUOwned.apply(h, inplace)
+        return ops.swiglu_owned(h, inplace)
     return swiglu(h, act_fn)
 
 
@@ -263,7 +206,7 @@ def expert_ffn(
     if b_in is not None:
         h = h + _row_bias(b_in, rows_expert)
     if activation == "swiglu" and _is_silu(act_fn) and recompute_activation:
-        y = _SwiGLUDown.apply(h, w_out, offsets, trans_b, inplace_backward)
+        y = ops.swiglu_down_proj(h, w_out, offsets, trans_b, inplace_backward)
     else:
         h = _swiglu_owned(h, act_fn, inplace_backward) if activation == "swiglu" else F.gelu(h)
         y = ops.grouped_gemm(h, w_out, offsets, trans_b=trans_b)
@@ -281,12 +224,13 @@ def _init_(w: torch.Tensor, fan_in: int, std: Optional[float]) -> None:
 
 
 class ExpertBank(nn.Module):
-    """E feed-forward experts with stacked weights, run on an expert-sorted buffer.
+    """E feed-forward experts with stacked weights, run on an expert-sorted buffer (an
+    :class:`Experts`).
 
-    Args:
-        num_experts: ``E >= 1``.
+    Args (keyword-only):
         d_model: ``d >= 1``, the token width.
         d_hidden: ``h >= 1``, each expert's hidden width.
+        num_experts: ``E >= 1``.
         activation: ``"swiglu"`` (default; Mixtral / Qwen / DeepSeek experts) or ``"gelu"``.
         bias: add per-expert biases to both projections.
         layout: ``"in_out"`` (default, ``x @ W``) or ``"out_in"`` (``nn.Linear`` / Hugging Face).
@@ -307,12 +251,12 @@ class ExpertBank(nn.Module):
 
     def __init__(
         self,
-        num_experts: int,
+        *,
         d_model: int,
         d_hidden: int,
+        num_experts: int,
         activation: str = "swiglu",
         bias: bool = False,
-        *,
         layout: str = "in_out",
         init_std: Optional[float] = None,
         recompute_activation: bool = True,
@@ -321,7 +265,7 @@ class ExpertBank(nn.Module):
         device=None,
     ):
         super().__init__()
-        for name, v in (("num_experts", num_experts), ("d_model", d_model), ("d_hidden", d_hidden)):
+        for name, v in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
             if not _is_int(v) or v < 1:
                 raise ValueError(f"ExpertBank: {name} must be an int >= 1, got {v!r}")
         if not isinstance(activation, str) or activation not in ACTIVATIONS:
@@ -416,8 +360,63 @@ class ExpertBank(nn.Module):
         )
 
 
+def _strip_inner_keys(module, state_dict, prefix, local_metadata) -> None:
+    # The wrapper adds no state of its own: its entries read as the wrapped module's would, so a
+    # checkpointed model and a plain one save and load the same state dict.
+    inner = prefix + "inner."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+
+
+def _add_inner_keys(module, state_dict, prefix, *args) -> None:
+    inner = prefix + "inner."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
+
+
+class CheckpointedExperts(nn.Module):
+    """Gradient checkpointing of any :class:`Experts`: in training (with grad enabled) the
+    experts' activations are not kept for backward but recomputed there
+    (``torch.utils.checkpoint``, non-reentrant); in eval or under ``no_grad`` it runs the wrapped
+    experts as they are.
+
+    Only the experts are checkpointed, on purpose: a router updates buffers in forward (noise
+    step, bias-balancing loads), and recomputing it would apply those updates twice and could
+    route differently.
+
+    The wrapped module is ``self.inner``. The state dict is the wrapped module's own (same keys,
+    no ``inner.`` prefix), so checkpointed and plain layers load each other's weights and saved
+    models do not depend on the setting; ``named_parameters`` names go through ``inner.``.
+    ``num_experts`` (and ``d_model`` when the wrapped experts have it) are the wrapped module's.
+    """
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        if not isinstance(experts, nn.Module):
+            raise ValueError(
+                "CheckpointedExperts: experts must be an nn.Module implementing the Experts "
+                f"protocol, got {type(experts).__name__}"
+            )
+        self.inner = experts
+        self.num_experts = experts.num_experts
+        d_model = getattr(experts, "d_model", None)
+        if d_model is not None:
+            self.d_model = d_model
+        self.register_state_dict_post_hook(_strip_inner_keys)
+        self.register_load_state_dict_pre_hook(_add_inner_keys)
+
+    def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """As the wrapped experts: ``x_sorted [M, d]``, ``offsets [E+1]`` -> ``[M, d]``."""
+        if self.training and torch.is_grad_enabled():
+            return _checkpoint(self.inner, x_sorted, offsets, use_reentrant=False)
+        return self.inner(x_sorted, offsets)
+
+
 class DenseFFN(nn.Module):
     """One always-on feed-forward expert (shared experts; the dense baseline).
+
+    Args (keyword-only): ``d_model``, ``d_hidden`` (``>= 1``), ``activation``, ``bias``,
+    ``init_std``, ``inplace_backward``, ``dtype``, ``device``, as for :class:`ExpertBank`.
 
     Same activations, layout (``"in_out"``: ``w_gate_up [d, 2h]`` / ``w_in [d, h]``, ``w_out [h, d]``)
     and initialisation as one expert of :class:`ExpertBank`, run with plain dense matmuls.
@@ -429,11 +428,11 @@ class DenseFFN(nn.Module):
 
     def __init__(
         self,
+        *,
         d_model: int,
         d_hidden: int,
         activation: str = "swiglu",
         bias: bool = False,
-        *,
         init_std: Optional[float] = None,
         inplace_backward: bool = True,
         dtype: Optional[torch.dtype] = None,
@@ -494,3 +493,25 @@ class DenseFFN(nn.Module):
             f"d_model={self.d_model}, d_hidden={self.d_hidden}, activation={self.activation!r}, "
             f"bias={self.b_out is not None}"
         )
+
+
+class GatedSharedExperts(nn.Module):
+    """Shared experts scaled by a per-token sigmoid gate: ``sigmoid(gate(x)) * ffn(x)``.
+
+    Qwen2-MoE's ``shared_expert`` / ``shared_expert_gate``: ``ffn`` maps ``x [..., d]`` to
+    ``[..., d]`` (a :class:`DenseFFN`), ``gate`` maps it to ``[..., 1]`` (an ``nn.Linear(d, 1)``).
+    The shared part of an :class:`~moe_framework.moe_layer.MoELayer` is any module ``x -> y``; this
+    one keeps the gate out of the layer itself.
+    """
+
+    def __init__(self, ffn: nn.Module, gate: nn.Module):
+        super().__init__()
+        self.ffn = ffn
+        self.gate = gate
+        d_model = getattr(ffn, "d_model", None)
+        if d_model is not None:
+            self.d_model = d_model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.ffn(x)
+        return torch.sigmoid(self.gate(x)) * out

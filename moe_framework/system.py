@@ -26,7 +26,6 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .config import MoEConfig, fsync_dir, open_regular_file, parse_config_json, read_config_text
 from .constellation import MoELayer
@@ -111,28 +110,18 @@ def _make_supervisor(cfg: MoEConfig, layer_index: int) -> Supervisor:
     return Supervisor(cfg.d_model, cfg.num_experts, cfg.top_k, **kw)
 
 
-class _CheckpointedMoELayer(MoELayer):
-    """MoELayer whose expert computation (the two grouped GEMMs and the activation) is recomputed
-    in backward instead of kept: gradient checkpointing of the expert block only. The router is
-    not checkpointed on purpose: it updates buffers (noise step, bias-balancing loads) in forward,
-    and a recompute would apply those updates twice and route differently."""
-
-    def _run_experts(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
-            return _checkpoint(self.experts, x_sorted, offsets, use_reentrant=False)
-        return self.experts(x_sorted, offsets)
-
-
-def _make_moe_layer(cfg: MoEConfig, layer_index: int) -> nn.Module:
-    cls = _CheckpointedMoELayer if cfg.gradient_checkpointing else MoELayer
-    return cls(
-        cfg.d_model,
-        cfg.d_hidden,
-        cfg.num_experts,
-        cfg.top_k,
-        supervisor=_make_supervisor(cfg, layer_index),
+def _make_moe_layer(cfg: MoEConfig, layer_index: int) -> MoELayer:
+    # gradient_checkpointing recomputes the experts only (CheckpointedExperts): the router updates
+    # buffers in forward, and a recompute would apply those updates twice.
+    return MoELayer.build(
+        d_model=cfg.d_model,
+        d_hidden=cfg.d_hidden,
+        num_experts=cfg.num_experts,
+        k=cfg.top_k,
+        router=_make_supervisor(cfg, layer_index),
         activation=cfg.activation,
         num_shared_experts=cfg.num_shared_experts,
+        checkpoint_experts=cfg.gradient_checkpointing,
     )
 
 

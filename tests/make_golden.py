@@ -54,7 +54,9 @@ def record(name, layer_kw, sup_kw, training) -> dict:
     torch.manual_seed(1234)
     k = layer_kw.pop("k", 2)
     sup = Supervisor(D, E, k, **sup_kw)
-    layer = MoELayer(D, H, E, k, supervisor=sup, report_top_tokens=3, **layer_kw)
+    layer = MoELayer.build(
+        d_model=D, d_hidden=H, num_experts=E, k=k, router=sup, report_top_tokens=3, **layer_kw
+    )
     layer.train(training)
     state = {f"state.{n}": t.detach().clone().contiguous() for n, t in layer.state_dict().items()}
     x = torch.randn(2, T, D, requires_grad=True)

@@ -184,7 +184,7 @@ def test_maybe_file_reports_files_every_n_steps(tmp_path, seed):
 def test_librarian_files_the_reports_of_a_real_moe_layer(tmp_path, seed):
     from moe_framework.constellation import DraftReports, MoELayer
 
-    layer = MoELayer(d_model=16, d_hidden=32, num_experts=8, k=2)
+    layer = MoELayer.build(d_model=16, d_hidden=32, num_experts=8, k=2)
     x = torch.randn(3, 20, 16)
     with torch.no_grad():
         _, info = layer(x)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import moe_framework  # noqa: F401
-from moe_framework.constellation import DraftReports, MoELayer, RoutingInfo
-from moe_framework.experts import DenseFFN, ExpertBank, expert_ffn, swiglu
+from moe_framework.experts import DenseFFN, ExpertBank, GatedSharedExperts, expert_ffn, swiglu
+from moe_framework.moe_layer import DraftReports, MoELayer, RoutingInfo
 from moe_framework.supervisor import RoutingDecision
 
 # Compared with a float64 reference of the same parameters. fp32: both sides round products and
@@ -64,7 +64,7 @@ def moe_loop_ref(layer: MoELayer, x: torch.Tensor):
     """Reference MoE forward in float64: for each expert and slot, gather its tokens, run the
     expert, add the gate-weighted output with index_add. Returns (y, decision)."""
     x2 = x.reshape(-1, x.shape[-1])
-    dec = layer.supervisor(x2)
+    dec = layer.router(x2)
     T, k = dec.ids.shape
     y = torch.zeros(T, x.shape[-1], dtype=torch.float64)
     for e in range(layer.num_experts):
@@ -75,7 +75,9 @@ def moe_loop_ref(layer: MoELayer, x: torch.Tensor):
             out = expert_output_ref(layer, x2[tok], e)
             y = y.index_add(0, tok, dec.weights[tok, j, None].double() * out)
     if layer.shared_experts is not None:
-        s = layer.shared_experts
+        s, gate = layer.shared_experts, None
+        if isinstance(s, GatedSharedExperts):
+            s, gate = s.ffn, s.gate
         sh = _ffn_ref(
             x2.double(),
             s.w_in.double(),
@@ -84,8 +86,8 @@ def moe_loop_ref(layer: MoELayer, x: torch.Tensor):
             None if s.b_out is None else s.b_out.double(),
             s.activation,
         )
-        if layer.shared_gate is not None:
-            sh = torch.sigmoid(x2.double() @ layer.shared_gate.weight.double().t()) * sh
+        if gate is not None:
+            sh = torch.sigmoid(x2.double() @ gate.weight.double().t()) * sh
         y = y + sh
     return y.reshape(x.shape), dec
 
@@ -104,7 +106,7 @@ class FixedSupervisor(nn.Module):
     def slots_per_token(self):
         return self.ids.shape[1]
 
-    def forward(self, x, mask=None):
+    def forward(self, x, mask=None, seq_len=None):
         w = torch.softmax(self.proj(x).float(), -1)
         w = torch.where(self.ids >= 0, w, torch.zeros_like(w))
         flat = self.ids.reshape(-1).long()
@@ -164,30 +166,40 @@ def test_moe_layer_forward_backward_match_loop_over_experts(seed, activation, bi
     E = int(torch.randint(1, 12, ()))
     k = int(torch.randint(1, min(E, 4) + 1, ()))
     d, h = int(torch.randint(3, 33, ())), int(torch.randint(2, 41, ()))
-    layer = MoELayer(d, h, E, k, activation=activation, bias=bias, layout=layout, dtype=dtype)
+    layer = MoELayer.build(
+        d_model=d,
+        d_hidden=h,
+        num_experts=E,
+        k=k,
+        activation=activation,
+        bias=bias,
+        layout=layout,
+        dtype=dtype,
+    )
     x = torch.randn(3, int(torch.randint(1, 30, ())), d, dtype=dtype)
     _check_against_reference(layer, x, dtype)
 
 
 @pytest.mark.parametrize("gated", [False, True])
 def test_moe_layer_shared_experts_add_a_dense_ffn_optionally_sigmoid_gated(seed, gated):
-    layer = MoELayer(
-        16,
-        24,
-        6,
-        2,
+    layer = MoELayer.build(
+        d_model=16,
+        d_hidden=24,
+        num_experts=6,
+        k=2,
         num_shared_experts=2,
         shared_hidden=8,
         shared_expert_gate=gated,
         dtype=torch.float64,
     )
-    assert layer.shared_experts.d_hidden == 16
-    assert (layer.shared_gate is not None) == gated
+    ffn = layer.shared_experts.ffn if gated else layer.shared_experts
+    assert ffn.d_hidden == 16
+    assert isinstance(layer.shared_experts, GatedSharedExperts) == gated
     _check_against_reference(layer, torch.randn(2, 9, 16, dtype=torch.float64), torch.float64)
 
 
 def test_moe_layer_bf16_matches_float64_reference_within_bf16_rounding(seed):
-    layer = MoELayer(32, 48, 8, 2, dtype=torch.bfloat16)
+    layer = MoELayer.build(d_model=32, d_hidden=48, num_experts=8, k=2, dtype=torch.bfloat16)
     x = torch.randn(64, 32, dtype=torch.bfloat16)
     y, info = layer(x)
     y_ref, dec = moe_loop_ref(layer, x)
@@ -198,7 +210,7 @@ def test_moe_layer_bf16_matches_float64_reference_within_bf16_rounding(seed):
 
 
 def test_moe_layer_accepts_non_contiguous_input(seed):
-    layer = MoELayer(12, 20, 5, 2, dtype=torch.float64)
+    layer = MoELayer.build(d_model=12, d_hidden=20, num_experts=5, k=2, dtype=torch.float64)
     x = torch.randn(12, 7, 3, dtype=torch.float64).permute(2, 1, 0)  # [3, 7, 12], not contiguous
     assert not x.is_contiguous()
     _check_against_reference(layer, x, torch.float64)
@@ -210,7 +222,9 @@ def test_moe_layer_accepts_non_contiguous_input(seed):
 
 @pytest.mark.parametrize("shape", [(0, 10), (2, 0, 10), (1, 10), (1, 1, 10)])
 def test_moe_layer_handles_zero_and_one_token(seed, shape):
-    layer = MoELayer(10, 14, 4, 2, num_shared_experts=1, dtype=torch.float64)
+    layer = MoELayer.build(
+        d_model=10, d_hidden=14, num_experts=4, k=2, num_shared_experts=1, dtype=torch.float64
+    )
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     y, info = layer(x)
     assert y.shape == x.shape
@@ -230,8 +244,13 @@ def test_moe_layer_handles_zero_and_one_token(seed, shape):
 def test_moe_layer_experts_without_tokens_get_zero_weight_gradient(seed):
     E, T, d = 8, 11, 6
     ids = torch.stack([torch.full((T,), 2), torch.full((T,), 5)], 1)  # only experts 2 and 5
-    layer = MoELayer(
-        d, 10, E, 2, supervisor=FixedSupervisor(ids, E, d).double(), dtype=torch.float64
+    layer = MoELayer.build(
+        d_model=d,
+        d_hidden=10,
+        num_experts=E,
+        k=2,
+        router=FixedSupervisor(ids, E, d).double(),
+        dtype=torch.float64,
     )
     _check_against_reference(layer, torch.randn(T, d, dtype=torch.float64), torch.float64)
     idle = [e for e in range(E) if e not in (2, 5)]
@@ -245,8 +264,14 @@ def test_moe_layer_dropped_slots_contribute_nothing(seed, bias):
     ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
     ids[torch.rand(T, k) < 0.35] = -1
     ids[0] = -1  # one token with every slot dropped: its routed output is exactly 0
-    layer = MoELayer(
-        d, 12, E, k, bias=bias, supervisor=FixedSupervisor(ids, E, d).double(), dtype=torch.float64
+    layer = MoELayer.build(
+        d_model=d,
+        d_hidden=12,
+        num_experts=E,
+        k=k,
+        bias=bias,
+        router=FixedSupervisor(ids, E, d).double(),
+        dtype=torch.float64,
     )
     x = torch.randn(T, d, dtype=torch.float64)
     _check_against_reference(layer, x, torch.float64)
@@ -256,7 +281,9 @@ def test_moe_layer_dropped_slots_contribute_nothing(seed, bias):
 
 
 def test_expert_bank_rows_after_offsets_are_zero_with_biases(seed):
-    bank = ExpertBank(3, 5, 7, "gelu", bias=True, dtype=torch.float64)
+    bank = ExpertBank(
+        d_model=5, d_hidden=7, num_experts=3, activation="gelu", bias=True, dtype=torch.float64
+    )
     with torch.no_grad():
         bank.b_in.fill_(1.0)
         bank.b_out.fill_(2.0)
@@ -271,8 +298,8 @@ def test_expert_bank_rows_after_offsets_are_zero_with_biases(seed):
 
 
 def test_expert_bank_out_in_layout_equals_in_out_on_transposed_weights(seed):
-    a = ExpertBank(4, 6, 10, dtype=torch.float64)
-    b = ExpertBank(4, 6, 10, layout="out_in", dtype=torch.float64)
+    a = ExpertBank(d_model=6, d_hidden=10, num_experts=4, dtype=torch.float64)
+    b = ExpertBank(d_model=6, d_hidden=10, num_experts=4, layout="out_in", dtype=torch.float64)
     assert b.w_gate_up.shape == (4, 20, 6) and b.w_out.shape == (4, 6, 10)
     with torch.no_grad():
         b.w_gate_up.copy_(a.w_gate_up.transpose(1, 2))
@@ -285,7 +312,7 @@ def test_expert_bank_out_in_layout_equals_in_out_on_transposed_weights(seed):
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_expert_bank_parameter_shapes_and_default_init_follow_nn_linear(seed, activation):
     E, d, h = 16, 64, 96
-    bank = ExpertBank(E, d, h, activation, bias=True)
+    bank = ExpertBank(d_model=d, d_hidden=h, num_experts=E, activation=activation, bias=True)
     n_in = 2 * h if activation == "swiglu" else h
     assert bank.weight_in.shape == (E, d, n_in) and bank.w_out.shape == (E, h, d)
     assert bank.bias_in.shape == (E, n_in) and bank.b_out.shape == (E, d)
@@ -296,7 +323,9 @@ def test_expert_bank_parameter_shapes_and_default_init_follow_nn_linear(seed, ac
         # U(-b, b) has std b/sqrt(3); tens of thousands of draws land within a few percent.
         if w.numel() > 10_000:
             assert abs(float(w.std()) / (bound / math.sqrt(3)) - 1) < 0.05
-    std_bank = ExpertBank(E, d, h, activation, bias=True, init_std=0.02)
+    std_bank = ExpertBank(
+        d_model=d, d_hidden=h, num_experts=E, activation=activation, bias=True, init_std=0.02
+    )
     assert abs(float(std_bank.w_out.detach().std()) / 0.02 - 1) < 0.05
     assert torch.count_nonzero(std_bank.b_out) == 0
 
@@ -393,7 +422,9 @@ def test_expert_ffn_keeps_no_swiglu_output_alive_between_forward_and_backward(se
 
 def test_draft_reports_match_direct_computation(seed):
     E, d, r = 7, 10, 3
-    layer = MoELayer(d, 16, E, 2, report_top_tokens=r, dtype=torch.float64)
+    layer = MoELayer.build(
+        d_model=d, d_hidden=16, num_experts=E, k=2, report_top_tokens=r, dtype=torch.float64
+    )
     x = torch.randn(4, 9, d, dtype=torch.float64)
     y, info = layer(x)
     rep = info.reports
@@ -428,14 +459,16 @@ def test_draft_reports_break_confidence_ties_by_lower_token_index(seed):
     sup = FixedSupervisor(ids, E, d)
     with torch.no_grad():
         sup.proj.weight.zero_()  # ... with equal weights 0.5 everywhere: all ties
-    layer = MoELayer(d, 6, E, 2, supervisor=sup, report_top_tokens=5)
+    layer = MoELayer.build(
+        d_model=d, d_hidden=6, num_experts=E, k=2, router=sup, report_top_tokens=5
+    )
     _, info = layer(torch.randn(T, d))
     assert info.reports.top_tokens.tolist() == [[0, 1, 2, 3, 4]] * 2 + [[-1] * 5]
     assert info.reports.confidence.tolist() == [0.5, 0.5, 0.0]
 
 
-def test_moe_layer_reports_can_be_disabled(seed):
-    layer = MoELayer(8, 8, 4, 2, reports=False)
+def test_moe_layer_without_report_top_tokens_computes_no_draft_reports(seed):
+    layer = MoELayer.build(d_model=8, d_hidden=8, num_experts=4, k=2, report_top_tokens=None)
     _, info = layer(torch.randn(5, 8))
     assert info.reports is None
 
@@ -447,8 +480,18 @@ def test_moe_layer_reports_can_be_disabled(seed):
 class TwoLayerModel(nn.Module):
     def __init__(self, d=16, E=6, **kw):
         super().__init__()
-        self.a = MoELayer(d, 24, E, 2, num_shared_experts=1, shared_expert_gate=True, **kw)
-        self.b = MoELayer(d, 20, E, 3, activation="gelu", bias=True, **kw)
+        self.a = MoELayer.build(
+            d_model=d,
+            d_hidden=24,
+            num_experts=E,
+            k=2,
+            num_shared_experts=1,
+            shared_expert_gate=True,
+            **kw,
+        )
+        self.b = MoELayer.build(
+            d_model=d, d_hidden=20, num_experts=E, k=3, activation="gelu", bias=True, **kw
+        )
 
     def forward(self, x):
         y, ia = self.a(x)
@@ -518,7 +561,8 @@ def test_moe_layer_is_bitwise_deterministic(seed):
         (dict(num_shared_experts=True), "num_shared_experts"),
         (dict(report_top_tokens=False), "report_top_tokens"),
         (dict(bias="no"), "bias must be a bool"),
-        (dict(reports="yes"), "reports must be a bool"),
+        (dict(report_top_tokens="4"), "report_top_tokens must be None"),
+        (dict(checkpoint_experts="yes"), "checkpoint_experts must be a bool"),
         (dict(recompute_activation="False"), "recompute_activation must be a bool"),
         (dict(inplace_backward=1), "inplace_backward must be a bool"),
         (dict(init_std="0.02"), "init_std"),
@@ -530,62 +574,77 @@ def test_moe_layer_rejects_bad_constructor_args(kwargs, match):
     args = dict(d_model=8, d_hidden=8, num_experts=4, k=2)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        MoELayer(**args)
+        MoELayer.build(**args)
 
 
-def test_moe_layer_rejects_supervisor_that_disagrees_on_k_or_experts():
+def test_moe_layer_build_rejects_router_that_disagrees_on_k_or_experts():
     from moe_framework.supervisor import Supervisor
 
     with pytest.raises(ValueError, match="slots_per_token"):
-        MoELayer(8, 8, 4, 2, supervisor=Supervisor(8, 4, 3))
+        MoELayer.build(d_model=8, d_hidden=8, num_experts=4, k=2, router=Supervisor(8, 4, 3))
     with pytest.raises(ValueError, match="num_experts"):
-        MoELayer(8, 8, 4, 2, supervisor=Supervisor(8, 5, 2))
+        MoELayer.build(d_model=8, d_hidden=8, num_experts=4, k=2, router=Supervisor(8, 5, 2))
 
 
-def test_moe_layer_rejects_supervisor_of_another_width_at_construction():
+def test_moe_layer_build_rejects_router_of_another_width_at_construction():
     from moe_framework.supervisor import Supervisor
 
-    with pytest.raises(ValueError, match="supervisor.d_model must equal the layer's d_model=8"):
-        MoELayer(8, 8, 4, 2, supervisor=Supervisor(16, 4, 2))
+    with pytest.raises(ValueError, match="router.d_model must equal d_model=8, got 16"):
+        MoELayer.build(d_model=8, d_hidden=8, num_experts=4, k=2, router=Supervisor(16, 4, 2))
 
 
 def test_moe_layer_routing_stats_without_tracking_is_an_error_saying_how_to_turn_it_on():
-    layer = MoELayer(8, 8, 4, 2)
+    layer = MoELayer.build(d_model=8, d_hidden=8, num_experts=4, k=2)
     layer(torch.randn(6, 8))
     with pytest.raises(RuntimeError, match="track_stats=True"):
         layer.routing_stats()
     # turned on later: from then on the statistics are real
-    layer.supervisor.track_stats = True
+    layer.router.track_stats = True
     layer(torch.randn(6, 8))
     stats = layer.routing_stats()
     assert stats["tokens"] == 6 and sum(stats["tokens_per_expert"]) == 12
     # turned off again: what was tracked stays readable
-    layer.supervisor.track_stats = False
+    layer.router.track_stats = False
     assert layer.routing_stats()["tokens"] == 6
 
 
 def test_moe_layer_rejects_input_of_wrong_width():
     with pytest.raises(ValueError, match="d_model=8"):
-        MoELayer(8, 8, 4, 2)(torch.randn(3, 7))
+        MoELayer.build(d_model=8, d_hidden=8, num_experts=4, k=2)(torch.randn(3, 7))
+
+
+_BANK = dict(d_model=4, d_hidden=4, num_experts=2)
+_FFN = dict(d_model=4, d_hidden=4)
 
 
 @pytest.mark.parametrize(
-    "cls, args, match",
+    "cls, kwargs, match",
     [
-        (ExpertBank, (0, 4, 4), "num_experts"),
-        (ExpertBank, (2, 4, 4, "tanh"), "activation"),
-        (DenseFFN, (4, 0), "d_hidden"),
-        (DenseFFN, (4, 4, "tanh"), "activation"),
-        (ExpertBank, (True, 4, 4), "num_experts"),
-        (ExpertBank, (2, True, 4), "d_model"),
-        (ExpertBank, (2, 4, 4, "swiglu", "no"), "bias must be a bool"),
-        (DenseFFN, (4, True), "d_hidden"),
-        (DenseFFN, (4, 4, "swiglu", "yes"), "bias must be a bool"),
+        (ExpertBank, dict(_BANK, num_experts=0), "num_experts"),
+        (ExpertBank, dict(_BANK, activation="tanh"), "activation"),
+        (DenseFFN, dict(_FFN, d_hidden=0), "d_hidden"),
+        (DenseFFN, dict(_FFN, activation="tanh"), "activation"),
+        (ExpertBank, dict(_BANK, num_experts=True), "num_experts"),
+        (ExpertBank, dict(_BANK, d_model=True), "d_model"),
+        (ExpertBank, dict(_BANK, bias="no"), "bias must be a bool"),
+        (DenseFFN, dict(_FFN, d_hidden=True), "d_hidden"),
+        (DenseFFN, dict(_FFN, bias="yes"), "bias must be a bool"),
     ],
 )
-def test_expert_modules_reject_bad_args(cls, args, match):
+def test_expert_modules_reject_bad_args(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        cls(*args)
+        cls(**kwargs)
+
+
+def test_expert_modules_take_sizes_by_keyword_only():
+    # One order everywhere (d_model, d_hidden, num_experts): positional sizes were (num_experts,
+    # d_model, d_hidden) for ExpertBank before and must not silently swap meaning.
+    with pytest.raises(TypeError):
+        ExpertBank(4, 8, 16)
+    with pytest.raises(TypeError):
+        DenseFFN(8, 16)
+    with pytest.raises(TypeError):
+        MoELayer.build(8, 16, 4, 2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -595,8 +654,24 @@ def test_expert_modules_reject_bad_args(cls, args, match):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_layer_cuda_matches_cpu(seed, dtype):
-    cpu = MoELayer(64, 96, 16, 4, num_shared_experts=1, shared_expert_gate=True, dtype=dtype)
-    gpu = MoELayer(64, 96, 16, 4, num_shared_experts=1, shared_expert_gate=True, dtype=dtype)
+    cpu = MoELayer.build(
+        d_model=64,
+        d_hidden=96,
+        num_experts=16,
+        k=4,
+        num_shared_experts=1,
+        shared_expert_gate=True,
+        dtype=dtype,
+    )
+    gpu = MoELayer.build(
+        d_model=64,
+        d_hidden=96,
+        num_experts=16,
+        k=4,
+        num_shared_experts=1,
+        shared_expert_gate=True,
+        dtype=dtype,
+    )
     gpu.load_state_dict(cpu.state_dict())
     gpu.cuda()
     x = torch.randn(3, 50, 64, dtype=dtype)
@@ -614,7 +689,7 @@ def test_moe_layer_cuda_matches_cpu(seed, dtype):
 
 @pytest.mark.cuda
 def test_moe_layer_forward_is_cuda_graph_capturable(seed):
-    layer = MoELayer(32, 48, 8, 2).cuda().eval()
+    layer = MoELayer.build(d_model=32, d_hidden=48, num_experts=8, k=2).cuda().eval()
     x = torch.randn(64, 32, device="cuda")
     with torch.no_grad():
         want, _ = layer(x)  # warm up (kernels loaded, allocator primed)
@@ -638,7 +713,7 @@ def test_moe_layer_mask_routes_padding_nowhere_and_passes_seq_len(seed):
     sup = Supervisor(
         d, E, k, load_balance_coef=1.0, load_balance_scope="sequence", track_stats=True
     )
-    layer = MoELayer(d, 24, E, k, supervisor=sup)
+    layer = MoELayer.build(d_model=d, d_hidden=24, num_experts=E, k=k, router=sup)
     x = torch.randn(B, S, d)
     mask = torch.rand(B, S) > 0.3
     mask[:, 0] = True  # every sequence has a real token
@@ -659,13 +734,13 @@ def test_moe_layer_mask_routes_padding_nowhere_and_passes_seq_len(seed):
 
 
 def test_moe_layer_rejects_a_mask_of_the_wrong_shape():
-    layer = MoELayer(8, 16, 4, 2)
+    layer = MoELayer.build(d_model=8, d_hidden=16, num_experts=4, k=2)
     with pytest.raises(ValueError, match="mask must have shape"):
         layer(torch.randn(2, 3, 8), torch.ones(3, 2, dtype=torch.bool))
 
 
 def test_moe_layer_runs_under_cpu_autocast_with_bf16_matmuls_and_fp32_grads(seed):
-    layer = MoELayer(32, 48, 4, 2, num_shared_experts=1)
+    layer = MoELayer.build(d_model=32, d_hidden=48, num_experts=4, k=2, num_shared_experts=1)
     x = torch.randn(2, 7, 32)
     ref, ref_info = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):

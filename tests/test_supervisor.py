@@ -964,7 +964,7 @@ def test_every_strategy_drives_a_moe_layer(seed, strategy):
     kw = {"n_group": 2, "topk_group": 1} if strategy == "grouped_sigmoid" else {}
     sup = make(strategy, 16, 4, k, capacity_factor=1.0, load_balance_coef=0.01, **kw)
     assert sup.slots_per_token == k  # expert choice defaults to the top-k static shapes
-    layer = MoELayer(16, 32, 4, k, supervisor=sup).train()
+    layer = MoELayer.build(d_model=16, d_hidden=32, num_experts=4, k=k, router=sup).train()
     x = torch.randn(2, 9, 16)
     y, info = layer(x)
     assert y.shape == x.shape and torch.isfinite(y).all()

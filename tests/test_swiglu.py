@@ -264,8 +264,10 @@ def test_moe_layer_and_dense_ffn_gradients_do_not_depend_on_inplace_backward(see
     torch.manual_seed(seed)
     x = torch.randn(3, 7, 16)
     for make in (
-        lambda ip: MoELayer(16, 24, 6, 2, num_shared_experts=1, inplace_backward=ip),
-        lambda ip: DenseFFN(16, 24, inplace_backward=ip),
+        lambda ip: MoELayer.build(
+            d_model=16, d_hidden=24, num_experts=6, k=2, num_shared_experts=1, inplace_backward=ip
+        ),
+        lambda ip: DenseFFN(d_model=16, d_hidden=24, inplace_backward=ip),
     ):
         torch.manual_seed(seed)
         a = make(True)
@@ -315,7 +317,9 @@ def test_moe_layer_under_activation_checkpointing_gives_same_gradients(seed, use
     from torch.utils.checkpoint import checkpoint
 
     torch.manual_seed(seed)
-    m = MoELayer(16, 24, 6, 2, num_shared_experts=1, dtype=torch.float64)
+    m = MoELayer.build(
+        d_model=16, d_hidden=24, num_experts=6, k=2, num_shared_experts=1, dtype=torch.float64
+    )
     x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
 
     def grads(f):
@@ -328,3 +332,64 @@ def test_moe_layer_under_activation_checkpointing_gives_same_gradients(seed, use
     got = grads(lambda t: checkpoint(lambda u: m(u)[0], t, use_reentrant=use_reentrant))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# ops own their autograd: the fused expert-FFN nodes live in moe_framework.ops
+
+
+def test_only_the_ops_package_calls_torch_ops_moe_framework():
+    import pathlib
+
+    package = pathlib.Path(ops.__file__).resolve().parent.parent
+    offenders = sorted(
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if p.parent != package / "ops" and "torch.ops.moe_framework" in p.read_text()
+    )
+    assert offenders == []
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_ops_swiglu_down_proj_matches_the_plain_formula_and_gradcheck(seed, trans_b):
+    E, hid, d = 3, 4, 5
+    offsets = torch.tensor([0, 2, 2, 6], dtype=torch.int64)  # rows 6..7 are dropped slots
+    h = torch.randn(8, 2 * hid, dtype=torch.float64, requires_grad=True)
+    shape = (E, d, hid) if trans_b else (E, hid, d)
+    w = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = ops.swiglu_down_proj(h, w, offsets, trans_b, inplace_backward=False)
+    act = F.silu(h[:, :hid]) * h[:, hid:]
+    wt = w.transpose(1, 2) if trans_b else w
+    want = torch.cat(
+        [act[lo:hi] @ wt[e] for e, (lo, hi) in enumerate([(0, 2), (2, 2), (2, 6)])]
+        + [h.new_zeros(2, d)]
+    )
+    torch.testing.assert_close(y, want, **TOL[torch.float64])
+    assert torch.autograd.gradcheck(
+        lambda h, w: ops.swiglu_down_proj(h, w, offsets, trans_b, inplace_backward=False), (h, w)
+    )
+    assert torch.autograd.gradcheck(lambda h: ops.swiglu_owned(h, inplace_backward=False), (h,))
+    torch.testing.assert_close(ops.swiglu_owned(h), ops.swiglu(h), rtol=0, atol=0)
+
+
+def test_ops_wrappers_of_the_backward_ops_equal_the_raw_ops(seed):
+    from moe_framework.ops.reference import grouped_gemm_wgrad_ref
+
+    offsets = torch.tensor([0, 3, 3, 7], dtype=torch.int64)
+    a, g = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    for trans_b in (False, True):
+        got = ops.grouped_gemm_wgrad(a, g, offsets, trans_b=trans_b)
+        torch.testing.assert_close(got, grouped_gemm_wgrad_ref(a, g, offsets, trans_b))
+    h, grad = torch.randn(6, 8), torch.randn(6, 4)
+    want = ops.swiglu_backward(grad, h)
+    ops.swiglu_backward_(grad, h)
+    assert torch.equal(h, want)
+    x, ids = torch.randn(5, 3), torch.tensor([[0, 2], [1, -1], [2, 0], [0, 1], [-1, 2]])
+    x_sorted, row_of_slot, offsets = ops.permute(x, ids, 3)
+    w = torch.rand(5, 2)
+    gy = torch.randn(5, 3)
+    gys, gw = ops.unpermute_backward(gy, x_sorted, row_of_slot, w)
+    assert torch.equal(gys, OPS.unpermute_backward(gy, x_sorted, row_of_slot, w)[0])
+    assert torch.equal(gw, OPS.unpermute_backward(gy, x_sorted, row_of_slot, w)[1])
+    gx = ops.permute_backward(gys, row_of_slot, offsets, 2)
+    assert torch.equal(gx, OPS.permute_backward(gys, row_of_slot, offsets, 2))

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import moe_framework  # noqa: F401
-from moe_framework.constellation import RoutingInfo
 from moe_framework.integrations.transformers import (
     HFMoEBlock,
     replace_moe_blocks,
     restore_moe_blocks,
 )
+from moe_framework.moe_layer import RoutingInfo
 
 transformers = pytest.importorskip("transformers")
 
@@ -201,7 +201,7 @@ def test_mixtral_router_jitter_in_training_matches_hf(seed):
 
 def test_adapter_can_keep_routing_info_and_draft_reports(seed):
     model = _qwen3_moe(norm_topk_prob=True)
-    replace_moe_blocks(model, reports=True, report_top_tokens=2)
+    replace_moe_blocks(model, report_top_tokens=2)
     block = model.model.layers[0].mlp
     block.keep_routing_info = True
     ids = torch.randint(0, COMMON["vocab_size"], (2, 5))
@@ -251,3 +251,31 @@ def test_second_backward_needs_inplace_backward_off_and_then_matches(seed):
     for n, p in model.named_parameters():
         if n in first:
             torch.testing.assert_close(p.grad, 2 * first[n], rtol=1e-5, atol=1e-6)
+
+
+def test_swapped_block_is_a_moe_layer_of_adapters_that_follow_copies_of_the_model(seed):
+    import copy
+
+    from moe_framework.integrations.transformers import HFExperts, HFRouter
+
+    model = _qwen2_moe(norm_topk_prob=True).eval()
+    replace_moe_blocks(model)
+    block = model.model.layers[0].mlp
+    assert isinstance(block.moe.router, HFRouter) and isinstance(block.moe.experts, HFExperts)
+    assert block.moe.router.gate is block.gate and block.moe.experts.hf_experts is block.experts
+    ids = torch.randint(0, COMMON["vocab_size"], (1, 6))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    # The adapters borrow the HF modules without owning them: a deep copy must run on the copy's
+    # own modules, not on the original's.
+    twin = copy.deepcopy(model)
+    twin_block = twin.model.layers[0].mlp
+    assert twin_block.moe.router.gate is twin_block.gate
+    assert twin_block.moe.experts.hf_experts is twin_block.experts
+    with torch.no_grad():
+        twin_block.experts.down_proj.zero_()
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="route every token; mask must be None"):
+        block.moe(torch.randn(2, 3, COMMON["hidden_size"]), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="keep_routing_info"):
+        block.moe.routing_stats()

@@ -50,9 +50,9 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 import moe_framework  # noqa: F401
 from moe_framework.benchmarks import common
-from moe_framework.constellation import MoELayer
 from moe_framework.experts import DenseFFN
 from moe_framework.integrations.transformers import HFMoEBlock
+from moe_framework.moe_layer import MoELayer
 
 # (T, E, k, d, h): the goal shape first (Mixtral's proportions h = 3.5 d, scaled to d = 512),
 # then fine-grained experts (DeepSeek / Qwen3 style, ~192 rows per expert) and a small batch.
@@ -82,7 +82,7 @@ def _hf_block(T, E, k, d, h, dtype, seed=0):
 
 def _moe_layer_on(blk, E, k, d, h, dtype):
     """MoELayer sharing the HF block's tensors (out_in layout = HF's, no copy)."""
-    layer = MoELayer(d, h, E, k, layout="out_in", dtype=dtype)
+    layer = MoELayer.build(d_model=d, d_hidden=h, num_experts=E, k=k, layout="out_in", dtype=dtype)
     layer.experts.w_gate_up = blk.experts.gate_up_proj
     layer.experts.w_out = blk.experts.down_proj
     layer.supervisor.gate.weight = blk.gate.weight
@@ -138,7 +138,7 @@ def speed(args):
             for dtype in (torch.float32, torch.bfloat16):
                 cfg, blk, layer, layer_keep, x, grad_y = _contenders(T, E, k, d, h, dtype)
                 ours_hf = HFMoEBlock(blk)
-                dense = DenseFFN(d, k * h, dtype=dtype)
+                dense = DenseFFN(d_model=d, d_hidden=k * h, dtype=dtype)
                 flops = 2.0 * T * k * 3 * d * h  # expert FLOPs of one forward
                 for backward in (False, True):
                     res = {}
@@ -277,11 +277,11 @@ def mem_run(kind: str, T: int, E: int, k: int, d: int, h: int, dtype: str, threa
     dt = getattr(torch, dtype)
     torch.manual_seed(0)
     if kind.startswith("moe_layer"):
-        mod = MoELayer(
-            d,
-            h,
-            E,
-            k,
+        mod = MoELayer.build(
+            d_model=d,
+            d_hidden=h,
+            num_experts=E,
+            k=k,
             dtype=dt,
             recompute_activation=kind != "moe_layer_keep_act",
             inplace_backward=kind != "moe_layer_copy_grad",
@@ -291,7 +291,7 @@ def mem_run(kind: str, T: int, E: int, k: int, d: int, h: int, dtype: str, threa
     elif kind == "hf_eager":
         _, mod = _hf_block(T, E, k, d, h, dt)
     else:
-        mod = DenseFFN(d, k * h, dtype=dt)
+        mod = DenseFFN(d_model=d, d_hidden=k * h, dtype=dt)
     x = torch.randn(1, T, d, dtype=dt, requires_grad=True)
 
     def step():

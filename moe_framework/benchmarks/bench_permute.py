@@ -21,7 +21,7 @@ import torch
 
 import moe_framework  # noqa: F401
 from moe_framework.benchmarks import common
-from moe_framework.ops import permute, unpermute
+from moe_framework.ops import permute, permute_backward, unpermute, unpermute_backward
 
 
 def eager_permute(x, ids, num_experts):
@@ -113,7 +113,6 @@ def summarize(rows):
 def per_op(threads, T, d, E, k, dtype):
     """Each of the four ops alone at one shape, with a fill of a fresh [T*k, d] buffer (what writing
     new memory costs here, page faults included) as the floor for ops that write T*k rows."""
-    ops = torch.ops.moe_framework
     torch.set_num_threads(threads)
     esize = torch.finfo(dtype).bits // 8
     x = torch.randn(T, d).to(dtype)
@@ -121,13 +120,13 @@ def per_op(threads, T, d, E, k, dtype):
     w = torch.rand(T, k)
     gy = torch.randn(T, d).to(dtype)
     xs, ros, off = permute(x, ids, E)
-    gys, _ = ops.unpermute_backward(gy, xs, ros, w)
+    gys, _ = unpermute_backward(gy, xs, ros, w)
     n = T * k
     cases = [
         ("permute", lambda: permute(x, ids, E), (T + n) * d),
         ("unpermute", lambda: unpermute(xs, ros, w), (n + T) * d),
-        ("unpermute_backward", lambda: ops.unpermute_backward(gy, xs, ros, w), (T + 2 * n) * d),
-        ("permute_backward", lambda: ops.permute_backward(gys, ros, off, k), (n + T) * d),
+        ("unpermute_backward", lambda: unpermute_backward(gy, xs, ros, w), (T + 2 * n) * d),
+        ("permute_backward", lambda: permute_backward(gys, ros, off, k), (n + T) * d),
         ("fresh [T*k, d] fill", lambda: torch.empty(n, d, dtype=dtype).fill_(1), n * d),
     ]
     out = []

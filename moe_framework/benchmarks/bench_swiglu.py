@@ -25,9 +25,7 @@ import torch.nn.functional as F
 
 import moe_framework  # noqa: F401
 from moe_framework.benchmarks import common
-from moe_framework.ops import swiglu, swiglu_backward
-
-OPS = torch.ops.moe_framework
+from moe_framework.ops import swiglu, swiglu_backward, swiglu_backward_
 
 
 def eager_fwd(h):
@@ -51,7 +49,7 @@ def _methods(pas, h, g, scratch, compiled_fwd, compiled_bwd):
         "eager": lambda: eager_bwd(h, g),
         "ours": lambda: swiglu_backward(g, h),
         # scratch is overwritten by every call: timing only, its values are not used
-        "ours_inplace": lambda: OPS.swiglu_backward_(g, scratch),
+        "ours_inplace": lambda: swiglu_backward_(g, scratch),
     }
     if compiled_bwd is not None:
         methods["compiled"] = lambda: compiled_bwd(h, g)

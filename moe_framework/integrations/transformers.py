@@ -8,9 +8,12 @@
 2
 
 ``replace_moe_blocks`` swaps, in place, every supported sparse MoE block for a
-:class:`HFMoEBlock`: a :class:`~moe_framework.constellation.MoELayer` whose stages run on the
-block's own submodules. The adapter keeps the block's children under their names (``gate``,
-``experts``, and ``shared_expert`` / ``shared_expert_gate`` for Qwen2-MoE), so
+:class:`HFMoEBlock`: a thin module with HF's forward signature around a
+:class:`~moe_framework.moe_layer.MoELayer` composed of adapters, :class:`HFRouter` (the block's
+``gate`` as a ``Router``) and :class:`HFExperts` (its ``experts`` as an ``Experts``), plus
+Qwen2-MoE's gated shared expert. The block keeps its children under their names (``gate``,
+``experts``, and ``shared_expert`` / ``shared_expert_gate`` for Qwen2-MoE); the adapters read
+them without registering them again, so
 
 * no tensor is copied: the HF ``Parameter`` objects are the ones the grouped GEMM reads;
   ``experts.gate_up_proj [E, 2h, d]`` and ``experts.down_proj [E, d, h]`` are ExpertBank's
@@ -39,11 +42,18 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..constellation import MoELayer, RoutingInfo
-from ..experts import expert_ffn
+from ..experts import GatedSharedExperts, expert_ffn
+from ..moe_layer import MoELayer, RoutingInfo
 from ..supervisor import RoutingDecision
 
-__all__ = ["HFMoEBlock", "replace_moe_blocks", "restore_moe_blocks", "supported_block_classes"]
+__all__ = [
+    "HFExperts",
+    "HFMoEBlock",
+    "HFRouter",
+    "replace_moe_blocks",
+    "restore_moe_blocks",
+    "supported_block_classes",
+]
 
 # (module, block class) of the HF sparse MoE blocks whose forward this adapter reproduces.
 _SUPPORTED = (
@@ -95,65 +105,86 @@ def _check_experts(block: nn.Module) -> None:
         )
 
 
-class HFMoEBlock(MoELayer):
-    """A Hugging Face sparse MoE block running the :class:`MoELayer` pipeline on its own weights.
+def _borrow(adapter: nn.Module, name: str, module: nn.Module) -> None:
+    # A reference that is not a child: the HF module stays registered under its own name in the
+    # HFMoEBlock (state_dict keys, named_parameters, .to() and save_pretrained as before), and an
+    # adapter that registered it too would list every HF parameter a second time.
+    object.__setattr__(adapter, name, module)
 
-    Built by :func:`replace_moe_blocks`; holds the block's ``gate`` (router), ``experts`` and, for
-    Qwen2-MoE, ``shared_expert`` / ``shared_expert_gate`` modules themselves (same objects).
 
-    ``forward(hidden_states [B, S, d]) -> [B, S, d]`` like the HF block. With
-    ``keep_routing_info=True`` the last call's :class:`RoutingInfo` (with draft reports when
-    ``reports=True``) is kept in ``last_routing_info``. ``inplace_backward``: as in
-    :func:`moe_framework.experts.expert_ffn` (the experts' backward writes the SwiGLU gradient over
-    their saved activation; ``False`` allows a second backward through one graph).
+class HFRouter(nn.Module):
+    """A Hugging Face MoE router (``block.gate``) as a ``Router``: the model's own module routes
+    (softmax, top-k, ``norm_topk_prob``, dtype casts exactly as HF does them), so its output hooks
+    (``output_router_logits``, the load-balancing loss) still fire.
+
+    ``forward(x [T, d], mask=None, seq_len=None) -> RoutingDecision`` with the gate's
+    ``(logits, weights, ids)``, per-expert counts and a zero ``aux_loss`` (HF computes its
+    balancing loss from the router logits itself). HF routers route every token: a ``mask`` is
+    refused. They keep no statistics and have no selection bias: :meth:`routing_stats` and
+    :meth:`update_bias` raise, :meth:`reset_stats` does nothing.
     """
 
-    def __init__(
-        self,
-        block: nn.Module,
-        *,
-        reports: bool = False,
-        report_top_tokens: int = 4,
-        inplace_backward: bool = True,
-    ):
-        nn.Module.__init__(self)
-        self.inplace_backward = bool(inplace_backward)
-        _check_experts(block)
-        ex = block.experts
-        self.gate = block.gate
-        self.experts = ex
-        self.shared_expert = getattr(block, "shared_expert", None)
-        self.shared_expert_gate = getattr(block, "shared_expert_gate", None)
-        self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
-        self.num_experts = ex.gate_up_proj.shape[0]
-        self.d_model = ex.gate_up_proj.shape[2]
-        self.k = self.gate.top_k
-        self.top_k = self.gate.top_k
-        self.reports = reports
-        self.report_top_tokens = report_top_tokens
-        self.keep_routing_info = False
-        self.last_routing_info: Optional[RoutingInfo] = None
-        # Not a child module (its children are ours already): lets restore_moe_blocks undo the swap.
-        object.__setattr__(self, "_hf_block", block)
+    def __init__(self, gate: nn.Module, num_experts: int):
+        super().__init__()
+        _borrow(self, "gate", gate)
+        self.num_experts = num_experts
+        self.slots_per_token = gate.top_k
 
-    def _route(
-        self, x2: torch.Tensor, mask: Optional[torch.Tensor] = None, seq_len: Optional[int] = None
+    def forward(
+        self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, seq_len: Optional[int] = None
     ) -> RoutingDecision:
         if mask is not None:
             raise ValueError(
-                "HFMoEBlock: Hugging Face MoE blocks route every token; mask must be None"
+                "HFRouter: Hugging Face MoE blocks route every token; mask must be None"
             )
-        # The model's own router: HF's exact routing, and its output-capturing hooks still fire.
-        logits, weights, ids = self.gate(x2)
+        logits, weights, ids = self.gate(x)
         flat = ids.reshape(-1)
-        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x2.device)
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
         counts = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
         return RoutingDecision(
             weights, ids, counts, logits, logits.new_zeros((), dtype=torch.float32), {}
         )
 
-    def _run_experts(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        ex = self.experts
+    def routing_stats(self) -> dict:
+        raise RuntimeError(
+            "HFRouter: a Hugging Face router tracks no routing statistics; set "
+            "block.keep_routing_info = True and read block.last_routing_info (counts, ids) instead"
+        )
+
+    def reset_stats(self) -> None:
+        """Nothing to reset: no statistics are kept."""
+
+    def update_bias(self, counts: Optional[torch.Tensor] = None) -> None:
+        raise RuntimeError(
+            "HFRouter: Hugging Face routers have no selection bias; update_bias does not apply"
+        )
+
+    def extra_repr(self) -> str:
+        return f"gate={type(self.gate).__name__}, num_experts={self.num_experts}, k={self.slots_per_token}"
+
+
+class HFExperts(nn.Module):
+    """A Hugging Face experts module (``block.experts``) as :class:`~moe_framework.experts.Experts`.
+
+    Reads the model's own ``gate_up_proj [E, 2h, d]`` (gate rows first) and ``down_proj
+    [E, d, h]`` at every call, no copy: they are ``ExpertBank``'s ``"out_in"`` layout, run by
+    ``expert_ffn`` (two ``ops.grouped_gemm`` with ``trans_b=True``, the fused SwiGLU). The model's
+    activation module is used as the gate nonlinearity (SiLU takes the fused path).
+    ``inplace_backward``: as in :func:`moe_framework.experts.expert_ffn`.
+    """
+
+    def __init__(self, experts: nn.Module, *, inplace_backward: bool = True):
+        super().__init__()
+        if not isinstance(inplace_backward, bool):
+            raise ValueError(
+                f"HFExperts: inplace_backward must be a bool, got {inplace_backward!r}"
+            )
+        _borrow(self, "hf_experts", experts)
+        self.num_experts, _, self.d_model = experts.gate_up_proj.shape
+        self.inplace_backward = inplace_backward
+
+    def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        ex = self.hf_experts
         # HF's SiLUActivation is F.silu: take swiglu's fused path; any other activation is called.
         act = ex.act_fn
         if isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation":
@@ -169,13 +200,68 @@ class HFMoEBlock(MoELayer):
             inplace_backward=self.inplace_backward,
         )
 
-    def _shared(self, x2: torch.Tensor) -> Optional[torch.Tensor]:
-        if self.shared_expert is None:
-            return None
-        out = self.shared_expert(x2)
-        if self.shared_expert_gate is not None:
-            out = torch.sigmoid(self.shared_expert_gate(x2)) * out
-        return out
+    def extra_repr(self) -> str:
+        return f"hf_experts={type(self.hf_experts).__name__}, num_experts={self.num_experts}"
+
+
+class _HFModule(nn.Module):
+    """Calls a borrowed HF module (the shared expert, its gate) without registering it."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        _borrow(self, "module", module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    def extra_repr(self) -> str:
+        return type(self.module).__name__
+
+
+class HFMoEBlock(nn.Module):
+    """A Hugging Face sparse MoE block running as a :class:`MoELayer` on its own weights.
+
+    Built by :func:`replace_moe_blocks`. Keeps the block's ``gate``, ``experts`` and, for
+    Qwen2-MoE, ``shared_expert`` / ``shared_expert_gate`` modules themselves under their names
+    (same objects), and ``moe = MoELayer(HFRouter(gate), HFExperts(experts),
+    shared=sigmoid-gated shared expert)``, whose adapters read those modules without owning them.
+
+    ``forward(hidden_states [B, S, d]) -> [B, S, d]`` like the HF block (Mixtral's training-time
+    jitter included). With ``keep_routing_info=True`` the last call's :class:`RoutingInfo` (with
+    draft reports when ``report_top_tokens`` is an int) is kept in ``last_routing_info``.
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        *,
+        report_top_tokens: Optional[int] = None,
+        inplace_backward: bool = True,
+    ):
+        super().__init__()
+        _check_experts(block)
+        self.gate = block.gate
+        self.experts = block.experts
+        self.shared_expert = getattr(block, "shared_expert", None)
+        self.shared_expert_gate = getattr(block, "shared_expert_gate", None)
+        self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
+        self.num_experts = block.experts.gate_up_proj.shape[0]
+        self.top_k = block.gate.top_k
+        shared = None
+        if self.shared_expert is not None:
+            shared = _HFModule(self.shared_expert)
+            if self.shared_expert_gate is not None:
+                shared = GatedSharedExperts(shared, _HFModule(self.shared_expert_gate))
+        self.moe = MoELayer(
+            HFRouter(block.gate, self.num_experts),
+            HFExperts(block.experts, inplace_backward=inplace_backward),
+            shared=shared,
+            report_top_tokens=report_top_tokens,
+        )
+        self.keep_routing_info = False
+        self.last_routing_info: Optional[RoutingInfo] = None
+        # Not a child module (its children are ours already): lets restore_moe_blocks undo the swap.
+        object.__setattr__(self, "_hf_block", block)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.training and self.jitter_noise > 0:
@@ -183,15 +269,13 @@ class HFMoEBlock(MoELayer):
             hidden_states *= torch.empty_like(hidden_states).uniform_(
                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise
             )
-        y, info = MoELayer.forward(self, hidden_states)
+        y, info = self.moe(hidden_states)
         if self.keep_routing_info:
             self.last_routing_info = info
         return y
 
     def extra_repr(self) -> str:
-        return (
-            f"hf_block={type(self._hf_block).__name__}, num_experts={self.num_experts}, k={self.k}"
-        )
+        return f"hf_block={type(self._hf_block).__name__}"
 
 
 def _swap(model: nn.Module, match, make) -> int:
@@ -206,15 +290,14 @@ def _swap(model: nn.Module, match, make) -> int:
 def replace_moe_blocks(
     model: nn.Module,
     *,
-    reports: bool = False,
-    report_top_tokens: int = 4,
+    report_top_tokens: Optional[int] = None,
     inplace_backward: bool = True,
 ) -> int:
     """Swap every supported HF sparse MoE block of ``model`` for an :class:`HFMoEBlock`, in place.
 
     Parameters are shared, not copied. Returns the number of blocks replaced (0 when the model has
-    none). ``reports`` / ``report_top_tokens`` configure the draft reports of each adapter (off by
-    default: the HF model does not consume them). ``inplace_backward=False`` lets one graph be
+    none). ``report_top_tokens``: r of each block's draft reports (``None``, the default, computes
+    none: the HF model does not consume them). ``inplace_backward=False`` lets one graph be
     backpropagated more than once (``retain_graph=True``, ``gradcheck``; see
     :func:`moe_framework.experts.expert_ffn`).
     """
@@ -227,10 +310,7 @@ def replace_moe_blocks(
         model,
         lambda m: type(m) in classes,
         lambda m: HFMoEBlock(
-            m,
-            reports=reports,
-            report_top_tokens=report_top_tokens,
-            inplace_backward=inplace_backward,
+            m, report_top_tokens=report_top_tokens, inplace_backward=inplace_backward
         ),
     )
 

@@ -2,18 +2,22 @@
 
 Each module holds one op family: the wrapper that calls ``torch.ops.moe_framework.<op>.default``,
 the fake (meta) kernel that lets ``torch.compile`` trace it, and its autograd formula.
-``reference`` holds plain-PyTorch implementations of every op, used by the tests.
+``fused_ffn`` holds the autograd nodes that fuse SwiGLU with the expert FFN around it.
+``reference`` holds plain-PyTorch implementations of every op, used by the tests. This package is
+the only place that calls ``torch.ops.moe_framework``: the rest of the library goes through it.
 """
 
 from typing import Optional
 
 import torch
 
+from . import fused_ffn as _fused_ffn
 from . import grouped_gemm as _grouped_gemm
 from . import permute as _permute
 from . import route as _route
 from . import similarity as _similarity
 from . import swiglu as _swiglu
+from .fused_ffn import *  # noqa: F401,F403
 from .grouped_gemm import *  # noqa: F401,F403
 from .permute import *  # noqa: F401,F403
 from .route import *  # noqa: F401,F403
@@ -42,6 +46,7 @@ __all__ = (
     + list(_grouped_gemm.__all__)
     + list(_similarity.__all__)
     + list(_swiglu.__all__)
+    + list(_fused_ffn.__all__)
     + ["OPS", "cuda_kernel_status", "registered_kernels"]
 )
 

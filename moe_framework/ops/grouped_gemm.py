@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["grouped_gemm"]
+__all__ = ["grouped_gemm", "grouped_gemm_wgrad"]
 
 
 def grouped_gemm(
@@ -40,6 +40,30 @@ def grouped_gemm(
     too).
     """
     return torch.ops.moe_framework.grouped_gemm.default(a, b, offsets, trans_b)
+
+
+def grouped_gemm_wgrad(
+    a: torch.Tensor, grad_out: torch.Tensor, offsets: torch.Tensor, trans_b: bool = False
+) -> torch.Tensor:
+    """Per-expert ``a_e^T @ grad_out_e``: the weight gradient of :func:`grouped_gemm`.
+
+    ``out[e] = a[offsets[e]:offsets[e+1]].T @ grad_out[offsets[e]:offsets[e+1]]`` (transposed,
+    ``[N, K]``, with ``trans_b``), a fixed-order reduction over the expert's rows, so the result
+    is deterministic on every device; an expert without rows gets zeros. Also a grouped column
+    sum: with ``a`` a ones column, ``out[e, 0]`` is the sum of expert ``e``'s rows of ``grad_out``.
+
+    Args:
+        a: ``[M, K]`` float32, bfloat16, float16 or float64, rows sorted by expert.
+        grad_out: ``[M, N]``, dtype of ``a``.
+        offsets: ``[E+1]`` int64 on ``a``'s device, as for :func:`grouped_gemm`.
+        trans_b: return ``[E, N, K]`` (the gradient of a ``trans_b`` grouped GEMM's ``b``).
+
+    Returns:
+        ``[E, K, N]`` (or ``[E, N, K]``), dtype of ``a``; bfloat16/float16 accumulate in float32.
+
+    Differentiable with respect to ``a`` and ``grad_out``.
+    """
+    return torch.ops.moe_framework.grouped_gemm_wgrad.default(a, grad_out, offsets, trans_b)
 
 
 def _check_offsets(op, offsets, num_experts):

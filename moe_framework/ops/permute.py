@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["permute", "unpermute"]
+__all__ = ["permute", "permute_backward", "unpermute", "unpermute_backward"]
 
 
 def permute(x: torch.Tensor, ids: torch.Tensor, num_experts: int):
@@ -59,6 +59,16 @@ def _permute_fake(x, ids, num_experts):
     row_of_slot = ids.new_empty((n,), dtype=torch.long)
     offsets = ids.new_empty((num_experts + 1,), dtype=torch.long)
     return x_sorted, row_of_slot, offsets
+
+
+def permute_backward(
+    grad_x_sorted: torch.Tensor, row_of_slot: torch.Tensor, offsets: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Gradient of :func:`permute` with respect to ``x``: ``grad_x [T, d]``, the sum over each
+    token's ``k`` slots of ``grad_x_sorted[row_of_slot[t*k + j]]`` (dropped slots excluded), in
+    slot order. ``grad_x_sorted [T*k, d]``, ``row_of_slot [T*k]`` and ``offsets [E+1]`` as
+    :func:`permute` returned them."""
+    return torch.ops.moe_framework.permute_backward.default(grad_x_sorted, row_of_slot, offsets, k)
 
 
 @torch.library.register_fake("moe_framework::permute_backward")
@@ -134,6 +144,16 @@ def _check_unpermute_shapes(op, y_sorted, row_of_slot, weights):
 def _unpermute_fake(y_sorted, row_of_slot, weights):
     _check_unpermute_shapes("unpermute", y_sorted, row_of_slot, weights)
     return y_sorted.new_empty((weights.shape[0], y_sorted.shape[1]))
+
+
+def unpermute_backward(
+    grad_y: torch.Tensor, y_sorted: torch.Tensor, row_of_slot: torch.Tensor, weights: torch.Tensor
+):
+    """Gradients of :func:`unpermute`: ``(grad_y_sorted [T*k, d], grad_weights [T, k])`` for the
+    incoming ``grad_y [T, d]``; the inputs as :func:`unpermute` received them."""
+    return torch.ops.moe_framework.unpermute_backward.default(
+        grad_y, y_sorted, row_of_slot, weights
+    )
 
 
 @torch.library.register_fake("moe_framework::unpermute_backward")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["swiglu", "swiglu_backward"]
+__all__ = ["swiglu", "swiglu_backward", "swiglu_backward_"]
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -38,6 +38,13 @@ def swiglu_backward(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Gradient of :func:`swiglu` with respect to ``h`` for the incoming ``grad [..., H]``:
     ``[..., 2H]`` = ``[grad * up * silu'(gate) | grad * silu(gate)]``, dtype of ``h``."""
     return torch.ops.moe_framework.swiglu_backward.default(grad, h)
+
+
+def swiglu_backward_(grad: torch.Tensor, h: torch.Tensor) -> None:
+    """:func:`swiglu_backward` written over ``h`` itself (``h`` contiguous, ``grad`` of its dtype
+    and not sharing its memory). For callers that own ``h`` and no longer need it; bumps ``h``'s
+    version counter, so autograd refuses a later backward that would read the old values."""
+    torch.ops.moe_framework.swiglu_backward_.default(grad, h)
 
 
 def _check_h(op, h):
