@@ -15,12 +15,12 @@ except ImportError as exc:  # a source checkout that was never built, or a torch
     raise ImportError(extension_error(exc)) from None
 from . import ops
 from .config import MoEConfig
-from .constellation import DraftReports, MoELayer, RoutingInfo
 from .cuda_graphs import CUDAGraphInference
 from .experts import ExpertBank
 from .knowledge_graph import KnowledgeGraph, KnowledgeGraphError
 from .librarian import Librarian
 from .metrics import RoutingStats
+from .moe_layer import DraftReports, MoELayer, RoutingInfo
 from .supervisor import RoutingDecision, Supervisor
 from .system import MixtureOfExpertsSystem
 

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig, fsync_dir, open_regular_file, parse_config_json, read_config_text
-from .constellation import MoELayer
 from .kg.paths import same_file, store_companions, touches_store
+from .moe_layer import MoELayer
 from .supervisor import Supervisor
 
 __all__ = ["MixtureOfExpertsSystem", "SystemOutput", "StepResult"]
@@ -425,7 +425,7 @@ class MixtureOfExpertsSystem(nn.Module):
         the whole interval (highest gate weight first, ties to the earlier token) as positions in
         the stream of tokens the model saw since the last consolidation: batch after batch, each
         flattened like ``x[..., d]``; -1 padded."""
-        from .constellation import DraftReports
+        from .moe_layer import DraftReports
 
         out = []
         for layer in range(self.config.num_layers):
