@@ -62,24 +62,24 @@ class _Block(nn.Module):
 
 def _make_supervisor(cfg: MoEConfig, layer_index: int) -> Supervisor:
     kw: dict = dict(
-        strategy=cfg.routing_strategy,
-        temperature=cfg.router_temperature,
+        strategy=cfg.strategy,
+        temperature=cfg.temperature,
         capacity_factor=cfg.capacity_factor,
-        load_balance_coef=cfg.aux_loss_weight,
-        z_loss_coef=cfg.z_loss_weight,
+        load_balance_coef=cfg.load_balance_coef,
+        z_loss_coef=cfg.z_loss_coef,
         bias_update_rate=cfg.bias_update_rate,
-        n_group=cfg.num_groups,
-        topk_group=cfg.topk_groups,
+        n_group=cfg.n_group,
+        topk_group=cfg.topk_group,
         routed_scaling_factor=cfg.routed_scaling_factor,
-        jitter_eps=cfg.router_jitter,
+        jitter_eps=cfg.jitter_eps,
         # Distinct noise streams per layer, reproducible from the config's seed.
         seed=cfg.seed * 1000 + layer_index,
         causal=cfg.causal,
         track_stats=cfg.track_stats,
     )
-    if cfg.router_noise_eps is not None:
-        kw["noise_eps"] = cfg.router_noise_eps
-    return Supervisor(cfg.d_model, cfg.num_experts, cfg.top_k, **kw)
+    if cfg.noise_eps is not None:
+        kw["noise_eps"] = cfg.noise_eps
+    return Supervisor(cfg.d_model, cfg.num_experts, cfg.k, **kw)
 
 
 class _CheckpointedMoELayer(MoELayer):
@@ -313,7 +313,7 @@ class MixtureOfExpertsSystem(nn.Module):
                 dim=cfg.d_model,
                 merge_threshold=cfg.kg_merge_threshold,
                 index_type=cfg.kg_index_type,
-                keep_checkpoints=cfg.kg_snapshots_kept,
+                keep_checkpoints=cfg.kg_keep_checkpoints,
             )
         return self._kg
 
@@ -490,7 +490,8 @@ class MixtureOfExpertsSystem(nn.Module):
         data length that matches the file, so a small file cannot make ``load`` allocate a huge
         model. ``max_parameters`` bounds the number of elements of the model state (raise it for
         bigger models). Weights with NaN or Inf are refused unless ``allow_nonfinite=True``; the
-        ``step`` metadata must be a non-negative integer.
+        ``step`` metadata must be a non-negative integer. A ``config.json`` written by an earlier
+        version (old field names) loads, with a ``DeprecationWarning``.
         """
         return load_system(
             cls,
@@ -505,7 +506,7 @@ class MixtureOfExpertsSystem(nn.Module):
         c = self.config
         return (
             f"layers={c.num_layers}, d_model={c.d_model}, experts={c.num_experts}, "
-            f"top_k={c.top_k}, strategy={c.routing_strategy!r}"
+            f"k={c.k}, strategy={c.strategy!r}"
         )
 
 

@@ -11,7 +11,7 @@ from moe_framework.system import MixtureOfExpertsSystem, StepResult
 
 def _cfg(tmp_path=None, **kw):
     base = dict(
-        input_dim=12, d_model=16, d_hidden=24, num_layers=2, num_experts=4, top_k=2, output_dim=3
+        input_dim=12, d_model=16, d_hidden=24, num_layers=2, num_experts=4, k=2, output_dim=3
     )
     if tmp_path is not None:
         base["kg_path"] = str(tmp_path / "kg.sqlite")
@@ -38,13 +38,8 @@ def _twins(**kw):
         {},
         {"amp_dtype": "bf16"},
         {"grad_clip_norm": None},
-        {"bias_update_rate": 0.01, "aux_loss_weight": 0.0},
-        {
-            "routing_strategy": "grouped_sigmoid",
-            "num_groups": 2,
-            "topk_groups": 2,
-            "bias_update_rate": 0.01,
-        },
+        {"bias_update_rate": 0.01, "load_balance_coef": 0.0},
+        {"strategy": "grouped_sigmoid", "n_group": 2, "topk_group": 2, "bias_update_rate": 0.01},
     ],
 )
 def test_training_step_function_is_what_the_system_method_runs_bitwise(kw):
@@ -150,7 +145,7 @@ def test_update_router_biases_calls_each_routers_hook():
 
 def test_run_schedules_consolidates_and_snapshots_on_their_intervals(tmp_path):
     model = MixtureOfExpertsSystem(
-        _cfg(tmp_path, consolidation_interval=2, kg_checkpoint_interval=3, kg_snapshots_kept=5)
+        _cfg(tmp_path, consolidation_interval=2, kg_checkpoint_interval=3, kg_keep_checkpoints=5)
     )
     model(_task(8)[0])
     done = []
