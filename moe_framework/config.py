@@ -421,7 +421,9 @@ class MoEConfig:
         """Inverse of :meth:`to_dict`; unknown keys or a foreign ``format`` raise ValueError.
 
         Also accepted: the field names used before (:data:`RENAMED_FIELDS`, a
-        ``DeprecationWarning`` names the new field; configs saved by earlier versions use them)."""
+        ``DeprecationWarning`` names the new field; configs saved by earlier versions use them)
+        and the original design guide's keys (``hidden_dim``, ``top_k_experts``, ``use_amp``, ...:
+        see :mod:`moe_framework.compat`), translated to ours."""
         if not isinstance(d, dict):
             raise _bad("JSON document", "an object", type(d).__name__)
         d = dict(d)
@@ -431,6 +433,9 @@ class MoEConfig:
         d = _rename_old_fields(
             d, DeprecationWarning, "; saving the config again writes the new names"
         )
+        from .compat import translate_guide_config  # late: compat builds on this module
+
+        d = translate_guide_config(d)
         known = {f.name for f in dataclasses.fields(cls)} | {"max_seq_len"}
         unknown = sorted((k for k in d if k not in known), key=str)
         if unknown:
