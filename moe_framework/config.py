@@ -410,7 +410,7 @@ class MoEConfig:
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (with a ``format`` tag), in the current field names."""
-        d = {"format": _FORMAT}
+        d: dict = {"format": _FORMAT}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             d[f.name] = list(v) if isinstance(v, tuple) else v
