@@ -35,7 +35,7 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     args = p.parse_args()
     torch.manual_seed(0)
-    cfg = MoEConfig(input_dim=32, output_dim=8, d_model=32, d_hidden=64, num_experts=4, top_k=2)
+    cfg = MoEConfig(input_dim=32, output_dim=8, d_model=32, d_hidden=64, num_experts=4, k=2)
     model = MixtureOfExpertsSystem(cfg).eval()
     x = torch.randn(args.batch, 32)
 

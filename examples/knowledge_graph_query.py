@@ -36,7 +36,7 @@ def main():
         d_model=32,
         d_hidden=32,
         num_experts=4,
-        top_k=2,
+        k=2,
         kg_path=kg_path,
         consolidation_interval=10,
         specialisation_names=["north", "east", "south", "west"],

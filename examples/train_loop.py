@@ -34,7 +34,7 @@ def main():
         d_model=48,
         d_hidden=48,
         num_experts=4,
-        top_k=2,
+        k=2,
         amp_dtype=args.amp,
         kg_path=os.path.join(out, "knowledge.sqlite"),
         consolidation_interval=20,

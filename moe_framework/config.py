@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -20,31 +21,23 @@ import warnings
 from dataclasses import InitVar, dataclass
 from typing import Any, BinaryIO, Optional, Tuple, Union
 
+from .options import ACTIVATIONS, AMP_DTYPES, COMPILE_MODES, INDEX_TYPES, STRATEGIES
+
 __all__ = [
     "MoEConfig",
     "ACTIVATIONS",
     "ROUTING_STRATEGIES",
+    "RENAMED_FIELDS",
+    "STRATEGIES",
     "COMPILE_MODES",
     "AMP_DTYPES",
     "INDEX_TYPES",
     "SIZE_LIMITS",
 ]
 
-# Kept in sync with the Supervisor / ExpertBank / KnowledgeGraph choices; a test checks that
-# every value listed here is accepted by the module it is forwarded to.
-ACTIVATIONS = ("swiglu", "gelu")
-ROUTING_STRATEGIES = (
-    "topk",
-    "topk_then_softmax",
-    "switch",
-    "noisy_topk",
-    "grouped_sigmoid",
-    "expert_choice",
-    "attention",
-)
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-AMP_DTYPES = ("none", "bf16", "fp16")
-INDEX_TYPES = ("flat", "hnsw", "ivfpq")
+# The modules' own choices (one definition, see options.py); ROUTING_STRATEGIES is the name this
+# module has always exported.
+ROUTING_STRATEGIES = STRATEGIES
 
 _FORMAT = "moe_framework.MoEConfig/1"
 
@@ -118,7 +111,7 @@ def _warn_max_seq_len(value: Any) -> None:
         "state, so sequences of any length run and nothing was ever limited by it; leave it out "
         "(saving the model again writes its config without it)",
         category,
-        stacklevel=4,
+        stacklevel=5,
     )
 
 
@@ -157,6 +150,13 @@ class MoEConfig:
     already [..., d_model]). Output:
     ``output_dim`` logits per position (classes or vocabulary). See docs/configuration.md for
     every field.
+
+    Fields carry the argument names of the modules they configure: ``k``, ``strategy``,
+    ``temperature``, ``load_balance_coef``, ... are the :class:`~moe_framework.supervisor.Supervisor`
+    / ``MoELayer`` arguments of the same name; knowledge-graph fields are ``kg_`` + the
+    ``KnowledgeGraph.open`` argument (``kg_merge_threshold``, ``kg_index_type``,
+    ``kg_keep_checkpoints``). The names used before (``top_k``, ``routing_strategy``, ... see
+    :data:`RENAMED_FIELDS`) are still accepted, with a warning naming the new field.
     """
 
     # ---- dimensions
@@ -168,35 +168,36 @@ class MoEConfig:
     output_dim: int = 10
     dropout: float = 0.0
     norm_eps: float = 1e-5
-    # ---- experts
+    # ---- experts (MoELayer / ExpertBank arguments)
     num_experts: int = 8
-    top_k: int = 2
+    k: int = 2
     activation: str = "swiglu"
     specialisation_names: Optional[Tuple[str, ...]] = None
     num_shared_experts: int = 0
-    # ---- routing
-    routing_strategy: str = "topk"
-    router_temperature: float = 1.0
+    # ---- routing (Supervisor arguments)
+    strategy: str = "topk"
+    temperature: float = 1.0
     capacity_factor: Optional[float] = None
-    router_jitter: float = 0.0
-    router_noise_eps: Optional[float] = None
-    num_groups: int = 1
-    topk_groups: int = 1
+    jitter_eps: float = 0.0
+    # None: the Supervisor's default; only meaningful with strategy="noisy_topk"
+    noise_eps: Optional[float] = None
+    n_group: int = 1
+    topk_group: int = 1
     routed_scaling_factor: float = 1.0
     bias_update_rate: float = 0.0
     causal: bool = False
     track_stats: bool = False
-    # ---- losses
-    aux_loss_weight: float = 1e-2
-    z_loss_weight: float = 1e-3
+    # ---- losses (Supervisor arguments)
+    load_balance_coef: float = 1e-2
+    z_loss_coef: float = 1e-3
     # ---- librarian
     dedup_threshold: float = 0.95
     consolidation_interval: int = 0
-    # ---- knowledge graph
+    # ---- knowledge graph ("kg_" + the KnowledgeGraph.open argument)
     kg_path: Optional[str] = None
     kg_merge_threshold: float = 0.9
     kg_checkpoint_interval: int = 0
-    kg_snapshots_kept: int = 3
+    kg_keep_checkpoints: int = 3
     kg_index_type: str = "flat"
     # ---- optimisations
     compile_mode: str = "none"
@@ -264,11 +265,11 @@ class MoEConfig:
             "num_layers",
             "output_dim",
             "num_experts",
-            "top_k",
-            "num_groups",
-            "topk_groups",
+            "k",
+            "n_group",
+            "topk_group",
             "max_batch_size",
-            "kg_snapshots_kept",
+            "kg_keep_checkpoints",
         ):
             positive(name)
         for name in ("input_dim", "vocab_size"):
@@ -292,7 +293,7 @@ class MoEConfig:
             raise _bad("norm_eps", "> 0", self.norm_eps)
         choices = (
             ("activation", ACTIVATIONS),
-            ("routing_strategy", ROUTING_STRATEGIES),
+            ("strategy", STRATEGIES),
             ("compile_mode", COMPILE_MODES),
             ("amp_dtype", AMP_DTYPES),
             ("kg_index_type", INDEX_TYPES),
@@ -300,13 +301,13 @@ class MoEConfig:
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise _bad(name, f"one of {allowed}", getattr(self, name))
-        if self.router_temperature <= 0:
-            raise _bad("router_temperature", "> 0", self.router_temperature)
+        if self.temperature <= 0:
+            raise _bad("temperature", "> 0", self.temperature)
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise _bad("capacity_factor", "None (dropless) or > 0", self.capacity_factor)
-        if not 0.0 <= self.router_jitter < 1.0:
-            raise _bad("router_jitter", "in [0, 1)", self.router_jitter)
-        for name in ("router_noise_eps", "bias_update_rate", "aux_loss_weight", "z_loss_weight"):
+        if not 0.0 <= self.jitter_eps < 1.0:
+            raise _bad("jitter_eps", "in [0, 1)", self.jitter_eps)
+        for name in ("noise_eps", "bias_update_rate", "load_balance_coef", "z_loss_coef"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise _bad(name, ">= 0", getattr(self, name))
         if self.routed_scaling_factor <= 0:
@@ -324,37 +325,37 @@ class MoEConfig:
                 "MoEConfig: set at most one of input_dim (dense features) or vocab_size (token "
                 f"ids), got input_dim={self.input_dim!r}, vocab_size={self.vocab_size!r}"
             )
-        E, k = self.num_experts, self.top_k
+        E, k = self.num_experts, self.k
         if k > E:
-            raise _bad("top_k", f"<= num_experts={E}", k)
-        if self.routing_strategy == "switch" and k != 1:
-            raise _bad("top_k", "1 for routing_strategy='switch' (top-1 routing)", k)
-        if E % self.num_groups != 0:
-            raise _bad("num_groups", f"a divisor of num_experts={E}", self.num_groups)
-        if self.topk_groups > self.num_groups:
-            raise _bad("topk_groups", f"<= num_groups={self.num_groups}", self.topk_groups)
-        reachable = self.topk_groups * (E // self.num_groups)
+            raise _bad("k", f"<= num_experts={E}", k)
+        if self.strategy == "switch" and k != 1:
+            raise _bad("k", "1 for strategy='switch' (top-1 routing)", k)
+        if E % self.n_group != 0:
+            raise _bad("n_group", f"a divisor of num_experts={E}", self.n_group)
+        if self.topk_group > self.n_group:
+            raise _bad("topk_group", f"<= n_group={self.n_group}", self.topk_group)
+        reachable = self.topk_group * (E // self.n_group)
         if k > reachable:
             raise _bad(
-                "top_k",
-                f"<= topk_groups * experts per group = {reachable} (group-limited routing "
+                "k",
+                f"<= topk_group * experts per group = {reachable} (group-limited routing "
                 "cannot reach more experts)",
                 k,
             )
-        if self.routing_strategy == "expert_choice":
+        if self.strategy == "expert_choice":
             if self.causal:
                 raise ValueError(
-                    "MoEConfig: routing_strategy='expert_choice' cannot be used with causal=True "
+                    "MoEConfig: strategy='expert_choice' cannot be used with causal=True "
                     "(each expert ranks all tokens of the batch, future ones included)"
                 )
             if self.bias_update_rate > 0:
                 raise _bad(
                     "bias_update_rate",
-                    "0 for routing_strategy='expert_choice' (balanced by construction)",
+                    "0 for strategy='expert_choice' (balanced by construction)",
                     self.bias_update_rate,
                 )
-            if self.num_groups > 1:
-                raise _bad("num_groups", "1 for routing_strategy='expert_choice'", self.num_groups)
+            if self.n_group > 1:
+                raise _bad("n_group", "1 for strategy='expert_choice'", self.n_group)
         names = self.specialisation_names
         if names is not None:
             if len(names) != E:
@@ -380,12 +381,11 @@ class MoEConfig:
                 "MoEConfig: cuda_graphs=True cannot be combined with compile_mode="
                 "'reduce-overhead', which already captures CUDA graphs (pick one)"
             )
-        if self.routing_strategy != "noisy_topk" and self.router_noise_eps is not None:
+        if self.strategy != "noisy_topk" and self.noise_eps is not None:
             raise _bad(
-                "router_noise_eps",
-                "None unless routing_strategy='noisy_topk' (it has no effect with "
-                f"{self.routing_strategy!r})",
-                self.router_noise_eps,
+                "noise_eps",
+                f"None unless strategy='noisy_topk' (it has no effect with {self.strategy!r})",
+                self.noise_eps,
             )
 
     # ------------------------------------------------------------------ derived
@@ -398,7 +398,9 @@ class MoEConfig:
         return tuple(f"expert_{i}" for i in range(self.num_experts))
 
     def replace(self, **changes: Any) -> MoEConfig:
-        """A validated copy with some fields changed."""
+        """A validated copy with some fields changed (old field names are accepted, with a
+        warning, as in the constructor)."""
+        changes = _rename_old_fields(changes, FutureWarning, "")
         d = self.to_dict()
         d.pop("format")
         d.update(changes)
@@ -407,8 +409,8 @@ class MoEConfig:
     # ------------------------------------------------------------------ JSON
 
     def to_dict(self) -> dict:
-        """Plain JSON-able dict (with a ``format`` tag)."""
-        d = {"format": _FORMAT}
+        """Plain JSON-able dict (with a ``format`` tag), in the current field names."""
+        d: dict = {"format": _FORMAT}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             d[f.name] = list(v) if isinstance(v, tuple) else v
@@ -416,13 +418,24 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> MoEConfig:
-        """Inverse of :meth:`to_dict`; unknown keys or a foreign ``format`` raise ValueError."""
+        """Inverse of :meth:`to_dict`; unknown keys or a foreign ``format`` raise ValueError.
+
+        Also accepted: the field names used before (:data:`RENAMED_FIELDS`, a
+        ``DeprecationWarning`` names the new field; configs saved by earlier versions use them)
+        and the original design guide's keys (``hidden_dim``, ``top_k_experts``, ``use_amp``, ...:
+        see :mod:`moe_framework.compat`), translated to ours."""
         if not isinstance(d, dict):
             raise _bad("JSON document", "an object", type(d).__name__)
         d = dict(d)
         fmt = d.pop("format", _FORMAT)
         if fmt != _FORMAT:
             raise _bad("format", repr(_FORMAT), fmt)
+        d = _rename_old_fields(
+            d, DeprecationWarning, "; saving the config again writes the new names"
+        )
+        from .compat import translate_guide_config  # late: compat builds on this module
+
+        d = translate_guide_config(d)
         known = {f.name for f in dataclasses.fields(cls)} | {"max_seq_len"}
         unknown = sorted((k for k in d if k not in known), key=str)
         if unknown:
@@ -445,6 +458,79 @@ class MoEConfig:
         if not s.lstrip().startswith("{") and os.path.lexists(s):
             s = read_config_text(s, "MoEConfig.from_json")
         return cls.from_dict(parse_config_json(s, "MoEConfig.from_json"))
+
+
+# Field names used before MoEConfig took the modules' argument names. Accepted from keyword
+# arguments, dicts and JSON (configs saved by earlier versions have them) with a warning naming
+# the new field; never written. Readable and settable as deprecated attributes.
+RENAMED_FIELDS = {
+    "top_k": "k",
+    "routing_strategy": "strategy",
+    "router_temperature": "temperature",
+    "router_jitter": "jitter_eps",
+    "router_noise_eps": "noise_eps",
+    "num_groups": "n_group",
+    "topk_groups": "topk_group",
+    "aux_loss_weight": "load_balance_coef",
+    "z_loss_weight": "z_loss_coef",
+    "kg_snapshots_kept": "kg_keep_checkpoints",
+}
+
+
+def _rename_old_fields(d: dict, category: type, hint: str) -> dict:
+    """``d`` with old field names replaced by the new ones (one warning for all of them, pointing
+    at the caller of the public method that called this). Both names at once is an error."""
+    old = [name for name in d if name in RENAMED_FIELDS]
+    if not old:
+        return d
+    d = dict(d)
+    for name in old:
+        new = RENAMED_FIELDS[name]
+        if new in d:
+            raise ValueError(
+                f"MoEConfig: got both {name!r} (the old name of {new!r}) and {new!r}; "
+                f"give only {new!r}"
+            )
+        d[new] = d.pop(name)
+    pairs = ", ".join(f"{name} -> {RENAMED_FIELDS[name]}" for name in old)
+    warnings.warn(
+        f"MoEConfig: renamed field(s) {pairs} (the modules' argument names): use the new "
+        f"name(s){hint}",
+        category,
+        stacklevel=3,
+    )
+    return d
+
+
+def _accept_old_field_names(init):
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Code that passes an old name should change it: a FutureWarning is shown to users.
+        init(self, *args, **_rename_old_fields(kwargs, FutureWarning, ""))
+
+    return __init__
+
+
+def _deprecated_alias(old: str, new: str) -> property:
+    def get(self):
+        warnings.warn(
+            f"MoEConfig.{old} is deprecated: read MoEConfig.{new}", DeprecationWarning, stacklevel=2
+        )
+        return getattr(self, new)
+
+    def set_(self, value):
+        warnings.warn(
+            f"MoEConfig.{old} is deprecated: set MoEConfig.{new}", DeprecationWarning, stacklevel=2
+        )
+        setattr(self, new, value)
+
+    return property(get, set_, doc=f"Deprecated alias of :attr:`{new}`.")
+
+
+MoEConfig.__init__ = _accept_old_field_names(MoEConfig.__init__)  # type: ignore[method-assign]
+for _old, _new in RENAMED_FIELDS.items():
+    setattr(MoEConfig, _old, _deprecated_alias(_old, _new))
+del _old, _new
 
 
 def read_config_text(path: Union[str, os.PathLike], what: str) -> str:

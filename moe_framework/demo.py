@@ -53,13 +53,13 @@ class _SwiGLU(nn.Module):
 
 class DenseBaseline(nn.Module):
     """The MoE system's architecture (same dropout) with each MoE layer replaced by one dense
-    SwiGLU FFN of hidden width ``top_k * d_hidden``: the same parameters per token as the
-    ``top_k`` experts a token activates (the router's ``d_model * num_experts`` weights are the
+    SwiGLU FFN of hidden width ``k * d_hidden``: the same parameters per token as the
+    ``k`` experts a token activates (the router's ``d_model * num_experts`` weights are the
     only difference)."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
-        h = cfg.top_k * cfg.d_hidden + cfg.num_shared_experts * cfg.d_hidden
+        h = cfg.k * cfg.d_hidden + cfg.num_shared_experts * cfg.d_hidden
         assert cfg.input_dim is not None, "the dense baseline takes dense features (input_dim)"
         self.embed = nn.Linear(cfg.input_dim, cfg.d_model)
         self.norms = nn.ModuleList(nn.LayerNorm(cfg.d_model) for _ in range(cfg.num_layers))
@@ -76,7 +76,7 @@ class DenseBaseline(nn.Module):
 
 
 def count_active_parameters(model: nn.Module, cfg: Optional[MoEConfig] = None) -> dict:
-    """``total`` parameters and ``active`` parameters per token. For a MoE system, only ``top_k``
+    """``total`` parameters and ``active`` parameters per token. For a MoE system, only ``k``
     of the ``num_experts`` routed experts' weights are active for a token."""
     total = sum(p.numel() for p in model.parameters())
     if cfg is None or not isinstance(model, MixtureOfExpertsSystem):
@@ -84,7 +84,7 @@ def count_active_parameters(model: nn.Module, cfg: Optional[MoEConfig] = None) -
     expert = sum(
         p.numel() for m in model.modules() if isinstance(m, ExpertBank) for p in m.parameters()
     )
-    inactive = expert * (cfg.num_experts - cfg.top_k) // cfg.num_experts
+    inactive = expert * (cfg.num_experts - cfg.k) // cfg.num_experts
     return {"total": total, "active": total - inactive}
 
 
@@ -99,13 +99,13 @@ def demo_config(out_dir: str, tiny: bool, steps_per_epoch: int, seed: int) -> Mo
         # 1.4k training images: both models overfit without it (train loss ~0 by epoch 10).
         dropout=0.1,
         num_experts=4 if tiny else 8,
-        top_k=2,
+        k=2,
         activation="swiglu",
-        routing_strategy="topk",
+        strategy="topk",
         # every layer keeps routing telemetry: blocks[i].moe.routing_stats() after a run
         track_stats=True,
-        aux_loss_weight=1e-2,
-        z_loss_weight=1e-3,
+        load_balance_coef=1e-2,
+        z_loss_coef=1e-3,
         dedup_threshold=0.98,
         # The librarian files the experts' reports once per epoch.
         consolidation_interval=steps_per_epoch,
@@ -457,10 +457,10 @@ def run_demo(
         f"device {dev}"
     )
     print(
-        f"MoE:   {cfg.num_layers} layers x {cfg.num_experts} experts, top-{cfg.top_k}: "
+        f"MoE:   {cfg.num_layers} layers x {cfg.num_experts} experts, top-{cfg.k}: "
         f"{p_moe['active']:,} active / {p_moe['total']:,} total parameters"
     )
-    print(f"dense: same layout, FFN width {cfg.top_k * cfg.d_hidden}: {p_dense['total']:,} params")
+    print(f"dense: same layout, FFN width {cfg.k * cfg.d_hidden}: {p_dense['total']:,} params")
 
     L, E = cfg.num_layers, cfg.num_experts
     load_history = np.zeros((L, epochs, E))
@@ -567,7 +567,7 @@ def run_demo(
         hits = moe.query_knowledge_graph(
             x_te[y_te == d], top_k=3, from_inputs=True, layer=-1, types=node_type, where=current
         )
-        routed = [int(e) for e in np.argsort(-counts[d], kind="stable")[: cfg.top_k]]
+        routed = [int(e) for e in np.argsort(-counts[d], kind="stable")[: cfg.k]]
         best = hits[0]["metadata"]["expert"] if hits else None
         agree += best in routed
         per_digit[d] = {"best_expert": best, "routed_to": routed}

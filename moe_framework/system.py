@@ -6,41 +6,28 @@ The forward pass is graph-safe: no host sync, static shapes, so it compiles with
 reports are added into fixed-shape device accumulators inside forward; :meth:`consolidate` reads
 them (off the hot path), runs the :class:`~moe_framework.librarian.Librarian` and writes the
 :class:`~moe_framework.knowledge_graph.KnowledgeGraph`. Training goes through
-:meth:`training_step` (AMP, balancing losses, clipping, checkpointing, automatic consolidation).
-Persistence (:meth:`save` / :meth:`load`): safetensors weights, JSON config, the SQLite store.
+:meth:`training_step`, which runs :mod:`moe_framework.training` (AMP, balancing losses, clipping,
+bias update, automatic consolidation). Persistence (:meth:`save` / :meth:`load`, implemented in
+:mod:`moe_framework.persistence`): safetensors weights, JSON config, the SQLite store.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
 import os
-import re
-import sqlite3
-import stat
-import sys
-import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MoEConfig, fsync_dir, open_regular_file, parse_config_json, read_config_text
-from .kg.paths import same_file, store_companions, touches_store
+from . import training
+from .config import MoEConfig
 from .moe_layer import MoELayer
+from .persistence import MAX_PARAMETERS, load_system, save_system
 from .supervisor import Supervisor
+from .training import StepResult
 
 __all__ = ["MixtureOfExpertsSystem", "SystemOutput", "StepResult"]
-
-_WEIGHTS = "model.safetensors"
-_CONFIG = "config.json"
-_KG = "knowledge.sqlite"
-_FORMAT = "moe_framework.MixtureOfExpertsSystem/1"
-_LOAD = "MixtureOfExpertsSystem.load"
-# Default bound of load(max_parameters=...): elements of the model state (2^32, 16 GiB in fp32).
-MAX_PARAMETERS = 1 << 32
 
 
 class SystemOutput(NamedTuple):
@@ -55,22 +42,6 @@ class SystemOutput(NamedTuple):
     output: torch.Tensor
     aux_loss: torch.Tensor
     routing: tuple
-
-
-class StepResult(NamedTuple):
-    """What :meth:`MixtureOfExpertsSystem.training_step` returns (plain Python values).
-
-    loss: task loss + balancing losses of the step. task_loss, aux_loss: its two parts.
-    grad_norm: total gradient norm before clipping (None when clipping is off).
-    stats: routing telemetry: ``load`` [layers][E] slots per expert, ``dropped`` per layer,
-        ``consolidated`` (True when this step ran the librarian).
-    """
-
-    loss: float
-    task_loss: float
-    aux_loss: float
-    grad_norm: Optional[float]
-    stats: dict
 
 
 class _Block(nn.Module):
@@ -90,24 +61,24 @@ class _Block(nn.Module):
 
 def _make_supervisor(cfg: MoEConfig, layer_index: int) -> Supervisor:
     kw: dict = dict(
-        strategy=cfg.routing_strategy,
-        temperature=cfg.router_temperature,
+        strategy=cfg.strategy,
+        temperature=cfg.temperature,
         capacity_factor=cfg.capacity_factor,
-        load_balance_coef=cfg.aux_loss_weight,
-        z_loss_coef=cfg.z_loss_weight,
+        load_balance_coef=cfg.load_balance_coef,
+        z_loss_coef=cfg.z_loss_coef,
         bias_update_rate=cfg.bias_update_rate,
-        n_group=cfg.num_groups,
-        topk_group=cfg.topk_groups,
+        n_group=cfg.n_group,
+        topk_group=cfg.topk_group,
         routed_scaling_factor=cfg.routed_scaling_factor,
-        jitter_eps=cfg.router_jitter,
+        jitter_eps=cfg.jitter_eps,
         # Distinct noise streams per layer, reproducible from the config's seed.
         seed=cfg.seed * 1000 + layer_index,
         causal=cfg.causal,
         track_stats=cfg.track_stats,
     )
-    if cfg.router_noise_eps is not None:
-        kw["noise_eps"] = cfg.router_noise_eps
-    return Supervisor(cfg.d_model, cfg.num_experts, cfg.top_k, **kw)
+    if cfg.noise_eps is not None:
+        kw["noise_eps"] = cfg.noise_eps
+    return Supervisor(cfg.d_model, cfg.num_experts, cfg.k, **kw)
 
 
 def _make_moe_layer(cfg: MoEConfig, layer_index: int) -> MoELayer:
@@ -117,7 +88,7 @@ def _make_moe_layer(cfg: MoEConfig, layer_index: int) -> MoELayer:
         d_model=cfg.d_model,
         d_hidden=cfg.d_hidden,
         num_experts=cfg.num_experts,
-        k=cfg.top_k,
+        k=cfg.k,
         router=_make_supervisor(cfg, layer_index),
         activation=cfg.activation,
         num_shared_experts=cfg.num_shared_experts,
@@ -242,23 +213,19 @@ class MixtureOfExpertsSystem(nn.Module):
     # ================================================================== training
 
     def _autocast(self, device: torch.device):
-        amp = self.config.amp_dtype
-        if amp == "none":
-            return torch.autocast(device.type, enabled=False)
-        if device.type == "cuda":
-            dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-        else:
-            # CPU autocast runs in bfloat16 (float16 matmuls are slow or missing on CPUs).
-            dtype = torch.bfloat16
-        return torch.autocast(device.type, dtype=dtype)
+        return training.autocast(self.config.amp_dtype, device)
 
     def _grad_scaler(self, device: torch.device):
-        # A loss scaler is needed only for float16 (its narrow exponent underflows gradients).
-        if self.config.amp_dtype == "fp16" and device.type == "cuda":
-            if self._scaler is None:
-                self._scaler = torch.amp.GradScaler("cuda")
-            return self._scaler
-        return None
+        if not training.needs_grad_scaler(self.config.amp_dtype, device):
+            return None
+        # One scaler for the whole training run: it carries the adaptive loss scale.
+        if self._scaler is None:
+            self._scaler = torch.amp.GradScaler("cuda")
+        return self._scaler
+
+    def routers(self) -> tuple:
+        """The router of each MoE layer, first layer first."""
+        return tuple(block.moe.supervisor for block in self.blocks)
 
     def training_step(
         self,
@@ -274,82 +241,12 @@ class MixtureOfExpertsSystem(nn.Module):
         clips gradients to ``config.grad_clip_norm``, steps, applies the aux-loss-free bias
         update, and frees gradients (``zero_grad(set_to_none=True)``). Every
         ``config.consolidation_interval`` steps it runs :meth:`consolidate` and every
-        ``config.kg_checkpoint_interval`` steps it snapshots the knowledge graph.
+        ``config.kg_checkpoint_interval`` steps it snapshots the knowledge graph. The work is
+        :func:`moe_framework.training.training_step`'s (usable in a loop of your own).
         """
-        if isinstance(batch, dict):
-            inputs, targets = batch["inputs"], batch["targets"]
-        else:
-            inputs, targets = batch
-        cfg = self.config
-        self.train()
-        optimizer.zero_grad(set_to_none=True)
-        device = inputs.device
-        with self._autocast(device):
-            out = self(inputs)
-        logits = out.output.float()
-        if targets.shape != logits.shape and logits.dim() > 2:
-            # Per-position class targets [B, S] for logits [B, S, C]: the layout losses expect.
-            logits = logits.reshape(-1, logits.shape[-1])
-            targets = targets.reshape(-1)
-        task = loss_fn(logits, targets)
-        loss = task + out.aux_loss
-        scaler = self._grad_scaler(device)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        grad_norm = None
-        if cfg.grad_clip_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), cfg.grad_clip_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cfg.bias_update_rate > 0:
-            for block in self.blocks:
-                sup = getattr(block.moe, "supervisor", None)
-                if sup is not None and getattr(sup, "uses_selection_bias", False):
-                    sup.update_bias()
-        self.step += 1
-
-        consolidated = False
-        if cfg.consolidation_interval and self.step % cfg.consolidation_interval == 0:
-            self.consolidate()
-            consolidated = True
-        if cfg.kg_checkpoint_interval and self.step % cfg.kg_checkpoint_interval == 0:
-            self.knowledge_graph.checkpoint()
-
-        # One device read for every number this step reports.
-        E = cfg.num_experts
-        parts = [loss.detach().float().reshape(1), task.detach().float().reshape(1)]
-        parts.append(out.aux_loss.detach().float().reshape(1))
-        parts.append(
-            grad_norm.detach().float().reshape(1)
-            if grad_norm is not None
-            else torch.zeros(1, device=loss.device)
-        )
-        for info in out.routing:
-            parts.append(info.counts.detach().float().reshape(E))
-            dropped = info.stats.get("dropped")
-            parts.append(
-                dropped.detach().float().reshape(1)
-                if dropped is not None
-                else torch.zeros(1, device=loss.device)
-            )
-        vals = torch.cat([p.to(loss.device) for p in parts]).tolist()
-        load, drops = [], []
-        pos = 4
-        for _ in out.routing:
-            load.append([int(v) for v in vals[pos : pos + E]])
-            drops.append(int(vals[pos + E]))
-            pos += E + 1
-        stats = {"load": load, "dropped": drops, "consolidated": consolidated, "step": self.step}
-        return StepResult(
-            vals[0], vals[1], vals[2], vals[3] if grad_norm is not None else None, stats
-        )
+        inputs, _ = training.split_batch(batch)
+        scaler = self._grad_scaler(inputs.device)
+        return training.training_step(self, batch, optimizer, loss_fn, grad_scaler=scaler)
 
     # ================================================================== inference
 
@@ -405,7 +302,7 @@ class MixtureOfExpertsSystem(nn.Module):
                 dim=cfg.d_model,
                 merge_threshold=cfg.kg_merge_threshold,
                 index_type=cfg.kg_index_type,
-                keep_checkpoints=cfg.kg_snapshots_kept,
+                keep_checkpoints=cfg.kg_keep_checkpoints,
             )
         return self._kg
 
@@ -560,52 +457,7 @@ class MixtureOfExpertsSystem(nn.Module):
         link), nothing is copied over it: its committed transactions are folded from the WAL into
         the file instead. A destination that is one of the store's own files is refused.
         """
-        d = os.fspath(directory)
-        os.makedirs(d, exist_ok=True)
-        weights, config, dst = (os.path.join(d, n) for n in (_WEIGHTS, _CONFIG, _KG))
-        store = self._store_path()
-        if store is not None:
-            for path in (weights, config):
-                if touches_store(path, store):
-                    raise ValueError(
-                        f"MixtureOfExpertsSystem.save: writing {path} would overwrite the live "
-                        f"knowledge-graph store {store} (or one of its files); save elsewhere"
-                    )
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _write_safetensors(weights, state, {"format": _FORMAT, "step": str(self.step)})
-        self.config.to_json(config)
-        if store is not None:
-            self._save_store(store, dst)
-
-    def _store_path(self) -> Optional[str]:
-        """The live store's path as its writer spells it (None when there is no store yet)."""
-        if self._kg is not None:
-            return self._kg.path
-        src = self.config.kg_path
-        return src if src is not None and os.path.exists(src) else None
-
-    def _save_store(self, store: str, dst: str) -> None:
-        if touches_store(dst, store):
-            if not same_file(dst, store):
-                raise ValueError(
-                    f"MixtureOfExpertsSystem.save: {dst} is one of the files of the live store "
-                    f"{store} (its WAL, journal or lock); refusing to overwrite it"
-                )
-            # The live store is already here: copying it onto itself would replace the file under
-            # its open writer (and corrupt it). Every write is a committed transaction already;
-            # fold them from the WAL into the file so the directory holds them by itself.
-            _fold_wal(store)
-            return
-        if os.path.islink(dst):
-            os.unlink(dst)  # a copy replaces the link itself, never writes through it
-        # the store's own backup: one consistent snapshot, fsynced, renamed into place
-        if self._kg is not None:
-            self._kg.backup(dst)
-        else:
-            from .knowledge_graph import KnowledgeGraph
-
-            with KnowledgeGraph.open(store, readonly=True) as kg:
-                kg.backup(dst)
+        save_system(self, directory)
 
     @classmethod
     def load(
@@ -628,336 +480,21 @@ class MixtureOfExpertsSystem(nn.Module):
         data length that matches the file, so a small file cannot make ``load`` allocate a huge
         model. ``max_parameters`` bounds the number of elements of the model state (raise it for
         bigger models). Weights with NaN or Inf are refused unless ``allow_nonfinite=True``; the
-        ``step`` metadata must be a non-negative integer.
+        ``step`` metadata must be a non-negative integer. A ``config.json`` written by an earlier
+        version (old field names) loads, with a ``DeprecationWarning``.
         """
-        d = os.fspath(directory)
-        if not os.path.isdir(d):
-            raise FileNotFoundError(
-                f"{_LOAD}: {d} is not a directory (expected one written by save())"
-            )
-        if not (_is_int(max_parameters) and max_parameters >= 1):
-            raise ValueError(f"{_LOAD}: max_parameters must be an int >= 1, got {max_parameters!r}")
-        if not isinstance(allow_nonfinite, bool):
-            raise ValueError(f"{_LOAD}: allow_nonfinite must be a bool, got {allow_nonfinite!r}")
-        config_path = _model_file(d, _CONFIG)
-        cfg = MoEConfig.from_dict(parse_config_json(read_config_text(config_path, _LOAD), _LOAD))
-        if kg_path is not None:
-            cfg = cfg.replace(kg_path=os.fspath(kg_path))
-        elif _saved_store(d) is not None:
-            cfg = cfg.replace(kg_path=os.path.join(d, _KG))
-        else:
-            cfg = cfg.replace(kg_path=None, consolidation_interval=0, kg_checkpoint_interval=0)
-        expected = _expected_state(cls, cfg, max_parameters)
-        weights = _model_file(d, _WEIGHTS)
-        with open_regular_file(weights, _LOAD) as f:
-            header = _SafetensorsHeader.read(f, weights)
-            header.check_saved_system()
-            step = header.step()
-            header.check_against(expected)
-            # Only now, with every shape known to match a file of this size, is memory allocated.
-            model = cls(cfg)
-            header.read_into(f, model.state_dict(), allow_nonfinite)
-        model.step = step
-        return model.to(map_location)
+        return load_system(
+            cls,
+            directory,
+            map_location=map_location,
+            kg_path=kg_path,
+            allow_nonfinite=allow_nonfinite,
+            max_parameters=max_parameters,
+        )
 
     def extra_repr(self) -> str:
         c = self.config
         return (
             f"layers={c.num_layers}, d_model={c.d_model}, experts={c.num_experts}, "
-            f"top_k={c.top_k}, strategy={c.routing_strategy!r}"
+            f"k={c.k}, strategy={c.strategy!r}"
         )
-
-
-# ====================================================================== save / load helpers
-
-# The JSON header of a safetensors file; the safetensors library caps it at the same size.
-_MAX_HEADER_BYTES = 100_000_000
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
-_FLOAT_CODES = ("F32", "F16", "BF16", "F64")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _inside(root: str, path: str) -> bool:
-    root = os.path.realpath(root)
-    return os.path.commonpath([root, os.path.realpath(path)]) == root
-
-
-def _model_file(d: str, name: str) -> str:
-    """``d/name``, which must exist and stay inside ``d`` (a symlink may point only inside)."""
-    path = os.path.join(d, name)
-    if not os.path.lexists(path):
-        raise FileNotFoundError(
-            f"{_LOAD}: {path} is missing (expected a directory written by save())"
-        )
-    _check_stays_inside(d, path)
-    return path
-
-
-def _check_stays_inside(d: str, path: str) -> None:
-    if not _inside(d, path):
-        raise ValueError(
-            f"{_LOAD}: {path} is a symlink to {os.path.realpath(path)}, outside the model "
-            f"directory {os.path.realpath(d)}; refusing to follow it"
-        )
-
-
-def _saved_store(d: str) -> Optional[str]:
-    """The saved ``knowledge.sqlite`` of ``d``, or None. It and every file SQLite and the store
-    would open or create beside it (WAL, shared memory, journal, lock, snapshots) must stay inside
-    ``d``: a planted symlink would make the model write somewhere else. The store and its
-    existing companions must be regular files (a FIFO would hang the first query)."""
-    path = os.path.join(d, _KG)
-    if not os.path.lexists(path):
-        return None
-    for p in store_companions(path) + [path + ".checkpoints"]:
-        if os.path.lexists(p):
-            _check_stays_inside(d, p)
-    for p in store_companions(path):
-        if os.path.exists(p) and not stat.S_ISREG(os.stat(p).st_mode):
-            raise ValueError(f"{_LOAD}: {p} is not a regular file")
-    return path
-
-
-def _expected_state(cls, cfg: MoEConfig, max_parameters: int) -> dict:
-    """``name -> (shape, dtype)`` of the model state ``cfg`` describes, from a model built on
-    the meta device (no memory), checked against ``max_parameters``."""
-    with torch.device("meta"):
-        skeleton = cls(
-            cfg.replace(kg_path=None, consolidation_interval=0, kg_checkpoint_interval=0)
-        )
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
-    total = sum(math.prod(shape) for shape, _ in expected.values())
-    if total > max_parameters:
-        raise ValueError(
-            f"{_LOAD}: config.json describes a model state of {total} elements, more than "
-            f"max_parameters={max_parameters}; pass a larger max_parameters to load it"
-        )
-    return expected
-
-
-class _SafetensorsHeader:
-    """The header of a safetensors file, read and checked before any tensor is allocated.
-
-    Layout: 8-byte little-endian header length n, n bytes of JSON
-    ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``, then
-    the data; offsets are relative to the data, which the tensors tile with no gap or overlap.
-    """
-
-    def __init__(self, path: str, tensors: dict, meta: dict, data_start: int, data_len: int):
-        self.path, self.tensors, self.meta = path, tensors, meta
-        self.data_start, self.data_len = data_start, data_len
-
-    @classmethod
-    def read(cls, f, path: str) -> _SafetensorsHeader:
-        size = os.fstat(f.fileno()).st_size
-        raw = _read_exact(f, 8, path) if size >= 8 else b""
-        if len(raw) < 8:
-            raise ValueError(f"{_LOAD}: {path} is too short to be a safetensors file")
-        n = int.from_bytes(raw, "little")
-        if not 2 <= n <= min(_MAX_HEADER_BYTES, size - 8):
-            raise ValueError(
-                f"{_LOAD}: {path} has a header length of {n} bytes, the file has {size} "
-                "(not a safetensors file, or a truncated one)"
-            )
-
-        def no_duplicates(pairs):
-            keys = [k for k, _ in pairs]
-            if len(set(keys)) != len(keys):
-                raise ValueError(f"{_LOAD}: {path} header has duplicate keys")
-            return dict(pairs)
-
-        try:
-            header = json.loads(_read_exact(f, n, path), object_pairs_hook=no_duplicates)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise ValueError(f"{_LOAD}: {path} header is not valid JSON ({exc!r})") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{_LOAD}: {path} header is not a JSON object")
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-            raise ValueError(f"{_LOAD}: {path} __metadata__ must map strings to strings")
-        return cls(path, header, meta, 8 + n, size - 8 - n)
-
-    def check_saved_system(self) -> None:
-        fmt = self.meta.get("format")
-        if fmt != _FORMAT:
-            raise ValueError(
-                f"{_LOAD}: {self.path} is not a saved system (format {fmt!r}, expected {_FORMAT!r})"
-            )
-
-    def step(self) -> int:
-        s = self.meta.get("step", "0")
-        if not re.fullmatch(r"[0-9]{1,18}", s):
-            raise ValueError(
-                f"{_LOAD}: {self.path} metadata 'step' must be a non-negative integer, got {s!r}"
-            )
-        return int(s)
-
-    def check_against(self, expected: dict) -> None:
-        """Names, dtypes, shapes and byte ranges against the state the config implies."""
-        where = f"{_LOAD}: {self.path}"
-        missing = sorted(set(expected) - set(self.tensors))
-        unexpected = sorted(set(self.tensors) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{where} does not match config.json: missing tensors {missing[:5]}, unexpected "
-                f"tensors {unexpected[:5]} ({len(missing)} and {len(unexpected)} in all)"
-            )
-        spans = []
-        for name, (shape, dtype) in expected.items():
-            entry = self.tensors[name]
-            if not isinstance(entry, dict):
-                raise ValueError(f"{where}: tensor {name!r} entry is not an object")
-            code, got_shape, offsets = (entry.get(k) for k in ("dtype", "shape", "data_offsets"))
-            want = _ST_CODES[dtype]
-            if dtype.is_floating_point:
-                if code not in _FLOAT_CODES:
-                    raise ValueError(
-                        f"{where}: tensor {name!r} has dtype {code!r}, expected a floating-point "
-                        f"dtype {_FLOAT_CODES} (saved as {want})"
-                    )
-            elif code != want:
-                raise ValueError(f"{where}: tensor {name!r} has dtype {code!r}, expected {want!r}")
-            if not (isinstance(got_shape, list) and all(_is_int(v) for v in got_shape)):
-                raise ValueError(
-                    f"{where}: tensor {name!r} shape {got_shape!r} is not a list of ints"
-                )
-            if tuple(got_shape) != shape:
-                raise ValueError(
-                    f"{where}: tensor {name!r} has shape {tuple(got_shape)}, config.json implies "
-                    f"{shape} (the weights and the config do not belong together)"
-                )
-            if not (
-                isinstance(offsets, list)
-                and len(offsets) == 2
-                and all(_is_int(v) and v >= 0 for v in offsets)
-            ):
-                raise ValueError(f"{where}: tensor {name!r} data_offsets {offsets!r} are invalid")
-            nbytes = math.prod(shape) * _ST_DTYPES[code].itemsize
-            if offsets[1] - offsets[0] != nbytes:
-                raise ValueError(
-                    f"{where}: tensor {name!r} spans {offsets[1] - offsets[0]} bytes, its dtype "
-                    f"and shape need {nbytes}"
-                )
-            spans.append((offsets[0], offsets[1], name))
-        pos = 0
-        for begin, end, name in sorted(spans):
-            if begin != pos:
-                raise ValueError(
-                    f"{where}: tensor {name!r} starts at byte {begin} of the data, expected {pos} "
-                    "(tensors must tile the data with no gap or overlap)"
-                )
-            pos = end
-        if pos != self.data_len:
-            raise ValueError(
-                f"{where}: the header describes {pos} bytes of data, the file holds "
-                f"{self.data_len} (truncated or padded)"
-            )
-
-    def read_into(self, f, state: dict, allow_nonfinite: bool) -> None:
-        """Read every tensor (one at a time) into the matching tensor of ``state``."""
-        if sys.byteorder != "little":
-            raise RuntimeError(f"{_LOAD}: loading needs a little-endian machine")
-        with torch.no_grad():
-            for name, dst in state.items():
-                entry = self.tensors[name]
-                t = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])
-                if t.numel():
-                    f.seek(self.data_start + entry["data_offsets"][0])
-                    _read_exact_into(f, t.reshape(-1).view(torch.uint8).numpy(), self.path)
-                if not allow_nonfinite and t.is_floating_point() and not bool(t.isfinite().all()):
-                    raise ValueError(
-                        f"{_LOAD}: tensor {name!r} in {self.path} has NaN or Inf values; pass "
-                        "allow_nonfinite=True to load it anyway"
-                    )
-                dst.copy_(t)
-
-
-def _read_exact(f, n: int, path: str) -> bytes:
-    buf = bytearray(n)
-    _read_exact_into(f, buf, path)
-    return bytes(buf)
-
-
-def _read_exact_into(f, buf, path: str) -> None:
-    view = memoryview(buf).cast("B")
-    pos = 0
-    while pos < len(view):
-        got = f.readinto(view[pos:])
-        if not got:
-            raise ValueError(f"{_LOAD}: {path} ended early (truncated)")
-        pos += got
-
-
-def _write_safetensors(path: str, state: dict, metadata: dict) -> None:
-    """safetensors' ``save_file``, made atomic, durable and umask-respecting: it writes a file
-    of mode 0600 (its own temporary file); we give it the mode a fresh file gets here, fsync it,
-    rename it into place and fsync the directory."""
-    from safetensors.torch import save_file
-
-    folder = os.path.dirname(path) or "."
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0o666 minus the umask (or a default ACL)
-    finally:
-        os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        os.chmod(tmp, mode)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    fsync_dir(folder)
-
-
-def _fold_wal(store: str) -> None:
-    """Copy the store's committed WAL frames into its file, so the file alone holds every
-    transaction (committed data is durable either way). PASSIVE: it never waits on the writer
-    or on readers. Opened through the store's own path: SQLite finds the WAL by name, and a hard
-    link has another."""
-    from urllib.parse import quote
-
-    uri = "file:" + quote(os.path.abspath(store), safe="/") + "?mode=rw"
-    try:
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
-        try:
-            conn.execute("PRAGMA synchronous=FULL")  # the checkpoint fsyncs the file
-            _, log, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        reason = repr(exc)
-    else:
-        if done >= log:
-            return
-        reason = f"{done} of {log} WAL frames copied: a reader holds an older snapshot"
-    warnings.warn(
-        f"MixtureOfExpertsSystem.save: could not fold the WAL of {store} into the file "
-        f"({reason}); the committed data is safe in {store}-wal, keep it with the store",
-        RuntimeWarning,
-        stacklevel=3,
-    )

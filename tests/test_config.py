@@ -12,6 +12,7 @@ from moe_framework.config import (
     AMP_DTYPES,
     COMPILE_MODES,
     INDEX_TYPES,
+    RENAMED_FIELDS,
     ROUTING_STRATEGIES,
     MoEConfig,
 )
@@ -33,12 +34,12 @@ def test_config_json_file_round_trip_keeps_every_field(tmp_path):
         vocab_size=100,
         output_dim=100,
         num_experts=16,
-        top_k=4,
+        k=4,
         activation="gelu",
         num_shared_experts=1,
-        routing_strategy="grouped_sigmoid",
-        num_groups=4,
-        topk_groups=2,
+        strategy="grouped_sigmoid",
+        n_group=4,
+        topk_group=2,
         routed_scaling_factor=2.5,
         bias_update_rate=1e-3,
         capacity_factor=1.25,
@@ -78,37 +79,37 @@ def test_config_from_json_rejects_foreign_format_and_bad_json():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(top_k=9, num_experts=8), "top_k"),
-        (dict(top_k=0), "top_k"),
-        (dict(routing_strategy="switch", top_k=2), "top_k"),
-        (dict(num_experts=8, num_groups=3), "num_groups"),
-        (dict(num_experts=8, num_groups=2, topk_groups=3), "topk_groups"),
-        (dict(num_experts=8, num_groups=4, topk_groups=1, top_k=3), "top_k"),
-        (dict(routing_strategy="expert_choice", bias_update_rate=0.01), "bias_update_rate"),
-        (dict(routing_strategy="expert_choice", num_groups=2), "num_groups"),
-        (dict(routing_strategy="expert_choice", causal=True), "expert_choice"),
-        (dict(routing_strategy="topk", router_noise_eps=0.1), "router_noise_eps"),
+        (dict(k=9, num_experts=8), "k must be"),
+        (dict(k=0), "k must be"),
+        (dict(strategy="switch", k=2), "k must be"),
+        (dict(num_experts=8, n_group=3), "n_group"),
+        (dict(num_experts=8, n_group=2, topk_group=3), "topk_group"),
+        (dict(num_experts=8, n_group=4, topk_group=1, k=3), "k must be"),
+        (dict(strategy="expert_choice", bias_update_rate=0.01), "bias_update_rate"),
+        (dict(strategy="expert_choice", n_group=2), "n_group"),
+        (dict(strategy="expert_choice", causal=True), "expert_choice"),
+        (dict(strategy="topk", noise_eps=0.1), "noise_eps"),
         (dict(specialisation_names=["a", "b"]), "specialisation_names"),
-        (dict(num_experts=2, top_k=1, specialisation_names=["a", "a"]), "specialisation_names"),
+        (dict(num_experts=2, k=1, specialisation_names=["a", "a"]), "specialisation_names"),
         (dict(consolidation_interval=5), "kg_path"),
         (dict(kg_checkpoint_interval=5), "kg_path"),
         (dict(cuda_graphs=True, compile_mode="reduce-overhead"), "cuda_graphs"),
         (dict(input_dim=4, vocab_size=10), "input_dim"),
         (dict(activation="relu"), "activation"),
-        (dict(routing_strategy="hash"), "routing_strategy"),
+        (dict(strategy="hash"), "strategy"),
         (dict(compile_mode="fast"), "compile_mode"),
         (dict(amp_dtype="fp8"), "amp_dtype"),
         (dict(kg_index_type="annoy"), "kg_index_type"),
-        (dict(router_temperature=0.0), "router_temperature"),
+        (dict(temperature=0.0), "temperature"),
         (dict(capacity_factor=0.0), "capacity_factor"),
         (dict(capacity_factor=float("nan")), "capacity_factor"),
-        (dict(router_jitter=1.0), "router_jitter"),
-        (dict(aux_loss_weight=-1.0), "aux_loss_weight"),
-        (dict(z_loss_weight=float("inf")), "z_loss_weight"),
+        (dict(jitter_eps=1.0), "jitter_eps"),
+        (dict(load_balance_coef=-1.0), "load_balance_coef"),
+        (dict(z_loss_coef=float("inf")), "z_loss_coef"),
         (dict(dedup_threshold=0.0), "dedup_threshold"),
         (dict(dedup_threshold=1.5), "dedup_threshold"),
         (dict(kg_merge_threshold=-0.1), "kg_merge_threshold"),
-        (dict(kg_snapshots_kept=0), "kg_snapshots_kept"),
+        (dict(kg_keep_checkpoints=0), "kg_keep_checkpoints"),
         (dict(grad_clip_norm=0.0), "grad_clip_norm"),
         (dict(dropout=1.0), "dropout"),
         (dict(d_model=0), "d_model"),
@@ -119,7 +120,7 @@ def test_config_from_json_rejects_foreign_format_and_bad_json():
         (dict(max_seq_len=True), "max_seq_len"),
         (dict(track_stats="yes"), "track_stats"),
         (dict(specialisation_names="abcdefgh"), "specialisation_names"),
-        (dict(num_experts=(1 << 16) + 1, top_k=1), "num_experts"),
+        (dict(num_experts=(1 << 16) + 1, k=1), "num_experts"),
         (dict(d_model=(1 << 16) + 1), "d_model"),
         (dict(d_hidden=(1 << 18) + 1), "d_hidden"),
         (dict(num_layers=1025), "num_layers"),
@@ -140,17 +141,17 @@ def test_config_unknown_constructor_argument_is_an_error():
 
 
 def test_config_replace_validates_the_copy():
-    cfg = MoEConfig(num_experts=8, top_k=2)
-    assert cfg.replace(top_k=4).top_k == 4
-    assert cfg.top_k == 2
-    with pytest.raises(ValueError, match="top_k"):
-        cfg.replace(top_k=16)
+    cfg = MoEConfig(num_experts=8, k=2)
+    assert cfg.replace(k=4).k == 4
+    assert cfg.k == 2
+    with pytest.raises(ValueError, match="k must be"):
+        cfg.replace(k=16)
 
 
 def test_config_expert_names_default_and_given():
-    assert MoEConfig(num_experts=3, top_k=1).expert_names == ("expert_0", "expert_1", "expert_2")
+    assert MoEConfig(num_experts=3, k=1).expert_names == ("expert_0", "expert_1", "expert_2")
     names = ("a", "b", "c")
-    assert MoEConfig(num_experts=3, top_k=1, specialisation_names=names).expert_names == names
+    assert MoEConfig(num_experts=3, k=1, specialisation_names=names).expert_names == names
 
 
 def test_config_choices_match_the_modules_they_configure():
@@ -164,10 +165,148 @@ def test_config_choices_match_the_modules_they_configure():
     assert "swiglu" in ACTIVATIONS
 
 
+def test_config_choices_are_the_ones_options_defines_and_every_module_accepts_them():
+    import torch
+
+    from moe_framework import options, training
+    from moe_framework.experts import ExpertBank
+    from moe_framework.kg.index import INDEX_TYPES as KG_INDEX_TYPES
+    from moe_framework.kg.index import VectorIndex
+    from moe_framework.supervisor import Supervisor
+
+    # one definition: the config's tuples are options.py's, not copies
+    assert ACTIVATIONS is options.ACTIVATIONS and ROUTING_STRATEGIES is options.STRATEGIES
+    assert INDEX_TYPES is options.INDEX_TYPES and KG_INDEX_TYPES is options.INDEX_TYPES
+    assert COMPILE_MODES is options.COMPILE_MODES and AMP_DTYPES is options.AMP_DTYPES
+    for strategy in ROUTING_STRATEGIES:
+        k = 1 if strategy == "switch" else 2
+        MoEConfig(strategy=strategy, k=k)
+        Supervisor(8, 4, k, strategy=strategy)
+    for activation in ACTIVATIONS:
+        MoEConfig(activation=activation)
+        ExpertBank(num_experts=2, d_model=4, d_hidden=4, activation=activation)
+    for index_type in INDEX_TYPES:
+        MoEConfig(kg_index_type=index_type)
+        VectorIndex.check_params(index_type, None)
+    for amp in AMP_DTYPES:
+        MoEConfig(amp_dtype=amp)
+        with training.autocast(amp, torch.device("cpu")):
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# one vocabulary: the modules' argument names, old names still accepted
+
+# a valid value for each renamed field (the defaults would not show that the value moved)
+_OLD_VALUES = {
+    "top_k": 1,
+    "routing_strategy": "noisy_topk",
+    "router_temperature": 0.5,
+    "router_jitter": 0.01,
+    "router_noise_eps": 0.05,
+    "num_groups": 2,
+    "topk_groups": 2,
+    "aux_loss_weight": 0.5,
+    "z_loss_weight": 0.25,
+    "kg_snapshots_kept": 7,
+}
+# what each value needs around it to be valid
+_CONTEXT = {"router_noise_eps": {"strategy": "noisy_topk"}, "topk_groups": {"n_group": 2}}
+
+
+def test_config_fields_are_named_like_the_module_arguments_they_set():
+    import inspect
+
+    from moe_framework.constellation import MoELayer
+    from moe_framework.supervisor import Supervisor
+
+    fields = {f.name for f in dataclasses.fields(MoEConfig)}
+    routing = {
+        "k", "strategy", "temperature", "capacity_factor", "load_balance_coef", "z_loss_coef",
+        "bias_update_rate", "n_group", "topk_group", "routed_scaling_factor", "noise_eps",
+        "jitter_eps", "causal", "track_stats",
+    }  # fmt: skip
+    assert routing <= set(inspect.signature(Supervisor).parameters) and routing <= fields
+    layer = {"d_model", "d_hidden", "num_experts", "k", "activation", "num_shared_experts"}
+    assert layer <= set(inspect.signature(MoELayer).parameters) and layer <= fields
+    assert not fields & set(RENAMED_FIELDS)
+    # help(MoEConfig) shows the current names only
+    assert not set(inspect.signature(MoEConfig).parameters) & set(RENAMED_FIELDS)
+
+
+@pytest.mark.parametrize("old", sorted(_OLD_VALUES))
+def test_config_old_field_name_as_keyword_warns_naming_the_new_field(old):
+    new = RENAMED_FIELDS[old]
+    value = _OLD_VALUES[old]
+    ctx = dict(num_experts=8, **_CONTEXT.get(old, {}))
+    with pytest.warns(FutureWarning, match=f"{old} -> {new}"):
+        cfg = MoEConfig(**ctx, **{old: value})
+    assert getattr(cfg, new) == value
+    assert cfg == MoEConfig(**ctx, **{new: value})
+    assert old not in cfg.to_dict() and cfg.to_dict()[new] == value
+
+
+@pytest.mark.parametrize("old", sorted(_OLD_VALUES))
+def test_config_old_field_name_in_a_dict_or_json_warns_naming_the_new_field(old):
+    new = RENAMED_FIELDS[old]
+    d = {"num_experts": 8, **_CONTEXT.get(old, {}), old: _OLD_VALUES[old]}
+    with pytest.warns(DeprecationWarning, match=f"{old} -> {new}.*saving the config again"):
+        cfg = MoEConfig.from_dict(d)
+    assert getattr(cfg, new) == _OLD_VALUES[old]
+    with pytest.warns(DeprecationWarning, match=f"{old} -> {new}"):
+        assert MoEConfig.from_json(json.dumps(d)) == cfg
+
+
+def test_config_giving_both_the_old_and_the_new_name_is_an_error():
+    with pytest.raises(ValueError, match="both 'top_k' .*and 'k'"):
+        MoEConfig(top_k=2, k=2)
+    with pytest.raises(ValueError, match="both 'aux_loss_weight' .*and 'load_balance_coef'"):
+        MoEConfig.from_dict({"aux_loss_weight": 0.1, "load_balance_coef": 0.1})
+    with pytest.raises(ValueError, match="both 'num_groups'"):
+        MoEConfig().replace(num_groups=2, n_group=2)
+
+
+def test_config_saved_by_the_previous_version_loads_with_its_values_under_the_new_names(tmp_path):
+    path = os.path.join(os.path.dirname(__file__), "data", "golden", "system_v1", "config.json")
+    with pytest.warns(DeprecationWarning, match="top_k -> k") as record:
+        cfg = MoEConfig.from_json(path)
+    renamed = [w for w in record if "renamed field" in str(w.message)]
+    assert len(renamed) == 1  # one line for all the old names
+    for old, new in RENAMED_FIELDS.items():
+        assert f"{old} -> {new}" in str(renamed[0].message), old
+    with open(path) as f:
+        old = json.load(f)
+    assert cfg.k == old["top_k"] == 2 and cfg.strategy == old["routing_strategy"]
+    assert cfg.load_balance_coef == old["aux_loss_weight"]
+    assert cfg.z_loss_coef == old["z_loss_weight"]
+    assert cfg.kg_keep_checkpoints == old["kg_snapshots_kept"]
+    # written back in the new names only, and read back without any warning
+    cfg.to_json(tmp_path / "config.json")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not set(saved) & set(RENAMED_FIELDS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert MoEConfig.from_json(tmp_path / "config.json") == cfg
+
+
+def test_config_old_names_read_and_set_as_deprecated_attributes():
+    cfg = MoEConfig(num_experts=8, k=4)
+    with pytest.warns(DeprecationWarning, match="MoEConfig.top_k is deprecated: read MoEConfig.k"):
+        assert cfg.top_k == 4
+    with pytest.warns(DeprecationWarning, match="set MoEConfig.strategy"):
+        cfg.routing_strategy = "switch"
+    assert cfg.strategy == "switch"
+
+
+def test_config_replace_accepts_an_old_name_with_a_warning():
+    with pytest.warns(FutureWarning, match="top_k -> k"):
+        assert MoEConfig(num_experts=8).replace(top_k=3).k == 3
+
+
 def test_config_track_stats_turns_tracking_on_in_every_layer():
     from moe_framework.system import MixtureOfExpertsSystem
 
-    cfg = MoEConfig(input_dim=8, d_model=8, d_hidden=8, num_experts=4, top_k=2, track_stats=True)
+    cfg = MoEConfig(input_dim=8, d_model=8, d_hidden=8, num_experts=4, k=2, track_stats=True)
     assert MoEConfig.from_json(cfg.to_json()).track_stats is True
     model = MixtureOfExpertsSystem(cfg)
     import torch

@@ -20,7 +20,7 @@ def _cfg(tmp_path=None, **kw):
         d_hidden=24,
         num_layers=2,
         num_experts=4,
-        top_k=2,
+        k=2,
         output_dim=3,
         max_batch_size=32,
     )
@@ -352,7 +352,7 @@ def test_system_knowledge_graph_needs_kg_path():
 
 
 def test_system_kg_checkpoint_interval_takes_snapshots(tmp_path, seed):
-    cfg = _cfg(tmp_path, consolidation_interval=1, kg_checkpoint_interval=2, kg_snapshots_kept=2)
+    cfg = _cfg(tmp_path, consolidation_interval=1, kg_checkpoint_interval=2, kg_keep_checkpoints=2)
     model = MixtureOfExpertsSystem(cfg)
     x, y = _task(32)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -363,7 +363,7 @@ def test_system_kg_checkpoint_interval_takes_snapshots(tmp_path, seed):
 
 
 def test_system_bias_update_moves_selection_bias(seed):
-    model = MixtureOfExpertsSystem(_cfg(bias_update_rate=0.01, aux_loss_weight=0.0))
+    model = MixtureOfExpertsSystem(_cfg(bias_update_rate=0.01, load_balance_coef=0.0))
     x, y = _task()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     model.training_step((x, y), opt)

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Optional
 import faiss
 import numpy as np
 
-INDEX_TYPES = ("flat", "hnsw", "ivfpq")
+from ..options import INDEX_TYPES
 
 log = logging.getLogger("moe_framework.knowledge_graph")
 
