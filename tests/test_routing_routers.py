@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -334,3 +335,15 @@ def test_no_class_in_the_routing_package_exceeds_400_lines():
     assert sizes and "topk.py:TopKRouter" in sizes
     too_long = {name: n for name, n in sizes.items() if n > 400}
     assert not too_long, too_long
+
+
+def test_docs_routing_examples_run_and_print_what_they_say(capsys):
+    doc = Path(__file__).resolve().parents[1] / "docs" / "routing.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    assert len(blocks) >= 3  # the runnable example and the two ways of writing a router
+    for code in blocks:
+        exec(compile(code, str(doc), "exec"), {})
+    out = capsys.readouterr().out
+    assert "torch.Size([64, 2])" in out
+    assert "[[0, 1], [1, 2], [2, 3]]" in out
+    assert "torch.Size([8, 2]) True" in out
