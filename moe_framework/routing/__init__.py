@@ -18,7 +18,7 @@ weight 0. See ``docs/routing.md``.
 from .attention import AttentionRouter
 from .base import Router, RoutingDecision
 from .capacity import CapacityResult, apply_capacity, expert_capacity
-from .common import BaseRouter
+from .common import BaseRouter, Selection
 from .counts import expert_counts
 from .expert_choice import ExpertChoiceRouter
 from .factory import ROUTERS, STRATEGIES, Supervisor, router_arguments
@@ -42,6 +42,7 @@ __all__ = [
     "Router",
     "RoutingDecision",
     "STRATEGIES",
+    "Selection",
     "Supervisor",
     "SwitchRouter",
     "TokenChoiceRouter",
