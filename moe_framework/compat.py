@@ -25,11 +25,12 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from .config import MoEConfig
-from .constellation import MoELayer
 from .experts import ExpertBank
 from .knowledge_graph import KnowledgeGraph
 from .librarian import Librarian
+from .moe_layer import MoELayer
 from .options import STRATEGIES
+from .routing import Router
 from .supervisor import Supervisor
 from .system import MixtureOfExpertsSystem
 
@@ -208,10 +209,7 @@ class BaseExpert(ExpertBank):
 
 
 def _build_moe_layer(**kwargs: Any) -> MoELayer:
-    # MoELayer.build(*, d_model, d_hidden, num_experts, k, ...) where it exists, else the
-    # constructor, which takes the same keyword arguments.
-    build = getattr(MoELayer, "build", None)
-    return build(**kwargs) if build is not None else MoELayer(**kwargs)
+    return MoELayer.build(**kwargs)
 
 
 def ExpertConstellation(
@@ -259,9 +257,10 @@ def _constellation_of(experts: list, supervisor: Any, kwargs: dict) -> MoELayer:
             "ExpertConstellation: experts must be a non-empty list of BaseExpert, got "
             f"{[type(e).__name__ for e in experts]}"
         )
-    if not isinstance(supervisor, Supervisor):
+    if not isinstance(supervisor, Router):
         raise ValueError(
-            f"ExpertConstellation: supervisor must be a Supervisor, got {type(supervisor).__name__}"
+            "ExpertConstellation: supervisor must be a router (a Supervisor or any module with "
+            f"the Router protocol), got {type(supervisor).__name__}"
         )
     first = experts[0]
     kind = ("d_model", "d_hidden", "activation", "layout")
@@ -284,8 +283,8 @@ def _constellation_of(experts: list, supervisor: Any, kwargs: dict) -> MoELayer:
         d_model=first.d_model,
         d_hidden=first.d_hidden,
         num_experts=len(experts),
-        k=supervisor.k,
-        supervisor=supervisor,
+        k=supervisor.slots_per_token,
+        router=supervisor,
         activation=first.activation,
         bias=first.b_out is not None,
         layout=first.layout,

@@ -63,8 +63,7 @@ __all__ = [
     "swiglu",
 ]
 
-ACTIVATIONS = ("swiglu", "gelu")
-LAYOUTS = ("in_out", "out_in")
+from .options import ACTIVATIONS, LAYOUTS
 
 
 class Experts(Protocol):

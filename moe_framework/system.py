@@ -13,7 +13,9 @@ bias update, automatic consolidation). Persistence (:meth:`save` / :meth:`load`,
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -24,6 +26,7 @@ from . import training
 from .config import MoEConfig
 from .moe_layer import MoELayer
 from .persistence import MAX_PARAMETERS, load_system, save_system
+from .routing.factory import ROUTERS, router_arguments
 from .supervisor import Supervisor
 from .training import StepResult
 
@@ -78,6 +81,20 @@ def _make_supervisor(cfg: MoEConfig, layer_index: int) -> Supervisor:
     )
     if cfg.noise_eps is not None:
         kw["noise_eps"] = cfg.noise_eps
+    # A config is flat, so it carries every strategy's options; the router gets only its own. One
+    # set to a non-default value for a strategy that has no use for it is ignored, as it always
+    # was, but said (the Supervisor factory itself refuses such arguments).
+    defaults = {f.name: f.default for f in dataclasses.fields(MoEConfig)}
+    own = router_arguments(ROUTERS[cfg.strategy])
+    for name in [n for n in kw if n != "strategy" and n not in own]:
+        value = kw.pop(name)
+        if layer_index == 0 and name in defaults and value != defaults[name]:
+            warnings.warn(
+                f"MoEConfig: {name}={value!r} does not apply to strategy={cfg.strategy!r} and is "
+                "ignored",
+                UserWarning,
+                stacklevel=4,
+            )
     return Supervisor(cfg.d_model, cfg.num_experts, cfg.k, **kw)
 
 

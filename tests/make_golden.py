@@ -106,7 +106,7 @@ def record_system() -> None:
         d_hidden=24,
         num_layers=2,
         num_experts=4,
-        top_k=2,
+        k=2,
         num_shared_experts=1,
     )
     system = MixtureOfExpertsSystem(cfg).eval()

@@ -205,7 +205,7 @@ def test_expert_constellation_refuses_experts_that_do_not_fit_together():
         ExpertConstellation([BaseExpert(i, 8, 16) for i in range(3)], gate)
     with pytest.raises(ValueError, match="non-empty list of BaseExpert"):
         ExpertConstellation([torch.nn.Linear(8, 8)], gate)
-    with pytest.raises(ValueError, match="supervisor must be a Supervisor"):
+    with pytest.raises(ValueError, match="supervisor must be a router"):
         ExpertConstellation([BaseExpert(0, 8, 16)], None)
     with pytest.raises(ValueError, match="not both"):
         ExpertConstellation([BaseExpert(0, 8, 16)], gate, d_model=8)

@@ -217,7 +217,7 @@ _CONTEXT = {"router_noise_eps": {"strategy": "noisy_topk"}, "topk_groups": {"n_g
 def test_config_fields_are_named_like_the_module_arguments_they_set():
     import inspect
 
-    from moe_framework.constellation import MoELayer
+    from moe_framework.moe_layer import MoELayer
     from moe_framework.supervisor import Supervisor
 
     fields = {f.name for f in dataclasses.fields(MoEConfig)}
@@ -228,7 +228,7 @@ def test_config_fields_are_named_like_the_module_arguments_they_set():
     }  # fmt: skip
     assert routing <= set(inspect.signature(Supervisor).parameters) and routing <= fields
     layer = {"d_model", "d_hidden", "num_experts", "k", "activation", "num_shared_experts"}
-    assert layer <= set(inspect.signature(MoELayer).parameters) and layer <= fields
+    assert layer <= set(inspect.signature(MoELayer.build).parameters) and layer <= fields
     assert not fields & set(RENAMED_FIELDS)
     # help(MoEConfig) shows the current names only
     assert not set(inspect.signature(MoEConfig).parameters) & set(RENAMED_FIELDS)

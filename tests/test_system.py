@@ -792,3 +792,16 @@ def test_system_load_refuses_a_fifo_instead_of_hanging(tmp_path, seed, name):
     out = _run_load(tmp_path / "m", timeout=60)
     assert "ERROR ValueError" in out, out
     assert "not a regular file" in out or "is a FIFO, expected a regular file" in out, out
+
+
+def test_routing_option_of_another_strategy_is_ignored_with_a_warning():
+    # The flat config carries every strategy's options; expert choice has no scaling factor.
+    cfg = MoEConfig(
+        input_dim=6, output_dim=3, d_model=8, d_hidden=8, num_experts=4, k=2,
+        strategy="expert_choice", capacity_factor=1.0, routed_scaling_factor=2.5,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="routed_scaling_factor=2.5 does not apply"):
+        system = MixtureOfExpertsSystem(cfg)
+    assert system.routers()[0].strategy == "expert_choice"
+    out = system(torch.randn(5, 6))
+    assert out.output.shape == (5, 3)

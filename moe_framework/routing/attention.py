@@ -14,7 +14,7 @@ from .token_choice import TokenChoiceRouter
 
 __all__ = ["AttentionRouter"]
 
-ATTENTION_SCORES = ("cosine", "dot")
+from ..options import ATTENTION_SCORES
 
 
 class AttentionRouter(TokenChoiceRouter):

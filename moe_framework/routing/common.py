@@ -27,7 +27,7 @@ from .rng import counter_uniform
 
 __all__ = ["BaseRouter", "Selection"]
 
-LOAD_BALANCE_SCOPES = ("batch", "sequence")
+from ..options import LOAD_BALANCE_SCOPES
 
 
 class Selection(NamedTuple):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Optional, Type
 
+from ..options import STRATEGIES
 from ._checks import check_bools, check_choice, is_int, is_real
 from .attention import AttentionRouter
 from .common import BaseRouter
@@ -32,8 +33,12 @@ ROUTERS: Dict[str, Type[BaseRouter]] = {
     )
 }
 
-#: The routing strategies, in the order of :data:`ROUTERS`.
-STRATEGIES = tuple(ROUTERS)
+# The strategy names are defined once, in moe_framework.options; each router class carries its own
+# and the registry must list exactly those, in that order.
+if tuple(ROUTERS) != STRATEGIES:
+    raise ImportError(
+        f"routing: ROUTERS {tuple(ROUTERS)} do not match options.STRATEGIES {STRATEGIES}"
+    )
 
 
 def router_arguments(cls: type) -> FrozenSet[str]:
