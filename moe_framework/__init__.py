@@ -16,20 +16,29 @@ except ImportError as exc:  # a source checkout that was never built, or a torch
 from . import ops
 from .config import MoEConfig
 from .cuda_graphs import CUDAGraphInference
-from .experts import ExpertBank
+from .dispatch import LocalDispatcher, TokenDispatcher
+from .experts import CheckpointedExperts, DenseFFN, ExpertBank, Experts, GatedSharedExperts
 from .knowledge_graph import KnowledgeGraph, KnowledgeGraphError
 from .librarian import Librarian
 from .metrics import RoutingStats
 from .moe_layer import DraftReports, MoELayer, RoutingInfo
-from .supervisor import RoutingDecision, Supervisor
+from .routing import ROUTERS, Router, RoutingDecision, Supervisor
 from .system import MixtureOfExpertsSystem
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CUDAGraphInference",
+    "CheckpointedExperts",
+    "DenseFFN",
     "DraftReports",
     "ExpertBank",
+    "Experts",
+    "GatedSharedExperts",
+    "LocalDispatcher",
+    "ROUTERS",
+    "Router",
+    "TokenDispatcher",
     "KnowledgeGraph",
     "KnowledgeGraphError",
     "Librarian",
