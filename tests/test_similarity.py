@@ -377,13 +377,10 @@ def _assert_copies_rank_by_lowest_id(scores, ids, group_of_row):
             assert len({float(scores[r, j]) for j in mine}) == 1, f"query {r}: group {g} scores"
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("q", [1, 3, 5, 40])
-def test_kg_search_matches_reference_on_stride0_and_tied_banks(dtype, q):
-    # q <= 4: the fused few-query pass; more: the AVX-512 score tiles or BLAS blocks, whose BLAS
-    # scores could rank a later copy of a row first (their candidates are rescored in a fixed
-    # order). Banks: one row expanded (stride 0) and 8 directions copied all over the bank (some
-    # scaled by powers of two: the same unit row), with n_valid = N, < N and < k.
+def _check_tied_banks(dtype, q, device):
+    """kg_search against the reference on one row expanded (stride 0) and on 8 directions copied
+    all over the bank (some scaled by powers of two: the same unit row), with n_valid = N, < N and
+    < k: the same ids, and copies in lowest-id order with equal scores."""
     gen = torch.Generator().manual_seed(q)
     N, d = 1543, 96  # 1543 rows: full bank blocks and a short last one
     dirs, query_dirs = _tied_directions(d, gen)
@@ -398,11 +395,21 @@ def test_kg_search_matches_reference_on_stride0_and_tied_banks(dtype, q):
     for name, (bank, group_of_row) in banks.items():
         for nv in (N, N - 100, 5):
             for k in (1, 7, 40):
-                scores, ids = kg_search(queries, bank, k, nv)
+                scores, ids = kg_search(queries.to(device), bank.to(device), k, nv)
+                scores, ids = scores.cpu(), ids.cpu()
                 want_s, want_i = kg_search_ref(queries, bank, k, nv)
                 assert torch.equal(ids, want_i), f"{name}, n_valid={nv}, k={k}"
                 torch.testing.assert_close(scores, want_s, atol=SCORE_TOL[dtype], rtol=0)
                 _assert_copies_rank_by_lowest_id(scores, ids, group_of_row)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q", [1, 3, 5, 40])
+def test_kg_search_matches_reference_on_stride0_and_tied_banks(dtype, q):
+    # q <= 4: the fused few-query pass; more: the AVX-512 score tiles or BLAS blocks, whose BLAS
+    # scores could rank a later copy of a row first (their candidates are rescored in a fixed
+    # order).
+    _check_tied_banks(dtype, q, "cpu")
 
 
 @pytest.mark.parametrize("data_seed", range(4))
@@ -708,6 +715,13 @@ def test_cuda_exact_boundaries_and_ties_match_cpu(dtype):
     got = kg_search(queries.cuda(), bank.cuda(), 7, 7)
     want = kg_search(queries, bank, 7, 7)
     assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q", [1, 40])
+def test_cuda_kg_search_matches_reference_on_stride0_and_tied_banks(dtype, q):
+    _check_tied_banks(dtype, q, "cuda")
 
 
 @pytest.mark.cuda
