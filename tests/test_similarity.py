@@ -338,6 +338,100 @@ def test_kg_search_ties_across_bank_blocks_pick_lowest_ids(seed):
         assert torch.all(scores == 1.0)
 
 
+def _tied_directions(d, gen, n_dirs=8):
+    """Unit rows u_m = cos(0.25 m) a + sin(0.25 m) b in a random plane (a, b) of R^d, and unit
+    queries at angles 0.06, 0.41, 0.83, 1.19, 1.52 in the same plane: every query's cosines with
+    the n_dirs directions are at least ~0.005 apart (no near-ties between different directions), and
+    every coordinate is non-zero, so the dot products really round. float64."""
+    basis, _ = torch.linalg.qr(torch.randn(d, 2, dtype=torch.float64, generator=gen))
+    a, b = basis[:, 0], basis[:, 1]
+
+    def at(angles):
+        t = torch.tensor(angles, dtype=torch.float64)[:, None]
+        return torch.cos(t) * a + torch.sin(t) * b
+
+    return at([0.25 * m for m in range(n_dirs)]), at([0.06, 0.41, 0.83, 1.19, 1.52])
+
+
+def test_kg_search_ref_gives_copies_equal_scores_and_lowest_ids_first():
+    # The reference used a GEMM, which rounds an entry by its place in the matrix: copies of one
+    # row (here a stride-0 `expand` bank) got scores an ulp apart and the highest ids won.
+    gen = torch.Generator().manual_seed(0)
+    for N, d in ((257, 64), (1543, 256), (600, 384)):
+        queries = torch.randn(5, d, generator=gen)
+        bank = torch.randn(1, d, generator=gen).expand(N, d)
+        scores, ids = kg_search_ref(queries, bank, 6, N)
+        assert ids.tolist() == [list(range(6))] * 5
+        assert torch.all(scores == scores[:, :1])
+
+
+def _assert_copies_rank_by_lowest_id(scores, ids, group_of_row):
+    """Within every query's results, rows of one copy group have bitwise equal scores, come in
+    increasing id order and are the lowest ids of their group (below n_valid)."""
+    for r in range(ids.shape[0]):
+        returned = [int(i) for i in ids[r] if i >= 0]
+        for g in set(group_of_row[i] for i in returned):
+            mine = [j for j, i in enumerate(returned) if group_of_row[i] == g]
+            got = [returned[j] for j in mine]
+            assert got == sorted(got), f"query {r}: copies of group {g} out of order: {got}"
+            assert len({float(scores[r, j]) for j in mine}) == 1, f"query {r}: group {g} scores"
+
+
+def _check_tied_banks(dtype, q, device):
+    """kg_search against the reference on one row expanded (stride 0) and on 8 directions copied
+    all over the bank (some scaled by powers of two: the same unit row), with n_valid = N, < N and
+    < k: the same ids, and copies in lowest-id order with equal scores."""
+    gen = torch.Generator().manual_seed(q)
+    N, d = 1543, 96  # 1543 rows: full bank blocks and a short last one
+    dirs, query_dirs = _tied_directions(d, gen)
+    queries = query_dirs.repeat(8, 1)[:q].to(dtype)
+    group = torch.randint(0, dirs.shape[0], (N,), generator=gen)
+    # x 1, 2 or 4 after the cast: exact in every dtype (fp16 would round a subnormal x / 4)
+    scale = (2 ** torch.randint(0, 3, (N, 1), generator=gen)).to(dtype)
+    banks = {
+        "expand": (dirs[3:4].to(dtype).expand(N, d), [0] * N),
+        "copies": (dirs[group].to(dtype) * scale, group.tolist()),
+    }
+    for name, (bank, group_of_row) in banks.items():
+        for nv in (N, N - 100, 5):
+            for k in (1, 7, 40):
+                scores, ids = kg_search(queries.to(device), bank.to(device), k, nv)
+                scores, ids = scores.cpu(), ids.cpu()
+                want_s, want_i = kg_search_ref(queries, bank, k, nv)
+                assert torch.equal(ids, want_i), f"{name}, n_valid={nv}, k={k}"
+                torch.testing.assert_close(scores, want_s, atol=SCORE_TOL[dtype], rtol=0)
+                _assert_copies_rank_by_lowest_id(scores, ids, group_of_row)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q", [1, 3, 5, 40])
+def test_kg_search_matches_reference_on_stride0_and_tied_banks(dtype, q):
+    # q <= 4: the fused few-query pass; more: the AVX-512 score tiles or BLAS blocks, whose BLAS
+    # scores could rank a later copy of a row first (their candidates are rescored in a fixed
+    # order).
+    _check_tied_banks(dtype, q, "cpu")
+
+
+@pytest.mark.parametrize("data_seed", range(4))
+def test_dedup_copies_anywhere_point_to_their_first_occurrence(data_seed):
+    # dedup runs the same BLAS blocks: a copy's representative is the first copy of its row (the
+    # lowest index among equally similar earlier rows), wherever the copies sit. (Before the
+    # rescoring, copies in a short last block often won: GEMM rounding is positional.)
+    gen = torch.Generator().manual_seed(data_seed)
+    for n, d, n_dirs in ((1543, 256, 1), (1543, 256, 8), (1543, 384, 3), (2000, 96, 8)):
+        dirs, _ = _tied_directions(d, gen, n_dirs)
+        group = torch.randint(0, dirs.shape[0], (n,), generator=gen)
+        emb = dirs[group].float()
+        keep, rep = dedup(emb, 0.999)  # copies: cosine 1; different directions: <= cos(0.25)
+        first = {}
+        for j, g in enumerate(group.tolist()):
+            first.setdefault(g, j)
+        assert keep.tolist() == [first[g] == j for j, g in enumerate(group.tolist())]
+        assert rep.tolist() == [first[g] for g in group.tolist()], (n, d, n_dirs)
+    emb = torch.randn(1, 256, generator=gen).expand(1543, 256)
+    assert dedup(emb, 0.5)[1].tolist() == [0] * 1543
+
+
 def test_kg_search_accepts_int_and_tensor_n_valid_and_non_contiguous_inputs(seed):
     queries = torch.randn(20, 16)
     bank = torch.randn(100, 16)
@@ -621,6 +715,13 @@ def test_cuda_exact_boundaries_and_ties_match_cpu(dtype):
     got = kg_search(queries.cuda(), bank.cuda(), 7, 7)
     want = kg_search(queries, bank, 7, 7)
     assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q", [1, 40])
+def test_cuda_kg_search_matches_reference_on_stride0_and_tied_banks(dtype, q):
+    _check_tied_banks(dtype, q, "cuda")
 
 
 @pytest.mark.cuda

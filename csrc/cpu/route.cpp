@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -141,38 +142,59 @@ MOE_ALWAYS_INLINE void group_top2(const T* key, int64_t n, T& first, T& second) 
   second = repeats >= 2 ? m : below;
 }
 
-// The k best of n candidates (keys already through route::rank_key, ids distinct) in rank order:
-// a candidate's rank is the number of candidates that route::ranks_before it, counted with a
-// vector loop (no data-dependent branches; the ranks of a strict total order are distinct).
-// Few candidates (the vector loop's set-up would dominate) go through an insertion list instead;
-// both give the order of route::ranks_before.
+// Candidates above which select_by_rank sorts instead of counting ranks: the count costs n^2
+// comparisons (vectorised), the partial sort O(n log k). Below it the count is faster.
+constexpr int kMaxRankCount = 128;
+
+// The k best of n >= k candidates (keys already through route::rank_key, ids distinct) in rank
+// order. Few candidates go through an insertion list (the vector loop's set-up would dominate);
+// up to kMaxRankCount, a candidate's rank is the number of candidates that route::ranks_before it,
+// counted with a vector loop (no data-dependent branches; the ranks of a strict total order are
+// distinct); more (thousands of groups) are partially sorted, so no input is quadratic. All three
+// give the order of route::ranks_before. scratch_keys holds k keys, scratch_order n indices.
 template <typename T>
 MOE_ALWAYS_INLINE void select_by_rank(const T* keys, const int32_t* ids, int n, int k,
-                                      int32_t* out_ids, T* scratch_keys) {
+                                      int32_t* out_ids, T* scratch_keys, int32_t* scratch_order) {
   if (n <= 32) {
     int m = 0;
     for (int i = 0; i < n; ++i) route::topk_insert(scratch_keys, out_ids, k, m, keys[i], ids[i]);
     return;
   }
-  for (int i = 0; i < n; ++i) {
-    const T ki = keys[i];
-    const int32_t ii = ids[i];
-    int rank = 0;
+  if (n <= kMaxRankCount) {
+    for (int i = 0; i < n; ++i) {
+      const T ki = keys[i];
+      const int32_t ii = ids[i];
+      int rank = 0;
 #pragma omp simd reduction(+ : rank)
-    for (int j = 0; j < n; ++j)
-      rank += route::ranks_before(keys[j], int64_t(ids[j]), ki, int64_t(ii));
-    if (rank < k) out_ids[rank] = ii;
+      for (int j = 0; j < n; ++j)
+        rank += route::ranks_before(keys[j], int64_t(ids[j]), ki, int64_t(ii));
+      if (rank < k) out_ids[rank] = ii;
+    }
+    return;
   }
+  // ranks_before is a strict total order (no NaN keys, distinct ids): any correct sort gives the
+  // same k ids in the same order.
+  const auto before = [keys, ids](int32_t a, int32_t b) {
+    return route::ranks_before(keys[a], int64_t(ids[a]), keys[b], int64_t(ids[b]));
+  };
+  for (int i = 0; i < n; ++i) scratch_order[i] = i;
+  std::nth_element(scratch_order, scratch_order + (k - 1), scratch_order + n, before);
+  std::sort(scratch_order, scratch_order + k, before);
+  for (int j = 0; j < k; ++j) out_ids[j] = ids[scratch_order[j]];
 }
 
-// Top-k over candidate ranges (disjoint) into a best-first id list, in the order of
-// route::ranks_before.
+// Top-k over candidate ranges (disjoint, added in increasing id order) into a best-first id
+// list, in the order of route::ranks_before.
 //
 // The ranges are cut into segments of at most kLanes experts and each segment's best key is taken
 // with a vector max. The k-th largest segment best, `floor`, is a lower bound of the k-th best key
 // (the k best segments each hold a key >= floor), so only segments whose best reaches the floor
-// are visited, and in them only keys >= floor survive: typically ~2k survivors, ranked by
-// select_by_rank, instead of a branchy insertion attempt per expert.
+// are visited. In them every key above the floor survives (they lie in the fewer than k segments
+// whose best is above it: at most kLanes * (k - 1) keys), and of the keys equal to the floor only
+// the k with the lowest ids (they may be needed to fill the list, and ties go to the lowest id).
+// Typically ~2k survivors, ranked by select_by_rank, instead of a branchy insertion attempt per
+// expert; and never more than kLanes * k, however many keys tie (a zero-initialised router, rows
+// of NaN or -inf), so a row costs O(E) plus the ranking of O(k) survivors.
 template <typename T>
 class TopKSelector {
  public:
@@ -183,8 +205,11 @@ class TopKSelector {
         seg_begin_(candidates / seg_len_ + candidates + 1),
         seg_end_(seg_begin_.size()),
         seg_best_(seg_begin_.size()),
+        floor_scratch_(seg_begin_.size()),
         surv_keys_(candidates + 1),
-        surv_ids_(candidates + 1) {}
+        surv_ids_(candidates + 1),
+        tie_ids_(k + 1),
+        order_(candidates + 1) {}
 
   static int64_t segment_length(int64_t candidates, int k) {
     int64_t len = kLanes;
@@ -194,6 +219,8 @@ class TopKSelector {
 
   void clear() { segments_ = 0; }
 
+  // Adds the candidates [begin, end); ranges must arrive in increasing id order (the tie cap of
+  // select keeps the first keys equal to the floor it sees).
   MOE_ALWAYS_INLINE void add_range(const T* key, int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b += seg_len_) {
       const int64_t e = std::min<int64_t>(b + seg_len_, end);
@@ -209,35 +236,56 @@ class TopKSelector {
 
   MOE_ALWAYS_INLINE void select(const T* key, int k, int32_t* out_ids, T* scratch_keys,
                                 int32_t* scratch_ids) {
-    T floor = -route::pos_inf<T>();
-    if (segments_ >= k) {
+    const T floor = kth_segment_best(k, scratch_keys, scratch_ids);
+    // Survivors, compacted without branches: keys above the floor, then (capped at k, lowest ids
+    // first) keys equal to it.
+    int above = 0, ties = 0;
+    for (int64_t s = 0; s < segments_; ++s) {
+      if (!(seg_best_[s] >= floor)) continue;  // -inf segments still pass a -inf floor
+      // A segment whose best is the floor holds nothing above it: once k ties are kept it has
+      // nothing to offer (a tied row then skips all but its first segments).
+      if (seg_best_[s] == floor && ties == k) continue;
+      for (int64_t e = seg_begin_[s]; e < seg_end_[s]; ++e) {
+        const T v = route::rank_key(key[e]);
+        surv_keys_[above] = v;
+        surv_ids_[above] = int32_t(e);
+        above += v > floor;
+        tie_ids_[ties] = int32_t(e);
+        ties += (v == floor) & (ties < k);
+      }
+    }
+    // Keys equal to the floor rank after every key above it: the lowest-id ones fill the list.
+    int n = above;
+    for (int i = 0; i < ties && n < k; ++i, ++n) {
+      surv_keys_[n] = floor;
+      surv_ids_[n] = tie_ids_[i];
+    }
+    select_by_rank(surv_keys_.data(), surv_ids_.data(), n, k, out_ids, scratch_keys, order_.data());
+  }
+
+ private:
+  // The k-th largest segment best (-inf when there are fewer than k segments): by insertion for
+  // small k, by a selection (O(segments)) for large k, where insertion would cost segments * k.
+  MOE_ALWAYS_INLINE T kth_segment_best(int k, T* scratch_keys, int32_t* scratch_ids) {
+    if (segments_ < k) return -route::pos_inf<T>();
+    if (k <= 16) {
       int m = 0;
       for (int64_t s = 0; s < segments_; ++s) {
         route::topk_push(scratch_keys, scratch_ids, k, m, seg_best_[s], int32_t(s));
       }
-      floor = scratch_keys[k - 1];
+      return scratch_keys[k - 1];
     }
-    // Survivors: the candidates whose key reaches the floor (at least k of them), compacted
-    // without branches.
-    int n = 0;
-    for (int64_t s = 0; s < segments_; ++s) {
-      if (!(seg_best_[s] >= floor)) continue;  // -inf segments still pass a -inf floor
-      for (int64_t e = seg_begin_[s]; e < seg_end_[s]; ++e) {
-        const T v = route::rank_key(key[e]);
-        surv_keys_[n] = v;
-        surv_ids_[n] = int32_t(e);
-        n += v >= floor;
-      }
-    }
-    select_by_rank(surv_keys_.data(), surv_ids_.data(), n, k, out_ids, scratch_keys);
+    std::copy(seg_best_.begin(), seg_best_.begin() + segments_, floor_scratch_.begin());
+    std::nth_element(floor_scratch_.begin(), floor_scratch_.begin() + (k - 1),
+                     floor_scratch_.begin() + segments_, std::greater<T>());
+    return floor_scratch_[k - 1];
   }
 
- private:
   int64_t seg_len_;
   std::vector<int64_t> seg_begin_, seg_end_;
-  std::vector<T> seg_best_;
+  std::vector<T> seg_best_, floor_scratch_;
   std::vector<T> surv_keys_;
-  std::vector<int32_t> surv_ids_;
+  std::vector<int32_t> surv_ids_, tie_ids_, order_;
   int64_t segments_ = 0;
 };
 
@@ -265,6 +313,7 @@ class RowRouter {
         key_(key_is_logit_ ? 0 : p.num_experts),
         group_keys_(p.n_group),
         group_ids_(p.n_group),
+        group_order_(p.n_group),
         chosen_groups_(p.topk_group),
         top_keys_(std::max<int64_t>(p.k, p.topk_group)),
         scratch_keys_(p.k),
@@ -308,7 +357,10 @@ class RowRouter {
         group_ids_[g] = int32_t(g);
       }
       select_by_rank(group_keys_.data(), group_ids_.data(), static_cast<int>(p_.n_group), tg,
-                     chosen_groups_.data(), top_keys_.data());
+                     chosen_groups_.data(), top_keys_.data(), group_order_.data());
+      // The selector wants its ranges in increasing id order (the choice itself does not depend
+      // on the order the groups are added in).
+      std::sort(chosen_groups_.begin(), chosen_groups_.end());
       for (int i = 0; i < tg; ++i) {
         const int64_t g = chosen_groups_[i];
         selector_.add_range(key, g * gs, (g + 1) * gs);
@@ -325,7 +377,7 @@ class RowRouter {
   const T* bias_;
   bool key_is_logit_;
   std::vector<T> x_, key_, group_keys_;
-  std::vector<int32_t> group_ids_, chosen_groups_;
+  std::vector<int32_t> group_ids_, group_order_, chosen_groups_;
   std::vector<T> top_keys_, scratch_keys_;
   std::vector<int32_t> scratch_ids_;
   std::vector<T> x_sel_;

@@ -10,7 +10,8 @@
 //
 // Scores: with AVX-512 (fp32 scores), our own register-tiled GEMM whose epilogue scales and tests
 // the scores in registers (score_block_avx512); otherwise BLAS (at::mm) on [QB, d] x [d, NB]
-// blocks and a scan of the stored score block. A few queries (<= kFusedMaxQueries) against an
+// blocks and a scan of the stored score block, whose candidates are rescored in a fixed order
+// (candidate_score: exact ties between equal rows). A few queries (<= kFusedMaxQueries) against an
 // fp32/fp64 bank take a fused pass that reads each bank row once (fused_rows).
 //
 // Work split: queries in fixed blocks of QB rows, bank rows in fixed blocks of NB rows, so every
@@ -173,6 +174,85 @@ void scores_gemm(const acc_t* qn, int64_t nq, const acc_t* b, int64_t nb, int64_
   const at::Tensor bt = at::from_blob(const_cast<acc_t*>(b), {d, nb}, {1, ldb}, opts);
   at::Tensor st = at::from_blob(s, {nq, nb}, {nb, 1}, opts);
   at::mm_out(st, qt, bt);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exact ties on the BLAS path. A BLAS GEMM rounds an entry differently depending on where it falls
+// in its tiles and on the shape of the call (the last, partial bank block), so two copies of one
+// bank row (an `expand`ed bank, duplicated embeddings) could get scores an ulp apart, and a higher
+// id could beat a lower one. The BLAS scores therefore only select candidates, with a margin that
+// covers their rounding; every candidate's score is recomputed by candidate_score, a fixed-order
+// function of the query row and the bank row alone, so equal rows get equal scores and ties go to
+// the lowest id wherever the rows sit. (The fused pass and the AVX-512 tiles compute every score
+// with one fixed chain already.)
+
+// sum_j q[j] * x[j] over 16 independent partial sums added in a fixed tree (sum_of_squares' order).
+// Compiled for baseline x86-64 and AVX2 without FMA: the same operations per lane, so the same
+// bits whichever runs.
+template <typename T>
+MOE_ALWAYS_INLINE T dot_fixed_impl(const T* q, const T* x, int64_t d) {
+  constexpr int kLanes = 16;
+  T part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= d; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) part[l] += q[i + l] * x[i + l];
+  }
+  for (; i < d; ++i) part[0] += q[i] * x[i];
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+    for (int l = 0; l < w; ++l) part[l] += part[l + w];
+  }
+  return part[0];
+}
+
+template <typename T>
+T dot_fixed_baseline(const T* q, const T* x, int64_t d) {
+  return dot_fixed_impl(q, x, d);
+}
+
+#if MOE_CPU_AVX2_CLONE
+template <typename T>
+MOE_TARGET_AVX2 T dot_fixed_avx2(const T* q, const T* x, int64_t d) {
+  return dot_fixed_impl(q, x, d);
+}
+#endif
+
+template <typename T>
+T dot_fixed(const T* q, const T* x, int64_t d) {
+#if MOE_CPU_AVX2_CLONE
+  if (use_avx2()) return dot_fixed_avx2(q, x, d);
+#endif
+  return dot_fixed_baseline(q, x, d);
+}
+
+// Bound on |BLAS score - candidate_score|: both are dot products of (nearly) unit rows, each within
+// gamma_d = d u / (1 - d u) of the exact value in any summation order, plus the rounding of the
+// row's scale; twice that with room to spare.
+template <typename T>
+T rescore_margin(int64_t d) {
+  return static_cast<T>(2 * d + 8) * std::numeric_limits<T>::epsilon();
+}
+
+// The score of bank row `row` for the normalised query qrow, from the two rows only: rows already
+// normalised (dedup) directly; rows whose squared norm is a normal number as the raw dot product
+// times their scale, static_cast<acc_t>(inv_norm(sum_of_squares)) (`scale` when the caller has it
+// already, else 0); others through a normalised copy in tmp [d] (normalize_rows). The caller has
+// checked that the row has a direction.
+template <typename scalar_t, typename acc_t>
+acc_t candidate_score(const acc_t* qrow, const scalar_t* bank, int64_t bank_stride,
+                      bool bank_normalized, int64_t row, int64_t d, acc_t scale, acc_t* tmp) {
+  if (bank_normalized) {
+    return dot_fixed(qrow, reinterpret_cast<const acc_t*>(bank) + row * bank_stride, d);
+  }
+  const scalar_t* x = bank + row * bank_stride;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (scale > acc_t(0)) return dot_fixed(qrow, x, d) * scale;
+    const acc_t ss = sum_of_squares<acc_t>(x, d);
+    if (norm_ok(ss) && ss >= std::numeric_limits<acc_t>::min()) {
+      return dot_fixed(qrow, x, d) * static_cast<acc_t>(inv_norm(ss));
+    }
+  }
+  normalize_rows(bank, bank_stride, row, row + 1, d, tmp);
+  return dot_fixed(qrow, tmp, d);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -719,9 +799,11 @@ int64_t search_blocks(const acc_t* qn, int64_t q, int64_t d, const scalar_t* ban
   const int64_t segs = plan.segs();
   const int64_t tasks = plan.groups() * segs;
   std::vector<int64_t> bad(static_cast<size_t>(tasks), -1);
+  const acc_t margin = rescore_margin<acc_t>(d);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor bank_buf, score_buf;
     std::vector<acc_t> scale(static_cast<size_t>(NB));
+    std::vector<acc_t> rescore_row(static_cast<size_t>(d));
     std::vector<float> floors;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / segs;
@@ -826,12 +908,15 @@ int64_t search_blocks(const acc_t* qn, int64_t q, int64_t d, const scalar_t* ban
             int64_t* hi = part_id + r * k;
             int64_t& size = part_size[r];
             const int64_t lim = causal ? std::min(nb, std::max<int64_t>(0, r - c0)) : nb;
-            // Ids rise along the scan, so a candidate equal to the root never ranks before it:
-            // the cheap `>=` filter plus topk_push's full comparison give the exact order.
+            // A BLAS score within `margin` of the heap's root may belong to a row whose own score
+            // (candidate_score) enters; topk_push's full comparison decides on that score.
             acc_t floor_score = size < k ? -std::numeric_limits<acc_t>::infinity() : hs[0];
             for (int64_t j = 0; j < lim; ++j) {
-              if (srow[j] >= floor_score) {
-                topk_push(hs, hi, size, k, clamp_cosine(srow[j]), c0 + j);
+              if (srow[j] >= floor_score - margin) {
+                const acc_t sc =
+                    candidate_score(qn + r * d, bank, bank_stride, bank_normalized, c0 + j, d,
+                                    scaled ? scale[j] : acc_t(0), rescore_row.data());
+                topk_push(hs, hi, size, k, clamp_cosine(sc), c0 + j);
                 if (size == k) floor_score = hs[0];
               }
             }

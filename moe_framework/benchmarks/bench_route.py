@@ -8,6 +8,10 @@ Two gates, in one run:
 The eager chain is written the way Hugging Face's MixtralTopKRouter / DeepseekV3TopkRouter write it
 (plus the bincount every MoE layer needs). Logits are fp32 [T, E]; forward only.
 
+A second table times route on tied and non-finite rows at E = 257, 1024, 4096 (softmax top-8, and
+the DeepSeek gate where 8 groups divide E): all zeros (a zero-initialised router), all NaN, all
+-inf, against random logits of the same shape in the same run ("vs random": the goal is <= 2x).
+
 "GB/s" counts the bytes route must move at least once (read the logits, write weights and ids),
 against the measured DRAM triad bandwidth of the same thread count: at these sizes the logits
 mostly sit in cache, so a value above 100% is possible and means "compute bound".
@@ -76,6 +80,49 @@ def make_fns(name, logits, E, device):
     return k, (lambda: route(logits, k, **kw)), eager
 
 
+TIE_FILLS = (("zeros", 0.0), ("nan", float("nan")), ("-inf", float("-inf")))
+
+
+def tie_rows(T, threads, device, quick):
+    """Rows of the tied-logits table: route on random, all-zero, all-NaN and all -inf logits."""
+    rows = []
+    for E, gate in itertools.product([257, 1024, 4096], ["softmax-top8", "deepseek-grouped-top8"]):
+        if gate == "softmax-top8":
+            k, kw = 8, dict(scoring="softmax")
+        elif E % 8 == 0:
+            k, kw = gate_config("deepseek-sigmoid-grouped-top8", E)
+            kw["correction_bias"] = torch.zeros(E, device=device)  # a fresh bias ties too
+        else:
+            continue
+        gen = torch.Generator().manual_seed(E)
+        inputs = [("random", torch.randn(T, E, generator=gen).to(device))]
+        inputs += [(name, torch.full((T, E), fill, device=device)) for name, fill in TIE_FILLS]
+        random_s = None
+        for name, logits in inputs:
+            with torch.no_grad():
+                res = common.timeit(
+                    lambda x=logits, k=k, kw=kw: route(x, k, **kw),
+                    device=device,
+                    min_reps=3,
+                    min_time=0.05 if quick else 0.3,
+                )
+            if random_s is None:
+                random_s = res["median_s"]
+            row = {
+                "gate": gate,
+                "E": E,
+                "k": k,
+                "T": T,
+                "threads": threads,
+                "logits": name,
+                "route_us": res["median_s"] * 1e6,
+                "vs random": res["median_s"] / random_s,
+            }
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 def main():
     p = common.base_parser(__doc__.splitlines()[0])
     args = p.parse_args()
@@ -86,6 +133,7 @@ def main():
     threads = common.thread_counts(args.threads or [1, 2]) if device == "cpu" else [0]
     info = common.machine_info(device)
     rows = []
+    tied = []
     roofs = {}
     for t in threads:
         if device == "cpu":
@@ -123,10 +171,23 @@ def main():
                 row["%triad"] = 100.0 * gbs / bw
             rows.append(row)
             print(row, flush=True)
+        tied += tie_rows(
+            256 if args.quick else 1024, t if device == "cpu" else device, device, args.quick
+        )
     table = common.print_table(rows, title=f"route vs the eager chain ({device})")
+    tied_table = common.print_table(
+        tied, title=f"route on tied and non-finite logits vs random logits ({device})"
+    )
     common.write_json(
         "bench_route" + ("" if device == "cpu" else f"_{device}"),
-        {"machine": info, "roofline": roofs, "rows": rows, "table": table},
+        {
+            "machine": info,
+            "roofline": roofs,
+            "rows": rows,
+            "table": table,
+            "tied_rows": tied,
+            "tied_table": tied_table,
+        },
         out_dir=args.out,
     )
 

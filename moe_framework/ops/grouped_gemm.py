@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_same_device
+
 __all__ = ["grouped_gemm", "grouped_gemm_wgrad"]
 
 
@@ -80,6 +82,7 @@ def _check_offsets(op, offsets, num_experts):
 @torch.library.register_fake("moe_framework::grouped_gemm")
 def _grouped_gemm_fake(a, b, offsets, trans_b):
     # The fake kernel lets torch.compile trace grouped_gemm: the output shape is static.
+    check_same_device("grouped_gemm", a=a, b=b, offsets=offsets)
     torch._check(a.dim() == 2, lambda: f"grouped_gemm: a must be [M, K], got {tuple(a.shape)}")
     torch._check(
         b.dim() == 3, lambda: f"grouped_gemm: b must be [E, K, N] or [E, N, K], got {b.shape}"
@@ -99,6 +102,7 @@ def _grouped_gemm_fake(a, b, offsets, trans_b):
 
 @torch.library.register_fake("moe_framework::grouped_gemm_wgrad")
 def _grouped_gemm_wgrad_fake(a, grad_out, offsets, trans_b):
+    check_same_device("grouped_gemm_wgrad", a=a, grad_out=grad_out, offsets=offsets)
     torch._check(a.dim() == 2, lambda: "grouped_gemm_wgrad: a must be [M, K]")
     torch._check(grad_out.dim() == 2, lambda: "grouped_gemm_wgrad: grad_out must be [M, N]")
     torch._check(

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_same_device
+
 __all__ = ["permute", "permute_backward", "unpermute", "unpermute_backward"]
 
 
@@ -46,6 +48,7 @@ def permute(x: torch.Tensor, ids: torch.Tensor, num_experts: int):
 @torch.library.register_fake("moe_framework::permute")
 def _permute_fake(x, ids, num_experts):
     # The fake kernel lets torch.compile trace permute: every output shape is static (T*k rows).
+    check_same_device("permute", x=x, ids=ids)
     torch._check(x.dim() == 2, lambda: f"permute: x must be [T, d], got {tuple(x.shape)}")
     torch._check(ids.dim() == 2, lambda: f"permute: ids must be [T, k], got {tuple(ids.shape)}")
     torch._check(
@@ -73,6 +76,9 @@ def permute_backward(
 
 @torch.library.register_fake("moe_framework::permute_backward")
 def _permute_backward_fake(grad_x_sorted, row_of_slot, offsets, k):
+    check_same_device(
+        "permute_backward", grad_x_sorted=grad_x_sorted, row_of_slot=row_of_slot, offsets=offsets
+    )
     torch._check(k >= 1, lambda: f"permute_backward: k must be >= 1, got {k}")
     torch._check(
         grad_x_sorted.shape[0] == row_of_slot.shape[0],
@@ -142,6 +148,7 @@ def _check_unpermute_shapes(op, y_sorted, row_of_slot, weights):
 
 @torch.library.register_fake("moe_framework::unpermute")
 def _unpermute_fake(y_sorted, row_of_slot, weights):
+    check_same_device("unpermute", y_sorted=y_sorted, row_of_slot=row_of_slot, weights=weights)
     _check_unpermute_shapes("unpermute", y_sorted, row_of_slot, weights)
     return y_sorted.new_empty((weights.shape[0], y_sorted.shape[1]))
 
@@ -158,6 +165,13 @@ def unpermute_backward(
 
 @torch.library.register_fake("moe_framework::unpermute_backward")
 def _unpermute_backward_fake(grad_y, y_sorted, row_of_slot, weights):
+    check_same_device(
+        "unpermute_backward",
+        grad_y=grad_y,
+        y_sorted=y_sorted,
+        row_of_slot=row_of_slot,
+        weights=weights,
+    )
     _check_unpermute_shapes("unpermute_backward", y_sorted, row_of_slot, weights)
     torch._check(
         grad_y.shape[0] == weights.shape[0] and grad_y.shape[1] == y_sorted.shape[1],

@@ -199,20 +199,38 @@ def dedup_ref(emb: torch.Tensor, threshold: float):
     return keep, rep
 
 
+def _rowwise_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` ([n, d] x [m, d] -> [n, m]) summed column by column in index order, so every
+    entry is the same sequence of elementwise operations: equal rows give bitwise equal dots. (A
+    GEMM rounds entries differently by their position in its blocks, and a stride-0 ``expand``
+    bank takes yet another path, so it would break exact ties.)"""
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=a.dtype, device=a.device)
+    for c in range(a.shape[1]):
+        out += a[:, c : c + 1] * b[:, c]
+    return out
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length, the norm summed in index order (equal rows stay equal)."""
+    sq = torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device)
+    for c in range(x.shape[1]):
+        sq += x[:, c : c + 1] * x[:, c : c + 1]
+    return x / sq.sqrt()
+
+
 def kg_search_ref(queries: torch.Tensor, bank: torch.Tensor, k: int, n_valid: int):
     """Cosine top-k of each query over bank[:n_valid]: (scores [q, k] f32, ids [q, k] i64).
 
     Ties go to the lower id; missing entries (k > n_valid) have id -1 and score -inf. Cosines are
-    clamped to [-1, 1], as the kernels do.
+    clamped to [-1, 1], as the kernels do. Equal bank rows (copies, a stride-0 ``expand`` bank)
+    get bitwise equal cosines, so they tie exactly as in the kernels.
     """
-    q = queries.double()
-    b = bank[:n_valid].double()
-    qn = q / q.norm(dim=1, keepdim=True)
-    bn = b / b.norm(dim=1, keepdim=True)
-    sim = (qn @ bn.t()).clamp(-1.0, 1.0)
-    scores = torch.full((q.shape[0], k), float("-inf"), dtype=torch.float64)
-    ids = torch.full((q.shape[0], k), -1, dtype=torch.long)
-    for i in range(q.shape[0]):
+    qn = _unit_rows(queries.double())
+    bn = _unit_rows(bank[:n_valid].double())
+    sim = _rowwise_dots(qn, bn).clamp(-1.0, 1.0)
+    scores = torch.full((qn.shape[0], k), float("-inf"), dtype=torch.float64)
+    ids = torch.full((qn.shape[0], k), -1, dtype=torch.long)
+    for i in range(qn.shape[0]):
         # stable sort by descending score keeps lower ids first among equal scores
         order = torch.sort(-sim[i], stable=True).indices[:k]
         scores[i, : order.numel()] = sim[i, order]

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from ._checks import check_same_device
+
 __all__ = ["route"]
 
 _SCORINGS = ("softmax", "sigmoid")
@@ -109,6 +111,8 @@ def route(
 @torch.library.register_fake("moe_framework::route")
 def _route_fake(logits, k, scoring, correction_bias, n_group, topk_group, renormalize, scale):
     # The fake kernel lets torch.compile trace route: every output shape is static.
+    if correction_bias is not None:
+        check_same_device("route", logits=logits, correction_bias=correction_bias)
     torch._check(logits.dim() == 2, lambda: f"route: logits must be [T, E], got {logits.shape}")
     E = logits.shape[1]
     torch._check(E >= 1, lambda: "route: logits must have at least one expert column")
@@ -141,6 +145,7 @@ def _route_fake(logits, k, scoring, correction_bias, n_group, topk_group, renorm
 
 @torch.library.register_fake("moe_framework::route_backward")
 def _route_backward_fake(grad_weights, logits, ids, scoring, renormalize, scale):
+    check_same_device("route_backward", grad_weights=grad_weights, logits=logits, ids=ids)
     torch._check(logits.dim() == 2, lambda: "route_backward: logits must be [T, E]")
     torch._check(
         grad_weights.shape == ids.shape,

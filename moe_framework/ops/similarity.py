@@ -23,6 +23,8 @@ from typing import Union
 
 import torch
 
+from ._checks import check_same_device
+
 __all__ = ["dedup", "kg_search"]
 
 
@@ -136,6 +138,7 @@ def kg_search(
 @torch.library.register_fake("moe_framework::kg_search")
 def _kg_search_fake(queries, bank, k, n_valid):
     # Lets torch.compile trace kg_search: [q, k] outputs whatever n_valid holds.
+    check_same_device("kg_search", queries=queries, bank=bank, n_valid=n_valid)
     torch._check(
         queries.dim() == 2, lambda: f"kg_search: queries must be [q, d], got {tuple(queries.shape)}"
     )

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_same_device
+
 __all__ = ["swiglu", "swiglu_backward", "swiglu_backward_"]
 
 
@@ -60,6 +62,7 @@ def _check_h(op, h):
 
 
 def _check_grad(op, grad, h):
+    check_same_device(op, grad=grad, h=h)
     _check_h(op, h)
     want = (*h.shape[:-1], h.shape[-1] // 2)
     torch._check(

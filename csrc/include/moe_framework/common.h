@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <initializer_list>
+#include <string>
 
 #if defined(__CUDACC__)
 #define MOE_HD __host__ __device__ __forceinline__
@@ -36,11 +37,27 @@ inline void check_tensor(const at::Tensor& t, const char* op, const char* arg, i
   }
 }
 
-// TORCH_CHECK that `t` lives on the same device as `ref`.
-inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
-                              const char* arg, const char* ref_arg) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " must be on the same device as ", ref_arg,
-              " (", ref.device(), "), got ", t.device());
+// A tensor argument of an op and its name, for check_same_device.
+struct NamedTensor {
+  const char* name;
+  const at::Tensor& tensor;
+};
+
+// TORCH_CHECK that every tensor argument of `op` lives on one device, e.g.
+// check_same_device("permute", {{"x", x}, {"ids", ids}}). The message lists each argument with
+// its device, the same text as the fake kernels' check (moe_framework/ops/_checks.py): "permute:
+// tensor arguments must be on the same device, got x on meta, ids on cpu".
+inline void check_same_device(const char* op, std::initializer_list<NamedTensor> args) {
+  const at::Device device = args.begin()->tensor.device();
+  bool same = true;
+  for (const NamedTensor& a : args) same = same && a.tensor.device() == device;
+  if (same) return;
+  std::string got;
+  for (const NamedTensor& a : args) {
+    if (!got.empty()) got += ", ";
+    got += std::string(a.name) + " on " + a.tensor.device().str();
+  }
+  TORCH_CHECK(false, op, ": tensor arguments must be on the same device, got ", got);
 }
 
 }  // namespace moe_framework

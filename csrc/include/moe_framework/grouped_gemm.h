@@ -80,9 +80,8 @@ MOE_HD RowTile locate_row_tile(const int64_t* offsets, int64_t num_experts, int6
 
 // ---- input checks shared by the CPU and CUDA entry points ----
 
-inline void check_offsets(const char* op, const at::Tensor& offsets, const at::Tensor& ref) {
+inline void check_offsets(const char* op, const at::Tensor& offsets) {
   check_tensor(offsets, op, "offsets", 1, {at::kLong});
-  check_same_device(offsets, ref, op, "offsets", "a");
   TORCH_CHECK(offsets.size(0) >= 2, op, ": offsets must have E+1 >= 2 entries, got ",
               offsets.size(0));
 }
@@ -90,12 +89,12 @@ inline void check_offsets(const char* op, const at::Tensor& offsets, const at::T
 inline void check_grouped_gemm_inputs(const at::Tensor& a, const at::Tensor& b,
                                       const at::Tensor& offsets, bool trans_b) {
   constexpr const char* op = "grouped_gemm";
+  check_same_device(op, {{"a", a}, {"b", b}, {"offsets", offsets}});
   check_tensor(a, op, "a", 2, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
   check_tensor(b, op, "b", 3, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
-  check_same_device(b, a, op, "b", "a");
   TORCH_CHECK(b.scalar_type() == a.scalar_type(), op, ": b must have the dtype of a (",
               a.scalar_type(), "), got ", b.scalar_type());
-  check_offsets(op, offsets, a);
+  check_offsets(op, offsets);
   TORCH_CHECK(offsets.size(0) == b.size(0) + 1, op,
               ": offsets must have E+1 entries for b with E=", b.size(0), " experts, got ",
               offsets.size(0));
@@ -107,15 +106,15 @@ inline void check_grouped_gemm_inputs(const at::Tensor& a, const at::Tensor& b,
 inline void check_grouped_gemm_wgrad_inputs(const at::Tensor& a, const at::Tensor& grad_out,
                                             const at::Tensor& offsets) {
   constexpr const char* op = "grouped_gemm_wgrad";
+  check_same_device(op, {{"a", a}, {"grad_out", grad_out}, {"offsets", offsets}});
   check_tensor(a, op, "a", 2, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
   check_tensor(grad_out, op, "grad_out", 2, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
-  check_same_device(grad_out, a, op, "grad_out", "a");
   TORCH_CHECK(grad_out.scalar_type() == a.scalar_type(), op,
               ": grad_out must have the dtype of a (", a.scalar_type(), "), got ",
               grad_out.scalar_type());
   TORCH_CHECK(grad_out.size(0) == a.size(0), op, ": grad_out must have the M=", a.size(0),
               " rows of a, got ", grad_out.size(0));
-  check_offsets(op, offsets, a);
+  check_offsets(op, offsets);
 }
 
 // CPU only (the values are on the host there): offsets[0] >= 0, non-decreasing, offsets[E] <= M.

@@ -75,9 +75,9 @@ MOE_HD acc combine_step(acc sum, acc weight, acc value) {
 
 inline void check_permute_inputs(const at::Tensor& x, const at::Tensor& ids, int64_t num_experts) {
   constexpr const char* op = "permute";
+  check_same_device(op, {{"x", x}, {"ids", ids}});
   check_tensor(x, op, "x", 2, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
   check_tensor(ids, op, "ids", 2, {at::kInt, at::kLong});
-  check_same_device(ids, x, op, "ids", "x");
   TORCH_CHECK(ids.size(0) == x.size(0), op, ": ids must have one row per token of x (", x.size(0),
               "), got ", ids.size(0));
   TORCH_CHECK(ids.size(1) >= 1, op, ": ids must have k >= 1 columns, got ", ids.size(1));
@@ -88,12 +88,12 @@ inline void check_permute_backward_inputs(const at::Tensor& grad_x_sorted,
                                           const at::Tensor& row_of_slot, const at::Tensor& offsets,
                                           int64_t k) {
   constexpr const char* op = "permute_backward";
+  check_same_device(
+      op, {{"grad_x_sorted", grad_x_sorted}, {"row_of_slot", row_of_slot}, {"offsets", offsets}});
   check_tensor(grad_x_sorted, op, "grad_x_sorted", 2,
                {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
   check_tensor(row_of_slot, op, "row_of_slot", 1, {at::kLong});
   check_tensor(offsets, op, "offsets", 1, {at::kLong});
-  check_same_device(row_of_slot, grad_x_sorted, op, "row_of_slot", "grad_x_sorted");
-  check_same_device(offsets, grad_x_sorted, op, "offsets", "grad_x_sorted");
   TORCH_CHECK(k >= 1, op, ": k must be >= 1, got ", k);
   TORCH_CHECK(offsets.size(0) >= 2, op, ": offsets must have E+1 >= 2 entries, got ",
               offsets.size(0));
@@ -107,11 +107,11 @@ inline void check_permute_backward_inputs(const at::Tensor& grad_x_sorted,
 // weights must be float32 (what route returns) or the dtype of y_sorted.
 inline void check_unpermute_inputs(const char* op, const at::Tensor& y_sorted,
                                    const at::Tensor& row_of_slot, const at::Tensor& weights) {
+  check_same_device(op,
+                    {{"y_sorted", y_sorted}, {"row_of_slot", row_of_slot}, {"weights", weights}});
   check_tensor(y_sorted, op, "y_sorted", 2, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
   check_tensor(row_of_slot, op, "row_of_slot", 1, {at::kLong});
   check_tensor(weights, op, "weights", 2, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
-  check_same_device(row_of_slot, y_sorted, op, "row_of_slot", "y_sorted");
-  check_same_device(weights, y_sorted, op, "weights", "y_sorted");
   TORCH_CHECK(
       weights.scalar_type() == at::kFloat || weights.scalar_type() == y_sorted.scalar_type(), op,
       ": weights must be float32 or the dtype of y_sorted (", y_sorted.scalar_type(), "), got ",
@@ -127,9 +127,12 @@ inline void check_unpermute_backward_inputs(const at::Tensor& grad_y, const at::
                                             const at::Tensor& row_of_slot,
                                             const at::Tensor& weights) {
   constexpr const char* op = "unpermute_backward";
+  check_same_device(op, {{"grad_y", grad_y},
+                         {"y_sorted", y_sorted},
+                         {"row_of_slot", row_of_slot},
+                         {"weights", weights}});
   check_unpermute_inputs(op, y_sorted, row_of_slot, weights);
   check_tensor(grad_y, op, "grad_y", 2, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
-  check_same_device(grad_y, y_sorted, op, "grad_y", "y_sorted");
   TORCH_CHECK(grad_y.scalar_type() == y_sorted.scalar_type(), op,
               ": grad_y must have the dtype of y_sorted (", y_sorted.scalar_type(), "), got ",
               grad_y.scalar_type());

@@ -269,6 +269,9 @@ inline void check_route_inputs(const at::Tensor& logits, int64_t k,
                                const std::optional<at::Tensor>& correction_bias, int64_t n_group,
                                int64_t topk_group, double scaling_factor) {
   constexpr const char* op = "route";
+  if (correction_bias.has_value()) {
+    check_same_device(op, {{"logits", logits}, {"correction_bias", *correction_bias}});
+  }
   check_tensor(logits, op, "logits", 2, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
   const int64_t E = logits.size(1);
   TORCH_CHECK(E >= 1, op, ": logits must have at least one expert column, got shape ",
@@ -289,7 +292,6 @@ inline void check_route_inputs(const at::Tensor& logits, int64_t k,
   if (correction_bias.has_value()) {
     const at::Tensor& b = *correction_bias;
     check_tensor(b, op, "correction_bias", 1, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
-    check_same_device(b, logits, op, "correction_bias", "logits");
     TORCH_CHECK(b.size(0) == E, op, ": correction_bias must have num_experts=", E, " entries, got ",
                 b.size(0));
   }
@@ -298,11 +300,10 @@ inline void check_route_inputs(const at::Tensor& logits, int64_t k,
 inline void check_route_backward_inputs(const at::Tensor& grad_weights, const at::Tensor& logits,
                                         const at::Tensor& ids) {
   constexpr const char* op = "route_backward";
+  check_same_device(op, {{"grad_weights", grad_weights}, {"logits", logits}, {"ids", ids}});
   check_tensor(logits, op, "logits", 2, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
   check_tensor(grad_weights, op, "grad_weights", 2, {at::kFloat, at::kDouble});
   check_tensor(ids, op, "ids", 2, {at::kInt});
-  check_same_device(grad_weights, logits, op, "grad_weights", "logits");
-  check_same_device(ids, logits, op, "ids", "logits");
   TORCH_CHECK(ids.size(0) == logits.size(0), op, ": ids must have one row per token (",
               logits.size(0), "), got ", ids.size(0));
   TORCH_CHECK(grad_weights.sizes() == ids.sizes(), op, ": grad_weights must have the shape of ids ",

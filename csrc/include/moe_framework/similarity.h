@@ -141,11 +141,10 @@ inline void check_dedup_inputs(const at::Tensor& emb, double threshold) {
 inline void check_kg_search_inputs(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
                                    const at::Tensor& n_valid) {
   constexpr const char* op = "kg_search";
+  check_same_device(op, {{"queries", queries}, {"bank", bank}, {"n_valid", n_valid}});
   check_tensor(queries, op, "queries", 2, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
   check_tensor(bank, op, "bank", 2, {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble});
   check_tensor(n_valid, op, "n_valid", 0, {at::kLong});
-  check_same_device(queries, bank, op, "queries", "bank");
-  check_same_device(n_valid, bank, op, "n_valid", "bank");
   TORCH_CHECK(queries.scalar_type() == bank.scalar_type(), op,
               ": queries must have the dtype of bank (", bank.scalar_type(), "), got ",
               queries.scalar_type());

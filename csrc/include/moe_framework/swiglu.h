@@ -64,6 +64,7 @@ inline void check_h(const at::Tensor& h, const char* op) {
 }
 
 inline void check_grad(const at::Tensor& grad, const at::Tensor& h, const char* op) {
+  check_same_device(op, {{"grad", grad}, {"h", h}});
   check_h(h, op);
   TORCH_CHECK(grad.dim() == h.dim(), op, ": grad must have h's ", h.dim(), " dimensions, got ",
               grad.dim(), " (shape ", grad.sizes(), ")");
@@ -77,7 +78,6 @@ inline void check_grad(const at::Tensor& grad, const at::Tensor& h, const char* 
               "), got ", grad.size(-1));
   TORCH_CHECK(grad.scalar_type() == h.scalar_type(), op, ": grad must have h's dtype ",
               h.scalar_type(), ", got ", grad.scalar_type());
-  check_same_device(grad, h, op, "grad", "h");
 }
 
 // t [..., w] as [rows, w] (a view where the leading dimensions flatten, else a copy) with a unit
