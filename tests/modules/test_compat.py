@@ -23,7 +23,7 @@ from moe_framework.librarian import Librarian
 from moe_framework.supervisor import Supervisor
 from moe_framework.system import MixtureOfExpertsSystem
 
-DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "compat.md")
+DOC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "compat.md")
 
 
 # ---------------------------------------------------------------------------------------------

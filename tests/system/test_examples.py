@@ -8,7 +8,7 @@ import pytest
 
 import moe_framework
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(ROOT, "examples")
 # The examples import the same moe_framework as this test process (the installed wheel under
 # `make test`, the source tree after an in-place build).

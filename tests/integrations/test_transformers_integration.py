@@ -4,6 +4,7 @@ parameter storage, and the swapped blocks compile without graph breaks."""
 
 import pytest
 import torch
+from conftest import TOLERANCES
 
 import moe_framework  # noqa: F401
 from moe_framework.integrations.transformers import (
@@ -86,10 +87,7 @@ MODELS = {
 # Same weights, same routing; only the expert arithmetic differs (grouped GEMM vs per-expert
 # F.linear, fp32 combine vs index_add): fp32 agrees to float32 rounding through 2 layers; bf16 to
 # a few bf16 ulps of the logits (HF accumulates the k expert outputs in bf16, we in fp32).
-TOL = {
-    torch.float32: dict(rtol=1e-4, atol=1e-5),
-    torch.bfloat16: dict(rtol=4e-2, atol=4e-2),
-}
+TOL = TOLERANCES["hf_model"]
 
 
 def _step(model, ids):

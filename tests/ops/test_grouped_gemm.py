@@ -4,6 +4,7 @@ GPU)."""
 
 import pytest
 import torch
+from conftest import TOLERANCES
 from torch.library import opcheck
 
 import moe_framework  # noqa: F401
@@ -14,12 +15,7 @@ ops = torch.ops.moe_framework
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # Compared with a float64 reference rounded to the dtype: fp32 accumulation over K <= ~300 terms
 # of randn products (|out| ~ sqrt(K)), plus one rounding of the output for bf16/fp16.
-TOL = {
-    torch.float32: dict(rtol=1e-4, atol=1e-4),
-    torch.float64: dict(rtol=1e-12, atol=1e-12),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=2e-2),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-}
+TOL = TOLERANCES["gemm"]
 
 
 def _rand_offsets(M, E, zero_frac=0.3, gaps=False):

@@ -338,7 +338,7 @@ def test_no_class_in_the_routing_package_exceeds_400_lines():
 
 
 def test_docs_routing_examples_run_and_print_what_they_say(capsys):
-    doc = Path(__file__).resolve().parents[1] / "docs" / "routing.md"
+    doc = Path(__file__).resolve().parents[2] / "docs" / "routing.md"
     blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
     assert len(blocks) >= 3  # the runnable example and the two ways of writing a router
     for code in blocks:

@@ -3,6 +3,7 @@ determinism and input validation (CPU; CUDA tests are marked and skip without a 
 
 import pytest
 import torch
+from conftest import TOLERANCES
 from torch.library import opcheck
 
 import moe_framework  # noqa: F401
@@ -13,12 +14,7 @@ ops = torch.ops.moe_framework
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # unpermute accumulates in fp32 (fp64 for fp64); compared with a float64 reference these bound one
 # rounding of the result plus the rounding of fp32 products.
-TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float64: dict(rtol=1e-12, atol=1e-12),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
-    torch.float16: dict(rtol=2e-3, atol=1e-3),
-}
+TOL = TOLERANCES["gather"]
 
 
 def _rand_ids(T, k, E, drop_frac=0.0, dtype=torch.int32, device="cpu", used=None):

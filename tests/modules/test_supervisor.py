@@ -761,7 +761,7 @@ def test_docs_routing_example_runs(capsys):
     import pathlib
     import re
 
-    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "routing.md"
+    doc = pathlib.Path(__file__).resolve().parents[2] / "docs" / "routing.md"
     code = re.search(r"```python\n(.*?)```", doc.read_text(), re.S).group(1)
     exec(compile(code, str(doc), "exec"), {})
     assert "torch.Size([64, 2])" in capsys.readouterr().out

@@ -267,7 +267,9 @@ def test_config_giving_both_the_old_and_the_new_name_is_an_error():
 
 
 def test_config_saved_by_the_previous_version_loads_with_its_values_under_the_new_names(tmp_path):
-    path = os.path.join(os.path.dirname(__file__), "data", "golden", "system_v1", "config.json")
+    path = os.path.join(
+        os.path.dirname(__file__), "..", "data", "golden", "system_v1", "config.json"
+    )
     with pytest.warns(DeprecationWarning, match="top_k -> k") as record:
         cfg = MoEConfig.from_json(path)
     renamed = [w for w in record if "renamed field" in str(w.message)]

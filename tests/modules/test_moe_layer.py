@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TOLERANCES
 from torch import nn
 
 import moe_framework  # noqa: F401
@@ -16,11 +17,7 @@ from moe_framework.supervisor import RoutingDecision
 
 # Compared with a float64 reference of the same parameters. fp32: both sides round products and
 # sums at float32 (grouped GEMM, combine); bf16: one bf16 rounding of every stored intermediate.
-TOL = {
-    torch.float64: dict(rtol=1e-10, atol=1e-10),
-    torch.float32: dict(rtol=1e-4, atol=2e-5),
-    torch.bfloat16: dict(rtol=5e-2, atol=3e-2),
-}
+TOL = TOLERANCES["layer"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from moe_framework import MixtureOfExpertsSystem, MoELayer, Supervisor
 
-GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden")
+GOLDEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "golden")
 CASES = sorted(
     f[: -len(".safetensors")]
     for f in os.listdir(GOLDEN)

@@ -9,7 +9,7 @@ import glob
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCE_SUFFIXES = {".cpp", ".h", ".cu", ".cuh"}
 
 

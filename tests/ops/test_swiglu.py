@@ -4,6 +4,7 @@ opcheck, torch.compile, bad input, the CPU builds, and the expert FFNs' in-place
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TOLERANCES
 from torch.library import opcheck
 
 from moe_framework import MoELayer, ops
@@ -13,12 +14,7 @@ from moe_framework.ops.reference import swiglu_backward_ref, swiglu_ref
 OPS = torch.ops.moe_framework
 # bf16/fp16: one rounding of the fp32 result (the reference rounds the same fp32 math once, but
 # our exp differs from torch's by up to 2 ulp in fp32, which can flip a rounding).
-TOL = {
-    torch.float64: dict(rtol=1e-12, atol=1e-12),
-    torch.float32: dict(rtol=2e-6, atol=2e-6),
-    torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
-    torch.float16: dict(rtol=1e-3, atol=1e-3),
-}
+TOL = TOLERANCES["elementwise"]
 
 
 def _shapes(g):
