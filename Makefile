@@ -49,6 +49,7 @@ bench: install
 lint: venv
 	$(VENV)/bin/ruff check moe_framework tests examples
 	$(VENV)/bin/ruff format --check moe_framework tests examples
+	$(VENV)/bin/mypy
 	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/include/moe_framework/*.h $(wildcard csrc/cpu/*.cpp csrc/cpu/*/*.cpp csrc/cpu/*/*.h) $(wildcard csrc/cuda/*.cu) $(wildcard csrc/include/moe_framework/*.cuh) moe_framework/benchmarks/*.c
 
 format: venv

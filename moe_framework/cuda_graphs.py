@@ -14,10 +14,9 @@ input is refused with a ``ValueError`` instead of silently reading past a buffer
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
-from torch import nn
 from torch.utils import _pytree as pytree
 
 __all__ = ["CUDAGraphInference"]
@@ -52,7 +51,7 @@ class CUDAGraphInference:
 
     def __init__(
         self,
-        module: nn.Module,
+        module: Callable[..., Any],
         example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]],
         *,
         warmup_iters: int = 3,

@@ -119,7 +119,7 @@ def swiglu(h: torch.Tensor, act_fn: Optional[Callable[[torch.Tensor], torch.Tens
     With ``act`` SiLU (the default) this is the fused :func:`moe_framework.ops.swiglu` op (one
     pass forward and backward, saves only ``h``); any other ``act_fn`` runs as plain PyTorch ops.
     """
-    if _is_silu(act_fn):
+    if act_fn is None or _is_silu(act_fn):
         return ops.swiglu(h)
     half = h.shape[-1] // 2
     return act_fn(h[..., :half]) * h[..., half:]
@@ -142,10 +142,13 @@ def _check_flags_and_std(owner: str, init_std, **flags) -> None:
     for name, v in flags.items():
         if not isinstance(v, bool):
             raise ValueError(f"{owner}: {name} must be a bool, got {v!r}")
+    # numbers.Real guarantees only `<` and `<=`: "not < 0" is ">= 0" for every value but NaN,
+    # which the "< inf" test then refuses.
     if init_std is not None and not (
         isinstance(init_std, numbers.Real)
         and not isinstance(init_std, bool)
-        and 0 <= init_std < math.inf
+        and not init_std < 0
+        and init_std < math.inf
     ):
         raise ValueError(f"{owner}: init_std must be None or a finite float >= 0, got {init_std!r}")
 
@@ -202,14 +205,14 @@ def expert_ffn(
     if b_in is not None or b_out is not None:
         rows_expert = expert_of_row(offsets, x_sorted.shape[0])
     h = ops.grouped_gemm(x_sorted, w_in, offsets, trans_b=trans_b)
-    if b_in is not None:
+    if b_in is not None and rows_expert is not None:
         h = h + _row_bias(b_in, rows_expert)
     if activation == "swiglu" and _is_silu(act_fn) and recompute_activation:
         y = ops.swiglu_down_proj(h, w_out, offsets, trans_b, inplace_backward)
     else:
         h = _swiglu_owned(h, act_fn, inplace_backward) if activation == "swiglu" else F.gelu(h)
         y = ops.grouped_gemm(h, w_out, offsets, trans_b=trans_b)
-    if b_out is not None:
+    if b_out is not None and rows_expert is not None:
         y = y + _row_bias(b_out, rows_expert)
     return y
 
@@ -247,6 +250,11 @@ class ExpertBank(nn.Module):
     through expert ``e`` with two ``ops.grouped_gemm`` calls (no per-expert Python loop, no host
     sync); rows from ``offsets[E]`` on (dropped slots) give zeros (with biases too).
     """
+
+    # Parameters with fixed names, declared for type checkers; the first projection's name
+    # depends on the activation (see weight_in / bias_in).
+    w_out: nn.Parameter
+    b_out: Optional[nn.Parameter]
 
     def __init__(
         self,
@@ -332,7 +340,11 @@ class ExpertBank(nn.Module):
         would: inputs and weights are cast (differentiably, so the float32 parameters get float32
         gradients). Our ops have no autocast rule of their own because the autocast dtype on CUDA
         may be float16 or bfloat16."""
-        w_in, w_out, b_in, b_out = self.weight_in, self.w_out, self.bias_in, self.b_out
+        # Typed as tensors: under autocast they are replaced by casted copies (not Parameters).
+        w_in: torch.Tensor = self.weight_in
+        w_out: torch.Tensor = self.w_out
+        b_in: Optional[torch.Tensor] = self.bias_in
+        b_out: Optional[torch.Tensor] = self.b_out
         device_type = x_sorted.device.type
         if torch.is_autocast_enabled(device_type):
             dt = torch.get_autocast_dtype(device_type)

@@ -20,7 +20,7 @@ every token keeps its k slots, so the only data-dependent quantities are the per
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, cast
 
 import torch
 from torch import nn
@@ -32,9 +32,11 @@ from .experts import (
     CheckpointedExperts,
     DenseFFN,
     ExpertBank,
+    Experts,
     GatedSharedExperts,
     expert_of_row,
 )
+from .routing.base import Router
 from .supervisor import Supervisor
 
 __all__ = ["DraftReports", "RoutingInfo", "MoELayer", "draft_reports"]
@@ -205,6 +207,13 @@ class MoELayer(nn.Module):
     naming the part. :meth:`build` makes the default layer from sizes.
     """
 
+    # The parts, declared for type checkers (nn.Module.__setattr__ registers the modules among
+    # them as children). Router and experts are any modules that implement their protocol.
+    supervisor: nn.Module
+    experts: nn.Module
+    dispatcher: TokenDispatcher
+    shared_experts: Optional[nn.Module]
+
     def __init__(
         self,
         router: nn.Module,
@@ -220,22 +229,28 @@ class MoELayer(nn.Module):
         if shared is not None:
             _require_module("shared", shared, "shared-experts (x -> y)")
         _check_report_top_tokens("MoELayer", report_top_tokens)
-        num_experts = experts.num_experts
-        if router.num_experts != num_experts:
+        # Modules (checked above) whose protocol members are read here: nn.Module types unknown
+        # attributes as Tensor | Module, so the protocols are named for the type checker.
+        routes = cast(Router, router)
+        num_experts = cast(Experts, experts).num_experts
+        if routes.num_experts != num_experts:
             raise ValueError(
-                f"MoELayer: router.num_experts={router.num_experts!r} must equal "
+                f"MoELayer: router.num_experts={routes.num_experts!r} must equal "
                 f"experts.num_experts={num_experts!r}"
             )
-        k = router.slots_per_token
+        k = routes.slots_per_token
         if not _is_int(k) or k < 1:
             raise ValueError(f"MoELayer: router.slots_per_token must be an int >= 1, got {k!r}")
         if dispatcher is None:
             dispatcher = LocalDispatcher(num_experts)
-        elif getattr(dispatcher, "num_experts", num_experts) != num_experts:
-            raise ValueError(
-                f"MoELayer: dispatcher.num_experts={dispatcher.num_experts!r} must equal "
-                f"experts.num_experts={num_experts!r}"
-            )
+        else:
+            # A dispatcher that does not say how many experts it serves is trusted.
+            dispatcher_experts = getattr(dispatcher, "num_experts", num_experts)
+            if dispatcher_experts != num_experts:
+                raise ValueError(
+                    f"MoELayer: dispatcher.num_experts={dispatcher_experts!r} must equal "
+                    f"experts.num_experts={num_experts!r}"
+                )
         self.d_model = _agreed_width(router, experts, dispatcher, shared)
         self.num_experts = num_experts
         self.k = k
@@ -329,7 +344,7 @@ class MoELayer(nn.Module):
         else:
             _check_router(router, d_model, num_experts, k)
         kw = dict(init_std=init_std, inplace_backward=inplace_backward, dtype=dtype, device=device)
-        experts = ExpertBank(
+        experts: nn.Module = ExpertBank(
             d_model=d_model,
             d_hidden=d_hidden,
             num_experts=num_experts,
@@ -341,7 +356,7 @@ class MoELayer(nn.Module):
         )
         if checkpoint_experts:
             experts = CheckpointedExperts(experts)
-        shared = None
+        shared: Optional[nn.Module] = None
         if num_shared_experts > 0:
             hidden = num_shared_experts * (shared_hidden or d_hidden)
             shared = DenseFFN(
@@ -362,11 +377,16 @@ class MoELayer(nn.Module):
         :class:`~moe_framework.metrics.RoutingStats`). A ``Supervisor`` needs
         ``track_stats=True`` (``MoEConfig(track_stats=True)`` in a system): otherwise it raises a
         ``RuntimeError`` saying so, instead of zeros that would call every expert dead."""
-        return self.router.routing_stats()
+        return self._router_protocol.routing_stats()
 
     def reset_stats(self) -> None:
         """Clear the router's accumulated routing telemetry."""
-        self.router.reset_stats()
+        self._router_protocol.reset_stats()
+
+    @property
+    def _router_protocol(self) -> Router:
+        # The router module seen through its Router members (for the type checker).
+        return cast(Router, self.supervisor)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
         """x ``[..., d]`` -> ``(y [..., d], RoutingInfo)``.

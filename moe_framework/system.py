@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,11 @@ from .persistence import MAX_PARAMETERS, load_system, save_system
 from .routing.factory import ROUTERS, router_arguments
 from .supervisor import Supervisor
 from .training import StepResult
+
+if TYPE_CHECKING:
+    # Imported on first use at run time (the store pulls in SQLite and FAISS).
+    from .knowledge_graph import KnowledgeGraph
+    from .librarian import Librarian
 
 __all__ = ["MixtureOfExpertsSystem", "SystemOutput", "StepResult"]
 
@@ -49,6 +54,10 @@ class SystemOutput(NamedTuple):
 
 class _Block(nn.Module):
     """Pre-norm residual MoE block: ``x + dropout(moe(norm(x)))``."""
+
+    norm: nn.LayerNorm
+    moe: MoELayer
+    dropout: nn.Dropout
 
     def __init__(self, cfg: MoEConfig, layer_index: int):
         super().__init__()
@@ -124,6 +133,14 @@ class MixtureOfExpertsSystem(nn.Module):
     call :meth:`close` or use the system as a context manager to release it).
     """
 
+    # Draft-report accumulators, declared for type checkers (register_buffer creates them).
+    report_output_sum: torch.Tensor
+    report_confidence_sum: torch.Tensor
+    report_tokens: torch.Tensor
+    report_top_weight: torch.Tensor
+    report_top_index: torch.Tensor
+    report_seen: torch.Tensor
+
     def __init__(self, config: MoEConfig):
         super().__init__()
         if not isinstance(config, MoEConfig):
@@ -149,7 +166,7 @@ class MixtureOfExpertsSystem(nn.Module):
         self.register_buffer("report_tokens", torch.zeros(L, E, dtype=torch.int64), False)
         # Each expert's most confident tokens of the interval: gate weight (-1 = empty) and
         # position in the stream of tokens the layer saw since the last consolidation.
-        R = self.blocks[0].moe.report_top_tokens if L else 0
+        R = (self._blocks()[0].moe.report_top_tokens or 0) if L else 0
         self.register_buffer("report_top_weight", torch.full((L, E, R), -1.0), persistent=False)
         self.register_buffer(
             "report_top_index", torch.full((L, E, R), -1, dtype=torch.int64), persistent=False
@@ -157,11 +174,15 @@ class MixtureOfExpertsSystem(nn.Module):
         self.register_buffer("report_seen", torch.zeros(L, dtype=torch.int64), persistent=False)
         self.collect_reports = True
         self.step = 0
-        self._kg = None
-        self._librarian = None
-        self._scaler = None
-        self._compiled = None
+        self._kg: Optional[KnowledgeGraph] = None
+        self._librarian: Optional[Librarian] = None
+        self._scaler: Optional[torch.amp.GradScaler] = None
+        self._compiled: Optional[tuple[str, Callable]] = None
         self._graphs: dict = {}
+
+    def _blocks(self) -> list[_Block]:
+        # The blocks with their type: nn.ModuleList types its items as plain nn.Module.
+        return [cast(_Block, block) for block in self.blocks]
 
     # ================================================================== forward
 
@@ -242,7 +263,7 @@ class MixtureOfExpertsSystem(nn.Module):
 
     def routers(self) -> tuple:
         """The router of each MoE layer, first layer first."""
-        return tuple(block.moe.supervisor for block in self.blocks)
+        return tuple(block.moe.supervisor for block in self._blocks())
 
     def training_step(
         self,
@@ -304,16 +325,16 @@ class MixtureOfExpertsSystem(nn.Module):
     # ================================================================== knowledge graph
 
     @property
-    def knowledge_graph(self):
+    def knowledge_graph(self) -> KnowledgeGraph:
         """The :class:`KnowledgeGraph` at ``config.kg_path`` (opened on first use)."""
         if self._kg is None:
-            if self.config.kg_path is None:
+            cfg = self.config
+            if cfg.kg_path is None:
                 raise ValueError(
                     "MixtureOfExpertsSystem: config.kg_path is not set, there is no knowledge graph"
                 )
             from .knowledge_graph import KnowledgeGraph
 
-            cfg = self.config
             self._kg = KnowledgeGraph.open(
                 cfg.kg_path,
                 dim=cfg.d_model,
@@ -324,7 +345,7 @@ class MixtureOfExpertsSystem(nn.Module):
         return self._kg
 
     @property
-    def librarian(self):
+    def librarian(self) -> Librarian:
         if self._librarian is None:
             from .librarian import Librarian
 
@@ -408,15 +429,15 @@ class MixtureOfExpertsSystem(nn.Module):
                 np.asarray(query.detach().cpu() if torch.is_tensor(query) else query)
             )
         single = q.dim() == 1
-        q = q.reshape(-1, q.shape[-1]).float().cpu().numpy()
-        if q.shape[1] != self.config.d_model:
+        rows = q.reshape(-1, q.shape[-1]).float().cpu().numpy()
+        if rows.shape[1] != self.config.d_model:
             raise ValueError(
                 f"query_knowledge_graph: query must be [..., d_model={self.config.d_model}], got "
-                f"last dim {q.shape[1]} (pass from_inputs=True for model inputs)"
+                f"last dim {rows.shape[1]} (pass from_inputs=True for model inputs)"
             )
         kg = self.knowledge_graph
         out = []
-        for row in q:
+        for row in rows:
             hits = kg.find_similar_nodes(row, top_k=top_k, types=types, where=where)
             out.append(
                 [
@@ -437,7 +458,7 @@ class MixtureOfExpertsSystem(nn.Module):
             h = self._embed(x)
             n = len(self.blocks)
             target = layer % n
-            for i, block in enumerate(self.blocks):
+            for i, block in enumerate(self._blocks()):
                 y, _ = block.moe(block.norm(h))
                 if i == target:
                     return y.reshape(-1, y.shape[-1]).float().mean(0)

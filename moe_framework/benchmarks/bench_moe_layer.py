@@ -276,6 +276,7 @@ def mem_run(kind: str, T: int, E: int, k: int, d: int, h: int, dtype: str, threa
     torch.set_num_threads(threads)
     dt = getattr(torch, dtype)
     torch.manual_seed(0)
+    mod: torch.nn.Module
     if kind.startswith("moe_layer"):
         mod = MoELayer.build(
             d_model=d,

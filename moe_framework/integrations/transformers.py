@@ -37,7 +37,7 @@ Supported blocks (transformers 5.x): ``MixtralSparseMoeBlock``, ``Qwen2MoeSparse
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+from typing import Callable, Optional, Protocol, cast
 
 import torch
 from torch import nn
@@ -48,6 +48,8 @@ from ..supervisor import RoutingDecision
 
 __all__ = [
     "HFExperts",
+    "HFExpertsModule",
+    "HFGateModule",
     "HFMoEBlock",
     "HFRouter",
     "replace_moe_blocks",
@@ -62,6 +64,34 @@ _SUPPORTED = (
     ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeSparseMoeBlock"),
     ("transformers.models.olmoe.modeling_olmoe", "OlmoeSparseMoeBlock"),
 )
+
+
+class HFGateModule(Protocol):
+    """What :class:`HFRouter` uses of a Hugging Face router module (``block.gate``, e.g.
+    ``MixtralTopKRouter``): ``top_k``, and ``gate(x [T, d]) -> (logits [T, E], weights [T, k],
+    ids [T, k])``."""
+
+    top_k: int
+
+    def __call__(
+        self, hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+class HFExpertsModule(Protocol):
+    """What :class:`HFExperts` uses of a Hugging Face experts module (``block.experts``, e.g.
+    ``MixtralExperts``): ``gate_up_proj [E, 2h, d]`` (gate rows first), ``down_proj [E, d, h]``
+    and the activation module ``act_fn``."""
+
+    gate_up_proj: torch.Tensor
+    down_proj: torch.Tensor
+    act_fn: Callable[[torch.Tensor], torch.Tensor]
+
+
+class _HFSparseMoeBlock(Protocol):
+    # A supported HF sparse MoE block, as HFMoEBlock reads it.
+    gate: HFGateModule
+    experts: HFExpertsModule
 
 
 def supported_block_classes() -> tuple:
@@ -105,7 +135,7 @@ def _check_experts(block: nn.Module) -> None:
         )
 
 
-def _borrow(adapter: nn.Module, name: str, module: nn.Module) -> None:
+def _borrow(adapter: nn.Module, name: str, module: object) -> None:
     # A reference that is not a child: the HF module stays registered under its own name in the
     # HFMoEBlock (state_dict keys, named_parameters, .to() and save_pretrained as before), and an
     # adapter that registered it too would list every HF parameter a second time.
@@ -124,7 +154,9 @@ class HFRouter(nn.Module):
     :meth:`update_bias` raise, :meth:`reset_stats` does nothing.
     """
 
-    def __init__(self, gate: nn.Module, num_experts: int):
+    gate: HFGateModule  # borrowed, not a child (see _borrow)
+
+    def __init__(self, gate: HFGateModule, num_experts: int):
         super().__init__()
         _borrow(self, "gate", gate)
         self.num_experts = num_experts
@@ -173,7 +205,9 @@ class HFExperts(nn.Module):
     ``inplace_backward``: as in :func:`moe_framework.experts.expert_ffn`.
     """
 
-    def __init__(self, experts: nn.Module, *, inplace_backward: bool = True):
+    hf_experts: HFExpertsModule  # borrowed, not a child (see _borrow)
+
+    def __init__(self, experts: HFExpertsModule, *, inplace_backward: bool = True):
         super().__init__()
         if not isinstance(inplace_backward, bool):
             raise ValueError(
@@ -186,7 +220,7 @@ class HFExperts(nn.Module):
     def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         ex = self.hf_experts
         # HF's SiLUActivation is F.silu: take swiglu's fused path; any other activation is called.
-        act = ex.act_fn
+        act: Optional[Callable[[torch.Tensor], torch.Tensor]] = ex.act_fn
         if isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation":
             act = None
         return expert_ffn(
@@ -206,6 +240,8 @@ class HFExperts(nn.Module):
 
 class _HFModule(nn.Module):
     """Calls a borrowed HF module (the shared expert, its gate) without registering it."""
+
+    module: nn.Module  # borrowed, not a child (see _borrow)
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -231,6 +267,10 @@ class HFMoEBlock(nn.Module):
     draft reports when ``report_top_tokens`` is an int) is kept in ``last_routing_info``.
     """
 
+    # The block's own modules, registered here as children under their HF names.
+    gate: HFGateModule
+    experts: HFExpertsModule
+
     def __init__(
         self,
         block: nn.Module,
@@ -240,21 +280,23 @@ class HFMoEBlock(nn.Module):
     ):
         super().__init__()
         _check_experts(block)
-        self.gate = block.gate
-        self.experts = block.experts
+        # A supported block (its experts were checked just above), seen through what we read of it.
+        hf = cast(_HFSparseMoeBlock, block)
+        self.gate = hf.gate
+        self.experts = hf.experts
         self.shared_expert = getattr(block, "shared_expert", None)
         self.shared_expert_gate = getattr(block, "shared_expert_gate", None)
         self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
-        self.num_experts = block.experts.gate_up_proj.shape[0]
-        self.top_k = block.gate.top_k
-        shared = None
+        self.num_experts = hf.experts.gate_up_proj.shape[0]
+        self.top_k = hf.gate.top_k
+        shared: Optional[nn.Module] = None
         if self.shared_expert is not None:
             shared = _HFModule(self.shared_expert)
             if self.shared_expert_gate is not None:
                 shared = GatedSharedExperts(shared, _HFModule(self.shared_expert_gate))
         self.moe = MoELayer(
-            HFRouter(block.gate, self.num_experts),
-            HFExperts(block.experts, inplace_backward=inplace_backward),
+            HFRouter(hf.gate, self.num_experts),
+            HFExperts(hf.experts, inplace_backward=inplace_backward),
             shared=shared,
             report_top_tokens=report_top_tokens,
         )
