@@ -1,6 +1,6 @@
 // CUDA kernels of dedup and kg_search.
 //
-// The same engine as on CPU (csrc/cpu/similarity.cpp), in three launches on the current stream and
+// The same engine as on CPU (csrc/cpu/similarity/), in three launches on the current stream and
 // without any host sync (n_valid is read by the kernels, so a growing bank is searched inside a
 // CUDA graph):
 //   1. inv_norm: one warp per row computes 1/||row|| in fp64 (0 for rows without a direction:
