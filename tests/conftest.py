@@ -55,8 +55,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def seed():
-    """A fresh seed per test run, printed so a failure can be reproduced."""
-    s = int.from_bytes(os.urandom(4), "little")
+    """A fresh seed per test run, printed so a failure can be reproduced: rerun the test with
+    MOE_TEST_SEED=<printed seed>."""
+    fixed = os.environ.get("MOE_TEST_SEED")
+    s = int(fixed) if fixed else int.from_bytes(os.urandom(4), "little")
     print(f"seed={s}")
     torch.manual_seed(s)
     return s

@@ -82,6 +82,21 @@ def _assert_same_hits(got, want, tol=1e-5):
             assert h.id == wid, (pos, got, want)
 
 
+def _assert_approximate_hits(got, want, nodes, query, types, where):
+    """An approximate index may miss a few of the true top-k (HNSW's graph search is not
+    exhaustive), but every hit it returns must pass the filter, carry its exact cosine, come in
+    order, and the misses must be few."""
+    assert len(got) <= len(want), (got, want)
+    q = _unit(query)
+    for h in got:
+        t, emb, meta = nodes[h.id]
+        assert _passes(t, meta, types, where), h
+        assert abs(h.score - float(_unit(emb) @ q)) <= 1e-5, h
+    assert [h.score for h in got] == sorted((h.score for h in got), reverse=True)
+    missed = len({i for i, _ in want} - {h.id for h in got})
+    assert missed <= max(1, len(want) // 20), (missed, got, want)
+
+
 # ---------------------------------------------------------------- random stores
 
 _NAMES = ["north", "east", "x\ny", 'q"uote\\', "é", "\U0001f600", "", "nul\x00char"]
@@ -154,7 +169,10 @@ def test_filtered_search_returns_the_brute_force_top_k_on_random_stores(
                         threshold = float((cos[j] + cos[j + 1]) / 2)
                 got = kg.find_similar_nodes(query, top_k, threshold, types=want_types, where=where)
                 want = _brute_force(nodes, query, top_k, want_types, where, threshold)
-                _assert_same_hits(got, want)
+                if index_type == "flat":
+                    _assert_same_hits(got, want)
+                else:
+                    _assert_approximate_hits(got, want, nodes, query, want_types, where)
                 for h in got:
                     assert (h.type, h.metadata) == (nodes[h.id][0], nodes[h.id][2])
 
