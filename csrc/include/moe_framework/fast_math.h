@@ -99,7 +99,7 @@ MOE_HD T sigmoid(T x) {
 // route routes 16 tokens per vector, swiglu handles 16 or 8 columns). The same operations in the
 // same order as exp_acc above, so every lane gives exp_acc's bits whichever ISA the vector is
 // lowered to (no FMA: the clones that use this are compiled without it). Keep the two in step;
-// tests/test_route.py and tests/test_swiglu.py compare the paths bitwise.
+// tests/ops/test_route.py and tests/ops/test_swiglu.py compare the paths bitwise.
 #define MOE_MATH_LANES 1
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"  // always-inline helpers: no call ABI involved
