@@ -1,5 +1,6 @@
 """KnowledgeGraph: durable SQLite store, derived FAISS index, traversal, checkpoints, export."""
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -46,6 +47,24 @@ def _forkserver():
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["moe_framework.knowledge_graph"])
     return ctx
+
+
+@contextlib.contextmanager
+def _writer_in_child(path, ready):
+    """Another process holds the store at ``path`` open for writing while the block runs; it is
+    SIGKILLed afterwards (its lock goes with it)."""
+    child = _forkserver().Process(target=worker.hold_open_for_writing, args=(str(path), str(ready)))
+    child.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert child.is_alive() and time.monotonic() < deadline
+            time.sleep(0.01)
+        yield child
+    finally:
+        if child.is_alive():
+            os.kill(child.pid, signal.SIGKILL)
+        child.join()
 
 
 # ============================================================================ round trip
@@ -505,21 +524,9 @@ def test_second_writer_is_refused_in_process_and_across_processes(tmp_path):
             assert len(ro) == 1
             with pytest.raises(PermissionError):
                 ro.add_node(np.ones(worker.DIM))
-    ctx = _forkserver()
-    ready = tmp_path / "ready"
-    child = ctx.Process(target=worker.hold_open_for_writing, args=(str(path), str(ready)))
-    child.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert child.is_alive() and time.monotonic() < deadline
-            time.sleep(0.01)
+    with _writer_in_child(path, tmp_path / "ready"):
         with pytest.raises(StoreLockedError):
             KnowledgeGraph.open(path, dim=worker.DIM)
-    finally:
-        if child.is_alive():
-            os.kill(child.pid, signal.SIGKILL)
-        child.join()
     with KnowledgeGraph.open(path, dim=worker.DIM) as kg:  # the dead writer's lock went with it
         assert len(kg) == 1
 
@@ -874,21 +881,9 @@ def test_second_writer_through_another_name_is_refused(tmp_path, name):
         with pytest.raises(StoreLockedError, match="already open for writing"):
             KnowledgeGraph.open(runs / name, dim=worker.DIM)
     # and across processes
-    ctx = _forkserver()
-    ready = tmp_path / "ready"
-    child = ctx.Process(target=worker.hold_open_for_writing, args=(str(runs / name), str(ready)))
-    child.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert child.is_alive() and time.monotonic() < deadline
-            time.sleep(0.01)
+    with _writer_in_child(runs / name, tmp_path / "ready"):
         with pytest.raises(StoreLockedError):
             KnowledgeGraph.open(path, dim=worker.DIM)
-    finally:
-        if child.is_alive():
-            os.kill(child.pid, signal.SIGKILL)
-        child.join()
 
 
 def test_close_leaves_no_lock_file_and_the_lock_is_free_again(tmp_path):
