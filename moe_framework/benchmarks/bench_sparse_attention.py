@@ -150,7 +150,7 @@ def run(args) -> dict:
         model.eval()
         xb = train[: batch * seq].reshape(batch, seq)
         with torch.no_grad():
-            t = common.timeit(lambda m=model: m(xb), warmup=2, min_time=0.5)
+            t = common.timeit(lambda m=model, xb=xb: m(xb), warmup=2, min_time=0.5)
         rows.append(
             {
                 "attention": name,

@@ -379,3 +379,18 @@ def test_training_step_applies_the_dropouts_and_adds_the_diversity_loss(seed):
     res = model.training_step(batch, opt, options=opts)
     assert all(r.router_dropout == 0.2 and r.expert_dropout == 0.1 for r in model.routers())
     assert res.loss == pytest.approx(res.task_loss + res.aux_loss + 0.5 * div, rel=1e-5)
+
+
+def test_docs_adaptive_routing_examples_run_and_print_what_they_say(capsys):
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "adaptive_routing.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    assert len(blocks) == 3
+    for code in blocks:
+        exec(compile(code, str(doc), "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["torch.Size([64, 16]) True", "torch.Size([2, 5, 16])"]
+    assert out[2] == "4 (5, 4) True"
+    assert out[3] == "['router', 'experts', 'other'] True"
