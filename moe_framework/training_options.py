@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .moe_layer import MoELayer
 
 __all__ = [
     "TrainingOptions",
@@ -64,7 +67,7 @@ class TrainingOptions:
                 raise ValueError(f"TrainingOptions: {name} must be a float in [0, 1), got {v!r}")
 
 
-def _moe_layers(model: nn.Module) -> List[nn.Module]:
+def _moe_layers(model: nn.Module) -> List[MoELayer]:
     from .moe_layer import MoELayer
 
     return [m for m in model.modules() if isinstance(m, MoELayer)]
@@ -136,10 +139,9 @@ def expert_diversity_loss(model: nn.Module) -> torch.Tensor:
     float32 (0 for a model without MoE layers or with one expert)."""
     losses = []
     for layer in _moe_layers(model):
-        E = layer.num_experts
-        parts = [
-            p.reshape(E, -1) for p in layer.experts.parameters() if p.dim() >= 1 and p.shape[0] == E
-        ]
+        E = int(layer.num_experts)
+        experts: nn.Module = layer.experts
+        parts = [p.reshape(E, -1) for p in experts.parameters() if p.dim() >= 1 and p.shape[0] == E]
         if E < 2 or not parts:
             continue
         w = torch.cat(parts, dim=1).float()

@@ -21,9 +21,11 @@ diversity (mean squared cosine between experts' weights).
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +118,7 @@ def run_memory_bank(args, tmp: str) -> list:
         libs = []
         if variant == "memory bank":
             for layer, block in enumerate(model._blocks()):
-                old = block.moe.supervisor
+                old = cast(Any, block.moe.supervisor)
                 new = MemoryBankRouter(cfg.d_model, cfg.num_experts, cfg.k,
                                        load_balance_coef=cfg.load_balance_coef,
                                        z_loss_coef=cfg.z_loss_coef)  # fmt: skip
@@ -195,7 +197,7 @@ def run_router_kinds(args) -> list:
     x_tr, y_tr, x_te, y_te = load_digits_split(seed, False)
     d, E, k, batch = 64, 8, 2, 64
     epochs = args.epochs or (1 if args.quick else 10)
-    lb = dict(load_balance_coef=1e-2)
+    lb: dict[str, Any] = dict(load_balance_coef=1e-2)
     opts = TrainingOptions(router_lr_mult=0.5, router_dropout=0.1, expert_dropout=0.1,
                            diversity_loss_coef=0.1)  # fmt: skip
     variants = [
@@ -214,7 +216,7 @@ def run_router_kinds(args) -> list:
     for name, make, options in variants:
         torch.manual_seed(seed)
         router = make()
-        model = DigitsMoE(router, d, E, router.slots_per_token)
+        model = DigitsMoE(router, d, E, cast(Any, router).slots_per_token)
         use_ctx = isinstance(router, ContextRouter)
         options = options or TrainingOptions()
         apply_training_options(model, options)
@@ -244,7 +246,7 @@ def run_router_kinds(args) -> list:
         ctx_te = _row_sums(x_te) if use_ctx else None
         with torch.no_grad():
             logits, info = model(x_te, ctx_te)
-            t = common.timeit(lambda m=model, c=ctx_te: m(x_te, c), warmup=2, min_time=0.3)
+            t = common.timeit(functools.partial(model, x_te, ctx_te), warmup=2, min_time=0.3)
         counts = info.counts.float()
         rows.append({
             "routing": name,

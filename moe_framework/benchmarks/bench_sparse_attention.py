@@ -13,6 +13,7 @@ bits per character, training tokens/s and inference tokens/s.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import time
@@ -150,7 +151,7 @@ def run(args) -> dict:
         model.eval()
         xb = train[: batch * seq].reshape(batch, seq)
         with torch.no_grad():
-            t = common.timeit(lambda m=model, xb=xb: m(xb), warmup=2, min_time=0.5)
+            t = common.timeit(functools.partial(model, xb), warmup=2, min_time=0.5)
         rows.append(
             {
                 "attention": name,

@@ -64,7 +64,9 @@ def make_router(
     check_choice("make_router", "kind", kind, tuple(ROUTER_KINDS))
     cls = ROUTER_KINDS[kind]
     if cls is DenseRouter:
-        k = None
+        return DenseRouter(d_model, num_experts, None, **options)
+    if k is None:
+        raise ValueError(f"make_router: k must be an int for kind={kind!r}, got None")
     return cls(d_model, num_experts, k, **options)
 
 

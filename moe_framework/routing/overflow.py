@@ -12,14 +12,14 @@ round is one ``ops.permute`` of ``[T, 1]`` ids, so the wrapper traces under
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple, cast
 
 import torch
 from torch import nn
 
 from .. import ops
 from ._checks import bad, check_bools, is_int, is_real
-from .base import RoutingDecision
+from .base import Router, RoutingDecision
 from .counts import expert_counts
 
 __all__ = ["OverflowRouter", "place_in_token_order"]
@@ -105,7 +105,8 @@ class OverflowRouter(nn.Module):
                 min_capacity_factor)  # fmt: skip
         if not (is_real(momentum) and 0 <= momentum < 1):
             bad(owner, "momentum", "in [0, 1)", momentum)
-        E, k = int(router.num_experts), int(router.slots_per_token)
+        parts: Any = router
+        E, k = int(parts.num_experts), int(parts.slots_per_token)
         if reroute_rounds is None:
             reroute_rounds = max(1, min(4, E - k))
         if not is_int(reroute_rounds) or reroute_rounds < 1:
@@ -124,6 +125,10 @@ class OverflowRouter(nn.Module):
     @property
     def slots_per_token(self) -> int:
         return self.k
+
+    @property
+    def _inner(self) -> Router:
+        return cast(Router, self.router)
 
     @property
     def d_model(self):
@@ -208,14 +213,14 @@ class OverflowRouter(nn.Module):
     @torch.no_grad()
     def update_bias(self, counts: Optional[torch.Tensor] = None) -> None:
         """The inner router's aux-loss-free balancing step."""
-        self.router.update_bias(counts)
+        self._inner.update_bias(counts)
 
     def routing_stats(self) -> dict:
         """The inner router's telemetry (what it asked for, before capacity)."""
-        return self.router.routing_stats()
+        return self._inner.routing_stats()
 
     def reset_stats(self) -> None:
-        self.router.reset_stats()
+        self._inner.reset_stats()
 
     def extra_repr(self) -> str:
         return (

@@ -4,12 +4,15 @@ trace under ``torch.compile(fullgraph=True)`` and a resumed run draws the same m
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import TYPE_CHECKING, Tuple
 
 import torch
 
 from .counts import expert_counts
 from .rng import counter_uniform
+
+if TYPE_CHECKING:
+    from .common import Selection
 
 __all__ = ["expert_slot_dropout", "router_input_dropout"]
 
@@ -30,8 +33,8 @@ def router_input_dropout(x: torch.Tensor, p: float, seed: int, step: torch.Tenso
 
 
 def expert_slot_dropout(
-    sel, p: float, num_experts: int, seed: int, step: torch.Tensor
-) -> Tuple[object, torch.Tensor]:
+    sel: Selection, p: float, num_experts: int, seed: int, step: torch.Tensor
+) -> Tuple[Selection, torch.Tensor]:
     """Expert dropout: each routed slot of a :class:`~moe_framework.routing.common.Selection`
     is emptied (id -1, weight 0) with probability ``p``; surviving weights are scaled by
     ``1 / (1 - p)`` so the expected combined output is unchanged. ``selected`` (what the
