@@ -267,9 +267,13 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--part", choices=["all", "memory", "routers"], default="all")
     args = p.parse_args()
-    torch.set_num_threads(common.thread_counts(args.threads)[-1])
+    # One thread by default (as the demo): the matrices are 64 wide, too small for a thread pool,
+    # and on a shared machine spinning workers cost far more than they give.
+    threads = common.thread_counts(args.threads or [1])[-1]
+    torch.set_num_threads(threads)
     load_start = os.getloadavg()
-    payload: dict = {"machine": common.machine_info("cpu"), "loadavg_start": load_start}
+    payload: dict = {"machine": common.machine_info("cpu"), "loadavg_start": load_start,
+                     "threads": threads, "epochs": args.epochs}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         if args.part in ("all", "memory"):
             rows = run_memory_bank(args, tmp)

@@ -177,7 +177,9 @@ def main():
     p.add_argument("--seq-len", type=int, default=32, help="characters per sequence")
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     args = p.parse_args()
-    threads = common.thread_counts(args.threads)[-1]
+    # One thread by default (as the demo): these matrices are too small for a pool to pay off,
+    # and on a shared machine spinning workers cost far more than they give.
+    threads = common.thread_counts(args.threads or [1])[-1]
     torch.set_num_threads(threads)
     load_start = os.getloadavg()
     result = run(args)
