@@ -261,7 +261,7 @@ def run_router_kinds(args) -> list:
     return rows
 
 
-def main():
+def main() -> None:
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=None, help="epochs of each training run")
     p.add_argument("--seed", type=int, default=0)

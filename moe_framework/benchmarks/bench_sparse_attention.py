@@ -170,7 +170,7 @@ def run(args) -> dict:
     }  # fmt: skip
 
 
-def main():
+def main() -> None:
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=None, help="training steps per model")
     p.add_argument("--seed", type=int, default=0)
