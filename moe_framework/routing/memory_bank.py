@@ -136,7 +136,7 @@ class MemoryBankRouter(TokenChoiceRouter):
         a = w / w.sum(dim=1, keepdim=True).clamp(min=1e-30)
         col = torch.where(valid, expert, torch.zeros_like(expert))
         prior = torch.zeros(T, E, dtype=torch.float32, device=q.device).scatter_add(1, col, a)
-        emb = bank.bank.index_select(0, r.reshape(-1)).reshape(*r.shape, -1)
+        emb = bank.bank.index_select(0, r.reshape(-1)).reshape(T, r.shape[1], bank.bank.shape[1])
         neighbour = (a.unsqueeze(-1) * emb).sum(dim=1)
         return prior.to(x.device), neighbour.to(x.device), found.to(x.device)
 

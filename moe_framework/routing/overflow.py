@@ -162,6 +162,8 @@ class OverflowRouter(nn.Module):
         if self.dynamic and self.training:
             with torch.no_grad():
                 need = dec.counts.max().float() * E / (tokens.clamp(min=1).float() * k)
+                # a batch of padding only says nothing about the load: the average stays
+                need = torch.where(tokens > 0, need, self.capacity_ema)
                 self.capacity_ema.mul_(self.momentum).add_((1.0 - self.momentum) * need)
 
         fits = place_in_token_order(dec.ids, cap.expand(E), E)

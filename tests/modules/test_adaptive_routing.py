@@ -241,8 +241,11 @@ def test_dynamic_capacity_factor_follows_the_observed_load(seed):
         load = inner(x).counts.max().item()
         ema = m * ema + (1 - m) * load * E / (T * k)
         assert float(r.capacity_ema) == pytest.approx(ema, rel=1e-5)
-    r.eval()
     before = r.capacity_ema.clone()
+    r(torch.randn(T, 6), torch.zeros(T, dtype=torch.bool))  # padding only: no load observed
+    r(torch.randn(0, 6))
+    assert torch.equal(r.capacity_ema, before)
+    r.eval()
     r(torch.randn(T, 6))
     assert torch.equal(r.capacity_ema, before)  # eval forwards do not move it
 

@@ -79,6 +79,7 @@ def test_retrieval_biased_logits_match_the_reference(seed, tmp_path):
     torch.testing.assert_close(
         dec.logits.double(), _reference_logits(r, g, x), rtol=1e-5, atol=1e-5
     )
+    assert r(torch.randn(0, D)).ids.shape == (0, K)  # zero tokens
     # gradients reach the memory scale and gate (retrieval itself is not differentiable)
     (dec.weights * torch.randn_like(dec.weights)).sum().backward()
     assert r.memory_scale.grad is not None and r.memory_gate.weight.grad.abs().sum() > 0
