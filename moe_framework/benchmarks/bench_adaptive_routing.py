@@ -247,6 +247,7 @@ def run_router_kinds(args) -> list:
         with torch.no_grad():
             logits, info = model(x_te, ctx_te)
             t = common.timeit(functools.partial(model, x_te, ctx_te), warmup=2, min_time=0.3)
+            similarity = float(expert_diversity_loss(model))
         counts = info.counts.float()
         rows.append({
             "routing": name,
@@ -256,7 +257,7 @@ def run_router_kinds(args) -> list:
             "dropped/step before": dropped_before / steps,
             "dropped/step after": dropped_after / steps,
             "load cv (test)": float(counts.std() / counts.mean().clamp(min=1e-9)),
-            "expert sim": float(expert_diversity_loss(model)),
+            "expert sim": similarity,
         })  # fmt: skip
     return rows
 
