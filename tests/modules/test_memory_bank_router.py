@@ -127,7 +127,8 @@ def test_compiled_forward_sees_memory_added_after_compilation(seed, tmp_path):
         # new memory rows: the tokens themselves, voting for expert 3 (in place: same tensors)
         g.add_nodes_batch(x.numpy(), "routing_memory", [{"expert": 3, "layer": 0}] * 7)
         r.attach_memory(g, layer=0, capacity=64)
-        got = compiled(x)
+        with torch.compiler.set_stance("fail_on_recompile"):  # same buffers, n_valid on device
+            got = compiled(x)
         torch.testing.assert_close(got.logits, r(x).logits)
     assert bool((got.ids[:, 0] == 3).all())  # the neighbours' votes decide
     g.close()
@@ -141,4 +142,20 @@ def test_arguments_are_checked(tmp_path):
     g = KnowledgeGraph.create(str(tmp_path / "g.sqlite"), dim=D + 1)
     with pytest.raises(ValueError, match="graph dim=7 must equal d_model=6"):
         MemoryBankRouter(D, E, K).attach_memory(g)
+    g.close()
+
+
+@pytest.mark.cuda
+def test_memory_bank_router_on_cuda_matches_cpu(seed, tmp_path):
+    g = _graph(tmp_path)
+    r = MemoryBankRouter(D, E, K, memory_k=5)
+    r.attach_memory(g, layer=0)
+    x = torch.randn(9, D)
+    want = r(x)
+    r_cuda = MemoryBankRouter(D, E, K, memory_k=5).cuda()
+    r_cuda.load_state_dict(r.state_dict())
+    r_cuda.attach_memory(g, layer=0)  # a bank on the router's device
+    got = r_cuda(x.cuda())
+    torch.testing.assert_close(got.logits.cpu(), want.logits, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got.ids.cpu(), want.ids)
     g.close()

@@ -89,3 +89,18 @@ def test_flop_count_of_dense_and_sparse_attention():
     assert attention_flops_per_token(
         d_model=64, head_dim=16, heads=3, seq_len=7, num_experts=8
     ) == (4 * 64 * 16 * 3 + 4 * 64 * 16 + 2 * 64 * 8 + 4 * 4 * 16 * 3)
+
+
+@pytest.mark.cuda
+def test_sparse_expert_attention_on_cuda_matches_cpu(seed):
+    m = SparseExpertAttention(16, 4, 2, head_dim=8)
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    y, _ = m(x)
+    y.square().sum().backward()
+    mc = SparseExpertAttention(16, 4, 2, head_dim=8).cuda()
+    mc.load_state_dict(m.state_dict())
+    xc = x.detach().cuda().requires_grad_(True)
+    yc, _ = mc(xc)
+    yc.square().sum().backward()
+    torch.testing.assert_close(yc.cpu(), y, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xc.grad.cpu(), x.grad, rtol=1e-4, atol=1e-5)
