@@ -48,6 +48,7 @@ _ST_CODE = {
 _ST_DTYPE = {v: k for k, v in _ST_CODE.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 _PAGE = mmap.PAGESIZE
+_FAULT_AROUND_MARGIN = 256 * 1024
 _CONFIG_KEYS = ("num_experts", "d_model", "d_hidden", "activation", "layout", "bias", "dtype")
 
 
@@ -289,8 +290,11 @@ class DiskExpertStorage:
         esize = torch.empty((), dtype=self.dtype).element_size()
         lo = min(s for s, _ in spans)
         hi = max(s + n * esize for s, n in spans)
-        lo -= lo % _PAGE
-        hi = min(hi + (-hi % _PAGE), len(self._mm))
+        # The kernel maps pages around each faulting page ("fault-around", 64 KiB by default),
+        # including pages of the neighbouring experts: the margin gives those back too. Harmless
+        # for a concurrent reader: a private mapping never written refaults from the page cache.
+        lo = max(0, lo - lo % _PAGE - _FAULT_AROUND_MARGIN)
+        hi = min(hi + (-hi % _PAGE) + _FAULT_AROUND_MARGIN, len(self._mm))
         if hi > lo:
             self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
