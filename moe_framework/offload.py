@@ -50,8 +50,11 @@ __all__ = [
     "POLICIES",
     "OffloadedExperts",
     "PrefetchWorker",
+    "close_offloaded",
+    "enable_prefetch",
     "offload_experts",
     "offload_metrics",
+    "offloaded_modules",
 ]
 
 POLICIES = ("lru", "lfu")
@@ -790,8 +793,7 @@ def offload_experts(
             f"MoELayers, got {type(module).__name__} with none"
         )
     banks = [bank_of(layer.experts, f"layer {i}'s experts") for i, layer in enumerate(layers)]
-    worker = PrefetchWorker() if prefetch else None
-    new = []
+    new: list = []
     try:
         for i, bank in enumerate(banks):
             new.append(
@@ -801,21 +803,59 @@ def offload_experts(
                     storage=storage_for(i),
                     policy=policy,
                     device=device_of(bank),
-                    worker=worker,
                 )
             )
     except BaseException:
-        if worker is not None:
-            worker.close()
         for m in new:
             m.storage.close()
         raise
-    budget = cache_slots // 2 if prefetch_next is None else min(prefetch_next, cache_slots)
-    planner = _NextLayerPlanner(new, [budget] * len(new)) if prefetch and len(new) > 1 else None
-    for i, (layer, off) in enumerate(zip(layers, new)):
+    for layer, off in zip(layers, new):
         layer.experts = off
-        if prefetch:
-            off._hook = layer.supervisor.register_forward_hook(_router_hook(off, planner, i))
+    if prefetch:
+        enable_prefetch(module, prefetch_next=prefetch_next)
+    return module
+
+
+def enable_prefetch(module: nn.Module, *, prefetch_next: Optional[int] = None) -> nn.Module:
+    """Router-driven prefetch for every ``MoELayer`` of ``module`` whose experts are
+    :class:`OffloadedExperts` (``offload_experts(..., prefetch=True)`` calls it; call it yourself
+    on a model assembled from :meth:`OffloadedExperts.open`).
+
+    A forward hook on each layer's router sends the experts it picked to one background
+    :class:`PrefetchWorker` shared by the layers, and the ``prefetch_next`` (default: half the
+    next layer's ``cache_slots``) experts the next layer most likely needs, predicted from the
+    routing of the same tokens seen so far (see ``_NextLayerPlanner``). Layers are linked in
+    ``module.modules()`` order. Returns ``module``.
+    """
+    from .moe_layer import MoELayer
+
+    if prefetch_next is not None and (
+        isinstance(prefetch_next, bool) or not isinstance(prefetch_next, int) or prefetch_next < 0
+    ):
+        raise ValueError(
+            f"enable_prefetch: prefetch_next must be None or an int >= 0, got {prefetch_next!r}"
+        )
+    layers = [
+        m
+        for m in module.modules()
+        if isinstance(m, MoELayer) and isinstance(m.experts, OffloadedExperts)
+    ]
+    if not layers:
+        raise ValueError(
+            f"enable_prefetch: {type(module).__name__} has no MoELayer with OffloadedExperts"
+        )
+    offs = [cast(OffloadedExperts, layer.experts) for layer in layers]
+    if any(off._hook is not None for off in offs):
+        raise ValueError("enable_prefetch: prefetch is already enabled on this module")
+    worker = PrefetchWorker()
+    budget = [
+        off.cache_slots // 2 if prefetch_next is None else min(prefetch_next, off.cache_slots)
+        for off in offs
+    ]
+    planner = _NextLayerPlanner(offs, budget) if len(offs) > 1 else None
+    for i, (layer, off) in enumerate(zip(layers, offs)):
+        off.worker = worker
+        off._hook = layer.supervisor.register_forward_hook(_router_hook(off, planner, i))
     return module
 
 
