@@ -565,8 +565,10 @@ class OffloadedExperts(nn.Module):
             )
         y = x.new_zeros(M, self.d_model)
         active = [e for e in range(E) if off[e + 1] > off[e]]
-        # Experts already in the cache first: they run before any eviction could take them.
-        active.sort(key=lambda e: not c.cached(e))
+        # Experts already in the cache first: they run before any eviction could take them. The
+        # rest in descending order: the prefetcher loads a layer's picks in ascending order, so
+        # the forward loads from the other end instead of waiting on the expert it is copying.
+        active.sort(key=lambda e: (not c.cached(e), -e))
         N = self.cache_slots
         try:
             for i in range(0, len(active), N):
