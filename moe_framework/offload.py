@@ -379,7 +379,8 @@ class OffloadedExperts(nn.Module):
     ``torch.compile(fullgraph=True)`` or CUDA graphs), loads the routed experts, at most
     ``cache_slots`` at a time, and runs each group with two grouped GEMMs over the slots.
     Inference only: a ``RuntimeError`` if ``x_sorted`` requires grad (use ``torch.no_grad()``).
-    The module has no parameters (its weights are the storage's), so its state dict is empty.
+    The module has no parameters (its weights are the storage's) and refuses ``state_dict()``
+    with a ``RuntimeError`` (a saved model would lack its experts): save before offloading.
     One forward at a time per module (a lock serialises concurrent calls).
     """
 
@@ -529,6 +530,15 @@ class OffloadedExperts(nn.Module):
         if self.worker is not None:
             self.worker.close()
         self.storage.close()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        # An empty entry would save a model without its experts, which then fails to load far
+        # from here: refuse at the source instead.
+        raise RuntimeError(
+            f"OffloadedExperts ({prefix.rstrip('.') or 'experts'}) has no state dict: its weights "
+            "are the storage's (host memory or the expert file). Save the model before offloading "
+            "it; the expert files are plain safetensors files"
+        )
 
     # ---------------------------------------------------------------- forward
 

@@ -255,6 +255,8 @@ def test_offloaded_system_matches_the_resident_system(tmp_path, seed):
         with torch.no_grad():
             assert torch.equal(off(x).output, ref(x).output)
             assert torch.equal(off(x).output, ref(x).output)
+        with pytest.raises(RuntimeError, match=r"blocks.0.moe.experts\) has no state dict"):
+            off.save(tmp_path / "saved")
     finally:
         close_offloaded(off)
         ref.close()
