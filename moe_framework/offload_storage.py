@@ -102,6 +102,8 @@ class HostExpertStorage:
 
     def view(self, e: int, name: str) -> torch.Tensor:
         """Expert ``e``'s tensor ``name`` (a CPU view, no copy)."""
+        if not self._t:
+            raise RuntimeError("HostExpertStorage: the storage is closed")
         return self._t[name][e]
 
     def done(self, e: int) -> None:
@@ -202,7 +204,7 @@ class DiskExpertStorage:
                 header = json.loads(os.pread(fd, n, 8))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise ValueError(f"{where}: header is not valid JSON ({exc!r})") from None
-            self._mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else None
+            self._mm: Optional[mmap.mmap] = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
         finally:
             os.close(fd)
         try:
@@ -276,7 +278,7 @@ class DiskExpertStorage:
         """Expert ``e``'s tensor ``name``: a tensor over the mapped file (no copy)."""
         start, numel = self._spans[(e, name)]
         if self._mm is None:
-            return torch.empty(self.shapes[name], dtype=self.dtype)
+            raise RuntimeError(f"DiskExpertStorage: {self.path} is closed")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a private (copy-on-write) mapping we never write
             flat = torch.frombuffer(self._mm, dtype=self.dtype, count=numel, offset=start)

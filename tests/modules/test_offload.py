@@ -183,6 +183,11 @@ def test_prefetch_loads_ahead_and_the_forward_then_hits(tmp_path, seed):
     finally:
         worker.close()
     assert not worker.alive
+    off.close()
+    counts = [0] * E
+    counts[0] = 1
+    with torch.no_grad(), pytest.raises(RuntimeError, match="e.safetensors is closed"):
+        off(torch.randn(1, 6), _offsets(counts)[0])
 
 
 def test_router_hook_prefetches_this_layer_and_predicts_the_next(tmp_path, seed):
