@@ -575,25 +575,27 @@ class OffloadedExperts(nn.Module):
             )
         y = x.new_zeros(M, self.d_model)
         active = [e for e in range(E) if off[e + 1] > off[e]]
-        # Experts already in the cache first: they run before any eviction could take them. The
-        # rest in descending order: the prefetcher loads a layer's picks in ascending order, so
-        # the forward loads from the other end instead of waiting on the expert it is copying.
-        active.sort(key=lambda e: (not c.cached(e), -e))
+        # Experts already in the cache first (they run before any eviction could take them), then
+        # ascending: the order in which the router hook asked the prefetcher for them.
+        active.sort(key=lambda e: not c.cached(e))
         N = self.cache_slots
         try:
             for i in range(0, len(active), N):
                 chunk = active[i : i + N]
                 c.protect(chunk)
+                # Within the chunk, the experts to load in descending order: the prefetcher loads
+                # them ascending, so the forward copies from the other end instead of waiting.
+                order = sorted(chunk, key=lambda e: (not c.cached(e), -e))
                 slots = []
                 try:
-                    for e in chunk:
+                    for e in order:
                         slots.append(c.acquire(e))
                     if self._cache.cuda:
                         stream = torch.cuda.current_stream(self.device)
                         for s in slots:
                             if c.ready_event[s] is not None:
                                 stream.wait_event(c.ready_event[s])
-                    self._run_chunk(x, y, off, chunk, slots)
+                    self._run_chunk(x, y, off, order, slots)
                 finally:
                     c.release(slots)
         finally:
@@ -648,19 +650,27 @@ class _NextLayerPlanner:
 
     ``trans[l] [E_l, E_{l+1}]`` counts, over every token seen, how often a token routed to
     expert ``a`` in layer ``l`` went to ``b`` in layer ``l+1``; ``freq[l]`` counts layer ``l``'s
-    expert uses. The score of ``b`` for this batch is the sum over its tokens' experts ``a`` of
-    ``trans[l][a, b]`` (plus a small share of ``freq[l+1]``, which alone decides before any
-    transition was seen); the ``budget`` best-scoring experts are fetched ahead.
+    expert uses. For each token of this batch, ``q_t(b)`` = (slots per token of layer ``l+1``) x
+    the mean over its experts ``a`` of ``P(b | a)`` (the rows of ``trans`` normalised; the
+    frequencies of layer ``l+1`` for a token whose experts have no transitions yet), capped at 1:
+    the chance the token uses ``b``. The chance the batch uses ``b`` is
+    ``1 - prod_t (1 - q_t(b))``; the ``budget`` most likely experts whose chance is at least
+    ``threshold`` are fetched ahead (so a flat table, as random routing gives, fetches nothing
+    rather than evicting useful experts for guesses).
     """
 
-    def __init__(self, experts: Sequence[OffloadedExperts], budget: Sequence[int]):
+    def __init__(
+        self, experts: Sequence[OffloadedExperts], budget: Sequence[int], threshold: float
+    ):
         self.experts = list(experts)
         self.budget = list(budget)
+        self.threshold = float(threshold)
         self.freq = [torch.zeros(m.num_experts, dtype=torch.float64) for m in experts]
         self.trans = [
             torch.zeros(a.num_experts, b.num_experts, dtype=torch.float64)
             for a, b in zip(experts, experts[1:])
         ]
+        self.slots = [0] * len(experts)
         self.last: list = [None] * len(experts)
         self.lock = threading.Lock()
 
@@ -676,23 +686,38 @@ class _NextLayerPlanner:
 
     def observe(self, layer: int, ids: torch.Tensor) -> Optional[list]:
         """Record layer ``layer``'s routing ``ids [T, k]`` (CPU); return the predicted experts
-        of the next layer (``None`` for the last layer or a zero budget)."""
+        of the next layer (``None`` for the last layer, a zero budget or no likely expert)."""
         E = self.experts[layer].num_experts
         oh = self._onehot(ids, E)
         with self.lock:
             self.freq[layer] += oh.sum(0)
+            self.slots[layer] = ids.shape[1] if ids.dim() == 2 else 1
             prev = self.last[layer - 1] if layer > 0 else None
             if prev is not None and prev.shape[0] == oh.shape[0]:
                 self.trans[layer - 1] += prev.T @ oh
             self.last[layer] = oh
             if layer + 1 >= len(self.experts) or self.budget[layer + 1] <= 0:
                 return None
-            nxt = self.freq[layer + 1]
-            score = oh.sum(0) @ self.trans[layer] + 1e-6 * nxt / max(float(nxt.sum()), 1.0)
-        m = min(self.budget[layer + 1], int((score > 0).sum()))
+            trans = self.trans[layer].clone()
+            nxt = self.freq[layer + 1].clone()
+            k_next = self.slots[layer + 1]
+        if k_next == 0 or float(nxt.sum()) == 0.0:
+            return None  # the next layer has never run: nothing to go on
+        rows = trans.sum(1, keepdim=True)
+        seen = rows.squeeze(1) > 0
+        P = torch.where(seen.unsqueeze(1), trans / rows.clamp(min=1.0), 0.0)
+        n_valid = oh.sum(1)
+        n_seen = (oh * seen).sum(1)
+        q = (oh @ P) / n_seen.clamp(min=1.0).unsqueeze(1)
+        prior = (nxt / nxt.sum()).unsqueeze(0)
+        q = torch.where(((n_seen == 0) & (n_valid > 0)).unsqueeze(1), prior, q)
+        q = (q * k_next).clamp(max=1.0 - 1e-12)
+        chance = -torch.expm1(torch.log1p(-q).sum(0))
+        ok = (chance > 0) & (chance >= self.threshold)
+        m = min(self.budget[layer + 1], int(ok.sum()))
         if m == 0:
             return None
-        return torch.topk(score, m).indices.tolist()
+        return torch.topk(torch.where(ok, chance, -1.0), m).indices.tolist()
 
 
 def _router_hook(experts: OffloadedExperts, planner: Optional[_NextLayerPlanner], layer: int):
@@ -703,7 +728,9 @@ def _router_hook(experts: OffloadedExperts, planner: Optional[_NextLayerPlanner]
         if me is None or torch.compiler.is_compiling():
             return
         ids = out.ids.detach().to("cpu")
-        me.prefetch(torch.unique(ids[ids >= 0]).tolist())
+        # Cached experts first, then ascending: the order of the forward's chunks (see _forward).
+        picks = torch.unique(ids[ids >= 0]).tolist()
+        me.prefetch(sorted(picks, key=lambda e: not me._cache.cached(e)))
         if planner is not None:
             pred = planner.observe(layer, ids)
             if pred is not None:
@@ -721,6 +748,7 @@ def offload_experts(
     device=None,
     prefetch: bool = True,
     prefetch_next: Optional[int] = None,
+    prefetch_threshold: float = 0.5,
 ) -> nn.Module:
     """Replace the ``ExpertBank`` experts of a module by :class:`OffloadedExperts`.
 
@@ -739,8 +767,11 @@ def offload_experts(
         device: compute device (default: where the experts' weights are now).
         prefetch: router-driven prefetch on a background thread (``MoELayer`` s only): each
             layer's picked experts, and the next layer's predicted ones.
-        prefetch_next: how many experts of the next layer to fetch ahead (default
+        prefetch_next: how many experts of the next layer to fetch ahead at most (default
             ``cache_slots // 2``; 0: only the layer's own picked experts).
+        prefetch_threshold: fetch a next-layer expert ahead only when the chance that this
+            batch uses it, estimated from the routing seen so far, is at least this (default
+            0.5; 0 fetches the ``prefetch_next`` likeliest whenever any is possible).
 
     After the call the original expert weights are no longer referenced by the module (the
     memory is freed once nothing else holds them). Call ``close()`` on any of the new modules
@@ -756,6 +787,13 @@ def offload_experts(
     ):
         raise ValueError(
             f"offload_experts: prefetch_next must be None or an int >= 0, got {prefetch_next!r}"
+        )
+    if isinstance(prefetch_threshold, bool) or not (
+        isinstance(prefetch_threshold, (int, float)) and 0.0 <= prefetch_threshold <= 1.0
+    ):
+        raise ValueError(
+            "offload_experts: prefetch_threshold must be a number in [0, 1], got "
+            f"{prefetch_threshold!r}"
         )
     if not (isinstance(storage, os.PathLike) or isinstance(storage, str)):
         raise ValueError(f'offload_experts: storage must be "host" or a folder, got {storage!r}')
@@ -824,11 +862,16 @@ def offload_experts(
     for layer, off in zip(layers, new):
         layer.experts = off
     if prefetch:
-        enable_prefetch(module, prefetch_next=prefetch_next)
+        enable_prefetch(module, prefetch_next=prefetch_next, prefetch_threshold=prefetch_threshold)
     return module
 
 
-def enable_prefetch(module: nn.Module, *, prefetch_next: Optional[int] = None) -> nn.Module:
+def enable_prefetch(
+    module: nn.Module,
+    *,
+    prefetch_next: Optional[int] = None,
+    prefetch_threshold: float = 0.5,
+) -> nn.Module:
     """Router-driven prefetch for every ``MoELayer`` of ``module`` whose experts are
     :class:`OffloadedExperts` (``offload_experts(..., prefetch=True)`` calls it; call it yourself
     on a model assembled from :meth:`OffloadedExperts.open`).
@@ -836,7 +879,8 @@ def enable_prefetch(module: nn.Module, *, prefetch_next: Optional[int] = None) -
     A forward hook on each layer's router sends the experts it picked to one background
     :class:`PrefetchWorker` shared by the layers, and the ``prefetch_next`` (default: half the
     next layer's ``cache_slots``) experts the next layer most likely needs, predicted from the
-    routing of the same tokens seen so far (see ``_NextLayerPlanner``). Layers are linked in
+    routing of the same tokens seen so far, when the estimated chance that this batch uses them
+    is at least ``prefetch_threshold`` (see ``_NextLayerPlanner``). Layers are linked in
     ``module.modules()`` order. Returns ``module``.
     """
     from .moe_layer import MoELayer
@@ -846,6 +890,13 @@ def enable_prefetch(module: nn.Module, *, prefetch_next: Optional[int] = None) -
     ):
         raise ValueError(
             f"enable_prefetch: prefetch_next must be None or an int >= 0, got {prefetch_next!r}"
+        )
+    if isinstance(prefetch_threshold, bool) or not (
+        isinstance(prefetch_threshold, (int, float)) and 0.0 <= prefetch_threshold <= 1.0
+    ):
+        raise ValueError(
+            "enable_prefetch: prefetch_threshold must be a number in [0, 1], got "
+            f"{prefetch_threshold!r}"
         )
     layers = [
         m
@@ -864,7 +915,7 @@ def enable_prefetch(module: nn.Module, *, prefetch_next: Optional[int] = None) -
         off.cache_slots // 2 if prefetch_next is None else min(prefetch_next, off.cache_slots)
         for off in offs
     ]
-    planner = _NextLayerPlanner(offs, budget) if len(offs) > 1 else None
+    planner = _NextLayerPlanner(offs, budget, prefetch_threshold) if len(offs) > 1 else None
     for i, (layer, off) in enumerate(zip(layers, offs)):
         off.worker = worker
         off._hook = layer.supervisor.register_forward_hook(_router_hook(off, planner, i))

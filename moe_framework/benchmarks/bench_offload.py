@@ -25,6 +25,9 @@ just written): loads are copies from host memory through the mapping, not disk r
 
 Peak RSS ratio = offload / resident, both of the whole process (``rss``) and of its growth after
 imports (``delta``, the model plus activations; the issue's goal: <= 35% for the delta).
+``hwm_delta_MB`` cross-checks ``delta`` with the process's own ``VmHWM`` (/proc/self/status).
+The files are written by a separate process, so the measuring parent never holds the model (Linux
+carries a parent's peak over fork + exec into the child's ``ru_maxrss``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import tempfile
 import time
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moe_framework import MoELayer, Supervisor
@@ -115,16 +119,37 @@ def _run(model: nn.Module, inputs: list, warmup: int) -> dict:
     return {"tokens_per_s": tokens / dt, "seconds": dt, "tokens": tokens}
 
 
+def write_files(shape: dict, folder: str, seed: int) -> dict:
+    """Build the model and write its expert files and router weights (run in its own process:
+    Linux carries a process's peak RSS over ``fork`` + ``exec`` into ``ru_maxrss`` of the child,
+    so the parent that spawns the measured configurations must never hold the model)."""
+    model = _resident(shape, seed)
+    for i, layer in enumerate(model.layers):
+        write_expert_file(layer.experts, os.path.join(folder, f"experts_{i}.safetensors"))
+    save_file(_router_state(model), os.path.join(folder, "routers.safetensors"))
+    return {
+        "expert_mb": sum(p.numel() * p.element_size() for p in model.layers.parameters()) / 2**20
+    }
+
+
+def _vm_hwm_mb() -> float:
+    # The peak RSS of this process's own address space (not inherited over exec).
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def run_config(kind: str, shape: dict, folder: str, stream: str, seed: int, threads: int) -> dict:
     """One configuration, meant to run in a fresh process (``peak_memory_in_subprocess``)."""
     torch.set_num_threads(threads)
     load0 = os.getloadavg()[0]
+    hwm0 = _vm_hwm_mb()
     inputs = _inputs(shape, stream, seed)
     if kind == "resident":
         model: nn.Module = _resident(shape, seed)
     else:
-        from safetensors.torch import load_file
-
         routers = load_file(os.path.join(folder, "routers.safetensors"))
         layers = []
         for i in range(shape["L"]):
@@ -158,6 +183,7 @@ def run_config(kind: str, shape: dict, folder: str, stream: str, seed: int, thre
         close_offloaded(model)
     out["load_start"], out["load_end"] = load0, os.getloadavg()[0]
     out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["vm_hwm_mb"], out["vm_hwm_start_mb"] = _vm_hwm_mb(), hwm0
     return out
 
 
@@ -178,14 +204,13 @@ def main(argv=None) -> int:
     os.makedirs(folder, exist_ok=True)
     t_load0 = os.getloadavg()
     try:
-        model = _resident(shape, args.seed)
-        for i, layer in enumerate(model.layers):
-            write_expert_file(layer.experts, os.path.join(folder, f"experts_{i}.safetensors"))
-        from safetensors.torch import save_file
-
-        save_file(_router_state(model), os.path.join(folder, "routers.safetensors"))
-        expert_mb = sum(p.numel() * p.element_size() for p in model.layers.parameters()) / 2**20
-        del model
+        written = common.peak_memory_in_subprocess(
+            "moe_framework.benchmarks.bench_offload:write_files",
+            shape=shape,
+            folder=folder,
+            seed=args.seed,
+        )
+        expert_mb = written["extra"]["expert_mb"]
         rows = []
         for stream in ("random", "clustered"):
             res = {}
@@ -216,6 +241,7 @@ def main(argv=None) -> int:
                         "rss_ratio": r["peak_rss_mb"] / base["peak_rss_mb"],
                         "delta_MB": r["delta_rss_mb"],
                         "delta_ratio": r["delta_rss_mb"] / base["delta_rss_mb"],
+                        "hwm_delta_MB": x["vm_hwm_mb"] - x["vm_hwm_start_mb"],
                         "bitwise": x["checksum"] == base["extra"]["checksum"],
                         "load": f"{x['load_start']:.1f}->{x['load_end']:.1f}",
                     }

@@ -195,7 +195,7 @@ def test_router_hook_prefetches_this_layer_and_predicts_the_next(tmp_path, seed)
     E = 8
     layers = [MoELayer.build(d_model=8, d_hidden=8, num_experts=E, k=2) for _ in range(2)]
     model = _Stack(layers)
-    offload_experts(model, cache_slots=E, storage=tmp_path, prefetch_next=3)
+    offload_experts(model, cache_slots=E, storage=tmp_path, prefetch_next=3, prefetch_threshold=0.0)
     off0, off1 = (layer.experts for layer in layers)
     x = torch.randn(16, 8)
     try:
@@ -236,7 +236,7 @@ def test_next_layer_planner_learns_transitions_then_predicts_them():
         )
         for _ in range(2)
     ]
-    planner = _NextLayerPlanner(mods, [2, 2])
+    planner = _NextLayerPlanner(mods, [2, 2], threshold=0.5)
     # tokens routed to expert a in layer 0 go to (a + 1) % E and (a + 3) % E in layer 1
     for _ in range(3):
         ids0 = torch.randint(0, E, (32, 1), dtype=torch.int32)
@@ -245,6 +245,14 @@ def test_next_layer_planner_learns_transitions_then_predicts_them():
     pred = planner.observe(0, torch.tensor([[4], [-1]], dtype=torch.int32))
     assert sorted(pred) == [1, 5]
     assert planner.observe(1, torch.tensor([[1, 5], [0, 0]])) is None  # last layer
+    # a flat table (every expert equally likely next) passes no expert over the threshold
+    flat = _NextLayerPlanner(mods, [2, 2], threshold=0.5)
+    for a in range(E):
+        flat.observe(0, torch.full((E, 1), a, dtype=torch.int32))
+        flat.observe(1, torch.arange(E, dtype=torch.int32).unsqueeze(1))
+    assert flat.observe(0, torch.tensor([[2]], dtype=torch.int32)) is None
+    # ... until the batch is large enough that each expert is likely used by one of its tokens
+    assert len(flat.observe(0, torch.full((12, 1), 2, dtype=torch.int32))) == 2
 
 
 def test_offloaded_system_matches_the_resident_system(tmp_path, seed):
@@ -340,6 +348,9 @@ def test_clear_errors(tmp_path):
         offload_experts(bank, cache_slots=2, storage=3)
     with pytest.raises(ValueError, match="prefetch_next must be"):
         offload_experts(bank, cache_slots=2, prefetch_next=-1)
+    layer = MoELayer.build(d_model=4, d_hidden=4, num_experts=4, k=2)
+    with pytest.raises(ValueError, match="prefetch_threshold must be a number in"):
+        offload_experts(layer, cache_slots=2, prefetch_threshold=1.5)
     with pytest.raises(ValueError, match="holding MoELayers, got Linear with none"):
         offload_experts(nn.Linear(2, 2), cache_slots=1)
 
