@@ -651,9 +651,9 @@ class _NextLayerPlanner:
     ``trans[l] [E_l, E_{l+1}]`` counts, over every token seen, how often a token routed to
     expert ``a`` in layer ``l`` went to ``b`` in layer ``l+1``; ``freq[l]`` counts layer ``l``'s
     expert uses. For each token of this batch, ``q_t(b)`` = (slots per token of layer ``l+1``) x
-    the mean over its experts ``a`` of ``P(b | a)`` (the rows of ``trans`` normalised; the
-    frequencies of layer ``l+1`` for a token whose experts have no transitions yet), capped at 1:
-    the chance the token uses ``b``. The chance the batch uses ``b`` is
+    the mean over its experts ``a`` of ``P(b | a)`` (the rows of ``trans`` normalised after adding
+    ``E_{l+1}`` pseudo-counts spread as layer ``l+1``'s frequencies, so rows seen a few times
+    lean on the frequencies), capped at 1: the chance the token uses ``b``. The chance the batch uses ``b`` is
     ``1 - prod_t (1 - q_t(b))``; the ``budget`` most likely experts whose chance is at least
     ``threshold`` are fetched ahead (so a flat table, as random routing gives, fetches nothing
     rather than evicting useful experts for guesses).
@@ -703,14 +703,14 @@ class _NextLayerPlanner:
             k_next = self.slots[layer + 1]
         if k_next == 0 or float(nxt.sum()) == 0.0:
             return None  # the next layer has never run: nothing to go on
-        rows = trans.sum(1, keepdim=True)
-        seen = rows.squeeze(1) > 0
-        P = torch.where(seen.unsqueeze(1), trans / rows.clamp(min=1.0), 0.0)
-        n_valid = oh.sum(1)
-        n_seen = (oh * seen).sum(1)
-        q = (oh @ P) / n_seen.clamp(min=1.0).unsqueeze(1)
-        prior = (nxt / nxt.sum()).unsqueeze(0)
-        q = torch.where(((n_seen == 0) & (n_valid > 0)).unsqueeze(1), prior, q)
+        # P(b | a) with E_next pseudo-counts of the next layer's frequencies: a row seen a few
+        # times is pulled toward the prior instead of trusting its first counts (random routing
+        # would otherwise look predictable after a few batches); an unseen row is the prior.
+        prior = nxt / nxt.sum()
+        alpha = float(trans.shape[1])
+        P = (trans + alpha * prior) / (trans.sum(1, keepdim=True) + alpha)
+        n_valid = oh.sum(1, keepdim=True)
+        q = (oh @ P) / n_valid.clamp(min=1.0)
         q = (q * k_next).clamp(max=1.0 - 1e-12)
         chance = -torch.expm1(torch.log1p(-q).sum(0))
         ok = (chance > 0) & (chance >= self.threshold)
@@ -748,7 +748,7 @@ def offload_experts(
     device=None,
     prefetch: bool = True,
     prefetch_next: Optional[int] = None,
-    prefetch_threshold: float = 0.5,
+    prefetch_threshold: float = 0.8,
 ) -> nn.Module:
     """Replace the ``ExpertBank`` experts of a module by :class:`OffloadedExperts`.
 
@@ -771,7 +771,8 @@ def offload_experts(
             ``cache_slots // 2``; 0: only the layer's own picked experts).
         prefetch_threshold: fetch a next-layer expert ahead only when the chance that this
             batch uses it, estimated from the routing seen so far, is at least this (default
-            0.5; 0 fetches the ``prefetch_next`` likeliest whenever any is possible).
+            0.8: a wrong guess costs a copy and evicts an expert about as likely to be used;
+            0 fetches the ``prefetch_next`` likeliest whenever any is possible).
 
     After the call the original expert weights are no longer referenced by the module (the
     memory is freed once nothing else holds them). Call ``close()`` on any of the new modules
@@ -870,7 +871,7 @@ def enable_prefetch(
     module: nn.Module,
     *,
     prefetch_next: Optional[int] = None,
-    prefetch_threshold: float = 0.5,
+    prefetch_threshold: float = 0.8,
 ) -> nn.Module:
     """Router-driven prefetch for every ``MoELayer`` of ``module`` whose experts are
     :class:`OffloadedExperts` (``offload_experts(..., prefetch=True)`` calls it; call it yourself
