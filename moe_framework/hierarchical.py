@@ -258,7 +258,7 @@ class HierarchicalMoELayer(nn.Module):
         self.members = nn.ModuleList(members)
         self.shared_experts = shared
         self.num_groups = gr.num_experts
-        self.member_sizes = [int(m.num_experts) for m in members]
+        self.member_sizes: List[int] = [cast(int, m.num_experts) for m in members]
         self.starts = [sum(self.member_sizes[:g]) for g in range(len(members))]
         self.register_buffer("group_load", torch.zeros(self.num_groups, dtype=torch.int64), False)
         total = sum(self.member_sizes)
