@@ -20,6 +20,9 @@ CASES = {
     "compile_and_cuda_graphs.py": ["--backend", "aot_eager", "--batch", "8"],
     "hf_swap.py": [],
     "knowledge_graph_query.py": ["--steps", "12"],
+    # issue 17 (adaptive, hierarchical, multimodal MoE)
+    "adaptive_moe.py": ["--epochs", "1"],
+    "multimodal_moe.py": ["--epochs", "1"],
 }
 
 
