@@ -50,11 +50,12 @@ class Net(nn.Module):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--train", type=int, default=1400, help="training images (of 1797)")
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
     x, y = digits_patches()
-    x_tr, y_tr, x_va, y_va = x[:1400], y[:1400], x[1400:], y[1400:]
+    x_tr, y_tr, x_va, y_va = x[: args.train], y[: args.train], x[1400:], y[1400:]
 
     # 1. online adaptation
     layer = MoELayer.build(d_model=D, d_hidden=32, num_experts=3, k=2, load_balance_coef=0.01)

@@ -58,12 +58,13 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--mode", default="bias", choices=["bias", "restrict"])
+    p.add_argument("--train", type=int, default=1400, help="training digits (of 1797)")
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
     (xd, yd), (xw, yw) = digits_tokens(), wine_tokens()
     pd, pw = torch.randperm(len(xd)), torch.randperm(len(xw))
-    dtr, dte, wtr, wte = pd[:1400], pd[1400:], pw[:130], pw[130:]
+    dtr, dte, wtr, wte = pd[: args.train], pd[1400:], pw[:130], pw[130:]
     net = Net(args.mode)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
     for _ in range(args.epochs):

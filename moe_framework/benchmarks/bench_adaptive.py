@@ -16,7 +16,9 @@ serves one modality).
     python -m moe_framework.benchmarks.bench_adaptive [--quick] [--out DIR]
 
 Columns: test accuracy, load CV over the test set (population std / mean of slots per expert),
-final experts, train tokens/s (the whole training loop, controller included), 1 thread.
+final experts, step_ms (median forward + backward of one 64-sample batch per modality after
+training, the adapted layer at its final size), train tokens/s (the whole training loop,
+controller included), 1 thread.
 """
 
 from __future__ import annotations
@@ -145,6 +147,17 @@ def train_eval(
                 ctl.observe(z.detach(), info)
                 ctl.step()
     train_s = time.perf_counter() - t0
+    # One training step's forward + backward on a fixed batch (median of repeats; the final
+    # size of an adapted layer; no optimiser step, no controller).
+    xs = [d[0][:64] for d in data]
+    ys = torch.cat([d[1][:64] for d in data])
+
+    def fwd_bwd():
+        logits, info, _, _ = model(xs, mods)
+        (nn.functional.cross_entropy(logits, ys) + info.aux_loss).backward()
+        model.zero_grad(set_to_none=True)
+
+    step = common.timeit(fwd_bwd, warmup=3, min_reps=10, min_time=0.5)
     model.eval()
     row: dict = {"variant": name}
     counts = None
@@ -164,6 +177,7 @@ def train_eval(
     row["experts"] = int(counts.shape[0])
     if len(data) > 1:
         row["purity"] = _purity(mod_counts)
+    row["step_ms"] = step["median_s"] * 1e3
     row["train_tokens_per_s"] = tokens / train_s
     row["train_s"] = train_s
     if ctl is not None:
@@ -252,7 +266,7 @@ def main(argv=None):
     rows_a = task_a(epochs, args.seed)
     common.print_table(
         rows_a,
-        ["variant", "accuracy", "load_cv", "experts", "train_tokens_per_s"],
+        ["variant", "accuracy", "load_cv", "experts", "step_ms", "train_tokens_per_s"],
         title=f"Task A: digits patch tokens, {epochs} epochs",
     )
     for r in rows_a:
@@ -261,7 +275,7 @@ def main(argv=None):
     rows_b = task_b(epochs, args.seed)
     common.print_table(
         rows_b,
-        ["variant", "acc_0", "acc_1", "load_cv", "purity", "train_tokens_per_s"],
+        ["variant", "acc_0", "acc_1", "load_cv", "purity", "step_ms", "train_tokens_per_s"],
         title=f"Task B: digits (modality 0) + breast cancer (modality 1), {epochs} epochs",
     )
     load_end = os.getloadavg()

@@ -21,8 +21,8 @@ CASES = {
     "hf_swap.py": [],
     "knowledge_graph_query.py": ["--steps", "12"],
     # issue 17 (adaptive, hierarchical, multimodal MoE)
-    "adaptive_moe.py": ["--epochs", "1"],
-    "multimodal_moe.py": ["--epochs", "1"],
+    "adaptive_moe.py": ["--epochs", "1", "--train", "320"],
+    "multimodal_moe.py": ["--epochs", "1", "--train", "320"],
 }
 
 
