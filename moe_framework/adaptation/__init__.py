@@ -6,12 +6,13 @@
   router through an :class:`AdaptiveRouter`, dispatcher, optimiser state).
 * :func:`js_divergence`, :func:`kl_divergence`, :class:`DriftDetector`: routing drift between
   consecutive windows.
+* :func:`prepare_load`: give a freshly built layer an adapted state dict's shapes before loading.
 * :class:`Snapshot`: bitwise rollback of a layer and its optimiser state.
 * :class:`AdaptationController`: runs between steps and decides (split / merge / rollback).
 """
 
 from .controller import AdaptationController
-from .resize import expert_bank, make_adaptive, merge_experts, split_expert
+from .resize import expert_bank, make_adaptive, merge_experts, prepare_load, split_expert
 from .router import AdaptiveRouter
 from .snapshot import Snapshot
 from .stats import DriftDetector, ExpertWindowStats, js_divergence, kl_divergence
@@ -27,5 +28,6 @@ __all__ = [
     "kl_divergence",
     "make_adaptive",
     "merge_experts",
+    "prepare_load",
     "split_expert",
 ]

@@ -23,7 +23,7 @@ from ..experts import CheckpointedExperts, ExpertBank
 from ..routing.token_choice import TokenChoiceRouter
 from .router import AdaptiveRouter
 
-__all__ = ["make_adaptive", "split_expert", "merge_experts", "expert_bank"]
+__all__ = ["make_adaptive", "split_expert", "merge_experts", "expert_bank", "prepare_load"]
 
 RowOp = Callable[[torch.Tensor], torch.Tensor]
 
@@ -290,3 +290,45 @@ def merge_experts(
     router.num_experts = E - 1
     _set_num_experts(layer, E - 1)
     return a - 1 if b < a else a
+
+
+@torch.no_grad()
+def prepare_load(layer: nn.Module, state_dict: dict, prefix: str = "") -> None:
+    """Give ``layer`` the adapted shapes stored in ``state_dict`` so that
+    ``layer.load_state_dict(state_dict)`` then loads it.
+
+    An adapted layer saves an ``AdaptiveRouter`` (``supervisor.parent`` ``[P]``,
+    ``supervisor.inner.gate.weight`` ``[L, d]``) and P experts; a freshly built layer has the
+    original sizes. This wraps the router, resizes the experts to P and the inner router to L
+    (zeros, overwritten by the load). A state dict of a layer that was never adapted is left alone.
+    ``prefix``: the layer's prefix in ``state_dict`` (``"layers.0.moe."``).
+    """
+    parent = state_dict.get(prefix + "supervisor.parent")
+    if parent is None:
+        return
+    router = make_adaptive(layer)
+    P = int(parent.shape[0])
+    gate = state_dict.get(prefix + "supervisor.inner.gate.weight")
+    inner = router.inner
+    if gate is not None and gate.shape[0] != cast(Any, inner).num_experts:
+        if not isinstance(inner, TokenChoiceRouter):
+            raise ValueError(
+                "prepare_load: resizing the inner router needs a token-choice router, got "
+                f"{type(inner).__name__}"
+            )
+        L = int(gate.shape[0])
+        _set_data(inner.gate.weight, inner.gate.weight.new_zeros(L, inner.gate.weight.shape[1]))
+        inner.gate.out_features = L
+        inner.selection_bias = inner.selection_bias.new_zeros(L)
+        inner.load_accumulator = inner.load_accumulator.new_zeros(L)
+        inner.stats = type(inner.stats)(L).to(inner.selection_bias.device)
+        inner.num_experts = L
+    bank = expert_bank(layer)
+    for p in _bank_params(bank):
+        _set_data(p, p.new_zeros((P, *p.shape[1:])))
+        p.grad = None
+    router.parent = router.parent.new_zeros(P)
+    router.split_dir = router.split_dir.new_zeros(P, router.split_dir.shape[1])
+    router.split_offset = router.split_offset.new_zeros(P)
+    router.num_experts = P
+    _set_num_experts(layer, P)

@@ -318,3 +318,27 @@ def test_controller_drift_trigger_and_rollback(seed):
     assert layer.num_experts == 4
     after = layer.state_dict()
     assert list(after) == list(sd) and all(torch.equal(after[k], sd[k]) for k in sd)
+
+
+def test_adapted_layer_saves_and_loads_into_a_fresh_layer(seed, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from moe_framework.adaptation import prepare_load
+
+    layer = _layer(E=4).eval()
+    x = torch.randn(21, D)
+    split_expert(layer, 2, tokens=x)
+    split_expert(layer, 0, tokens=x, noise=0.01)
+    merge_experts(layer, 1, 3, loads=[1, 2, 3, 4, 5, 6])
+    path = tmp_path / "layer.safetensors"
+    save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, str(path))
+    fresh = _layer(E=4).eval()
+    state = load_file(str(path))
+    prepare_load(fresh, state)
+    fresh.load_state_dict(state)
+    assert fresh.num_experts == 5 and fresh.router.num_logical == 3
+    with torch.no_grad():
+        assert torch.equal(fresh(x)[0], layer(x)[0])
+    plain = _layer(E=4)
+    prepare_load(plain, _layer(E=4).state_dict())  # never adapted: left alone
+    assert type(plain.router).__name__ == "TopKRouter"
