@@ -17,6 +17,7 @@ from .stats import DriftDetector, ExpertWindowStats
 __all__ = ["AdaptationController"]
 
 TRIGGERS = ("always", "drift")
+SIMILARITIES = ("weights", "outputs")
 
 
 def _check_real(name: str, v, lo: float = 0.0) -> float:
@@ -43,9 +44,10 @@ class AdaptationController:
 
     * **split** the most loaded expert when its load exceeds ``split_ratio`` times the mean (and
       the layer has fewer than ``max_experts``); the copy takes about half its tokens.
-    * otherwise **merge** the least loaded expert into its nearest expert (cosine of the weights)
-      when its load is below ``merge_ratio`` times the mean (dead or under-used; at least
-      ``min_experts`` remain), or any pair whose weight cosine exceeds ``duplicate_cosine``.
+    * otherwise **merge** the least loaded expert into its nearest expert (cosine of the
+      flattened weights, or with ``similarity="outputs"`` of the experts' mean outputs over the
+      window) when its load is below ``merge_ratio`` times the mean (dead or under-used; at least
+      ``min_experts`` remain), or any pair whose cosine exceeds ``duplicate_cosine``.
 
     ``trigger="drift"`` acts only when the routing distribution drifted: Jensen-Shannon divergence
     between the window and the previous one above ``drift_threshold`` nats
@@ -72,6 +74,7 @@ class AdaptationController:
         max_experts: Optional[int] = None,
         min_experts: int = 2,
         noise: float = 0.0,
+        similarity: str = "weights",
         trigger: str = "always",
         drift_threshold: float = 0.05,
         validate: Optional[Callable[[], float]] = None,
@@ -79,6 +82,10 @@ class AdaptationController:
         seed: int = 0,
     ):
         bank = expert_bank(layer)
+        if similarity not in SIMILARITIES:
+            raise ValueError(
+                f"AdaptationController: similarity must be one of {SIMILARITIES}, got {similarity!r}"
+            )
         if trigger not in TRIGGERS:
             raise ValueError(
                 f"AdaptationController: trigger must be one of {TRIGGERS}, got {trigger!r}"
@@ -106,7 +113,10 @@ class AdaptationController:
         self.trigger = trigger
         self.validate = validate
         self.detector = DriftDetector(drift_threshold)
-        self.stats = ExpertWindowStats(bank.num_experts, window, device=bank.w_out.device)
+        self.similarity = similarity
+        self.stats = ExpertWindowStats(
+            bank.num_experts, window, device=bank.w_out.device, d_model=bank.d_model
+        )
         self.window = self.stats.window
         self.generator = torch.Generator().manual_seed(seed)
         self.recent_steps = min(self.window, 8)
@@ -125,7 +135,11 @@ class AdaptationController:
         del self._recent[: -self.recent_steps]
 
     def _weights(self) -> torch.Tensor:
+        """Per-expert vectors the merge compares: flattened weights, or the window's mean
+        outputs (``similarity="outputs"``; needs the layer's draft reports)."""
         bank = expert_bank(self.layer)
+        if self.similarity == "outputs":
+            return self.stats.mean_output.float()
         parts = [bank.weight_in.detach(), bank.w_out.detach()]
         return torch.cat([p.reshape(bank.num_experts, -1).float() for p in parts], 1)
 

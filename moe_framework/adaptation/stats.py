@@ -36,7 +36,9 @@ class ExpertWindowStats(nn.Module):
     Buffers (not persistent; telemetry, not model state): ``load`` [W, E] float32 slots per
     expert, ``gate_sum`` [W, E] summed gate weight, ``out_norm`` [W, E] L2 norm of the expert's
     mean output (from the layer's draft reports; 0 without them), ``dropped`` [W] slots dropped by
-    capacity, ``pos`` (next row) and ``filled`` (rows written, at most W), 0-dim int64.
+    capacity, ``pos`` (next row) and ``filled`` (rows written, at most W), 0-dim int64; with
+    ``d_model``, ``mean_output`` [E, d]: each expert's mean output as a moving average (weight
+    1/W per step in which the expert had tokens), what output-similarity merges compare.
     """
 
     load: torch.Tensor
@@ -45,8 +47,11 @@ class ExpertWindowStats(nn.Module):
     dropped: torch.Tensor
     pos: torch.Tensor
     filled: torch.Tensor
+    mean_output: torch.Tensor
 
-    def __init__(self, num_experts: int, window: int = 50, device=None):
+    def __init__(
+        self, num_experts: int, window: int = 50, device=None, d_model: Optional[int] = None
+    ):
         super().__init__()
         for name, v in (("num_experts", num_experts), ("window", window)):
             if not _is_int(v) or v < 1:
@@ -61,6 +66,16 @@ class ExpertWindowStats(nn.Module):
             self.register_buffer(
                 name, torch.zeros((), dtype=torch.int64, device=device), persistent=False
             )
+        if d_model is not None and (not _is_int(d_model) or d_model < 1):
+            raise ValueError(
+                f"ExpertWindowStats: d_model must be None or an int >= 1, got {d_model!r}"
+            )
+        self.d_model = d_model
+        # With d_model: each expert's mean output, an exponential moving average over about a
+        # window (weight 1/window per step with tokens): what output-similarity merges compare.
+        self.register_buffer(
+            "mean_output", torch.zeros(E, d_model or 0, device=device), persistent=False
+        )
 
     @torch.no_grad()
     def update(self, info) -> None:
@@ -79,7 +94,13 @@ class ExpertWindowStats(nn.Module):
         norm = torch.zeros(E, device=w.device)
         reports = getattr(info, "reports", None)
         if reports is not None:
-            norm = reports.mean_output.float().norm(dim=1)
+            mo = reports.mean_output.float()
+            norm = mo.norm(dim=1)
+            if self.d_model is not None and mo.shape[1] == self.d_model:
+                a = 1.0 / self.window
+                seen = (info.counts > 0).unsqueeze(1)
+                ema = (1 - a) * self.mean_output + a * mo
+                self.mean_output.copy_(torch.where(seen, ema, self.mean_output))
         drop = info.stats.get("dropped") if isinstance(info.stats, dict) else None
         drop = torch.zeros((), device=w.device) if drop is None else drop.float()
         idx = self.pos.view(1)
@@ -101,6 +122,7 @@ class ExpertWindowStats(nn.Module):
             self.num_experts = int(num_experts)
             for name in ("load", "gate_sum", "out_norm"):
                 setattr(self, name, self.load.new_zeros(self.window, self.num_experts))
+            self.mean_output = self.load.new_zeros(self.num_experts, self.d_model or 0)
         for buf in self.buffers():
             buf.zero_()
 

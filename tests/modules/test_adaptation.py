@@ -342,3 +342,36 @@ def test_adapted_layer_saves_and_loads_into_a_fresh_layer(seed, tmp_path):
     plain = _layer(E=4)
     prepare_load(plain, _layer(E=4).state_dict())  # never adapted: left alone
     assert type(plain.router).__name__ == "TopKRouter"
+
+
+def test_controller_merges_duplicates_by_output_similarity(seed):
+    layer = _layer(E=3, k=2)
+    mu = torch.nn.functional.normalize(torch.randn(D), dim=0)
+    with torch.no_grad():  # experts 0 and 1 identical and always the token's two choices
+        layer.router.gate.weight[:2] = 5 * mu
+        layer.experts.weight_in[1] = layer.experts.weight_in[0]
+        layer.experts.w_out[1] = layer.experts.w_out[0]
+    ctl = AdaptationController(
+        layer,
+        window=2,
+        split_ratio=10.0,
+        merge_ratio=0.0,
+        duplicate_cosine=0.999,
+        similarity="outputs",
+    )
+    ema = torch.zeros(3, D)
+    events = []
+    for step in range(2):
+        x = torch.randn(40, D) + 3 * mu
+        with torch.no_grad():
+            _, info = layer(x)
+        ctl.observe(x, info)
+        seen = info.counts > 0
+        ema = torch.where(seen[:, None], 0.5 * ema + 0.5 * info.reports.mean_output, ema)
+        if step == 1:
+            torch.testing.assert_close(ctl.stats.mean_output, ema, rtol=1e-6, atol=1e-6)
+        events += ctl.step()
+    assert [e["action"] for e in events] == ["merge"] and events[0]["reason"] == "duplicate"
+    assert sorted(events[0]["merged"]) == [0, 1] and layer.num_experts == 2
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        AdaptationController(layer, similarity="grads")
