@@ -35,6 +35,13 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def _tracing() -> bool:
+    """Whether a host check is impossible: torch.compile tracing or CUDA graph capture."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _pools(experts_per_modality, num_modalities) -> List[int]:
     if _is_int(experts_per_modality):
         pools = [int(experts_per_modality)] * num_modalities
@@ -67,6 +74,9 @@ class ModalityRouter(nn.Module):
     Experts are numbered pool by pool: modality m owns ``[start_m, start_m + E_m)``, the shared
     routed experts come last. ``allowed`` [M, N] bool (buffer) says which experts each modality may
     use. ``forward(x [T, d], modality_ids [T] int, mask=None) -> RoutingDecision`` with ``stats``:
+    (an id outside ``[0, M)`` is a ``ValueError`` in eager mode, which reads the ids on the host
+    once; under ``torch.compile`` or CUDA graph capture, where it cannot, such a token routes
+    nowhere)
     ``"dropped"``, ``"load_loss"`` (their mean over the modalities present),
     ``"modality_load_loss"`` [M] (each modality's Switch loss over its own pool and the shared
     routed experts, 0 for a modality absent from the batch) and ``"modality_counts"`` [M, N].
@@ -177,30 +187,35 @@ class ModalityRouter(nn.Module):
             raise ValueError(
                 f"ModalityRouter: modality_ids must be [T={T}], got {tuple(modality_ids.shape)}"
             )
+        valid = (modality_ids >= 0) & (modality_ids < M)
+        if not _tracing() and not bool(valid.all()):
+            bad = modality_ids[~valid][:5].tolist()
+            raise ValueError(f"ModalityRouter: modality_ids must be in [0, {M}), got {bad}")
+        # Traced or captured (no host check possible): an out-of-range id routes nowhere.
+        mask = valid if mask is None else mask.to(torch.bool) & valid
         mod = modality_ids.long().clamp(0, M - 1)
         raw = self.gate(x).float()
         logits = raw + self.logit_bias[mod]
         weights, ids, counts = ops.route(logits, self.k, scoring="softmax", renormalize=True)
-        if mask is not None:
-            keep = mask.to(torch.bool)
-            ids = torch.where(keep[:, None], ids, torch.full_like(ids, -1))
-            weights = torch.where(keep[:, None], weights, torch.zeros_like(weights))
-            counts = expert_counts(ids, N)
+        keep = mask.to(torch.bool)
+        ids = torch.where(keep[:, None], ids, torch.full_like(ids, -1))
+        weights = torch.where(keep[:, None], weights, torch.zeros_like(weights))
+        counts = expert_counts(ids, N)
         probs = torch.softmax(logits, -1)
         losses = []
         per_mod_counts = []
         for m in range(M):
-            sel = mod == m if mask is None else (mod == m) & mask.to(torch.bool)
+            sel = (mod == m) & keep
             local = self.local_col[m][torch.where(ids < 0, torch.full_like(ids, N), ids).long()]
             losses.append(load_balancing_loss(probs[:, self._cols[m]], local, sel))
             keep_ids = torch.where(sel[:, None], ids, torch.full_like(ids, -1))
             per_mod_counts.append(expert_counts(keep_ids, N))
         mod_loss = torch.stack(losses)
-        present = torch.stack([(mod == m).any() for m in range(M)]).to(mod_loss.dtype)
+        present = torch.stack([((mod == m) & keep).any() for m in range(M)]).to(mod_loss.dtype)
         lb = (mod_loss * present).sum() / present.sum().clamp_min(1.0)
         aux = self.load_balance_coef * lb if self.load_balance_coef > 0 else raw.new_zeros(())
         if self.z_loss_coef > 0:
-            aux = aux + self.z_loss_coef * router_z_loss(raw, mask)
+            aux = aux + self.z_loss_coef * router_z_loss(raw, keep)
         stats = {
             "dropped": torch.zeros((), dtype=torch.int64, device=x.device),
             "load_loss": lb.detach(),

@@ -118,6 +118,8 @@ def test_multimodal_errors():
         layer(torch.randn(5, D), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="integer tensor"):
         layer(torch.randn(5, D), torch.zeros(5))
+    with pytest.raises(ValueError, match=r"modality_ids must be in \[0, 3\), got \[3, -1\]"):
+        layer(torch.randn(5, D), torch.tensor([0, 3, 1, -1, 2]))
 
 
 def test_multimodal_layer_compiles_fullgraph(seed):
