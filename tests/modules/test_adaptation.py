@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import TOLERANCES
 
 from moe_framework import MoELayer
 from moe_framework.adaptation import (
@@ -375,3 +376,26 @@ def test_controller_merges_duplicates_by_output_similarity(seed):
     assert sorted(events[0]["merged"]) == [0, 1] and layer.num_experts == 2
     with pytest.raises(ValueError, match="similarity must be one of"):
         AdaptationController(layer, similarity="grads")
+
+
+@pytest.mark.cuda
+def test_split_merge_and_rollback_on_cuda(seed):
+    layer = _layer().cuda()
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    x = torch.randn(33, D, device="cuda")
+    _train_step(layer, opt, x)
+    snap = Snapshot(layer, [opt])
+    layer.eval()
+    with torch.no_grad():
+        y0, info = layer(x)
+        new = split_expert(layer, 0, tokens=x, optimizer=opt)
+        y1, info1 = layer(x)
+    torch.testing.assert_close(y1, y0, **TOLERANCES["layer"][torch.float32])
+    assert info1.counts.device.type == "cuda" and int(info1.counts[new]) > 0
+    layer.train()
+    _train_step(layer, opt, x)
+    merge_experts(layer, 1, 2, optimizer=opt)
+    _train_step(layer, opt, x)
+    snap.restore()
+    assert layer.num_experts == 4 and layer.experts.w_out.device.type == "cuda"
+    _train_step(layer, opt, x)

@@ -117,3 +117,13 @@ def test_hierarchical_layer_compiles_fullgraph(seed):
     assert torch.equal(ic.group.ids, ie.group.ids)
     yc.sum().backward()
     assert layer.members[1].experts.w_out.grad is not None
+
+
+@pytest.mark.cuda
+def test_hierarchical_layer_cuda_matches_cpu(seed):
+    layer = HierarchicalMoELayer(TopKRouter(D, 2, 1), [_member(2), _member(3)])
+    x = torch.randn(21, D)
+    want, _ = layer(x)
+    got, info = layer.cuda()(x.cuda())
+    assert info.group.ids.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, **TOLERANCES["layer"][torch.float32])

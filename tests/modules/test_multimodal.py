@@ -133,3 +133,16 @@ def test_multimodal_layer_compiles_fullgraph(seed):
     ye, ie = layer(x, mod)
     torch.testing.assert_close(yc, ye, **TOLERANCES["layer"][torch.float32])
     assert torch.equal(ic.ids, ie.ids)
+
+
+@pytest.mark.cuda
+def test_multimodal_layer_cuda_matches_cpu(seed):
+    layer = MultimodalMoELayer(
+        d_model=D, d_hidden=6, experts_per_modality=POOLS, num_shared_routed=SHARED, mode="bias"
+    )
+    x = torch.randn(19, D)
+    mod = torch.randint(0, 2, (19,))
+    want, _ = layer(x, mod)
+    got, info = layer.cuda()(x.cuda(), mod.cuda())
+    assert info.ids.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, **TOLERANCES["layer"][torch.float32])
