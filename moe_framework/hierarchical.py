@@ -198,11 +198,14 @@ class HierarchicalRoutingInfo(NamedTuple):
     group: the group router's :class:`RoutingDecision` (level 0).
     members: one :class:`~moe_framework.moe_layer.RoutingInfo` per member layer (level 1).
     aux_loss: 0-dim, the group router's balancing loss plus every member's.
+    counts: ``[sum E_g]`` int slots per member expert, members in order (so a
+        ``HierarchicalMoELayer`` can itself be a member of another one).
     """
 
     group: RoutingDecision
     members: List
     aux_loss: torch.Tensor
+    counts: torch.Tensor
 
 
 class HierarchicalMoELayer(nn.Module):
@@ -212,8 +215,9 @@ class HierarchicalMoELayer(nn.Module):
     Args:
         group_router: a ``Router`` over G groups.
         members: G modules called as ``member(x [T, d], mask=[T] bool) -> (y [T, d], info)`` with a
-            ``RoutingInfo`` ``info`` (an :class:`~moe_framework.moe_layer.MoELayer`, or another
-            ``HierarchicalMoELayer``... any layer with that call).
+            ``RoutingInfo``-like ``info`` (``aux_loss``, ``counts``) and an int ``num_experts``:
+            an :class:`~moe_framework.moe_layer.MoELayer`, or another ``HierarchicalMoELayer``
+            (three levels and more).
         shared: optional always-on experts ``x [T, d] -> [T, d]``.
 
     Every member sees every token, masked to the tokens that chose its group (padding-style: a
@@ -262,6 +266,7 @@ class HierarchicalMoELayer(nn.Module):
         self.starts = [sum(self.member_sizes[:g]) for g in range(len(members))]
         self.register_buffer("group_load", torch.zeros(self.num_groups, dtype=torch.int64), False)
         total = sum(self.member_sizes)
+        self.num_experts = total  # the member experts, flat (what an enclosing layer counts)
         self.register_buffer("member_load", torch.zeros(total, dtype=torch.int64), False)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
@@ -290,10 +295,11 @@ class HierarchicalMoELayer(nn.Module):
             infos.append(info)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x2)
+        counts = torch.cat([i.counts.to(torch.int64) for i in infos])
         with torch.no_grad():
             self.group_load.add_(group.counts.to(torch.int64))
-            self.member_load.add_(torch.cat([i.counts for i in infos]).to(torch.int64))
-        return y.reshape(x.shape), HierarchicalRoutingInfo(group, infos, aux)
+            self.member_load.add_(counts)
+        return y.reshape(x.shape), HierarchicalRoutingInfo(group, infos, aux, counts)
 
     def routing_stats(self) -> dict:
         """``level0``: load statistics over groups; ``level1``: one per member, over its experts

@@ -127,3 +127,22 @@ def test_hierarchical_layer_cuda_matches_cpu(seed):
     got, info = layer.cuda()(x.cuda())
     assert info.group.ids.device.type == "cuda"
     torch.testing.assert_close(got.cpu(), want, **TOLERANCES["layer"][torch.float32])
+
+
+def test_hierarchical_layers_nest(seed):
+    inner = HierarchicalMoELayer(TopKRouter(D, 2, 1), [_member(2), _member(3)])
+    outer = HierarchicalMoELayer(TopKRouter(D, 2, 1), [inner, _member(4)])
+    assert inner.num_experts == 5 and outer.num_experts == 9
+    x = torch.randn(15, D)
+    y, info = outer(x)
+    x2 = x
+    ref = torch.zeros_like(x2)
+    with torch.no_grad():
+        for t in range(x2.shape[0]):
+            for g, wg in _topk_reference(outer.group_router.gate.weight @ x2[t], 1).items():
+                ref[t] += wg * outer.members[g](x2[t : t + 1])[0][0]
+    torch.testing.assert_close(y.detach(), ref, **TOLERANCES["layer"][torch.float32])
+    assert info.counts.shape == (9,) and int(info.counts[:5].sum()) == int(
+        info.members[0].counts.sum()
+    )
+    assert len(outer.routing_stats()["level1"]) == 2
