@@ -13,6 +13,7 @@ They run between training steps (they read the device), never inside a compiled 
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Callable, Optional, Sequence, cast
 
@@ -138,6 +139,9 @@ def split_expert(
     bit). Its sub-routing row is the sibling's plus a random unit direction ``r``, with the bias
     offset ``-median(tokens @ r)`` so ``expert``'s traffic divides in half; ``tokens`` ``[n, d]``
     are inputs recently routed to ``expert`` (None: offset 0, an even split for centred inputs).
+    (When ``expert`` already has split siblings, the copy can also take a few of their tokens:
+    the halves are of ``expert``'s tokens, the sibling choice is an argmax over all of them.)
+    Arguments are checked before anything changes.
     The optimiser state of the copied rows is copied too (``step`` kept).
 
     Returns the new expert's id. Wraps the router in an :class:`AdaptiveRouter` first if needed.
@@ -147,9 +151,20 @@ def split_expert(
     bank = expert_bank(layer)
     E = bank.num_experts
     e = _check_expert("split_expert", "expert", expert, E)
+    d = bank.d_model
+    if tokens is not None and (tokens.dim() != 2 or tokens.shape[1] != d):
+        raise ValueError(
+            f"split_expert: tokens must be [n, d_model={d}], got {tuple(tokens.shape)}"
+        )
     router = make_adaptive(layer)
     opts = _as_optimizers(optimizer)
     dev = bank.w_out.device
+    # Everything is checked: from here on the layer changes.
+    r = torch.randn(d, generator=generator, device="cpu").to(dev)
+    r = r / r.norm().clamp_min(1e-12)
+    offset = 0.0
+    if tokens is not None and tokens.shape[0] > 0:
+        offset = -float((tokens.float().to(dev) @ r).median())
 
     def copy_row(t: torch.Tensor, with_noise: bool = False) -> torch.Tensor:
         row = t[e : e + 1].clone()
@@ -165,17 +180,6 @@ def split_expert(
         if noise > 0:
             p.data[E:] = copy_row(p.data[:E], with_noise=True)[E:]
 
-    d = router.d_model
-    r = torch.randn(d, generator=generator, device="cpu").to(dev)
-    r = r / r.norm().clamp_min(1e-12)
-    offset = 0.0
-    if tokens is not None:
-        if tokens.dim() != 2 or tokens.shape[1] != d:
-            raise ValueError(
-                f"split_expert: tokens must be [n, d_model={d}], got {tuple(tokens.shape)}"
-            )
-        if tokens.shape[0] > 0:
-            offset = -float((tokens.float().to(dev) @ r).median())
     router.parent = torch.cat([router.parent, router.parent[e : e + 1]])
     router.split_dir = torch.cat([router.split_dir, (router.split_dir[e] + r).unsqueeze(0)])
     new_off = router.split_offset[e : e + 1] + offset
@@ -263,9 +267,13 @@ def merge_experts(
         raise ValueError("merge_experts: the layer needs at least 2 experts")
     wa, wb = 0.5, 0.5
     if loads is not None:
+        if len(loads) != E:
+            raise ValueError(
+                f"merge_experts: loads must have num_experts={E} entries, got {len(loads)}"
+            )
         la_, lb_ = float(loads[a]), float(loads[b])
-        if la_ < 0 or lb_ < 0:
-            raise ValueError(f"merge_experts: loads must be >= 0, got {la_} and {lb_}")
+        if not (0 <= la_ < math.inf and 0 <= lb_ < math.inf):
+            raise ValueError(f"merge_experts: loads must be finite and >= 0, got {la_} and {lb_}")
         if la_ + lb_ > 0:
             wa, wb = la_ / (la_ + lb_), lb_ / (la_ + lb_)
     router = make_adaptive(layer)

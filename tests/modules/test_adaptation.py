@@ -182,6 +182,11 @@ def test_merge_of_split_siblings_and_bad_arguments(seed):
         merge_experts(layer, 1, 1)
     with pytest.raises(ValueError, match=r"tokens must be \[n, d_model=12\]"):
         split_expert(layer, 0, tokens=torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="loads must have num_experts=4 entries"):
+        merge_experts(layer, 0, 1, loads=[1.0, 2.0])
+    # a refused call changes nothing
+    assert layer.num_experts == 4 and layer.experts.w_out.shape[0] == 4
+    assert layer.router.parent.shape == (4,)
 
 
 def test_rollback_restores_bitwise_after_split_training_and_merge(seed):
