@@ -15,6 +15,9 @@ serves one modality).
 
     python -m moe_framework.benchmarks.bench_adaptive [--quick] [--out DIR]
 
+Task C: the adaptation machinery's cost on a mid-size layer (train step plain / adapted / with
+the controller; split, merge, snapshot, restore).
+
 Columns: test accuracy, load CV over the test set (population std / mean of slots per expert),
 final experts, step_ms (median forward + backward of one 64-sample batch per modality after
 training, the adapted layer at its final size), train tokens/s (the whole training loop,
@@ -32,7 +35,13 @@ import torch
 from torch import nn
 
 from moe_framework import MoELayer
-from moe_framework.adaptation import AdaptationController, make_adaptive
+from moe_framework.adaptation import (
+    AdaptationController,
+    Snapshot,
+    make_adaptive,
+    merge_experts,
+    split_expert,
+)
 from moe_framework.benchmarks import common
 from moe_framework.hierarchical import HierarchicalMoELayer
 from moe_framework.metrics import load_summary
@@ -255,6 +264,60 @@ def task_b(epochs: int, seed: int) -> list:
     ]
 
 
+def task_c(quick: bool, seed: int) -> list:
+    """The adaptation machinery's own cost on a mid-size layer: forward + backward of the plain
+    layer, of the adapted layer (AdaptiveRouter sub-routing after one split) and of the same
+    layer with the window statistics' ``observe``; and the between-step operations (split, merge,
+    snapshot, restore) with AdamW state."""
+    d, h, E, T = (128, 256, 8, 512) if quick else (512, 1024, 16, 2048)
+    torch.manual_seed(seed)
+    layer = MoELayer.build(d_model=d, d_hidden=h, num_experts=E, k=2)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+    x = torch.randn(T, d)
+
+    def step(lyr):
+        y, info = lyr(x)
+        y.square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return info
+
+    rows = []
+    rows.append({"operation": f"train step, plain MoELayer E={E}", **_ms(lambda: step(layer))})
+    make_adaptive(layer)
+    t0 = time.perf_counter()
+    split_expert(layer, 0, tokens=x, optimizer=opt)
+    split = {"ms": (time.perf_counter() - t0) * 1e3}
+    rows.append(
+        {"operation": f"train step, adapted (E={E}+1, sub-routing)", **_ms(lambda: step(layer))}
+    )
+    ctl = AdaptationController(layer, opt, window=10_000)  # never acts while timed
+    rows.append(
+        {
+            "operation": "train step, adapted + controller.observe/step",
+            **_ms(lambda: (ctl.observe(x, step(layer)), ctl.step())),
+        }
+    )
+    rows.append({"operation": "split_expert (once, with AdamW state)", **split})
+    t0 = time.perf_counter()
+    snap = Snapshot(layer, [opt])
+    rows.append({"operation": "Snapshot(layer, [opt])", "ms": (time.perf_counter() - t0) * 1e3})
+    t0 = time.perf_counter()
+    merge_experts(layer, 0, E, optimizer=opt)
+    rows.append({"operation": "merge_experts (once)", "ms": (time.perf_counter() - t0) * 1e3})
+    t0 = time.perf_counter()
+    snap.restore()
+    rows.append({"operation": "Snapshot.restore()", "ms": (time.perf_counter() - t0) * 1e3})
+    for r in rows:
+        r["shape"] = f"T={T} d={d} h={h}"
+    return rows
+
+
+def _ms(fn) -> dict:
+    t = common.timeit(fn, warmup=2, min_reps=5, min_time=0.5)
+    return {"ms": t["median_s"] * 1e3}
+
+
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=None)
@@ -278,6 +341,8 @@ def main(argv=None):
         ["variant", "acc_0", "acc_1", "load_cv", "purity", "step_ms", "train_tokens_per_s"],
         title=f"Task B: digits (modality 0) + breast cancer (modality 1), {epochs} epochs",
     )
+    rows_c = task_c(args.quick, args.seed)
+    common.print_table(rows_c, ["operation", "ms", "shape"], title="Task C: adaptation costs")
     load_end = os.getloadavg()
     payload = {
         "machine": common.machine_info(),
@@ -288,6 +353,7 @@ def main(argv=None):
         "quick": args.quick,
         "task_a": rows_a,
         "task_b": rows_b,
+        "task_c": rows_c,
     }
     common.write_json("bench_adaptive", payload, args.out)
 
