@@ -49,6 +49,10 @@ class AdaptationController:
       window) when its load is below ``merge_ratio`` times the mean (dead or under-used; at least
       ``min_experts`` remain), or any pair whose cosine exceeds ``duplicate_cosine``.
 
+    The halves of a split are kept balanced as it trains: :meth:`observe` moves each split
+    sibling's sub-routing offset by ``sibling_balance_rate`` towards its siblings' mean load
+    (:meth:`AdaptiveRouter.balance_siblings`, on the device; 0 = off).
+
     ``trigger="drift"`` acts only when the routing distribution drifted: Jensen-Shannon divergence
     between the window and the previous one above ``drift_threshold`` nats
     (:class:`~moe_framework.adaptation.stats.DriftDetector`); ``"always"`` checks every window.
@@ -75,6 +79,7 @@ class AdaptationController:
         min_experts: int = 2,
         noise: float = 0.0,
         similarity: str = "weights",
+        sibling_balance_rate: float = 0.05,
         trigger: str = "always",
         drift_threshold: float = 0.05,
         validate: Optional[Callable[[], float]] = None,
@@ -106,6 +111,7 @@ class AdaptationController:
         self.split_ratio = _check_real("split_ratio", split_ratio, 1.0)
         self.merge_ratio = _check_real("merge_ratio", merge_ratio)
         self.noise = _check_real("noise", noise)
+        self.sibling_balance_rate = _check_real("sibling_balance_rate", sibling_balance_rate)
         self.tolerance = _check_real("tolerance", tolerance)
         self.duplicate_cosine = duplicate_cosine
         self.max_experts = max_experts if max_experts is not None else 2 * bank.num_experts
@@ -131,6 +137,8 @@ class AdaptationController:
     def observe(self, x: torch.Tensor, info) -> None:
         """Record one step: ``x`` the layer's input, ``info`` its :class:`RoutingInfo` (no sync)."""
         self.stats.update(info)
+        if self.sibling_balance_rate > 0:
+            make_adaptive(self.layer).balance_siblings(info.counts, self.sibling_balance_rate)
         self._recent.append((x.detach().reshape(-1, x.shape[-1]), info.ids.detach()))
         del self._recent[: -self.recent_steps]
 

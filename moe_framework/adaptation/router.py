@@ -111,6 +111,22 @@ class AdaptiveRouter(nn.Module):
             counts = logical.index_add_(0, self.parent.to(counts.device), counts.long())
         cast(Router, self.inner).update_bias(counts)
 
+    @torch.no_grad()
+    def balance_siblings(self, counts: torch.Tensor, rate: float) -> None:
+        """Move split siblings' loads towards their mean, on the device (no sync):
+        ``split_offset[p] += rate * sign(mean load of p's siblings - load[p])`` for every physical
+        expert whose logical expert has several children (the aux-loss-free bias rule, applied to
+        the sub-routing). ``counts``: ``[P]`` slots per physical expert of a step."""
+        if self.num_experts == self.num_logical or rate == 0:
+            return
+        L = self.num_logical
+        load = counts.to(device=self.split_offset.device, dtype=torch.float32)
+        total = torch.zeros(L, device=load.device).index_add_(0, self.parent, load)
+        n = torch.zeros(L, device=load.device).index_add_(0, self.parent, torch.ones_like(load))
+        mean = (total / n.clamp_min(1.0))[self.parent]
+        split = (n[self.parent] > 1).to(torch.float32)
+        self.split_offset.add_(rate * torch.sign(mean - load) * split)
+
     def routing_stats(self) -> dict:
         """The inner router's telemetry (over logical experts)."""
         return cast(Router, self.inner).routing_stats()

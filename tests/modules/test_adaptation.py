@@ -404,3 +404,13 @@ def test_split_merge_and_rollback_on_cuda(seed):
     snap.restore()
     assert layer.num_experts == 4 and layer.experts.w_out.device.type == "cuda"
     _train_step(layer, opt, x)
+
+
+def test_balance_siblings_moves_offsets_towards_the_siblings_mean():
+    layer = _layer(E=3)
+    router = make_adaptive(layer)
+    split_expert(layer, 1)  # physical 3 is the copy of 1; 0 and 2 have no siblings
+    before = router.split_offset.clone()
+    router.balance_siblings(torch.tensor([50, 30, 7, 10], dtype=torch.int32), 0.5)
+    # siblings 1 and 3: mean 20, so 1 (30) goes down and 3 (10) goes up; the others stay
+    assert (router.split_offset - before).tolist() == [0.0, -0.5, 0.0, 0.5]
