@@ -62,7 +62,7 @@ class Lifecycle(StoreCore):
                 _s.configure_common(self._conn)
             else:
                 # Only now, after the header and schema say the file is ours, may SQLite write.
-                _s.configure_writer(self._conn)
+                _s.configure_writer(self._conn, fresh=fresh)
             if fresh:
                 _s.init_schema(self._conn, int(dim), time.time())
             self._schema_cookie = self._conn.execute("PRAGMA schema_version").fetchone()[0]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .errors import KnowledgeGraphError
-from .validate import dumps_object, loads_object
+from .validate import dumps_object, dumps_objects, loads_object
 
 # PRAGMA application_id marks the file as ours ("MOKG"), so a foreign SQLite database is
 # recognised before we touch it; PRAGMA user_version is the schema version.
@@ -63,6 +63,11 @@ CREATE INDEX provenance_by_node ON provenance (node_id);
 # ------------------------------------------------------------------------------ values
 
 
+def dumps_json_list(values: list, what: str) -> list:
+    """``[dumps_json(v, what) for v in values]``, checked once over the batch (faster)."""
+    return dumps_objects(values, what)
+
+
 def dumps_json(value: Any, what: str) -> str:
     """Strict JSON object text (no NaN/Inf, str keys, at most ``MAX_JSON_DEPTH`` levels, valid
     Unicode) so every reader of the file can parse it; ``ValueError`` naming ``what`` otherwise."""
@@ -109,6 +114,13 @@ def normalize(arr: np.ndarray) -> np.ndarray:
 
 def to_blob(vec: np.ndarray) -> bytes:
     return np.ascontiguousarray(vec, dtype="<f4").tobytes()
+
+
+def to_blobs(rows: np.ndarray) -> list:
+    """``[to_blob(r) for r in rows]`` for ``rows [n, d]``, from one buffer (no per-row numpy)."""
+    buf = np.ascontiguousarray(rows, dtype="<f4").tobytes()
+    step = 4 * rows.shape[1] if rows.ndim == 2 else 0
+    return [buf[i : i + step] for i in range(0, len(buf), step)] if step else []
 
 
 def from_blob(blob: bytes, dim: int, where: str) -> np.ndarray:
@@ -177,9 +189,20 @@ def _quote_uri(path: str) -> str:
     return quote(path, safe="/")
 
 
-def configure_writer(conn: sqlite3.Connection) -> None:
+# Page size of new stores (SQLite's default is 4096). A node row holds dim*4 bytes of embedding
+# (1.5 KiB at d=384): with 4 KiB pages a page holds two rows and bulk inserts measured 40k rows/s,
+# with 16 KiB pages 73k rows/s (raw SQLite, 100k x 384, WAL + synchronous=FULL, this 2-core
+# machine); 64 KiB pages gain little more and make each random read of one node copy 64 KiB.
+# Existing stores keep the page size they were created with (any page size reads the same).
+PAGE_SIZE = 16384
+
+
+def configure_writer(conn: sqlite3.Connection, fresh: bool = False) -> None:
     # WAL: readers never block the writer and a crash leaves the last committed state;
     # synchronous=FULL: each commit fsyncs the WAL, so a committed transaction survives power loss.
+    if fresh:
+        # Only an empty database may change its page size, and only before WAL is on.
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise KnowledgeGraphError(f"KnowledgeGraph: could not enable WAL mode (got {mode})")
