@@ -92,7 +92,7 @@ class MergePlan:
                     best_s, best_id = s_b, id_b
             m = len(self.mv_raw)
             if m:
-                sc = self.mv_unit[:m] @ self.unit[j]
+                sc = np.einsum("ij,j->i", self.mv_unit[:m], self.unit[j])  # no BLAS threads
                 top = sc.max()
                 s_m, id_m = float(top), int(self.mv_ids[:m][sc == top].min())
                 if _better(s_m, id_m, best_s, best_id):
@@ -164,14 +164,16 @@ class MergePlan:
         maximum it was get theirs again without it."""
         self.dead[row] = True
         later = np.nonzero(self.barg[now + 1 :] == row)[0] + now + 1
-        for j in later.tolist():
-            g = self.unit[:j] @ self.unit[j]
-            g[self.dead[:j]] = -np.inf
-            top = g.max()
-            if top == -np.inf:
-                self.bmax[j], self.barg[j] = -np.inf, -1
-            else:
-                self.bmax[j], self.barg[j] = top, int(np.argmax(g == top))
+        if not len(later):
+            return
+        hi = int(later[-1])
+        g = self.unit[later] @ self.unit[:hi].T  # [affected, hi]: one GEMM for all of them
+        g[:, self.dead[:hi]] = -np.inf
+        g[np.arange(hi)[None, :] >= later[:, None]] = -np.inf  # causal: earlier rows only
+        top = g.max(axis=1)
+        first = np.argmax(g == top[:, None], axis=1)  # lowest row among equal maxima
+        self.bmax[later] = top
+        self.barg[later] = np.where(top == -np.inf, -1, first)
 
     def _merge(self, j: int, target: int, rate: float) -> None:
         s = self.slot.get(target)
