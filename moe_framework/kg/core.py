@@ -241,22 +241,23 @@ class StoreCore:
         return self._exact_scores(ids, q, self._reader())
 
     def _exact_scores(self, ids: np.ndarray, q: np.ndarray, conn) -> np.ndarray:
-        emb = self._fetch_embeddings(ids, conn)
+        """Cosine of each node ``ids[r]`` with unit ``q[r]`` (NaN for a node that does not exist),
+        from the stored embeddings: one query per ``CHUNK`` distinct ids, one product for all."""
+        blobs = self._fetch_blobs(np.unique(ids).tolist(), conn)
+        present = np.fromiter((i in blobs for i in ids.tolist()), bool, len(ids))
         out = np.full(len(ids), np.nan, np.float32)
-        for r, i in enumerate(ids.tolist()):
-            e = emb.get(i)
-            if e is not None:
-                out[r] = float(_s.normalize(e[None])[0] @ q[r])
+        if present.any():
+            found = ids[present]
+            vecs = self._unit_rows(found, [blobs[i] for i in found.tolist()])
+            out[present] = np.einsum("ij,ij->i", vecs, np.asarray(q, np.float32)[present])
         return out
 
-    def _fetch_embeddings(self, ids: Iterable[int], conn) -> dict:
-        ids = [int(i) for i in ids]
+    def _fetch_blobs(self, ids: list, conn) -> dict:
         out = {}
         for c in range(0, len(ids), _CHUNK):
             part = ids[c : c + _CHUNK]
             q = f"SELECT id, embedding FROM nodes WHERE id IN ({','.join('?' * len(part))})"
-            for i, blob in conn.execute(q, part):
-                out[i] = _s.from_blob(blob, self.dim, self.path)
+            out.update(conn.execute(q, part))
         return out
 
     @staticmethod
