@@ -130,3 +130,81 @@ def test_add_nodes_batch_stores_exact_rows_metadata_and_provenance(tmp_path, see
         with pytest.raises(ValueError, match="node type"):
             kg.add_nodes_batch(x[:2], ["a", ""])
         assert len(kg) == 37
+
+
+# ============================================================================ ivf / auto index
+
+
+def test_ivf_shape_and_auto_choice_follow_n():
+    assert kg_index.ivf_shape(1_000_000, 384) == (1000, 16)
+    assert kg_index.ivf_shape(10_000_000, 384) == (3162, 49)
+    assert kg_index.ivf_shape(100, 8) == (16, 16)
+    assert kg_index.ivf_shape(10**6, 8, nlist=50) == (50, 16)
+    train_min = kg_index.DEFAULT_PARAMS["auto"]["train_min"]
+    assert kg_index.choose_index(train_min - 1, 384) == "flat"
+    assert kg_index.choose_index(train_min, 384) == "ivf"
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "auto"])
+def test_ivf_trains_in_the_write_that_reaches_train_min_never_in_a_search(
+    tmp_path, seed, caplog, index_type
+):
+    rng = np.random.default_rng(seed)
+    dim, n = 24, 3000
+    x = _clustered(rng, n, dim, 60, 0.15)
+    q = _clustered(rng, 40, dim, 60, 0.15)
+    params = {"train_min": 2000, "regrow": 1.4}
+    caplog.set_level(logging.INFO, logger="moe_framework.knowledge_graph")
+    path = tmp_path / "kg.sqlite"
+    with KnowledgeGraph.open(
+        path, dim=dim, index_type=index_type, index_params=params, merge_threshold=0.9999
+    ) as kg:
+        kg.add_nodes_batch(x[:1999])
+        assert not kg._index.approximate  # exact below train_min
+        assert "training" not in caplog.text
+        kg.add_nodes_batch(x[1999:2100])  # reaches train_min: trains here
+        assert kg._index.approximate and "training the" in caplog.text
+        assert "nlist=46" in caplog.text  # round(sqrt(2100)) lists, derived from N
+        caplog.clear()
+        kg.add_or_update_batch(
+            x[2100:]
+        )  # no merges; outgrows 1.4 x 2100 nodes: retrained, larger nlist
+        assert len(kg) == n and "nlist=55" in caplog.text
+        caplog.clear()
+        scores, ids = kg.search(q, 10)
+        assert "training" not in caplog.text
+    # Recall@10 against a brute force, and every score an exact cosine of the stored vector.
+    u = _unit(x)
+    truth = np.argsort(-(_unit(q) @ u.T), axis=1)[:, :10] + 1
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
+    assert recall >= 0.95
+    np.testing.assert_allclose(
+        scores, np.einsum("qd,qkd->qk", _unit(q), u[ids - 1]), rtol=1e-5, atol=1e-5
+    )
+    # Reopening builds (and logs) the index at open, with a progress bar when asked.
+    caplog.clear()
+    with KnowledgeGraph.open(
+        path, readonly=True, index_type=index_type, index_params=params, progress=True
+    ) as kg:
+        assert kg._index.approximate and "index built in" in caplog.text
+        caplog.clear()
+        kg.find_similar_nodes(q[0], top_k=3)
+        assert "training" not in caplog.text
+
+
+def test_ivf_after_merges_serves_current_embeddings(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    dim = 16
+    x = _clustered(rng, 600, dim, 30, 0.2)
+    params = {"train_min": 500}
+    with KnowledgeGraph.open(
+        tmp_path / "kg.sqlite", dim=dim, index_type="ivf", index_params=params, merge_threshold=0.97
+    ) as kg:
+        kg.add_nodes_batch(x)
+        target = 17
+        moved = kg.get_node(target).embedding
+        res = kg.add_or_update_batch(np.stack([moved * 1.0001, moved * 2.0]))
+        assert [r.node_id for r in res] == [target, target]
+        now = kg.get_node(target).embedding
+        scores, ids = kg.search(now, 1)
+        assert ids[0, 0] == target and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
