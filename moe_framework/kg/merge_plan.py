@@ -13,9 +13,9 @@ Python operations, not a search:
 * **nodes inserted by earlier reports of the batch and not moved since**: their embedding is the
   report's own, so the best of them is a causal (lower-triangular) maximum over the batch's
   report-by-report cosines, computed in blocks of one GEMM each before the loop, *assuming*
-  every earlier report inserts. When a report turns out not to be such a node (it merged, or
-  a later report merged into it), only the later reports whose maximum it was are recomputed
-  (one matrix-vector product each).
+  every earlier report inserts. A report whose maximum came from a row that turned out not to
+  be such a node (it merged, or a later report merged into it) scores the rows that are, with
+  one matrix-vector product over them (few exactly when many reports merge).
 * **nodes the batch moved** (merge targets): usually few; scored with one matrix-vector product
   over their current embeddings.
 
@@ -31,6 +31,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import schema as _s
+from .records import CHUNK as _CHUNK
 from .records import FilingResult
 
 __all__ = ["MergePlan"]
@@ -56,8 +57,14 @@ class MergePlan:
         self.row_node = np.full(n, -1, np.int64)
         self.dead = np.zeros(n, bool)
         self.id_row: dict = {}  # node id inserted by the batch -> its row
+        # The rows that inserted, in order, with their unit vectors and whether still unmoved.
+        self.ins_rows: list = []
+        self.ins_pos: dict = {}  # row -> position in ins_rows
+        self.ins_unit = np.zeros((n, d), np.float32)
+        self.ins_alive = np.zeros(n, bool)
         # Moved nodes (merge targets): current raw / unit embedding, metadata, merges.
         self.slot: dict = {}
+        self.pre_rows: dict = {}  # prefetched (embedding, metadata) of likely merge targets
         self.mv_ids = np.zeros(n, np.int64)
         self.mv_unit = np.zeros((n, d), np.float32)
         self.mv_raw: list = []
@@ -78,6 +85,8 @@ class MergePlan:
         if n_before:
             s, i = self._search(self.unit, min(n_before, _K))
             cs, ci = s.tolist(), i.tolist()
+            # Stored rows of every candidate above the threshold, in one query per CHUNK ids.
+            self._prefetch(np.unique(i[(s > thr) & (i >= 0)]).tolist())
         self.bmax, self.barg = self._causal_best()
         for j in range(n):
             best_s, best_id = -np.inf, None
@@ -85,9 +94,9 @@ class MergePlan:
                 pre = self._pre_best(j, cs[j], ci[j])
                 if pre is not None:
                     best_s, best_id = pre
-            r = int(self.barg[j])
+            s_b, r = self._batch_best(j)
             if r >= 0:
-                s_b, id_b = float(self.bmax[j]), int(self.row_node[r])
+                id_b = int(self.row_node[r])
                 if _better(s_b, id_b, best_s, best_id):
                     best_s, best_id = s_b, id_b
             m = len(self.mv_raw)
@@ -105,6 +114,16 @@ class MergePlan:
                 self.node[j] = self.row_node[j] = self.next_id
                 self.id_row[self.next_id] = j
                 self.next_id += 1
+                self.ins_pos[j] = len(self.ins_rows)
+                self.ins_unit[len(self.ins_rows)] = self.unit[j]
+                self.ins_alive[len(self.ins_rows)] = True
+                self.ins_rows.append(j)
+
+    def _prefetch(self, ids: list) -> None:
+        for c in range(0, len(ids), _CHUNK):
+            part = ids[c : c + _CHUNK]
+            q = f"SELECT id, embedding, metadata FROM nodes WHERE id IN ({','.join('?' * len(part))})"
+            self.pre_rows.update((r[0], r[1:]) for r in self.conn.execute(q, part))
 
     def _n_before(self) -> int:
         bank = self.kg._bank
@@ -159,21 +178,29 @@ class MergePlan:
             barg[b0:b1] = first.cpu().numpy()
         return bmax, barg
 
-    def _kill(self, row: int, now: int) -> None:
-        """Row ``row`` is no longer an unmoved node of the batch: later reports whose causal
-        maximum it was get theirs again without it."""
+    def _kill(self, row: int) -> None:
+        """Row ``row`` is no longer an unmoved node of the batch (it merged, or a later report
+        merged into it). Later reports whose precomputed maximum it was recompute theirs when
+        they come (``_batch_best``)."""
         self.dead[row] = True
-        later = np.nonzero(self.barg[now + 1 :] == row)[0] + now + 1
-        if not len(later):
-            return
-        hi = int(later[-1])
-        g = self.unit[later] @ self.unit[:hi].T  # [affected, hi]: one GEMM for all of them
-        g[:, self.dead[:hi]] = -np.inf
-        g[np.arange(hi)[None, :] >= later[:, None]] = -np.inf  # causal: earlier rows only
-        top = g.max(axis=1)
-        first = np.argmax(g == top[:, None], axis=1)  # lowest row among equal maxima
-        self.bmax[later] = top
-        self.barg[later] = np.where(top == -np.inf, -1, first)
+        k = self.ins_pos.get(row)
+        if k is not None:
+            self.ins_alive[k] = False
+
+    def _batch_best(self, j: int) -> tuple:
+        """(score, row) of the best unmoved node inserted by an earlier report (row -1: none)."""
+        r = int(self.barg[j])
+        if r < 0 or not self.dead[r]:
+            return float(self.bmax[j]), r  # the maximum over all earlier rows is one of them
+        # Its maximum died: the best over the rows inserted so far that are still unmoved (few
+        # when many reports merge, which is when rows die).
+        k = len(self.ins_rows)
+        g = np.einsum("ij,j->i", self.ins_unit[:k], self.unit[j])  # no BLAS threads
+        g[~self.ins_alive[:k]] = -np.inf
+        top = g.max() if k else -np.inf
+        if top == -np.inf:
+            return -np.inf, -1
+        return float(top), self.ins_rows[int(np.argmax(g == top))]
 
     def _merge(self, j: int, target: int, rate: float) -> None:
         s = self.slot.get(target)
@@ -181,12 +208,14 @@ class MergePlan:
             r = self.id_row.get(target)
             if r is not None:  # inserted by an earlier report of this batch
                 old, old_meta = self.x[r], dict(self.metas[r])
-                self._kill(r, j)
+                self._kill(r)
             else:  # a pre-batch node
                 kg = self.kg
-                row = self.conn.execute(
-                    "SELECT embedding, metadata FROM nodes WHERE id = ?", (target,)
-                ).fetchone()
+                row = self.pre_rows.get(target)
+                if row is None:
+                    row = self.conn.execute(
+                        "SELECT embedding, metadata FROM nodes WHERE id = ?", (target,)
+                    ).fetchone()
                 old = _s.from_blob(row[0], kg.dim, kg.path)
                 old_meta = _s.loads_json(row[1], f"{kg.path}: node {target} metadata")
             s = self.slot[target] = len(self.mv_raw)
@@ -203,7 +232,7 @@ class MergePlan:
         self.mv_count[s] += 1
         self.node[j] = target
         self.merged[j] = True
-        self._kill(j, j)
+        self._kill(j)
 
     # ------------------------------------------------------------------ outputs
 
