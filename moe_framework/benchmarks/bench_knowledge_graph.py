@@ -208,6 +208,8 @@ def part_merge(args, mix: Mixture, path: str, rows: list, out: dict) -> None:
                 }
             )
             print(rows[-1], flush=True)
+        if "readers" in args.parts:  # on the same handle: the store is built once
+            _readers(args, mix, kg, rows, out)
 
 
 class _LogTimes(logging.Handler):
@@ -298,56 +300,60 @@ def part_query(args, mix: Mixture, path: str, rows: list, out: dict) -> None:
 
 
 def part_readers(args, mix: Mixture, path: str, rows: list, out: dict) -> None:
-    if not os.path.exists(path):
-        return
+    if "readers" in out or not os.path.exists(path):
+        return  # done by "merge" on its handle
+    with KnowledgeGraph.open(path, verify="none", index_type="auto") as kg:
+        _readers(args, mix, kg, rows, out)
+
+
+def _readers(args, mix: Mixture, kg: KnowledgeGraph, rows: list, out: dict) -> None:
     queries = mix.chunk(0, 256, stream=1)
     _threads(1)  # one core for the writer, the other for the readers
-    with KnowledgeGraph.open(path, verify="none", index_type="auto") as kg:
-        for n_readers in (1, 2, 4):
-            stop = threading.Event()
-            counts = [0] * n_readers
-            errors: list = []
+    for n_readers in (1, 2, 4):
+        stop = threading.Event()
+        counts = [0] * n_readers
+        errors: list = []
 
-            def reader(r: int) -> None:
-                try:
-                    i = r
-                    while not stop.is_set():
-                        kg.find_similar_nodes(queries[i % len(queries)], top_k=10)
-                        counts[r] += 1
-                        i += n_readers
-                except Exception as exc:  # reported in the JSON, never hidden
-                    errors.append(repr(exc))
+        def reader(r: int, stop=stop, counts=counts, errors=errors, n_readers=n_readers) -> None:
+            try:
+                i = r
+                while not stop.is_set():
+                    kg.find_similar_nodes(queries[i % len(queries)], top_k=10)
+                    counts[r] += 1
+                    i += n_readers
+            except Exception as exc:  # reported in the JSON, never hidden
+                errors.append(repr(exc))
 
-            threads = [threading.Thread(target=reader, args=(r,)) for r in range(n_readers)]
-            for th in threads:
-                th.start()
-            t0 = time.perf_counter()
-            written = 0
-            while time.perf_counter() - t0 < args.reader_s:
-                x = mix.chunk(2 * 10**9 + n_readers * 10**7 + written, _BATCH // 2, stream=3)
-                kg.add_nodes_batch(x, "report")
-                written += len(x)
-            dt = time.perf_counter() - t0
-            stop.set()
-            for th in threads:
-                th.join()
-            qps = sum(counts) / dt
-            out.setdefault("readers", {})[n_readers] = {
-                "queries_per_s": qps,
-                "writer_nodes_per_s": written / dt,
-                "seconds": dt,
-                "errors": errors,
+        threads = [threading.Thread(target=reader, args=(r,)) for r in range(n_readers)]
+        for th in threads:
+            th.start()
+        t0 = time.perf_counter()
+        written = 0
+        while time.perf_counter() - t0 < args.reader_s:
+            x = mix.chunk(2 * 10**9 + n_readers * 10**7 + written, _BATCH // 2, stream=3)
+            kg.add_nodes_batch(x, "report")
+            written += len(x)
+        dt = time.perf_counter() - t0
+        stop.set()
+        for th in threads:
+            th.join()
+        qps = sum(counts) / dt
+        out.setdefault("readers", {})[n_readers] = {
+            "queries_per_s": qps,
+            "writer_nodes_per_s": written / dt,
+            "seconds": dt,
+            "errors": errors,
+        }
+        rows.append(
+            {
+                "part": f"{n_readers} reader thread(s) + 1 writer",
+                "threads": n_readers + 1,
+                "nodes": len(kg),
+                "result": f"{qps:,.0f} queries/s",
+                "notes": f"writer {written / dt:,.0f} nodes/s meanwhile; errors {len(errors)}",
             }
-            rows.append(
-                {
-                    "part": f"{n_readers} reader thread(s) + 1 writer",
-                    "threads": n_readers + 1,
-                    "nodes": len(kg),
-                    "result": f"{qps:,.0f} queries/s",
-                    "notes": f"writer {written / dt:,.0f} nodes/s meanwhile; errors {len(errors)}",
-                }
-            )
-            print(rows[-1], flush=True)
+        )
+        print(rows[-1], flush=True)
 
 
 PARTS = {"ingest": part_ingest, "query": part_query, "merge": part_merge, "readers": part_readers}
@@ -392,6 +398,8 @@ def main() -> None:
             t0 = time.perf_counter()
             PARTS[name](args, mix, path, rows, out)
             out.setdefault("part_seconds", {})[name] = time.perf_counter() - t0
+            out["loadavg_end"] = os.getloadavg()
+            common.write_json("knowledge_graph", out, args.out)  # after each part
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
