@@ -3,6 +3,9 @@ float64 reference, batched plain inserts, index choice from N and dim, index par
 from N, and index builds that happen (and are logged) at build time, never in a search."""
 
 import logging
+import pathlib
+import re
+import tempfile
 
 import numpy as np
 import pytest
@@ -208,3 +211,13 @@ def test_ivf_after_merges_serves_current_embeddings(tmp_path, seed):
         now = kg.get_node(target).embedding
         scores, ids = kg.search(now, 1)
         assert ids[0, 0] == target and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_scale_doc_example_runs(tmp_path, monkeypatch):
+    doc = pathlib.Path(__file__).resolve().parents[2] / "docs" / "knowledge_graph_scale.md"
+    (block,) = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda: str(tmp_path))
+    ns: dict = {}
+    exec(compile(block, str(doc), "exec"), ns)
+    assert len(ns["results"]) == 1000 and 0 < ns["merged"] < 1000
+    assert list(ns["ids"][:, 0]) == [1, 2, 3]
