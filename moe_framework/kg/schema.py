@@ -133,6 +133,24 @@ def from_blob(blob: bytes, dim: int, where: str) -> np.ndarray:
 # ------------------------------------------------------------------------------ file checks
 
 
+def check_length(path: str, head: bytes, size: int) -> None:
+    """A SQLite file shorter than the page count its header records (when that count is valid:
+    non-zero, and the change counter equals the version-valid-for number) was truncated:
+    :class:`KnowledgeGraphError`. Checked because a cut that falls in the unused tail of the
+    last page would otherwise read as zeros and pass ``quick_check`` (likelier with the 16 KiB
+    pages of new stores)."""
+    if len(head) < 100:
+        return
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    pages = int.from_bytes(head[28:32], "big")
+    if pages and head[24:28] == head[92:96] and size < page * pages:
+        raise KnowledgeGraphError(
+            f"{path}: truncated SQLite file: {size} bytes, its header records {pages} pages of "
+            f"{page} bytes ({page * pages} bytes)"
+        )
+
+
 def sniff_file(path: str, head: bytes) -> str:
     """Classify a file from its first 100 bytes ``head`` without letting SQLite touch it:
     'empty', 'sqlite', or raise.
