@@ -10,6 +10,11 @@ Index types (all on unit-normalised vectors, inner product = cosine):
   rewrites the stored vector in place (O(d)), so merges never shift the index.
 * ``hnsw``  — ``IndexIDMap(IndexHNSWFlat)``: graph search, approximate (recall depends on
   ``ef_search``), sub-linear queries, slow to build.
+* ``ivf`` — ``IndexIDMap(IndexIVFScalarQuantizer)`` (8 bits per dimension): inverted lists of
+  scalar-quantised vectors, approximate (recall depends on ``nprobe``); trains like ``ivfpq``
+  (flat until ``train_min``); ``nlist`` / ``nprobe`` derived from N (:func:`ivf_shape`) and
+  retrained when the store grew ``regrow`` times. ``auto`` is ``ivf`` with its defaults
+  (:func:`choose_index` says why).
 * ``ivfpq`` — ``IndexIDMap(IndexIVFPQ)``: inverted lists of product-quantised codes, approximate
   (recall depends on ``nprobe`` and the code size), small memory. Needs training: until the
   store holds ``train_min`` vectors it behaves as ``flat``. Training happens when the index is
