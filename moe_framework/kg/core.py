@@ -182,7 +182,7 @@ class StoreCore:
         if not finite.all():
             bad = int(ids[np.argmin(finite)])
             raise KnowledgeGraphError(f"{self.path}: node {bad} embedding has NaN or Inf")
-        norms = np.linalg.norm(vecs.astype(np.float64), axis=1)
+        norms = _s.row_norms(vecs)
         if not (norms > 0).all():
             bad = int(ids[np.argmin(norms > 0)])
             raise KnowledgeGraphError(f"{self.path}: node {bad} embedding has zero norm")
