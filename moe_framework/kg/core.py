@@ -243,13 +243,17 @@ class StoreCore:
     def _exact_scores(self, ids: np.ndarray, q: np.ndarray, conn) -> np.ndarray:
         """Cosine of each node ``ids[r]`` with unit ``q[r]`` (NaN for a node that does not exist),
         from the stored embeddings: one query per ``CHUNK`` distinct ids, one product for all."""
-        blobs = self._fetch_blobs(np.unique(ids).tolist(), conn)
-        present = np.fromiter((i in blobs for i in ids.tolist()), bool, len(ids))
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        blobs = self._fetch_blobs(uniq.tolist(), conn)
+        have = np.fromiter((i in blobs for i in uniq.tolist()), bool, len(uniq))
         out = np.full(len(ids), np.nan, np.float32)
-        if present.any():
-            found = ids[present]
-            vecs = self._unit_rows(found, [blobs[i] for i in found.tolist()])
-            out[present] = np.einsum("ij,ij->i", vecs, np.asarray(q, np.float32)[present])
+        if have.any():
+            # Each distinct node is read and normalised once, however many rows ask for it.
+            slot = np.cumsum(have) - 1
+            vecs = self._unit_rows(uniq[have], [blobs[i] for i in uniq[have].tolist()])
+            present = have[inverse]
+            rows = vecs[slot[inverse[present]]]
+            out[present] = np.einsum("ij,ij->i", rows, np.asarray(q, np.float32)[present])
         return out
 
     def _fetch_blobs(self, ids: list, conn) -> dict:
