@@ -20,6 +20,7 @@ CASES = {
     "compile_and_cuda_graphs.py": ["--backend", "aot_eager", "--batch", "8"],
     "hf_swap.py": [],
     "knowledge_graph_query.py": ["--steps", "12"],
+    "adaptive_routing.py": ["--steps", "10"],
 }
 
 
