@@ -622,7 +622,8 @@ def run_demo(
     if quantize is not None:
         quant = quantization_report(moe, x_te, y_te, quantize)
         print(
-            f"quantised experts ({quantize}, group size {quant['group_size']}): test accuracy "
+            f"quantised experts ({quantize}, group sizes {quant['group_sizes']}; 0 = per channel): "
+            f"test accuracy "
             f"{quant['accuracy_quantized']:.4f} (fp32 {quant['accuracy_fp32']:.4f}, "
             f"{quant['accuracy_drop_pt']:+.2f} pt drop); layer output error "
             + ", ".join(f"{e:.3%}" for e in quant["layer_relative_error"])
@@ -706,7 +707,7 @@ def quantization_report(
         quantized = [q for b in blocks if isinstance(q := b.moe.experts, QuantizedExperts)]
         fp32_bytes = sum(p.numel() * p.element_size() for o in originals for p in o.parameters())
         q_bytes = sum(q.weight_bytes() for q in quantized)
-        gs = quantized[0].group_size if quantized else group_size
+        gs = sorted({g for q in quantized for g in (q.group_size_in, q.group_size_out)})
     finally:
         for b, o in zip(blocks, originals):
             b.moe.experts = o
@@ -715,7 +716,7 @@ def quantization_report(
     return {
         "mode": mode,
         "bits": bits,
-        "group_size": gs,
+        "group_sizes": gs,
         "accuracy_fp32": acc_fp32,
         "accuracy_quantized": acc_q,
         "accuracy_drop_pt": 100.0 * (acc_fp32 - acc_q),

@@ -9,7 +9,6 @@
 // search over the device-side offsets), so the offsets never reach the host, nothing syncs, and the
 // launch is CUDA-graph safe; offsets are clamped into [0, M]. Rows outside
 // [offsets[0], offsets[E]) are zeroed by a second, elementwise kernel.
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -169,24 +168,34 @@ at::Tensor grouped_gemm_q_cuda(const at::Tensor& a, const at::Tensor& qweight_in
   TORCH_CHECK(tiles <= 2147483647LL && col_blocks <= 65535, "grouped_gemm_q: grid too large (",
               tiles, " row tiles x ", col_blocks, " column blocks)");
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(col_blocks));
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, a.scalar_type(), "grouped_gemm_q_cuda", [&] {
-        if constexpr (!std::is_same_v<scalar_t, double>) {
-          scalar_t* o = out.mutable_data_ptr<scalar_t>();
-          const int64_t* off = offsets.const_data_ptr<int64_t>();
-          const int64_t blocks = std::min<int64_t>(ceil_div(m * s.n, 256), 4096);
-          zero_outside_q_kernel<scalar_t>
-              <<<static_cast<unsigned>(blocks), 256, 0, stream>>>(off, s.num_experts, m, s.n, o);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          if (s.k == 0) {
-            out.zero_();
-            return;
-          }
-          grouped_gemm_q_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-              a.const_data_ptr<scalar_t>(), a.stride(0), a.stride(1), q, off, s.num_experts, m, o);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-      });
+  const int64_t* off = offsets.const_data_ptr<int64_t>();
+  // Only the three activation dtypes are instantiated (check_inputs refused the others).
+  const auto launch = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t blocks = std::min<int64_t>(ceil_div(m * s.n, 256), 4096);
+    zero_outside_q_kernel<scalar_t>
+        <<<static_cast<unsigned>(blocks), 256, 0, stream>>>(off, s.num_experts, m, s.n, o);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (s.k == 0) {
+      out.zero_();
+      return;
+    }
+    grouped_gemm_q_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        a.const_data_ptr<scalar_t>(), a.stride(0), a.stride(1), q, off, s.num_experts, m, o);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  switch (a.scalar_type()) {
+    case at::kFloat:
+      launch(float{});
+      break;
+    case at::kBFloat16:
+      launch(at::BFloat16{});
+      break;
+    default:
+      launch(at::Half{});
+      break;
+  }
   return out;
 }
 

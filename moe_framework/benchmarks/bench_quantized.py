@@ -11,14 +11,16 @@ divided by T; "GB/s" is those bytes over the call's median time, and "% triad" c
 the triad bandwidth measured in the same run (common.roofline). Ratios ("x bf16") are against our
 bf16 experts in the same run.
 
-    python -m moe_framework.benchmarks.bench_quantized            # d=2048, h=768, E=32, k=4
+    python -m moe_framework.benchmarks.bench_quantized            # d=1024, h=768, E=32, k=2
     python -m moe_framework.benchmarks.bench_quantized --quick    # smoke run
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
 import time
 
 import torch
@@ -29,6 +31,74 @@ from moe_framework.experts import ExpertBank
 from moe_framework.quantization import QuantizedExperts
 
 LLC_BYTES = 32 * 1024 * 1024  # this machine's L3 (lscpu); rotation covers 4x that
+# The torchao peer runs in its own venv (torch 2.13.0 CPU + torchao): MOE_BENCH_TORCHAO_PYTHON,
+# default /work/venvs/torchao/bin/python; skipped (and said so in the JSON) when it is missing.
+TORCHAO_PYTHON = os.environ.get("MOE_BENCH_TORCHAO_PYTHON", "/work/venvs/torchao/bin/python")
+
+# The peer, run in the torchao venv: the same experts as nn.Linear pairs (bf16), quantised with
+# torchao's quantize_ (Int8WeightOnlyConfig; IntxWeightOnlyConfig int4 per-group 128, torchao's
+# CPU int4 weight-only path: Int4WeightOnlyConfig has no CPU packing in torchao 0.18), run as the
+# per-expert loop at decode, rotating through layer copies exactly as ours do.
+_TORCHAO_SCRIPT = r"""
+import json, math, statistics, sys, time, warnings
+warnings.filterwarnings("ignore")
+import torch
+from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+from torchao.quantization.granularity import PerGroup
+cfg = json.loads(sys.argv[1])
+torch.set_num_threads(cfg["threads"])
+d, h, E, k = cfg["d"], cfg["h"], cfg["E"], cfg["k"]
+gen = torch.Generator().manual_seed(1)
+
+def layer():
+    m = torch.nn.ModuleList(
+        torch.nn.ModuleDict({"gate_up": torch.nn.Linear(d, 2 * h, bias=False),
+                             "down": torch.nn.Linear(h, d, bias=False)}) for _ in range(E))
+    return m.to(torch.bfloat16)
+
+def run_loop(m, x, counts):
+    out = torch.zeros_like(x)
+    lo = 0
+    for e, c in enumerate(counts):
+        if c:
+            g, u = m[e]["gate_up"](x[lo:lo + c]).chunk(2, dim=-1)
+            out[lo:lo + c] = m[e]["down"](torch.nn.functional.silu(g) * u)
+            lo += c
+    return out
+
+rows = []
+for name, make_cfg, bytes_per_weight in (
+    ("torchao int8wo", lambda: Int8WeightOnlyConfig(), 1.0),
+    ("torchao int4wo g128 (intx)", lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(128)), 1.0),
+):
+    per_layer = E * 3 * d * h * bytes_per_weight
+    copies = max(2, math.ceil(cfg["target"] / per_layer))
+    layers = []
+    for _ in range(copies):
+        m = layer()
+        quantize_(m, make_cfg())
+        layers.append(m)
+    with torch.inference_mode():
+        for T in cfg["tokens"]:
+            calls = []
+            for _ in range(64):
+                ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+                calls.append(torch.bincount(ids.flatten(), minlength=E).tolist())
+            xs = [torch.randn(T * k, d, dtype=torch.bfloat16) for _ in range(4)]
+            i = 0
+            for _ in range(3):
+                run_loop(layers[i % copies], xs[i % 4], calls[i % 64]); i += 1
+            times = []
+            t_end = time.perf_counter() + cfg["min_time"]
+            while len(times) < 5 or time.perf_counter() < t_end:
+                t0 = time.perf_counter()
+                run_loop(layers[i % copies], xs[i % 4], calls[i % 64]); i += 1
+                times.append(time.perf_counter() - t0)
+            rows.append({"variant": name, "impl": "torchao loop", "T": T,
+                         "us/call": statistics.median(times) * 1e6, "rotation MB": copies * per_layer / 1e6})
+    del layers
+print(json.dumps(rows))
+"""
 
 
 def _llc_bytes() -> int:
@@ -91,12 +161,44 @@ def _time_rotating(fn, layers, calls, xs, min_time: float) -> dict:
     return common.timeit(step, min_time=min_time)
 
 
+def _run_torchao(d, h, E, k, token_counts, target, threads, quick, rows) -> str:
+    """Run the torchao peer in its venv; appends its rows; returns what ran (or why not)."""
+    if not os.path.exists(TORCHAO_PYTHON):
+        return f"not run: no torchao venv at {TORCHAO_PYTHON} (set MOE_BENCH_TORCHAO_PYTHON)"
+    cfg = {
+        "d": d, "h": h, "E": E, "k": k, "tokens": list(token_counts), "target": target,
+        "threads": threads, "min_time": 0.1 if quick else 0.5,
+    }  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run(
+        [TORCHAO_PYTHON, "-c", _TORCHAO_SCRIPT, json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    if proc.returncode != 0:
+        return f"failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+    peer_rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows.extend(peer_rows)
+    version = subprocess.run(
+        [
+            TORCHAO_PYTHON,
+            "-c",
+            "import torch, torchao; print(torch.__version__, torchao.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return f"ran: torch, torchao = {version}"
+
+
 def run(quick: bool = False, threads=None, out_dir=None) -> dict:
     load_start = os.getloadavg()
     t_start = time.perf_counter()
     threads = (threads or [1])[0]
     torch.set_num_threads(threads)
-    d, h, E, k = (512, 256, 32, 2) if quick else (2048, 768, 32, 4)
+    d, h, E, k = (512, 256, 32, 2) if quick else (1024, 768, 32, 2)
     token_counts = (1, 4) if quick else (1, 2, 4, 8)
     target = (1 if quick else 4) * _llc_bytes()
     gen = torch.Generator().manual_seed(0)
@@ -147,6 +249,7 @@ def run(quick: bool = False, threads=None, out_dir=None) -> dict:
                         }
                     )
             del layers, first
+    peer_note = _run_torchao(d, h, E, k, token_counts, target, threads, quick, rows)
     by_key = {(r["impl"], r["variant"], r["T"]): r for r in rows}
     for r in rows:
         ref = by_key.get(("ours", "bf16", r["T"]))
@@ -165,6 +268,7 @@ def run(quick: bool = False, threads=None, out_dir=None) -> dict:
         "machine": common.machine_info(),
         "roofline": roof,
         "rows": rows,
+        "torchao": peer_note,
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg(),
         "wall_s": time.perf_counter() - t_start,

@@ -155,3 +155,40 @@ def test_quantize_hf_model(seed):
         out = model(ids).logits
     assert sum(isinstance(m, QuantizedExperts) for m in model.modules()) == 2
     assert (out - ref).norm() / ref.norm() < 0.01
+
+
+def test_demo_quantization_report_restores_the_float_model(seed):
+    from moe_framework.demo import quantization_report
+
+    cfg = MoEConfig(
+        input_dim=12, d_model=32, d_hidden=64, num_layers=2, num_experts=4, k=2, output_dim=3
+    )
+    system = MixtureOfExpertsSystem(cfg)
+    x, y = torch.randn(40, 12), torch.randint(0, 3, (40,))
+    with torch.no_grad():
+        before = system.eval()(x).output
+        acc = float((before.argmax(-1) == y).float().mean())
+    report = quantization_report(system.train(), x, y, "int4")
+    assert system.training and not any(isinstance(m, QuantizedExperts) for m in system.modules())
+    with torch.no_grad():
+        assert torch.equal(system.eval()(x).output, before)
+    assert report["accuracy_fp32"] == acc and report["group_sizes"] == [32, 64]
+    assert len(report["layer_relative_error"]) == 2
+    assert all(0 < e < 0.2 for e in report["layer_relative_error"])
+    assert report["expert_bytes"]["quantized"] < report["expert_bytes"]["fp32"] / 6
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        quantization_report(system, x, y, "int3")
+
+
+def test_docs_example_runs(tmp_path, monkeypatch):
+    import pathlib
+    import re
+
+    doc = pathlib.Path(__file__).resolve().parents[2] / "docs" / "quantization.md"
+    block = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)[0]
+    block = block.replace("/tmp/layer_int8.safetensors", str(tmp_path / "layer.safetensors"))
+    ns: dict = {}
+    exec(compile(block, str(doc), "exec"), ns)
+    assert isinstance(ns["fresh"].experts, QuantizedExperts)
+    with torch.no_grad():
+        torch.testing.assert_close(ns["fresh"](ns["x"])[0], ns["y_int8"], rtol=0, atol=0)
