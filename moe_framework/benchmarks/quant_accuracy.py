@@ -74,12 +74,12 @@ def run(quick: bool = False, steps=None, out_dir=None) -> dict:
     tokens = _text()
     split = int(0.9 * len(tokens))
     train, held = tokens[:split], tokens[split:]
-    cfg = transformers.MixtralConfig(
+    kw: dict = dict(
         hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
         num_local_experts=8, num_experts_per_tok=2, experts_implementation="eager",
     )  # fmt: skip
-    model = transformers.MixtralForCausalLM(cfg)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**kw))
     replace_moe_blocks(model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(0)
