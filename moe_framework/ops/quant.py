@@ -88,9 +88,11 @@ def grouped_gemm_q(
 @torch.library.register_fake("moe_framework::grouped_gemm_q")
 def _grouped_gemm_q_fake(a, qweight, scales, zeros, offsets, bits, group_size):
     op = "grouped_gemm_q"
-    tensors = {"a": a, "qweight": qweight, "scales": scales, "offsets": offsets}
+    # in argument order, as the C++ check lists them
+    tensors = {"a": a, "qweight": qweight, "scales": scales}
     if zeros is not None:
         tensors["zeros"] = zeros
+    tensors["offsets"] = offsets
     check_same_device(op, **tensors)
     torch._check(bits in (8, 4), lambda: f"{op}: bits must be 8 or 4, got {bits}")
     torch._check(a.dim() == 2, lambda: f"{op}: a must be [M, K], got {tuple(a.shape)}")
