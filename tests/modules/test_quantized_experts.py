@@ -192,3 +192,13 @@ def test_docs_example_runs(tmp_path, monkeypatch):
     assert isinstance(ns["fresh"].experts, QuantizedExperts)
     with torch.no_grad():
         torch.testing.assert_close(ns["fresh"](ns["x"])[0], ns["y_int8"], rtol=0, atol=0)
+
+
+def test_cli_demo_quantize_flag(capsys):
+    from moe_framework.cli import build_parser, main
+
+    args = build_parser().parse_args(["demo", "--quantize", "int4"])
+    assert args.quantize == "int4"
+    assert build_parser().parse_args(["demo"]).quantize is None
+    assert main(["demo", "--quantize", "int3"]) == 2
+    assert "--quantize" in capsys.readouterr().err
