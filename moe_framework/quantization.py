@@ -207,6 +207,19 @@ class QuantizedExperts(nn.Module):
             y = y + _row_bias(self.b_out.to(y.dtype), rows_expert)
         return y
 
+    _FLOAT32_BUFFERS = ("scales_in", "scales_out", "b_in", "b_out")
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() must not round the scales (or biases): they stay
+        # float32 (the kernels read float32 scales) and only follow device moves.
+        keep = {n: t for n in self._FLOAT32_BUFFERS if (t := getattr(self, n)) is not None}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                setattr(self, name, old.to(new.device))
+        return self
+
     def scheme(self) -> dict:
         """``{"bits", "group_size", "symmetric"}`` of this module."""
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}

@@ -74,9 +74,11 @@ def test_quantized_experts_match_dequantised_reference(
     # ~6.7%, compounded over the two projections and the gate * up product.
     rel = (y - y_float).norm() / y_float.norm()
     assert rel < (0.01 if bits == 8 else 0.2), rel
-    # bf16 activations
+    # bf16 activations; casting the module to bf16 keeps its scales (and biases) float32
     with torch.no_grad():
         yb = q(x.bfloat16(), off)
+        assert torch.equal(q.to(torch.bfloat16)(x.bfloat16(), off), yb)
+    assert q.scales_in.dtype == torch.float32 and q.qweight_out.dtype == q.qweight_in.dtype
     assert yb.dtype == torch.bfloat16
     torch.testing.assert_close(yb.float(), y, rtol=5e-2, atol=3e-2)
 
