@@ -8,7 +8,7 @@ cycles through are >= 4x the last-level cache, so each call reads its experts fr
 
 "bytes/token" is the packed weights (+ scales, zero points) of the distinct experts a call touches,
 divided by T; "GB/s" is those bytes over the call's median time, and "% triad" compares that with
-the triad bandwidth measured in the same run (common.roofline). Ratios ("x bf16") are against the
+the triad bandwidth measured in the same run (common.roofline's triad). Ratios ("x bf16") are against the
 faster of our two bf16 ExpertBank layouts (out_in, in_out) in the same run.
 
     python -m moe_framework.benchmarks.bench_quantized            # d=1024, h=768, E=32, k=2
@@ -216,7 +216,10 @@ def run(quick: bool = False, threads=None, out_dir=None) -> dict:
             base.weight_in, base.w_out, bits=4, group_size=128
         ),
     }
-    roof = common.roofline(threads, quick=quick)
+    # Only the triad of common.roofline: its bf16 GEMM probe takes minutes on CPUs without
+    # AVX512-BF16 (torch's CPU bf16 mm runs at ~0.3 GFLOP/s there), and decode needs bandwidth.
+    numel = (16 if quick else 64) * 1024 * 1024
+    roof = {"threads": threads, "triad_gbs": common._measure_bandwidth(threads, "cpu", numel) / 1e9}
     rows = []
     with torch.inference_mode():
         for name, make in variants.items():
