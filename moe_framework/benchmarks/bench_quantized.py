@@ -284,7 +284,10 @@ def run(quick: bool = False, threads=None, out_dir=None) -> dict:
         "loadavg_end": os.getloadavg(),
         "wall_s": time.perf_counter() - t_start,
     }
-    common.write_json("bench_quantized" + ("_quick" if quick else ""), payload, out_dir)
+    name = (
+        "bench_quantized" + ("_quick" if quick else "") + (f"_t{threads}" if threads != 1 else "")
+    )
+    common.write_json(name, payload, out_dir)
     return payload
 
 
