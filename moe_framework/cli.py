@@ -500,7 +500,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         check_demo_args(**kwargs)
     except ValueError as exc:
         raise CLIError(str(exc).removeprefix("demo: ")) from None
-    run_demo(tiny=args.tiny, progress=not args.no_progress, **kwargs)
+    run_demo(tiny=args.tiny, progress=not args.no_progress, quantize=args.quantize, **kwargs)
     return 0
 
 
@@ -533,6 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_in(0, MAX_THREADS, "0 = torch's default"),
         default=1,
         help="torch threads (default 1: the model is tiny; 0 = torch's default)",
+    )
+    # issue 16: weight-only quantised experts (docs/quantization.md)
+    d.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        default=None,
+        help="also evaluate the trained model with INT8 / INT4 experts (accuracy before/after)",
     )
     d.set_defaults(func=cmd_demo)
 
