@@ -12,6 +12,7 @@
 See docs/distributed.md.
 """
 
+from . import checkpoint
 from ._comm import ExpertParallelError
 from .dispatcher import MODES, AllToAllDispatcher, EPContext
 from .launch import RankResult, free_port, init_distributed, launch_local
@@ -35,6 +36,7 @@ __all__ = [
     "ExpertParallelError",
     "ExpertParallelInfo",
     "RankResult",
+    "checkpoint",
     "config_hash",
     "expert_parallel",
     "expert_parallel_layers",

@@ -191,6 +191,7 @@ def scenario_compile(seed: int, rank: int, world: int) -> None:
 
 
 def scenario_raise(seed: int, rank: int, world: int) -> None:
+    scenario_config(seed, rank, world)  # the setup check first (both ranks catch it)
     layer = expert_parallel(build(seed), None)
     if rank == 1:
         raise RuntimeError("rank 1 fails on purpose")
@@ -231,6 +232,29 @@ def scenario_config(seed: int, rank: int, world: int) -> None:
         print(f"CAUGHT: {err}", flush=True)
         return
     raise AssertionError("the config mismatch was not detected")
+
+
+def scenario_dcp_save(seed: int, rank: int, world: int) -> None:
+    from moe_framework.distributed import checkpoint
+
+    layer = expert_parallel(build(seed), None)
+    checkpoint.save(layer, sys.argv[3])
+
+
+def scenario_dcp_load(seed: int, rank: int, world: int) -> None:
+    from moe_framework.distributed import checkpoint
+
+    want = build(seed)
+    layer = expert_parallel(build(seed + 100), None)  # other weights, overwritten by the load
+    checkpoint.load(layer, sys.argv[3])
+    lo, El = rank * (E // world), E // world
+    got_sd, want_sd = layer.state_dict(), want.state_dict()
+    assert sorted(got_sd) == sorted(want_sd)
+    for k, v in want_sd.items():
+        exp = v[lo : lo + El] if k.startswith("experts.") else v
+        check_equal(f"dcp load {k}", got_sd[k], exp)
+    x = torch.randn(6, D, generator=torch.Generator().manual_seed(seed + rank))
+    check_equal("dcp loaded forward", layer(x)[0], want(x)[0])
 
 
 def main() -> None:

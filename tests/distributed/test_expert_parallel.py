@@ -17,12 +17,18 @@ WORKER = os.path.join(HERE, "ep_worker.py")
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(moe_framework.__file__)))
 
 
-def run(scenario: str, nprocs: int, seed: int, *, timeout_s: float = 150.0, ep_timeout=None):
+def _env(ep_timeout=None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = PKG_PARENT + os.pathsep + env.get("PYTHONPATH", "")
     if ep_timeout is not None:
         env["EP_TIMEOUT"] = str(ep_timeout)
-    return launch_local(WORKER, [scenario, str(seed)], nprocs, timeout_s=timeout_s, env=env)
+    return env
+
+
+def run(scenario: str, nprocs: int, seed: int, *, timeout_s: float = 150.0, ep_timeout=None):
+    return launch_local(
+        WORKER, [scenario, str(seed)], nprocs, timeout_s=timeout_s, env=_env(ep_timeout)
+    )
 
 
 def explain(results) -> str:
@@ -51,3 +57,46 @@ def test_forward_backward_capacity_skew_and_empty_ranks_match_single_process(see
 def test_capacity_mode_compiles_fullgraph_without_graph_breaks(seed):
     results = run("compile", 2, seed)
     assert_all_ok(results, "compile")
+
+
+def test_a_rank_that_raises_or_has_another_config_makes_the_others_fail_clearly(seed):
+    # Rank 1 builds another d_hidden: both ranks get an ExpertParallelError at setup naming the
+    # differing config hashes. Then rank 1 raises: rank 0's next all-to-all fails with an
+    # ExpertParallelError (not a hang) well within the process-group timeout.
+    results = run("raise", 2, seed, ep_timeout=20)
+    for r in results:
+        assert "different layer configurations" in r.stdout, explain(results)
+    r0 = results[0]
+    assert r0.returncode == 0 and "OK raise" in r0.stdout, explain(results)
+    assert "CAUGHT after" in r0.stdout and "expert parallel:" in r0.stdout, explain(results)
+    assert results[1].returncode not in (0, None), explain(results)
+    assert "rank 1 fails on purpose" in results[1].stderr, explain(results)
+
+
+def test_a_rank_that_dies_makes_the_others_fail_clearly(seed):
+    results = run("die", 2, seed, ep_timeout=20)
+    r0 = results[0]
+    assert r0.returncode == 0 and "OK die" in r0.stdout, explain(results)
+    assert "CAUGHT after" in r0.stdout and "a peer rank raised, died" in r0.stdout
+    assert results[1].returncode == 3, explain(results)
+
+
+def test_dcp_checkpoint_saved_at_ep4_loads_bitwise_at_ep2_and_in_one_process(seed, tmp_path):
+    import torch
+
+    from moe_framework import MoELayer
+    from moe_framework.distributed import checkpoint
+
+    ckpt = str(tmp_path / "ckpt")
+    results = launch_local(WORKER, ["dcp_save", str(seed), ckpt], 4, timeout_s=150, env=_env())
+    assert_all_ok(results, "dcp_save")
+    results = launch_local(WORKER, ["dcp_load", str(seed), ckpt], 2, timeout_s=150, env=_env())
+    assert_all_ok(results, "dcp_load")
+    # ep = 1: this process, no process group. The reference is the seeded build (ep_worker.build).
+    torch.manual_seed(seed)
+    want = MoELayer.build(d_model=12, d_hidden=10, num_experts=8, k=2, inplace_backward=False)
+    torch.manual_seed(seed + 100)
+    got = MoELayer.build(d_model=12, d_hidden=10, num_experts=8, k=2, inplace_backward=False)
+    checkpoint.load(got, ckpt)
+    for k, v in want.state_dict().items():
+        assert torch.equal(got.state_dict()[k], v), k
