@@ -52,7 +52,7 @@ def expert_split_state_dict(model: nn.Module) -> dict:
     (views that share storage with the parameters: DCP loads into them in place)."""
     sd = model.state_dict()
     for prefix, bank, first in _banks(model):
-        for pname, p in bank.named_parameters(recurse=False):
+        for pname, _ in bank.named_parameters(recurse=False):
             key = prefix + pname
             if key not in sd:
                 raise RuntimeError(f"expert checkpoint: {key} is missing from the state dict")
@@ -65,7 +65,11 @@ def expert_split_state_dict(model: nn.Module) -> dict:
 def save(model: nn.Module, checkpoint_dir: Union[str, os.PathLike]) -> None:
     """Collective: every rank of the model's process groups calls it. Writes a DCP checkpoint
     of ``model`` (expert-parallel or not, FSDP2 or not) to ``checkpoint_dir``."""
-    dcp.save(expert_split_state_dict(model), checkpoint_id=os.fspath(checkpoint_dir))
+    dcp.save(
+        expert_split_state_dict(model),
+        checkpoint_id=os.fspath(checkpoint_dir),
+        no_dist=not dist.is_initialized(),
+    )
 
 
 def load(model: nn.Module, checkpoint_dir: Union[str, os.PathLike]) -> None:

@@ -266,7 +266,12 @@ def _info(model: nn.Module) -> ExpertParallelInfo:
 
 
 @torch.no_grad()
-def reduce_gradients(model: nn.Module, params: Optional[Sequence[nn.Parameter]] = None) -> None:
+def reduce_gradients(
+    model: nn.Module,
+    params: Optional[Sequence[nn.Parameter]] = None,
+    *,
+    loss_scaling: str = "mean",
+) -> None:
     """Make every rank's gradients those of the global batch (the mean of the ranks' losses).
 
     Call it after ``loss.backward()``, before ``optimizer.step()``, with each rank's loss the
@@ -275,12 +280,20 @@ def reduce_gradients(model: nn.Module, params: Optional[Sequence[nn.Parameter]] 
     parameters FSDP2 manages (``DTensor``) are left to FSDP, which already averaged them. Expert
     gradients already hold every ep rank's contribution (the all-to-all backward brought them):
     they are summed over ``dp`` and divided by ``dp * ep``.
+
+    ``loss_scaling="sum"``: each rank's loss is already its share of the global loss (e.g. the
+    sum over its rows divided by the GLOBAL batch size; right for uneven splits): gradients are
+    summed, not averaged.
     """
+    if loss_scaling not in ("mean", "sum"):
+        raise ValueError(
+            f"reduce_gradients: loss_scaling must be 'mean' or 'sum', got {loss_scaling!r}"
+        )
     info = _info(model)
     experts = {id(p) for p in expert_parameters(model)}
     from torch.distributed.tensor import DTensor
 
-    scale = 1.0 / info.data_size
+    scale = 1.0 / info.data_size if loss_scaling == "mean" else 1.0
     for p in params if params is not None else model.parameters():
         if p.grad is None or isinstance(p.grad, DTensor) or isinstance(p, DTensor):
             continue
@@ -289,7 +302,8 @@ def reduce_gradients(model: nn.Module, params: Optional[Sequence[nn.Parameter]] 
                 all_reduce_sum(p.grad, info.dp_group, "the expert-gradient all-reduce")
         else:
             all_reduce_sum(p.grad, info.data_group, "the dense-gradient all-reduce")
-        p.grad.mul_(scale)
+        if scale != 1.0:
+            p.grad.mul_(scale)
 
 
 @torch.no_grad()

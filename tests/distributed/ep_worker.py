@@ -239,6 +239,7 @@ def scenario_dcp_save(seed: int, rank: int, world: int) -> None:
 
     layer = expert_parallel(build(seed), None)
     checkpoint.save(layer, sys.argv[3])
+    scenario_fsdp(seed, rank, world)  # the same 4 processes: FSDP2 + EP on a (dp=2, ep=2) mesh
 
 
 def scenario_dcp_load(seed: int, rank: int, world: int) -> None:
@@ -255,6 +256,74 @@ def scenario_dcp_load(seed: int, rank: int, world: int) -> None:
         check_equal(f"dcp load {k}", got_sd[k], exp)
     x = torch.randn(6, D, generator=torch.Generator().manual_seed(seed + rank))
     check_equal("dcp loaded forward", layer(x)[0], want(x)[0])
+
+
+class Net(torch.nn.Module):
+    """dense -> MoE -> dense: the FSDP2 + expert-parallel training check."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = torch.nn.Linear(D, D)
+        self.moe = MoELayer.build(d_model=D, d_hidden=H, num_experts=E, k=K, inplace_backward=False)
+        self.out = torch.nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        y, _ = self.moe(h)
+        return self.out(h + y)
+
+
+def scenario_fsdp(seed: int, rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from moe_framework.distributed import expert_parameters
+
+    steps, T = 4, 6
+    g = torch.Generator().manual_seed(seed + 5)
+    data = [(torch.randn(world * T, D, generator=g), torch.randn(world * T, 3, generator=g))]
+    data = data * steps
+
+    def loss_fn(model, x, t):
+        return torch.nn.functional.mse_loss(model(x), t)
+
+    ref = Net(seed)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    ref_losses = []
+    for x, t in data:
+        opt.zero_grad()
+        loss = loss_fn(ref, x, t)
+        loss.backward()
+        opt.step()
+        ref_losses.append(loss.item())
+
+    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "ep"))
+    flat = init_device_mesh("cpu", (world,))
+    model = Net(seed)
+    expert_parallel(model.moe, mesh)
+    fully_shard(model, mesh=flat, ignored_params=set(expert_parameters(model)))
+    from torch.distributed.tensor import DTensor
+
+    assert isinstance(model.inp.weight, DTensor) and isinstance(
+        model.moe.router.gate.weight, DTensor
+    )
+    assert not isinstance(model.moe.experts.w_out, DTensor)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    sl = slice(rank * T, (rank + 1) * T)
+    for x, t in data:
+        opt.zero_grad()
+        loss = loss_fn(model, x[sl], t[sl])
+        loss.backward()
+        reduce_gradients(model)
+        opt.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(total.item() / world)
+    print(f"rank {rank}: losses {losses} reference {ref_losses}", flush=True)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    assert losses[-1] < losses[0]
 
 
 def main() -> None:
