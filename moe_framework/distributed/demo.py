@@ -149,7 +149,6 @@ def run_ep_demo(
             moe.close()
         export_cfg = demo_config(out_dir, tiny, steps_per_epoch, seed)
         export_cfg.dropout = 0.0
-        export_cfg.kg_path = None
         checkpoint.export_system(export_cfg, ckpt, os.path.join(out_dir, "model"))
         summary["knowledge_graph"] = kg_path
         summary["seconds"] = time.perf_counter() - t_start

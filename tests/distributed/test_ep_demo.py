@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import moe_framework
+from moe_framework.distributed import free_port
 
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(moe_framework.__file__)))
 
@@ -30,7 +31,7 @@ def test_torchrun_demo_ep2_matches_the_single_process_run(tmp_path):
     demo = [sys.executable, "-m", "moe_framework", "demo", "--tiny", "--epochs", "2"]
     _run([*demo, "--ep", "1", "--out", str(tmp_path / "ep1")], tmp_path)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    torchrun += ["--master-port", str(moe_framework.distributed.free_port())]
+    torchrun += ["--master-port", str(free_port())]
     r = _run(
         [*torchrun, "-m", "moe_framework", *demo[3:], "--ep", "2", "--out", str(tmp_path / "ep2")],
         tmp_path,
