@@ -171,7 +171,9 @@ def main(argv=None) -> int:
     load1 = os.getloadavg()
     d, h, T = WIDTHS[size]
     title = f"expert parallel, OLMoE-like layer E={E} k={K} d={d} h={h}, 2T={2 * T} tokens"
-    print_table(rows, title=title)
+    columns = ["mode", "ep", "procs x threads", "tokens", "step_ms", "tokens_per_s"]
+    columns += ["speedup_vs_ep1", "a2a_ms_per_step", "a2a_share", "MB_sent_per_rank"]
+    print_table(rows, columns + ["MB_analytic"], title=title)
     shared = max(load0[0], load1[0]) > 2.5
     if shared:
         print(f"note: the machine was shared (1-min load {load0[0]:.1f} -> {load1[0]:.1f})")
