@@ -163,6 +163,7 @@ def scenario_core(seed: int, rank: int, world: int) -> None:
         for o in others:
             check_equal("replicated after reduce/update", o, t)
     assert lb.router.selection_bias.abs().sum() > 0
+    scenario_compile(seed, rank, world)  # same processes: capacity mode under torch.compile
 
 
 def ctx_ref(ref, x, dec):

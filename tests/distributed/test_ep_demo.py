@@ -25,11 +25,18 @@ def _run(cmd, cwd, timeout=240):
 
 def test_torchrun_demo_ep2_matches_the_single_process_run(tmp_path):
     pytest.importorskip("sklearn")
+    import torch
+
     from moe_framework.demo import load_digits_split
+    from moe_framework.distributed.demo import run_ep_demo
     from moe_framework.system import MixtureOfExpertsSystem
 
     demo = [sys.executable, "-m", "moe_framework", "demo", "--tiny", "--epochs", "2"]
-    _run([*demo, "--ep", "1", "--out", str(tmp_path / "ep1")], tmp_path)
+    threads = torch.get_num_threads()
+    try:  # ep = 1 here (one process, no process group): the same loop as the ranks run
+        run_ep_demo(1, str(tmp_path / "ep1"), 2, tiny=True, seed=0)
+    finally:
+        torch.set_num_threads(threads)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     torchrun += ["--master-port", str(free_port())]
     r = _run(

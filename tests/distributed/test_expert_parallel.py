@@ -49,14 +49,11 @@ def test_forward_backward_capacity_skew_and_empty_ranks_match_single_process(see
     # equal to the single-process layer on the rank's shard, determinism; skewed routing (every
     # slot to one rank: the other receives nothing); capacity mode: outputs, input gradients and
     # dropped counts equal to the single-process capacity router on the rank's tokens; T = 0 on
-    # one rank; reduce_gradients + update_bias leave every rank's router identical.
+    # one rank; reduce_gradients + update_bias leave every rank's router identical. Then capacity
+    # mode under torch.compile: torch._dynamo.explain finds zero graph breaks, and the
+    # fullgraph=True (aot_eager) forward and input gradient equal eager.
     results = run("core", 2, seed)
     assert_all_ok(results, "core")
-
-
-def test_capacity_mode_compiles_fullgraph_without_graph_breaks(seed):
-    results = run("compile", 2, seed)
-    assert_all_ok(results, "compile")
 
 
 def test_a_rank_that_raises_or_has_another_config_makes_the_others_fail_clearly(seed):
