@@ -109,6 +109,11 @@ def _median(v):
 def main(argv=None) -> int:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="d = 1024 (slower)")
+    p.add_argument(
+        "--deepspeed-python",
+        default=None,
+        help="python of a venv with deepspeed + the same torch: adds the DeepSpeed-MoE peer row",
+    )
     p.add_argument("--worker", action="store_true", help=argparse_hide())
     p.add_argument("--ep", type=int, default=1, help=argparse_hide())
     p.add_argument("--mode", default="dropless", help=argparse_hide())
@@ -168,6 +173,10 @@ def main(argv=None) -> int:
                 )
                 row["MB_analytic"] = outs[0]["analytic_bytes_per_step"] / 1e6
             rows.append(row)
+    peer = None
+    if args.deepspeed_python:
+        peer = _deepspeed_peer(args.deepspeed_python, size, reps, warmup, rows)
+        rows.append(peer["row"])
     load1 = os.getloadavg()
     d, h, T = WIDTHS[size]
     title = f"expert parallel, OLMoE-like layer E={E} k={K} d={d} h={h}, 2T={2 * T} tokens"
@@ -175,6 +184,12 @@ def main(argv=None) -> int:
     columns += ["speedup_vs_ep1", "a2a_ms_per_step", "a2a_share", "MB_sent_per_rank"]
     print_table(rows, columns + ["MB_analytic"], title=title)
     shared = max(load0[0], load1[0]) > 2.5
+    if peer is not None:
+        print(
+            f"DeepSpeed-MoE peer: max |y_ds - y_moelayer| = "
+            f"{peer['max_abs_diff_vs_single_process_moelayer']:.3g}; our dropless ep=2 is "
+            f"{peer['ours_dropless_ep2_over_deepspeed_speed']:.2f}x its speed"
+        )
     if shared:
         print(f"note: the machine was shared (1-min load {load0[0]:.1f} -> {load1[0]:.1f})")
     write_json(
@@ -184,6 +199,9 @@ def main(argv=None) -> int:
             "shape": {"E": E, "k": K, "d": d, "h": h, "tokens_per_rank_ep2": T},
             "rows": rows,
             "raw": raw,
+            "peer_deepspeed": None
+            if peer is None
+            else {k: v for k, v in peer.items() if k != "row"},
             "loadavg_start": load0,
             "loadavg_end": load1,
             "machine_shared": shared,
@@ -191,6 +209,64 @@ def main(argv=None) -> int:
         args.out,
     )
     return 0
+
+
+def _deepspeed_peer(python: str, size: str, reps: int, warmup: int, rows: list) -> dict:
+    """DeepSpeed-MoE at ep = 2 on the same weights and tokens (peer_deepspeed_moe.py, in its own
+    venv): its outputs against the single-process MoELayer's, and its step time against ours."""
+    import tempfile
+
+    from moe_framework import MoELayer
+    from moe_framework.distributed import launch_local
+    from moe_framework.experts import ExpertBank
+
+    d, h, T = WIDTHS[size]
+    torch.manual_seed(0)  # the weights every _worker builds
+    layer = MoELayer.build(d_model=d, d_hidden=h, num_experts=E, k=K, report_top_tokens=None)
+    xs = [torch.randn(T, d, generator=torch.Generator().manual_seed(1 + r)) for r in range(2)]
+    bank = cast(ExpertBank, layer.experts)
+    gate = cast(torch.nn.Linear, layer.router.gate)
+    with tempfile.TemporaryDirectory() as tmp:
+        wpath, out = os.path.join(tmp, "weights.pt"), os.path.join(tmp, "out")
+        torch.save(
+            {
+                "gate": gate.weight.detach(),
+                "w_gate_up": bank.weight_in.detach(),
+                "w_out": bank.w_out.detach(),
+                "k": torch.tensor(K),
+                "x0": xs[0],
+                "x1": xs[1],
+            },
+            wpath,
+        )
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env["DS_ACCELERATOR"] = "cpu"
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_deepspeed_moe.py")
+        res = launch_local(
+            script, [wpath, out, str(reps), str(warmup)], 2, timeout_s=280, env=env, python=python
+        )
+        for r in res:
+            if r.returncode != 0:
+                raise SystemExit(f"DeepSpeed peer rank {r.rank} failed:\n{r.stderr[-3000:]}")
+        got = [torch.load(f"{out}.rank{r}.pt", weights_only=True) for r in range(2)]
+    with torch.no_grad():
+        ref = [layer(x)[0] for x in xs]
+    diff = max(float((g["y"] - y).abs().max()) for g, y in zip(got, ref))
+    step = _median([max(ts) for ts in zip(*(g["step_s"].tolist() for g in got))])
+    ours = [r for r in rows if r["mode"] == "dropless" and r["ep"] == 2][0]
+    row = {
+        "mode": "DeepSpeed-MoE (peer)",
+        "ep": 2,
+        "procs x threads": "2 x 1",
+        "tokens": 2 * T,
+        "step_ms": step * 1e3,
+        "tokens_per_s": 2 * T / step,
+    }
+    return {
+        "row": row,
+        "max_abs_diff_vs_single_process_moelayer": diff,
+        "ours_dropless_ep2_over_deepspeed_speed": step / (ours["step_ms"] / 1e3),
+    }
 
 
 def argparse_hide():

@@ -71,11 +71,13 @@ def launch_local(
     timeout_s: float = 120.0,
     threads: int = 1,
     env: Optional[dict] = None,
+    python: Optional[str] = None,
 ) -> list[RankResult]:
     """Run ``python -m module *args`` (or ``python module *args`` when ``module`` is a ``.py``
     path) as ``nprocs`` ranks (a fresh port, ``threads`` threads each); wait for all of them at
     most ``timeout_s`` seconds, then kill the rest. A rank that fails does not stop the others:
-    they must fail by themselves (that is what the fault tests check)."""
+    they must fail by themselves (that is what the fault tests check). ``python``: the
+    interpreter (default this one; another virtual environment's for a peer baseline)."""
     port = free_port()
     run = [module] if module.endswith(".py") else ["-m", module]
     procs = []
@@ -93,7 +95,7 @@ def launch_local(
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, *run, *args],
+                [python or sys.executable, *run, *args],
                 env=e,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
