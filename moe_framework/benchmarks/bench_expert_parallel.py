@@ -212,7 +212,7 @@ def main(argv=None) -> int:
 
 
 def _deepspeed_peer(python: str, size: str, reps: int, warmup: int, rows: list) -> dict:
-    """DeepSpeed-MoE at ep = 2 on the same weights and tokens (peer_deepspeed_moe.py, in its own
+    """DeepSpeed-MoE at ep = 2 on the same weights and tokens (_peer_deepspeed_moe.py, in its own
     venv): its outputs against the single-process MoELayer's, and its step time against ours."""
     import tempfile
 
@@ -241,7 +241,7 @@ def _deepspeed_peer(python: str, size: str, reps: int, warmup: int, rows: list) 
         )
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env["DS_ACCELERATOR"] = "cpu"
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_deepspeed_moe.py")
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_peer_deepspeed_moe.py")
         res = launch_local(
             script, [wpath, out, str(reps), str(warmup)], 2, timeout_s=280, env=env, python=python
         )

@@ -2,7 +2,7 @@
 
 Runs in its OWN virtual environment (DeepSpeed + the same torch; it does not import
 moe_framework), one process per rank, started by ``bench_expert_parallel --deepspeed-python PY``:
-``PY peer_deepspeed_moe.py WEIGHTS OUT REPS WARMUP``. WEIGHTS (written by the bench with
+``PY _peer_deepspeed_moe.py WEIGHTS OUT REPS WARMUP``. WEIGHTS (written by the bench with
 ``torch.save``, loaded with ``weights_only=True``) holds the router weight ``gate [E, d]``, the
 experts ``w_gate_up [E, d, 2h]`` / ``w_out [E, h, d]`` and each rank's tokens ``x<r> [T, d]``;
 the layer is set to the same function as ``MoELayer`` (softmax top-k renormalised, no token
