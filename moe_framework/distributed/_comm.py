@@ -15,7 +15,21 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
-__all__ = ["ExpertParallelError", "all_to_all", "all_to_all_counts", "all_reduce_sum"]
+__all__ = [
+    "ExpertParallelError",
+    "all_to_all",
+    "all_to_all_counts",
+    "all_reduce_sum",
+    "comm_device",
+]
+
+
+def comm_device(group) -> torch.device:
+    """Where a small tensor must live for a collective on ``group``: the current CUDA device for
+    NCCL, the CPU otherwise (gloo)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class ExpertParallelError(RuntimeError):

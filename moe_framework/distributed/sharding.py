@@ -20,7 +20,7 @@ from ..dispatch import TokenDispatcher
 from ..experts import CheckpointedExperts, ExpertBank
 from ..moe_layer import MoELayer
 from ..routing.base import Router
-from ._comm import ExpertParallelError, all_reduce_sum
+from ._comm import ExpertParallelError, all_reduce_sum, comm_device
 from .dispatcher import AllToAllDispatcher
 
 __all__ = [
@@ -137,9 +137,10 @@ def config_hash(
 
 
 def _check_same_config(h: int, group, what: str) -> None:
-    mine = torch.tensor([h], dtype=torch.int64)
+    dev = comm_device(group)
+    mine = torch.tensor([h], dtype=torch.int64, device=dev)
     n = dist.get_world_size(group)
-    got = [torch.zeros(1, dtype=torch.int64) for _ in range(n)]
+    got = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(n)]
     try:
         dist.all_gather(got, mine, group=group)
     except (RuntimeError, dist.DistError) as err:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._comm import all_reduce_sum
+from ._comm import all_reduce_sum, comm_device
 from .sharding import _info, expert_parallel, expert_parameters
 
 __all__ = ["clip_grad_norm_", "expert_parallel_system", "gather_reports", "open_readonly_graph"]
@@ -36,13 +36,14 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     the single-process call (``max_norm / (norm + 1e-6)``, at most 1). Returns the norm."""
     info = _info(model)
     experts = {id(p) for p in expert_parameters(model)}
-    dense_sq = torch.zeros((), dtype=torch.float64)
-    expert_sq = torch.zeros((), dtype=torch.float64)
+    dev = comm_device(info.ep_group)
+    dense_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    expert_sq = torch.zeros((), dtype=torch.float64, device=dev)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     for p in model.parameters():
         if p.grad is None:
             continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
+        sq = p.grad.detach().double().pow(2).sum().to(dev)
         if id(p) in experts:
             expert_sq += sq
         else:
