@@ -22,8 +22,9 @@ Two modes:
     source rank, first come first served in token order (:func:`~moe_framework.routing.capacity.
     apply_capacity`, exactly the single-process rule on the rank's own T tokens); every rank sends
     a ``[ep, E_l * C, d]`` buffer. Static shapes, no host synchronisation: the whole layer compiles
-    with ``torch.compile(fullgraph=True)`` and can be captured in a CUDA graph. Empty buffer rows
-    are computed and thrown away (the price of static shapes).
+    with ``torch.compile(fullgraph=True)`` (tested on gloo), which is what CUDA graph capture needs
+    too (capture with NCCL is not tested here: no GPU). Empty buffer rows are computed and thrown
+    away (the price of static shapes).
 
 Within an expert the received rows are ordered by source rank, then by token: the order the
 single-process layer sees on the concatenation of the ranks' batches, so the forward is bitwise
