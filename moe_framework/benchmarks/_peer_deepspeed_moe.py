@@ -60,6 +60,9 @@ def main() -> None:
         top2_2nd_expert_sampling=False,
         min_capacity=0,
     )
+    # What deepspeed.initialize would do: create the expert-parallel group and hand it to the
+    # gate (without it the dropless capacity is not agreed between the ranks).
+    moe.set_deepspeed_parallelism()
     with torch.no_grad():
         moe.deepspeed_moe.gate.wg.weight.copy_(gate)
         local = moe.deepspeed_moe.experts.deepspeed_experts
