@@ -164,6 +164,33 @@ def scenario_core(seed: int, rank: int, world: int) -> None:
             check_equal("replicated after reduce/update", o, t)
     assert lb.router.selection_bias.abs().sum() > 0
     scenario_compile(seed, rank, world)  # same processes: capacity mode under torch.compile
+    check_bad_arguments(seed)
+
+
+def check_bad_arguments(seed: int) -> None:
+    """Bad input: a ValueError naming the argument, expected and actual value."""
+    cases = [
+        (
+            lambda: expert_parallel(MoELayer.build(d_model=D, d_hidden=H, num_experts=3, k=1)),
+            "num_experts=3 must be divisible by the expert-parallel size ep=2",
+        ),
+        (lambda: expert_parallel(build(seed), mode="sparse"), "mode must be one of"),
+        (lambda: expert_parallel(build(seed), mode="capacity"), "needs capacity_factor"),
+        (
+            lambda: expert_parallel(build(seed), mode="capacity", capacity_factor=-1.0),
+            "capacity_factor, a float > 0, got -1.0",
+        ),
+        (lambda: expert_parallel(build(seed), capacity_tokens=4), "capacity_tokens must be None"),
+        (lambda: expert_parallel(torch.nn.Linear(2, 2)), "layer must be a MoELayer, got Linear"),
+        (lambda: expert_parallel(expert_parallel(build(seed))), "already expert-parallel"),
+    ]
+    for fn, want in cases:
+        try:
+            fn()
+        except ValueError as err:
+            assert want in str(err), f"{want!r} not in {err}"
+        else:
+            raise AssertionError(f"no ValueError for {want!r}")
 
 
 def ctx_ref(ref, x, dec):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 import moe_framework
 from moe_framework.distributed import launch_local
 
@@ -100,3 +102,15 @@ def test_dcp_reshard_4_2_1_bitwise_and_fsdp2_training_matches_single_process(see
     checkpoint.load(got, ckpt)
     for k, v in want.state_dict().items():
         assert torch.equal(got.state_dict()[k], v), k
+
+
+def test_expert_parallel_without_a_process_group_says_how_to_start_one():
+    import torch.distributed as dist
+
+    from moe_framework import MoELayer
+    from moe_framework.distributed import ExpertParallelError, expert_parallel
+
+    assert not dist.is_initialized()
+    layer = MoELayer.build(d_model=4, d_hidden=4, num_experts=2, k=1)
+    with pytest.raises(ExpertParallelError, match="init_distributed"):
+        expert_parallel(layer)
