@@ -8,6 +8,7 @@ averaged over every data rank, expert gradients reduced over the data-parallel r
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Iterator, NamedTuple, Optional, Sequence, cast
@@ -30,6 +31,7 @@ __all__ = [
     "expert_parallel_layers",
     "expert_parameters",
     "global_counts",
+    "global_routing_stats",
     "info_of",
     "reduce_gradients",
     "resolve_groups",
@@ -199,6 +201,13 @@ def expert_parallel(
                 "expert_parallel: mode='capacity' needs capacity_factor (or a router with one)"
             )
     bank = _bank_of(layer)
+    if getattr(layer.router, "auto_update_bias", False):
+        raise ValueError(
+            "expert_parallel: the router has auto_update_bias=True, which updates the bias from "
+            "each rank's own loads inside forward and would make the ranks' routers drift apart; "
+            "build it with auto_update_bias=False and call moe_framework.distributed."
+            "update_bias(model) after each optimizer step (global loads)"
+        )
     E = layer.num_experts
     ep = dist.get_world_size(ep_group)
     if E % ep != 0:
@@ -315,6 +324,28 @@ def global_counts(layer: MoELayer, counts: torch.Tensor) -> torch.Tensor:
         raise ValueError("global_counts: the layer is not expert-parallel")
     total = counts.detach().to(torch.int64).clone()
     return all_reduce_sum(total, info.data_group, "the global-load all-reduce")
+
+
+@torch.no_grad()
+def global_routing_stats(layer: MoELayer) -> dict:
+    """``layer.routing_stats()`` over every data rank's tokens: the router's accumulators (all
+    sums: loads, tokens, drops, entropy, loss sums) are all-reduced in a copy, ``steps`` stays
+    the per-rank step count. Collective: call it on every rank (each gets the same dict)."""
+    info = info_of(layer)
+    if info is None:
+        raise ValueError("global_routing_stats: the layer is not expert-parallel")
+    router = layer.router
+    stats = getattr(router, "stats", None)
+    if stats is None or not hasattr(stats, "routing_stats"):
+        raise ValueError(
+            f"global_routing_stats: the router ({type(router).__name__}) keeps no RoutingStats"
+        )
+    layer.routing_stats()  # raises, saying how to turn tracking on, when it is off
+    total = copy.deepcopy(stats)
+    for name, buf in total.named_buffers():
+        all_reduce_sum(buf, info.data_group, f"the all-reduce of the routing statistic {name}")
+    total.steps.div_(info.data_size, rounding_mode="floor")
+    return total.routing_stats()
 
 
 @torch.no_grad()

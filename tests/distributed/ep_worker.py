@@ -21,6 +21,7 @@ from moe_framework import MoELayer
 from moe_framework.distributed import (
     ExpertParallelError,
     expert_parallel,
+    global_routing_stats,
     init_distributed,
     reduce_gradients,
     update_bias,
@@ -89,6 +90,17 @@ def scenario_core(seed: int, rank: int, world: int) -> None:
     # Determinism: a second forward gives the same bits.
     y2, _ = layer(xs)
     check_equal("dropless determinism", y2, y)
+
+    # Routing statistics over every rank's tokens equal the single-process layer's on the whole
+    # batch (the loads are integer sums: exact).
+    ref_s = build(seed, track_stats=True)
+    ep_s = expert_parallel(build(seed, track_stats=True), None)
+    ref_s(x)
+    ep_s(x[sl])
+    got_s, want_s = global_routing_stats(ep_s), ref_s.routing_stats()
+    for key in ("tokens_per_expert", "tokens", "routed", "dropped", "steps"):
+        assert got_s[key] == want_s[key], (key, got_s[key], want_s[key])
+    assert abs(got_s["entropy"] - want_s["entropy"]) < 1e-6
 
     # --- skewed routing: every slot to the last rank's experts (the others receive nothing) ---
     T = 9
@@ -183,6 +195,10 @@ def check_bad_arguments(seed: int) -> None:
         (lambda: expert_parallel(build(seed), capacity_tokens=4), "capacity_tokens must be None"),
         (lambda: expert_parallel(torch.nn.Linear(2, 2)), "layer must be a MoELayer, got Linear"),
         (lambda: expert_parallel(expert_parallel(build(seed))), "already expert-parallel"),
+        (
+            lambda: expert_parallel(build(seed, bias_update_rate=0.1, auto_update_bias=True)),
+            "auto_update_bias=True",
+        ),
     ]
     for fn, want in cases:
         try:
