@@ -54,10 +54,20 @@ CLAMPED_SWIGLU_GATES: dict[str, tuple[str, str, bool]] = {
 }
 
 
-def _default_gate() -> Any:
+@torch._dynamo.assume_constant_result
+def _gate_rule(cls: type) -> tuple:
+    """What the `_apply_gate` of experts class `cls` is: ("default",) for transformers' default
+    gate, ("clamped", alpha attribute, limit attribute, interleaved) for a known clamped SwiGLU,
+    ("custom",) otherwise. A constant for torch.compile (read once per class when tracing)."""
     from transformers.integrations import moe as hf_moe
 
-    return getattr(hf_moe, "_default_apply_gate", None)
+    gate_fn = getattr(cls, "_apply_gate", None)
+    if gate_fn is None or gate_fn is getattr(hf_moe, "_default_apply_gate", None):
+        return ("default",)
+    spec = CLAMPED_SWIGLU_GATES.get(getattr(gate_fn, "__qualname__", ""))
+    if spec is not None:
+        return ("clamped", *spec)
+    return ("custom",)
 
 
 def _gate_of(module: nn.Module) -> tuple[str, Any]:
@@ -67,17 +77,16 @@ def _gate_of(module: nn.Module) -> tuple[str, Any]:
     ("none", act_fn) for non-gated experts."""
     if not getattr(module, "has_gate", True):
         return "none", module.act_fn
-    gate_fn = getattr(type(module), "_apply_gate", None)
-    if gate_fn is None or gate_fn is _default_gate():
+    rule = _gate_rule(type(module))
+    if rule[0] == "default":
         act = getattr(module, "act_fn", None)
         if act is None:
             return "custom", None
         if _is_silu(act) or type(act).__name__ == "SiLUActivation":
             return "silu", None
         return "act", act
-    spec = CLAMPED_SWIGLU_GATES.get(getattr(gate_fn, "__qualname__", ""))
-    if spec is not None and hasattr(module, spec[0]) and hasattr(module, spec[1]):
-        return "clamped", (float(getattr(module, spec[0])), float(getattr(module, spec[1])), spec[2])
+    if rule[0] == "clamped" and hasattr(module, rule[1]) and hasattr(module, rule[2]):
+        return "clamped", (float(getattr(module, rule[1])), float(getattr(module, rule[2])), rule[3])
     return "custom", None
 
 

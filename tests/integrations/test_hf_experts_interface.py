@@ -12,6 +12,7 @@ from conftest import TOLERANCES
 transformers = pytest.importorskip("transformers")
 hf_moe = pytest.importorskip("transformers.integrations.moe")
 
+from moe_framework.integrations import hf_experts  # noqa: E402
 from moe_framework.integrations import transformers as integ  # noqa: E402
 
 COMMON = dict(
@@ -128,13 +129,13 @@ def test_greedy_generate_takes_the_decode_path_and_matches_eager(seed, monkeypat
     model.eval()
     prompt = torch.randint(0, COMMON["vocab_size"], (1, 7), generator=gen)
     calls = []
-    real = integ.hf_experts.ops.moe_decode
+    real = hf_experts.ops.moe_decode
 
     def spy(*a, **k):
         calls.append(a[0].shape[0])
         return real(*a, **k)
 
-    monkeypatch.setattr(integ.hf_experts.ops, "moe_decode", spy)
+    monkeypatch.setattr(hf_experts.ops, "moe_decode", spy)
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     model.set_experts_implementation("eager")
     ref = model.generate(prompt, **kw)
