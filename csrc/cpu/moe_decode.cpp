@@ -167,8 +167,7 @@ MOE_TARGET_AVX2_FMA void tasks_avx2(const Problem<scalar_t>& P, int64_t blocks, 
 }
 #endif
 template <bool kDown, typename scalar_t>
-void tasks_base(const Problem<scalar_t>& P, int64_t blocks, int64_t width, int64_t t0,
-                int64_t t1) {
+void tasks_base(const Problem<scalar_t>& P, int64_t blocks, int64_t width, int64_t t0, int64_t t1) {
   run_tasks<kDown>(P, blocks, width, t0, t1);
 }
 
@@ -187,14 +186,14 @@ void run_pass(const Problem<scalar_t>& P, int64_t groups, int64_t width) {
 void check_inputs(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
                   const at::Tensor& w_in, const at::Tensor& w_out, bool trans_b) {
   const char* op = "moe_decode";
-  check_same_device(op, {{"x", x}, {"ids", ids}, {"weights", weights}, {"w_in", w_in},
-                         {"w_out", w_out}});
+  check_same_device(
+      op, {{"x", x}, {"ids", ids}, {"weights", weights}, {"w_in", w_in}, {"w_out", w_out}});
   TORCH_CHECK(x.dim() == 2, op, ": x must be [T, d], got shape ", x.sizes());
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op,
               ": x must have dtype in {Float, Double, BFloat16, Half}, got ", st);
-  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == x.size(0), op, ": ids must be [T, k] = [",
-              x.size(0), ", k], got shape ", ids.sizes());
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == x.size(0), op, ": ids must be [T, k] = [", x.size(0),
+              ", k], got shape ", ids.sizes());
   TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, op,
               ": ids must be int32 or int64, got ", ids.scalar_type());
   TORCH_CHECK(weights.sizes() == ids.sizes(), op, ": weights must be [T, k] = ", ids.sizes(),
@@ -215,8 +214,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& 
   const int64_t h = two_h / 2;
   const bool out_ok = w_out.size(0) == E && (trans_b ? (w_out.size(1) == d && w_out.size(2) == h)
                                                      : (w_out.size(1) == h && w_out.size(2) == d));
-  TORCH_CHECK(out_ok, op, ": w_out must be ", trans_b ? "[E, d, h] = [" : "[E, h, d] = [", E,
-              ", ", trans_b ? d : h, ", ", trans_b ? h : d, "], got ", w_out.sizes());
+  TORCH_CHECK(out_ok, op, ": w_out must be ", trans_b ? "[E, d, h] = [" : "[E, h, d] = [", E, ", ",
+              trans_b ? d : h, ", ", trans_b ? h : d, "], got ", w_out.sizes());
 }
 
 at::Tensor moe_decode_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
@@ -243,8 +242,7 @@ at::Tensor moe_decode_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
                 ") or -1 (dropped), got ", id[s], " at slot ", s);
     if (id[s] >= 0) order.push_back(s);
   }
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return id[a] < id[b]; });
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return id[a] < id[b]; });
   const int64_t nv = static_cast<int64_t>(order.size());
   std::vector<int64_t> pos(n, -1), token(nv), gexp, gbeg;
   for (int64_t p = 0; p < nv; ++p) {
@@ -303,6 +301,8 @@ at::Tensor moe_decode_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moe_framework, CPU, m) { m.impl("moe_decode", &moe_decode_cpu); }
+TORCH_LIBRARY_IMPL(moe_framework, CPU, m) {
+  m.impl("moe_decode", &moe_decode_cpu);
+}
 
 }  // namespace moe_framework

@@ -104,8 +104,9 @@ at::Tensor moe_decode_cuda(const at::Tensor& x_in, const at::Tensor& ids_in,
                            const at::Tensor& weights_in, const at::Tensor& w_in,
                            const at::Tensor& w_out, bool trans_b) {
   const char* op = "moe_decode";
-  check_same_device(op, {{"x", x_in}, {"ids", ids_in}, {"weights", weights_in}, {"w_in", w_in},
-                         {"w_out", w_out}});
+  check_same_device(
+      op,
+      {{"x", x_in}, {"ids", ids_in}, {"weights", weights_in}, {"w_in", w_in}, {"w_out", w_out}});
   TORCH_CHECK(x_in.dim() == 2 && ids_in.dim() == 2 && weights_in.sizes() == ids_in.sizes() &&
                   ids_in.size(0) == x_in.size(0),
               op, ": x must be [T, d], ids and weights [T, k], got ", x_in.sizes(), ", ",
@@ -142,17 +143,17 @@ at::Tensor moe_decode_cuda(const at::Tensor& x_in, const at::Tensor& ids_in,
     }
     if (h > 0) {
       down_kernel<scalar_t, acc><<<dim3(n, (d + kWarps - 1) / kWarps), block, 0, stream>>>(
-          a.const_data_ptr<acc>(), ids.const_data_ptr<int64_t>(),
-          w_out.const_data_ptr<scalar_t>(), w_out.stride(0), w_out.stride(1), w_out.stride(2),
-          trans_b, d, h, E, y.mutable_data_ptr<acc>());
+          a.const_data_ptr<acc>(), ids.const_data_ptr<int64_t>(), w_out.const_data_ptr<scalar_t>(),
+          w_out.stride(0), w_out.stride(1), w_out.stride(2), trans_b, d, h, E,
+          y.mutable_data_ptr<acc>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       y.zero_();
     }
     const int64_t total = T * d;
     combine_kernel<scalar_t, acc><<<(total + 255) / 256, 256, 0, stream>>>(
-        y.const_data_ptr<acc>(), ids.const_data_ptr<int64_t>(), wts.const_data_ptr<acc>(), T, k,
-        d, E, out.mutable_data_ptr<scalar_t>());
+        y.const_data_ptr<acc>(), ids.const_data_ptr<int64_t>(), wts.const_data_ptr<acc>(), T, k, d,
+        E, out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -160,6 +161,8 @@ at::Tensor moe_decode_cuda(const at::Tensor& x_in, const at::Tensor& ids_in,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moe_framework, CUDA, m) { m.impl("moe_decode", &moe_decode_cuda); }
+TORCH_LIBRARY_IMPL(moe_framework, CUDA, m) {
+  m.impl("moe_decode", &moe_decode_cuda);
+}
 
 }  // namespace moe_framework

@@ -29,7 +29,7 @@ triad bandwidth measured in the same run (``common.roofline``): the decode roofl
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -46,7 +46,8 @@ def family_model(family: str, d: int, *, layers: int = 1, vocab: int = 256):
     import transformers as tf
 
     heads = max(1, d // 64)
-    common_kw = dict(
+    cfg: Any
+    common_kw: dict[str, Any] = dict(
         hidden_size=d,
         num_hidden_layers=layers,
         num_attention_heads=heads,
@@ -55,29 +56,52 @@ def family_model(family: str, d: int, *, layers: int = 1, vocab: int = 256):
         max_position_embeddings=4096,
     )
     if family == "mixtral":  # 8 experts, top-2, h = 2 d (3.5 d in the original)
-        cfg = tf.MixtralConfig(**common_kw, intermediate_size=2 * d, num_local_experts=8,
-                               num_experts_per_tok=2)
+        cfg = tf.MixtralConfig(
+            **common_kw, intermediate_size=2 * d, num_local_experts=8, num_experts_per_tok=2
+        )
         return tf.MixtralForCausalLM(cfg)
     if family == "qwen3_moe":  # 64 experts (128 in the original), top-8, h = 0.375 d
-        cfg = tf.Qwen3MoeConfig(**common_kw, intermediate_size=3 * d, moe_intermediate_size=3 * d // 8,
-                                num_experts=64, num_experts_per_tok=8, norm_topk_prob=True,
-                                head_dim=64)
+        cfg = tf.Qwen3MoeConfig(
+            **common_kw,
+            intermediate_size=3 * d,
+            moe_intermediate_size=3 * d // 8,
+            num_experts=64,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+        )
         return tf.Qwen3MoeForCausalLM(cfg)
     if family == "olmoe":  # 64 experts, top-8, h = d / 2
-        cfg = tf.OlmoeConfig(**common_kw, intermediate_size=d // 2, num_experts=64,
-                             num_experts_per_tok=8)
+        cfg = tf.OlmoeConfig(
+            **common_kw, intermediate_size=d // 2, num_experts=64, num_experts_per_tok=8
+        )
         return tf.OlmoeForCausalLM(cfg)
     if family == "gpt_oss":  # 32 experts, top-4, h = d, biases, clamped SwiGLU
-        cfg = tf.GptOssConfig(**common_kw, intermediate_size=d, num_local_experts=32,
-                              num_experts_per_tok=4, head_dim=64)
+        cfg = tf.GptOssConfig(
+            **common_kw,
+            intermediate_size=d,
+            num_local_experts=32,
+            num_experts_per_tok=4,
+            head_dim=64,
+        )
         return tf.GptOssForCausalLM(cfg)
     if family == "deepseek_v3":  # 64 routed experts in 8 groups, top-8, h = d / 4, 1 shared
         common_kw["num_key_value_heads"] = heads  # MLA: as many KV heads as query heads
-        cfg = tf.DeepseekV3Config(**common_kw, intermediate_size=3 * d, moe_intermediate_size=d // 4,
-                                  n_routed_experts=64, n_shared_experts=1, num_experts_per_tok=8,
-                                  n_group=8, topk_group=4, first_k_dense_replace=0,
-                                  kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=32,
-                                  qk_nope_head_dim=32, v_head_dim=64)
+        cfg = tf.DeepseekV3Config(
+            **common_kw,
+            intermediate_size=3 * d,
+            moe_intermediate_size=d // 4,
+            n_routed_experts=64,
+            n_shared_experts=1,
+            num_experts_per_tok=8,
+            n_group=8,
+            topk_group=4,
+            first_k_dense_replace=0,
+            kv_lora_rank=64,
+            q_lora_rank=96,
+            qk_rope_head_dim=32,
+            qk_nope_head_dim=32,
+            v_head_dim=64,
+        )
         return tf.DeepseekV3ForCausalLM(cfg)
     raise ValueError(f"bench_hf: unknown family {family!r}")
 
@@ -152,7 +176,7 @@ def bench_block(family, d, dtype, T, threads, *, backward, rounds, compile_, min
             if name in best and best[name] != best[name]:
                 continue
 
-            def step():
+            def step(fn=fn):
                 state["i"] = (state["i"] + 1) % pool
                 fn(xs[state["i"]], backward)
 
@@ -169,7 +193,9 @@ def main(argv=None) -> None:
     p.add_argument("--backward-tokens", type=int, nargs="*", default=None)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contenders")
+    p.add_argument(
+        "--no-compile", action="store_true", help="leave out the torch.compile contenders"
+    )
     p.add_argument("--decode-bw", action="store_true", help="the decode weight-streaming rate")
     a = p.parse_args(argv)
     load0 = os.getloadavg()
@@ -186,24 +212,57 @@ def main(argv=None) -> None:
             for th in threads:
                 cells = [(T, False) for T in tokens] + [(T, True) for T in btokens]
                 for T, bwd in cells:
-                    best = bench_block(fam, a.d_model, DTYPES[dt], T, th, backward=bwd,
-                                       rounds=rounds, compile_=not a.no_compile, min_time=min_time)
+                    best = bench_block(
+                        fam,
+                        a.d_model,
+                        DTYPES[dt],
+                        T,
+                        th,
+                        backward=bwd,
+                        rounds=rounds,
+                        compile_=not a.no_compile,
+                        min_time=min_time,
+                    )
                     ours = best["moe_framework"]
-                    others = {k: v for k, v in best.items() if not k.startswith("moe_framework") and v == v}
-                    ours_best = min(v for k, v in best.items() if k.startswith("moe_framework") and v == v)
+                    others = {
+                        k: v
+                        for k, v in best.items()
+                        if not k.startswith("moe_framework") and v == v
+                    }
+                    ours_best = min(
+                        v for k, v in best.items() if k.startswith("moe_framework") and v == v
+                    )
                     rival = min(others, key=lambda k: others[k])
-                    row = {"family": fam, "dtype": dt, "threads": th, "T": T,
-                           "pass": "fwd+bwd" if bwd else "fwd"}
+                    row = {
+                        "family": fam,
+                        "dtype": dt,
+                        "threads": th,
+                        "T": T,
+                        "pass": "fwd+bwd" if bwd else "fwd",
+                    }
                     row.update({f"{k}_ms": v * 1e3 for k, v in best.items()})
-                    row.update({"best_rival": rival, "ratio": others[rival] / ours_best,
-                                "vs_default": best["grouped_mm"] / ours})
+                    row.update(
+                        {
+                            "best_rival": rival,
+                            "ratio": others[rival] / ours_best,
+                            "vs_default": best["grouped_mm"] / ours,
+                        }
+                    )
                     rows.append(row)
                     print(row, flush=True)
-    cols = ["family", "dtype", "threads", "T", "pass"] + [
-        c for c in rows[0] if c.endswith("_ms")] + ["best_rival", "ratio", "vs_default"]
+    cols = (
+        ["family", "dtype", "threads", "T", "pass"]
+        + [c for c in rows[0] if c.endswith("_ms")]
+        + ["best_rival", "ratio", "vs_default"]
+    )
     table = common.print_table(rows, cols, title="HF MoE block: ms per call (best round)")
-    payload = {"machine": common.machine_info(), "rows": rows, "table": table,
-               "argv": argv, "quick": a.quick}
+    payload = {
+        "machine": common.machine_info(),
+        "rows": rows,
+        "table": table,
+        "argv": argv,
+        "quick": a.quick,
+    }
     if a.decode_bw:
         payload["decode_bw"] = decode_bandwidth(families, a.d_model, threads, min_time)
     payload["loadavg_start"], payload["loadavg_end"] = load0, os.getloadavg()
@@ -223,22 +282,31 @@ def decode_bandwidth(families, d, threads, min_time) -> list:
             block = _block(model)
             ex = block.experts
             k = model.config.num_experts_per_tok
-            w_bytes = sum(p[0].numel() * p.element_size() for n, p in ex.named_parameters()
-                          if n in ("gate_up_proj", "down_proj"))
+            w_bytes = sum(
+                p[0].numel() * p.element_size()
+                for n, p in ex.named_parameters()
+                if n in ("gate_up_proj", "down_proj")
+            )
             g = torch.Generator().manual_seed(2)
             pool = [torch.randn(1, 1, d, generator=g) for _ in range(256)]
             state = {"i": 0}
 
-            def step():
+            def step(state=state, pool=pool, block=block):
                 state["i"] = (state["i"] + 1) % len(pool)
                 with torch.no_grad():
                     _call(block, pool[state["i"]])
 
             t = common.timeit(step, warmup=5, min_time=min_time)["median_s"]
             gbs = k * w_bytes / t / 1e9
-            row = {"family": fam, "threads": th, "ms": t * 1e3, "GB/s": gbs,
-                   "triad_GB/s": roof["triad_gbs"], "%triad": 100 * gbs / roof["triad_gbs"],
-                   "total_expert_MB": ex.gate_up_proj.numel() * 4 * 1.5 / 1e6}
+            row = {
+                "family": fam,
+                "threads": th,
+                "ms": t * 1e3,
+                "GB/s": gbs,
+                "triad_GB/s": roof["triad_gbs"],
+                "%triad": 100 * gbs / roof["triad_gbs"],
+                "total_expert_MB": ex.gate_up_proj.numel() * 4 * 1.5 / 1e6,
+            }
             out.append(row)
     common.print_table(out, title="decode weight streaming (ours, T = 1, fp32)")
     return out

@@ -86,7 +86,11 @@ def _gate_of(module: nn.Module) -> tuple[str, Any]:
             return "silu", None
         return "act", act
     if rule[0] == "clamped" and hasattr(module, rule[1]) and hasattr(module, rule[2]):
-        return "clamped", (float(getattr(module, rule[1])), float(getattr(module, rule[2])), rule[3])
+        return "clamped", (
+            float(getattr(module, rule[1])),
+            float(getattr(module, rule[2])),
+            rule[3],
+        )
     return "custom", None
 
 
@@ -95,7 +99,7 @@ def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
 
 
 def moe_framework_experts_forward(
-    self: nn.Module,
+    self: Any,
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
@@ -177,7 +181,13 @@ def moe_framework_experts_forward(
         y_sorted = ops.grouped_gemm(a.to(w_out.dtype), w_out, offsets, trans_b=trans_b)
         if b_out is not None and rows_expert is not None:
             y_sorted = y_sorted + _row_bias(b_out, rows_expert)
-    y = ops.unpermute(y_sorted, row_of_slot, weights.to(y_sorted.dtype) if weights.dtype not in (torch.float32, y_sorted.dtype) else weights)
+    y = ops.unpermute(
+        y_sorted,
+        row_of_slot,
+        weights.to(y_sorted.dtype)
+        if weights.dtype not in (torch.float32, y_sorted.dtype)
+        else weights,
+    )
     return y.to(hidden_states.dtype)
 
 

@@ -81,7 +81,8 @@ def _spec_of(module: nn.Module) -> Optional[dict]:
     }
 
 
-def _fused_forward(self: nn.Module, hidden_states: torch.Tensor):
+def _fused_forward(self: Any, hidden_states: torch.Tensor):
+    # self: the HF router module (weight, optional bias / e_score_correction_bias, the spec).
     spec = self._moe_framework_route
     x = hidden_states.reshape(-1, self.weight.shape[1])
     if spec["fp32_logits"]:
@@ -121,7 +122,7 @@ def _same_routing(ref, new, dtype: torch.dtype) -> Optional[str]:
     return None
 
 
-def _probe(module: nn.Module, spec: dict) -> Optional[str]:
+def _probe(module: Any, spec: dict) -> Optional[str]:
     w = module.weight
     gen = torch.Generator(device="cpu").manual_seed(1234)
     x = torch.randn(32, w.shape[1], generator=gen).to(device=w.device, dtype=w.dtype)

@@ -34,8 +34,14 @@ def _model(family: str, **kw):
         return transformers.MixtralForCausalLM(cfg)
     if family == "qwen3_moe":
         cfg = transformers.Qwen3MoeConfig(
-            **COMMON, intermediate_size=40, moe_intermediate_size=24, num_experts=8,
-            num_experts_per_tok=3, norm_topk_prob=True, head_dim=8, **kw,
+            **COMMON,
+            intermediate_size=40,
+            moe_intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=3,
+            norm_topk_prob=True,
+            head_dim=8,
+            **kw,
         )
         return transformers.Qwen3MoeForCausalLM(cfg)
     if family == "olmoe":
@@ -45,16 +51,31 @@ def _model(family: str, **kw):
         return transformers.OlmoeForCausalLM(cfg)
     if family == "gpt_oss":
         cfg = transformers.GptOssConfig(
-            **COMMON, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2,
-            head_dim=8, **kw,
+            **COMMON,
+            intermediate_size=24,
+            num_local_experts=6,
+            num_experts_per_tok=2,
+            head_dim=8,
+            **kw,
         )
         return transformers.GptOssForCausalLM(cfg)
     if family == "deepseek_v3":
         cfg = transformers.DeepseekV3Config(
-            **{**COMMON, "num_key_value_heads": COMMON["num_attention_heads"]}, intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
-            n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-            first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
-            qk_nope_head_dim=8, v_head_dim=8, **kw,
+            **{**COMMON, "num_key_value_heads": COMMON["num_attention_heads"]},
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=0,
+            kv_lora_rank=16,
+            q_lora_rank=24,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            **kw,
         )
         return transformers.DeepseekV3ForCausalLM(cfg)
     raise ValueError(family)
@@ -65,7 +86,7 @@ FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3"]
 
 def _randomise(model, gen):
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() > 1 else 0.1))
         for name, b in model.named_buffers():
             if "correction_bias" in name:
@@ -78,7 +99,9 @@ def _logits_and_grads(model, impl, ids):
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     grads = {
-        n: p.grad.clone() for n, p in model.named_parameters() if ".experts." in n and p.grad is not None
+        n: p.grad.clone()
+        for n, p in model.named_parameters()
+        if ".experts." in n and p.grad is not None
     }
     return out.logits.detach(), grads
 
@@ -102,7 +125,7 @@ def test_model_logits_and_expert_gradients_match_eager(family, seed):
     torch.testing.assert_close(logits, ref_logits, **tol)
     assert ref_grads and set(grads) == set(ref_grads)
     for n, g in ref_grads.items():
-        torch.testing.assert_close(grads[n], g, **tol, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(grads[n], g, **tol, msg=lambda m, n=n: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])

@@ -16,7 +16,12 @@ TOL = TOLERANCES["elementwise"]
 
 def _shapes(g):
     H = int(torch.randint(1, 40, (1,), generator=g))
-    return [(int(torch.randint(1, 30, (1,), generator=g)), 2 * H), (3, 5, 2 * 17), (7, 2), (0, 2 * H)]
+    return [
+        (int(torch.randint(1, 30, (1,), generator=g)), 2 * H),
+        (3, 5, 2 * 17),
+        (7, 2),
+        (0, 2 * H),
+    ]
 
 
 def _h(shape, g, dtype):
@@ -49,12 +54,19 @@ def test_clamped_swiglu_non_contiguous_and_gradcheck(seed):
     g = torch.Generator().manual_seed(seed)
     h = _h((9, 2 * 11 + 3), g, torch.float64)[:, :22]
     torch.testing.assert_close(
-        ops.clamped_swiglu(h, 1.5, 5.0), clamped_swiglu_reference(h, 1.5, 5.0), rtol=1e-12, atol=1e-12
+        ops.clamped_swiglu(h, 1.5, 5.0),
+        clamped_swiglu_reference(h, 1.5, 5.0),
+        rtol=1e-12,
+        atol=1e-12,
     )
     hd = _h((4, 2 * 5), g, torch.float64).requires_grad_(True)
     for inter in (True, False):
-        assert torch.autograd.gradcheck(lambda t: ops.clamped_swiglu(t, 1.702, 7.0, inter), (hd,))
-        assert torch.autograd.gradgradcheck(lambda t: ops.clamped_swiglu(t, 1.702, 7.0, inter), (hd,))
+
+        def f(t, inter=inter):
+            return ops.clamped_swiglu(t, 1.702, 7.0, inter)
+
+        assert torch.autograd.gradcheck(f, (hd,))
+        assert torch.autograd.gradgradcheck(f, (hd,))
 
 
 def test_opcheck_and_compile(seed):

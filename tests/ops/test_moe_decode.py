@@ -48,7 +48,9 @@ def test_moe_decode_dropped_slots_repeats_zero_size_and_strides(seed):
     ids[1, 0] = -1
     ids[2] = torch.tensor([5, 5, 5], dtype=ids.dtype)  # one expert for every slot of a token
     got = ops.moe_decode(x, ids, w, w_in, w_out, True)
-    torch.testing.assert_close(got, moe_decode_reference(x, ids, w, w_in, w_out, True), **TOL[torch.float32])
+    torch.testing.assert_close(
+        got, moe_decode_reference(x, ids, w, w_in, w_out, True), **TOL[torch.float32]
+    )
     # Non-contiguous weights (a transposed view) and int64 ids give the same result.
     w_in_t = w_in.transpose(1, 2).contiguous().transpose(1, 2)
     got2 = ops.moe_decode(x, ids.long(), w, w_in_t, w_out, True)
@@ -75,8 +77,11 @@ def test_moe_decode_is_deterministic_across_thread_counts(seed):
 def test_moe_decode_opcheck_and_compile(seed):
     g = torch.Generator().manual_seed(seed)
     x, ids, w, w_in, w_out = _problem(g, 2, 2, 4, 8, 6, torch.float32, True)
-    opcheck(OPS.moe_decode.default, (x, ids, w, w_in, w_out, True), test_utils=(
-        "test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    opcheck(
+        OPS.moe_decode.default,
+        (x, ids, w, w_in, w_out, True),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+    )
     f = torch.compile(lambda *a: ops.moe_decode(*a, True), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(f(x, ids, w, w_in, w_out), ops.moe_decode(x, ids, w, w_in, w_out))
 
@@ -93,8 +98,11 @@ def test_moe_decode_opcheck_and_compile(seed):
 )
 def test_moe_decode_bad_input_raises_clear_error(change, match):
     args = dict(
-        x=torch.randn(1, 8), ids=torch.tensor([[0, 1]]), weights=torch.rand(1, 2),
-        w_in=torch.randn(4, 12, 8), w_out=torch.randn(4, 8, 6),
+        x=torch.randn(1, 8),
+        ids=torch.tensor([[0, 1]]),
+        weights=torch.rand(1, 2),
+        w_in=torch.randn(4, 12, 8),
+        w_out=torch.randn(4, 8, 6),
     )
     args.update(change)
     with pytest.raises(RuntimeError, match=match):
@@ -109,4 +117,6 @@ def test_cuda_moe_decode_matches_cpu(seed, dtype, trans_b):
     x, ids, w, w_in, w_out = _problem(g, 8, 8, 16, 33, 70, dtype, trans_b)
     ids[0, 0] = -1
     got = ops.moe_decode(x.cuda(), ids.cuda(), w.cuda(), w_in.cuda(), w_out.cuda(), trans_b)
-    torch.testing.assert_close(got.cpu(), ops.moe_decode(x, ids, w, w_in, w_out, trans_b), **TOL[dtype])
+    torch.testing.assert_close(
+        got.cpu(), ops.moe_decode(x, ids, w, w_in, w_out, trans_b), **TOL[dtype]
+    )

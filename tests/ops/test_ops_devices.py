@@ -59,7 +59,14 @@ def _cases():
             {0: "grad", 1: "h"},
         ),
         "moe_decode": (
-            (torch.randn(4, 3), ids, torch.rand(4, 2), torch.randn(4, 10, 3), torch.randn(4, 3, 5), True),
+            (
+                torch.randn(4, 3),
+                ids,
+                torch.rand(4, 2),
+                torch.randn(4, 10, 3),
+                torch.randn(4, 3, 5),
+                True,
+            ),
             {0: "x", 1: "ids", 2: "weights", 3: "w_in", 4: "w_out"},
         ),
         "kg_search": (

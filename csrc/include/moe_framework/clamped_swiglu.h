@@ -52,8 +52,8 @@ MOE_HD void backward(T dy, T gate, T up, T alpha, T limit, T& dgate, T& dup) {
 
 inline void check_args(const at::Tensor& h, double limit, const char* op) {
   swiglu::check_h(h, op);
-  TORCH_CHECK(std::isfinite(limit) && limit >= 0, op,
-              ": limit must be a finite number >= 0, got ", limit);
+  TORCH_CHECK(std::isfinite(limit) && limit >= 0, op, ": limit must be a finite number >= 0, got ",
+              limit);
 }
 
 }  // namespace clamped_swiglu
