@@ -149,7 +149,19 @@ def _contenders(model, block, compile_: bool) -> dict[str, Callable]:
     return out
 
 
-def bench_block(family, d, dtype, T, threads, *, backward, rounds, compile_, min_time, pool=8):
+def bench_block(
+    family: str,
+    d: int,
+    dtype: torch.dtype,
+    T: int,
+    threads: int,
+    *,
+    backward: bool,
+    rounds: int,
+    compile_: bool,
+    min_time: float,
+    pool: int = 8,
+) -> dict[str, float]:
     torch.set_num_threads(threads)
     model = family_model(family, d)
     _init(model)
@@ -163,7 +175,8 @@ def bench_block(family, d, dtype, T, threads, *, backward, rounds, compile_, min
     fns = _contenders(model, block, compile_)
     best: dict[str, float] = {}
     for name, fn in fns.items():  # warm up (and compile) every contender once
-        torch._dynamo.reset() if name.endswith("+compile") else None
+        if name.endswith("+compile"):
+            torch._dynamo.reset()
         try:
             fn(xs[0], backward)
             fn(xs[1 % pool], backward)
