@@ -74,7 +74,7 @@ TORCH_LIBRARY(moe_framework, m) {
       "-> Tensor");
   // y [T, d] = sum_j weights[t, j] * FFN_{ids[t, j]}(x[t]) (SwiGLU experts, w_in [E, d, 2h] and
   // w_out [E, h, d], or [E, 2h, d] / [E, d, h] with trans_b): each selected expert's weights read
-  // once for all its tokens; ids -1 = dropped slot. For few tokens (T*k <= 64), no autograd.
+  // once for all its tokens; ids -1 = dropped slot. For few tokens (T*k <= 4E), no autograd.
   m.def(
       "moe_decode(Tensor x, Tensor ids, Tensor weights, Tensor w_in, Tensor w_out, bool trans_b) "
       "-> Tensor");

@@ -1,4 +1,4 @@
-// CPU kernel of moe_decode: a whole SwiGLU MoE experts step for a few tokens (decode, T*k <= 64)
+// CPU kernel of moe_decode: a whole SwiGLU MoE experts step for a few tokens (decode, T*k <= 4E)
 // in one op, reading each selected expert's weights once.
 //
 // The general path (permute -> grouped_gemm -> swiglu -> grouped_gemm -> unpermute) is built for

@@ -7,7 +7,7 @@ best round of each):
   * ``eager``, ``grouped_mm``, ``batched_mm``: transformers' experts implementations;
   * ``moe_framework``: ours (``model.set_experts_implementation("moe_framework")``: permute ->
     grouped GEMM -> fused gate -> grouped GEMM -> unpermute; the fused ``moe_decode`` op when
-    ``T * k <= 64`` and no gradient is needed);
+    ``T * k <= 4 E`` and no gradient is needed);
   * ``*+compile``: ``torch.compile`` of the block with that implementation.
 
 Cells: the model's MoE block (router + experts, + shared experts where the family has them) at

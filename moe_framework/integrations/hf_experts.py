@@ -13,7 +13,7 @@ under the name ``"moe_framework"``, so
 
 (or ``from_pretrained(..., experts_implementation="moe_framework")``) runs the model's experts as
 ``ops.permute -> ops.grouped_gemm -> gate -> ops.grouped_gemm -> ops.unpermute`` on the module's
-own parameters (no copy), or, for a few tokens without gradient (decode, ``T * k <= 64``), as the
+own parameters (no copy), or, for a few tokens without gradient (decode: ``T * k <= 4 E``), as the
 single fused ``ops.moe_decode``.
 
 Every flag of the decorator is honoured: ``is_transposed`` (weights ``[E, in, out]``: the grouped
@@ -147,7 +147,7 @@ def moe_framework_experts_forward(
     if (
         kind == "silu"
         and b_in is None
-        and T * k <= ops.DECODE_MAX_SLOTS
+        and T * k <= ops.DECODE_SLOTS_PER_EXPERT * num_experts
         and not _needs_grad(x, weights, w_in, w_out)
     ):
         y = ops.moe_decode(x, top_k_index, weights, w_in, w_out, trans_b)

@@ -6,7 +6,8 @@ wake-ups, panel packing for one row) that dominate the few weight rows it actual
 ``moe_decode`` is one op: slots grouped by expert, each selected expert's weights read once for all
 its tokens, the hidden activation kept in float32, the k outputs of a token combined in slot order.
 Inference only (no autograd): :func:`moe_framework.integrations.hf_experts.moe_framework_experts_forward`
-takes it when ``T * k <= DECODE_MAX_SLOTS`` and no gradient is needed.
+takes it when ``T * k <= DECODE_SLOTS_PER_EXPERT * E`` (at most 4 rows per expert on average)
+and no gradient is needed.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import torch
 
 from ._checks import check_same_device
 
-__all__ = ["DECODE_MAX_SLOTS", "moe_decode", "moe_decode_reference"]
+__all__ = ["DECODE_SLOTS_PER_EXPERT", "moe_decode", "moe_decode_reference"]
 
-# The largest T*k for which callers should prefer moe_decode over the general path.
-DECODE_MAX_SLOTS = 64
+# Callers prefer moe_decode over the general path while T*k <= DECODE_SLOTS_PER_EXPERT * E: measured
+# (docs/performance.md, fp32, 1 thread) 3.5x faster at 4 slots per expert with 64 experts (Qwen3
+# shape), 2x with 8 experts (Mixtral); at 8 per expert a tie for Mixtral, 2x for Qwen3.
+DECODE_SLOTS_PER_EXPERT = 4
 
 
 def moe_decode(
