@@ -388,13 +388,21 @@ class MoELayer(nn.Module):
         # The router module seen through its Router members (for the type checker).
         return cast(Router, self.supervisor)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        *,
+        context: Optional[torch.Tensor] = None,
+    ):
         """x ``[..., d]`` -> ``(y [..., d], RoutingInfo)``.
 
         mask: optional bool ``[...]`` (x's shape without d), True for real tokens; padding tokens
         are routed nowhere (their routed output is 0), use no capacity and are left out of the
         balancing losses and telemetry. For x ``[B, S, d]`` the router also gets ``seq_len=S``
         (per-sequence load balancing).
+        context: optional ``[..., c]`` (x's shape without d, then the context width) for a
+        context-aware router (``ContextRouter``), passed as ``context=`` ``[T, c]``.
         """
         if self.d_model is not None and x.shape[-1] != self.d_model:
             raise ValueError(
@@ -407,7 +415,17 @@ class MoELayer(nn.Module):
             )
         x2 = x.reshape(-1, x.shape[-1])
         seq_len = x.shape[-2] if x.dim() >= 3 else None
-        decision = self.router(x2, None if mask is None else mask.reshape(-1), seq_len=seq_len)
+        flat_mask = None if mask is None else mask.reshape(-1)
+        if context is None:
+            decision = self.router(x2, flat_mask, seq_len=seq_len)
+        else:
+            if tuple(context.shape[:-1]) != tuple(x.shape[:-1]):
+                raise ValueError(
+                    f"MoELayer: context must have shape {tuple(x.shape[:-1])} + (context_dim,), "
+                    f"got {tuple(context.shape)}"
+                )
+            ctx2 = context.reshape(-1, context.shape[-1])
+            decision = self.router(x2, flat_mask, seq_len=seq_len, context=ctx2)
         x_sorted, offsets, ctx = self.dispatcher.dispatch(x2, decision)
         y_sorted = self.experts(x_sorted, offsets)
         y = self.dispatcher.combine(y_sorted, ctx)

@@ -270,6 +270,8 @@ class MixtureOfExpertsSystem(nn.Module):
         batch: Union[Sequence[torch.Tensor], dict],
         optimizer: torch.optim.Optimizer,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+        *,
+        options: Optional[training.TrainingOptions] = None,
     ) -> StepResult:
         """One optimisation step on ``batch = (inputs, targets)`` (or ``{"inputs", "targets"}``).
 
@@ -280,11 +282,14 @@ class MixtureOfExpertsSystem(nn.Module):
         update, and frees gradients (``zero_grad(set_to_none=True)``). Every
         ``config.consolidation_interval`` steps it runs :meth:`consolidate` and every
         ``config.kg_checkpoint_interval`` steps it snapshots the knowledge graph. The work is
-        :func:`moe_framework.training.training_step`'s (usable in a loop of your own).
+        :func:`moe_framework.training.training_step`'s (usable in a loop of your own);
+        ``options`` (router / expert dropout, diversity loss) are its ``TrainingOptions``.
         """
         inputs, _ = training.split_batch(batch)
         scaler = self._grad_scaler(inputs.device)
-        return training.training_step(self, batch, optimizer, loss_fn, grad_scaler=scaler)
+        return training.training_step(
+            self, batch, optimizer, loss_fn, grad_scaler=scaler, options=options
+        )
 
     # ================================================================== inference
 

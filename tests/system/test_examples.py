@@ -20,6 +20,10 @@ CASES = {
     "compile_and_cuda_graphs.py": ["--backend", "aot_eager", "--batch", "8"],
     "hf_swap.py": [],
     "knowledge_graph_query.py": ["--steps", "12"],
+    "adaptive_routing.py": ["--steps", "10"],
+    # issue 17 (adaptive, hierarchical, multimodal MoE)
+    "adaptive_moe.py": ["--epochs", "1", "--train", "320"],
+    "multimodal_moe.py": ["--epochs", "1", "--train", "320"],
 }
 
 
