@@ -428,13 +428,20 @@ class MoELayer(nn.Module):
             decision = self.router(x2, flat_mask, seq_len=seq_len, context=ctx2)
         x_sorted, offsets, ctx = self.dispatcher.dispatch(x2, decision)
         y_sorted = self.experts(x_sorted, offsets)
-        y = self.dispatcher.combine(y_sorted, ctx)
+        # A dispatcher whose y_sorted is not this rank's own slots (expert parallel) also hands
+        # back those slots' outputs in the local layout, for the draft reports: `combine_rows`.
+        combine_rows = getattr(self.dispatcher, "combine_rows", None)
+        if combine_rows is None:
+            y = self.dispatcher.combine(y_sorted, ctx)
+            rows, row_offsets = y_sorted, offsets
+        else:
+            y, rows, row_offsets = combine_rows(y_sorted, ctx)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x2)
         reports = None
         if self.report_top_tokens is not None:
             reports = draft_reports(
-                y_sorted, ctx.row_of_slot, offsets, decision.weights, self.report_top_tokens
+                rows, ctx.row_of_slot, row_offsets, decision.weights, self.report_top_tokens
             )
         info = RoutingInfo(
             decision.weights,

@@ -16,6 +16,7 @@ from . import fused_ffn as _fused_ffn
 from . import grouped_gemm as _grouped_gemm
 from . import moe_decode as _moe_decode
 from . import permute as _permute
+from . import quant as _quant
 from . import route as _route
 from . import similarity as _similarity
 from . import swiglu as _swiglu
@@ -24,6 +25,7 @@ from .fused_ffn import *  # noqa: F401,F403
 from .grouped_gemm import *  # noqa: F401,F403
 from .moe_decode import *  # noqa: F401,F403
 from .permute import *  # noqa: F401,F403
+from .quant import *  # noqa: F401,F403
 from .route import *  # noqa: F401,F403
 from .similarity import *  # noqa: F401,F403
 from .swiglu import *  # noqa: F401,F403
@@ -37,6 +39,7 @@ OPS = (
     "unpermute_backward",
     "grouped_gemm",
     "grouped_gemm_wgrad",
+    "grouped_gemm_q",
     "swiglu",
     "swiglu_backward",
     "swiglu_backward_",
@@ -51,6 +54,7 @@ __all__ = (
     list(_route.__all__)
     + list(_permute.__all__)
     + list(_grouped_gemm.__all__)
+    + list(_quant.__all__)
     + list(_similarity.__all__)
     + list(_swiglu.__all__)
     + list(_fused_ffn.__all__)
