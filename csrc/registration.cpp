@@ -73,6 +73,20 @@ TORCH_LIBRARY(moe_framework, m) {
   // need it, so the backward allocates no [..., 2H] buffer.
   m.def("swiglu_backward_(Tensor grad, Tensor(a!) h) -> ()");
 
+  // ---- issue 14 (Hugging Face experts): GPT-OSS's clamped SwiGLU and the small-T decode path ----
+  // h [..., 2H] (gate, up) pairs, interleaved or [gate | up] -> (clamp(up, -limit, limit) + 1) *
+  // g * sigmoid(alpha * g) with g = min(gate, limit): [..., H], fp32 math, one rounding.
+  m.def("clamped_swiglu(Tensor h, float alpha, float limit, bool interleaved) -> Tensor");
+  m.def(
+      "clamped_swiglu_backward(Tensor grad, Tensor h, float alpha, float limit, bool interleaved) "
+      "-> Tensor");
+  // y [T, d] = sum_j weights[t, j] * FFN_{ids[t, j]}(x[t]) (SwiGLU experts, w_in [E, d, 2h] and
+  // w_out [E, h, d], or [E, 2h, d] / [E, d, h] with trans_b): each selected expert's weights read
+  // once for all its tokens; ids -1 = dropped slot. For few tokens (T*k <= 4E), no autograd.
+  m.def(
+      "moe_decode(Tensor x, Tensor ids, Tensor weights, Tensor w_in, Tensor w_out, bool trans_b) "
+      "-> Tensor");
+
   // ---- similarity: librarian dedup and knowledge-graph search ----
   // keep [n] bool, representative [n] i64 (most similar earlier kept-or-not item, self when kept).
   m.def("dedup(Tensor emb, float threshold) -> (Tensor keep, Tensor representative)");

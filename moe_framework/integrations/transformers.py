@@ -361,3 +361,30 @@ def restore_moe_blocks(model: nn.Module) -> int:
     """Undo :func:`replace_moe_blocks`: put the original HF blocks back (they share the same
     parameters, so training done meanwhile is kept). Returns the number of blocks restored."""
     return _swap(model, lambda m: isinstance(m, HFMoEBlock), lambda m: m._hf_block)
+
+
+# ---- The other two doors (issue 14): "moe_framework" in transformers' ExpertsInterface, and the
+# router swap. Importing this module registers the experts implementation (idempotent); with a
+# transformers that has no ExpertsInterface the error is kept and raised by
+# register_experts_implementation(), while replace_moe_blocks keeps working.
+from .hf_experts import (  # noqa: E402
+    EXPERTS_IMPLEMENTATION,
+    moe_framework_experts_forward,
+    register_experts_implementation,
+)
+from .hf_routers import RouterSwapReport, replace_routers, restore_routers  # noqa: E402
+
+EXPERTS_INTERFACE_ERROR: Optional[ImportError] = None
+try:
+    register_experts_implementation()
+except ImportError as _e:  # pragma: no cover - transformers < 5
+    EXPERTS_INTERFACE_ERROR = _e
+
+__all__ += [
+    "EXPERTS_IMPLEMENTATION",
+    "RouterSwapReport",
+    "moe_framework_experts_forward",
+    "register_experts_implementation",
+    "replace_routers",
+    "restore_routers",
+]

@@ -11,15 +11,19 @@ from typing import Optional
 
 import torch
 
+from . import clamped_swiglu as _clamped_swiglu
 from . import fused_ffn as _fused_ffn
 from . import grouped_gemm as _grouped_gemm
+from . import moe_decode as _moe_decode
 from . import permute as _permute
 from . import quant as _quant
 from . import route as _route
 from . import similarity as _similarity
 from . import swiglu as _swiglu
+from .clamped_swiglu import *  # noqa: F401,F403
 from .fused_ffn import *  # noqa: F401,F403
 from .grouped_gemm import *  # noqa: F401,F403
+from .moe_decode import *  # noqa: F401,F403
 from .permute import *  # noqa: F401,F403
 from .quant import *  # noqa: F401,F403
 from .route import *  # noqa: F401,F403
@@ -41,6 +45,9 @@ OPS = (
     "swiglu_backward_",
     "dedup",
     "kg_search",
+    "clamped_swiglu",
+    "clamped_swiglu_backward",
+    "moe_decode",
 )
 
 __all__ = (
@@ -51,6 +58,8 @@ __all__ = (
     + list(_similarity.__all__)
     + list(_swiglu.__all__)
     + list(_fused_ffn.__all__)
+    + list(_clamped_swiglu.__all__)
+    + list(_moe_decode.__all__)
     + ["OPS", "cuda_kernel_status", "registered_kernels"]
 )
 

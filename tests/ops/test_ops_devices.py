@@ -66,6 +66,21 @@ def _cases():
         ),
         "swiglu_backward": ((torch.randn(4, 3), torch.randn(4, 6)), {0: "grad", 1: "h"}),
         "swiglu_backward_": ((torch.randn(4, 3), torch.randn(4, 6)), {0: "grad", 1: "h"}),
+        "clamped_swiglu_backward": (
+            (torch.randn(4, 3), torch.randn(4, 6), 1.702, 7.0, True),
+            {0: "grad", 1: "h"},
+        ),
+        "moe_decode": (
+            (
+                torch.randn(4, 3),
+                ids,
+                torch.rand(4, 2),
+                torch.randn(4, 10, 3),
+                torch.randn(4, 3, 5),
+                True,
+            ),
+            {0: "x", 1: "ids", 2: "weights", 3: "w_in", 4: "w_out"},
+        ),
         "kg_search": (
             (torch.randn(2, 4), torch.randn(6, 4), 3, torch.tensor(5)),
             {0: "queries", 1: "bank", 3: "n_valid"},
@@ -74,7 +89,7 @@ def _cases():
 
 
 # Ops with a single tensor argument cannot mix devices.
-SINGLE_TENSOR_OPS = {"swiglu", "dedup"}
+SINGLE_TENSOR_OPS = {"swiglu", "dedup", "clamped_swiglu"}
 MIXES = [(op, pos) for op, (_, names) in _cases().items() for pos in names]
 
 

@@ -1,0 +1,129 @@
+// CPU kernels of clamped_swiglu and clamped_swiglu_backward (GPT-OSS's clamped SwiGLU gate).
+//
+// One pass over the rows each, rows split over the thread pool: the forward reads the (gate, up)
+// pairs of a row (interleaved or concatenated) and writes (clamp(up) + 1) * glu(min(gate, limit));
+// the backward reads them and the incoming gradient and writes both gradient halves in h's layout.
+// That replaces GPT-OSS's 2 strided slices, 2 clamps, a sigmoid and 4 elementwise products
+// (each a full pass, each rounded to the model dtype) by one pass and one rounding.
+#if defined(__GNUC__) && !defined(__clang__)
+// swiglu.h's 64-byte lane helpers are always-inline: no call ABI involved.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#include "moe_framework/clamped_swiglu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "moe_framework/cpu_convert.h"
+
+namespace moe_framework {
+namespace {
+
+using cpu::load_acc;
+using cpu::store_acc;
+
+constexpr int64_t kMinWorkPerTask = 1 << 14;
+
+int64_t grain_for(int64_t half) {
+  return std::max<int64_t>(1, kMinWorkPerTask / std::max<int64_t>(1, half));
+}
+
+template <typename scalar_t, bool kInterleaved>
+void forward_rows(const scalar_t* h, int64_t sh, scalar_t* out, int64_t half, double alpha_d,
+                  double limit_d, int64_t r0, int64_t r1) {
+  using acc = clamped_swiglu::acc_t<scalar_t>;
+  const acc alpha = static_cast<acc>(alpha_d), limit = static_cast<acc>(limit_d);
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* __restrict__ row = h + r * sh;
+    scalar_t* __restrict__ o = out + r * half;
+    for (int64_t i = 0; i < half; ++i) {
+      const acc g = load_acc(row[kInterleaved ? 2 * i : i]);
+      const acc u = load_acc(row[kInterleaved ? 2 * i + 1 : half + i]);
+      o[i] = store_acc<scalar_t>(clamped_swiglu::forward<acc>(g, u, alpha, limit));
+    }
+  }
+}
+
+template <typename scalar_t, bool kInterleaved>
+void backward_rows(const scalar_t* h, int64_t sh, const scalar_t* grad, int64_t sg, scalar_t* out,
+                   int64_t half, double alpha_d, double limit_d, int64_t r0, int64_t r1) {
+  using acc = clamped_swiglu::acc_t<scalar_t>;
+  const acc alpha = static_cast<acc>(alpha_d), limit = static_cast<acc>(limit_d);
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* __restrict__ row = h + r * sh;
+    const scalar_t* __restrict__ dy = grad + r * sg;
+    scalar_t* __restrict__ o = out + r * 2 * half;
+    for (int64_t i = 0; i < half; ++i) {
+      const int64_t cg = kInterleaved ? 2 * i : i, cu = kInterleaved ? 2 * i + 1 : half + i;
+      acc dg, du;
+      clamped_swiglu::backward<acc>(load_acc(dy[i]), load_acc(row[cg]), load_acc(row[cu]), alpha,
+                                    limit, dg, du);
+      o[cg] = store_acc<scalar_t>(dg);
+      o[cu] = store_acc<scalar_t>(du);
+    }
+  }
+}
+
+at::Tensor clamped_swiglu_cpu(const at::Tensor& h_in, double alpha, double limit,
+                              bool interleaved) {
+  clamped_swiglu::check_args(h_in, limit, "clamped_swiglu");
+  const int64_t half = h_in.size(-1) / 2;
+  at::Tensor out = swiglu::new_output(h_in, /*backward=*/false);
+  if (out.numel() == 0) return out;
+  const at::Tensor h = swiglu::as_rows(h_in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "clamped_swiglu", [&] {
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const int64_t sh = h.stride(0);
+    at::parallel_for(0, h.size(0), grain_for(half), [&](int64_t r0, int64_t r1) {
+      if (interleaved) {
+        forward_rows<scalar_t, true>(hp, sh, op, half, alpha, limit, r0, r1);
+      } else {
+        forward_rows<scalar_t, false>(hp, sh, op, half, alpha, limit, r0, r1);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor clamped_swiglu_backward_cpu(const at::Tensor& grad_in, const at::Tensor& h_in,
+                                       double alpha, double limit, bool interleaved) {
+  swiglu::check_grad(grad_in, h_in, "clamped_swiglu_backward");
+  clamped_swiglu::check_args(h_in, limit, "clamped_swiglu_backward");
+  const int64_t half = h_in.size(-1) / 2;
+  at::Tensor out = swiglu::new_output(h_in, /*backward=*/true);
+  if (out.numel() == 0) return out;
+  const at::Tensor h = swiglu::as_rows(h_in);
+  const at::Tensor g = swiglu::as_rows(grad_in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, h.scalar_type(), "clamped_swiglu_backward", [&] {
+        const scalar_t* hp = h.const_data_ptr<scalar_t>();
+        const scalar_t* gp = g.const_data_ptr<scalar_t>();
+        scalar_t* op = out.mutable_data_ptr<scalar_t>();
+        const int64_t sh = h.stride(0), sg = g.stride(0);
+        at::parallel_for(0, h.size(0), grain_for(half), [&](int64_t r0, int64_t r1) {
+          if (interleaved) {
+            backward_rows<scalar_t, true>(hp, sh, gp, sg, op, half, alpha, limit, r0, r1);
+          } else {
+            backward_rows<scalar_t, false>(hp, sh, gp, sg, op, half, alpha, limit, r0, r1);
+          }
+        });
+      });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe_framework, CPU, m) {
+  m.impl("clamped_swiglu", &clamped_swiglu_cpu);
+  m.impl("clamped_swiglu_backward", &clamped_swiglu_backward_cpu);
+}
+
+}  // namespace moe_framework

@@ -1,0 +1,308 @@
+// CPU kernel of moe_decode: a whole SwiGLU MoE experts step for a few tokens (decode, T*k <= 4E)
+// in one op, reading each selected expert's weights once.
+//
+// The general path (permute -> grouped_gemm -> swiglu -> grouped_gemm -> unpermute) is built for
+// many rows per expert: at T = 1 its cost is fixed per-call work (five ops, their allocations and
+// checks, two thread-pool wake-ups per GEMM, the GEMM's packing of b panels it then uses for one
+// row). Here the slots are grouped by expert on the host (at most a few dozen), and two parallel
+// passes run over (expert, column block) tasks:
+//   1. a[p, c] = silu(w_in[e] gate row c . x[t_p]) * (w_in[e] up row c . x[t_p]) for the m_e slots
+//      p of expert e, each weight row loaded once and dotted with the m_e token rows (in L1);
+//   2. y_p[i] = w_out[e] row i . a[p] (trans_b) or sum_c a[p, c] w_out[e][c, i] (in_out),
+// then y[t] = sum_j weights[t, j] * y_{slot t*k+j} in j order (no atomics: the same bits for any
+// thread count). Every product accumulates in fp32 (fp64 for fp64); the hidden activation stays
+// in fp32 between the two projections (the general path rounds it to the input dtype).
+// The loops are compiled twice: baseline x86-64 and AVX2+FMA (picked at run time).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+
+#include "moe_framework/common.h"
+#include "moe_framework/cpu_convert.h"
+#include "moe_framework/cpu_isa.h"
+
+namespace moe_framework {
+namespace {
+
+using cpu::load_acc;
+using cpu::store_acc;
+
+constexpr int64_t kBlock = 32;  // output columns per task
+
+template <typename scalar_t>
+struct Problem {
+  using acc = at::opmath_type<scalar_t>;
+  const acc* x;         // [T, d] converted
+  const scalar_t* win;  // expert e, row r (of its [2h, d] or [d, 2h] matrix): win + e*se + r*sr
+  int64_t win_se, win_sr;
+  const scalar_t* wout;
+  int64_t wout_se, wout_sr;
+  bool trans_b;
+  int64_t d, h;
+  const int64_t* sorted_token;  // token of sorted slot p
+  const int64_t* group_expert;  // expert of group g
+  const int64_t* group_begin;   // sorted slots group_begin[g]:group_begin[g+1]
+  acc* a;                       // [n, h]
+  acc* y;                       // [n, d]
+};
+
+// dot(w[0:n], v[0:n]) with 8 independent partial sums (vectorised by the compiler).
+template <typename scalar_t, typename acc>
+MOE_ALWAYS_INLINE acc dot(const scalar_t* __restrict__ w, const acc* __restrict__ v, int64_t n) {
+  acc s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int l = 0; l < 8; ++l) s[l] += load_acc(w[i + l]) * v[i + l];
+  }
+  acc r = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+  for (; i < n; ++i) r += load_acc(w[i]) * v[i];
+  return r;
+}
+
+template <typename acc>
+MOE_ALWAYS_INLINE acc silu(acc g) {
+  return g / (acc(1) + std::exp(-g));
+}
+
+// Pass 1, one task: expert group g, hidden columns [c0, c1).
+template <typename scalar_t>
+MOE_ALWAYS_INLINE void up_task(const Problem<scalar_t>& P, int64_t g, int64_t c0, int64_t c1) {
+  using acc = at::opmath_type<scalar_t>;
+  const int64_t e = P.group_expert[g], p0 = P.group_begin[g], p1 = P.group_begin[g + 1];
+  const scalar_t* W = P.win + e * P.win_se;
+  const int64_t d = P.d, h = P.h;
+  if (P.trans_b) {  // W [2h, d]: gate row c, up row h + c
+    for (int64_t c = c0; c < c1; ++c) {
+      const scalar_t* wg = W + c * P.win_sr;
+      const scalar_t* wu = W + (h + c) * P.win_sr;
+      for (int64_t p = p0; p < p1; ++p) {
+        const acc* xv = P.x + P.sorted_token[p] * d;
+        P.a[p * h + c] = silu(dot(wg, xv, d)) * dot(wu, xv, d);
+      }
+    }
+    return;
+  }
+  // W [d, 2h]: out[c] = sum_i x[i] W[i, c]; accumulate the block for all m slots.
+  const int64_t nc = c1 - c0, m = p1 - p0;
+  acc gbuf[kBlock * 64], ubuf[kBlock * 64];
+  for (int64_t q0 = 0; q0 < m; q0 += 64) {
+    const int64_t mq = std::min<int64_t>(64, m - q0);
+    std::fill(gbuf, gbuf + mq * kBlock, acc(0));
+    std::fill(ubuf, ubuf + mq * kBlock, acc(0));
+    for (int64_t i = 0; i < d; ++i) {
+      const scalar_t* __restrict__ wr = W + i * P.win_sr;
+      for (int64_t q = 0; q < mq; ++q) {
+        const acc xi = P.x[P.sorted_token[p0 + q0 + q] * d + i];
+        acc* __restrict__ gq = gbuf + q * kBlock;
+        acc* __restrict__ uq = ubuf + q * kBlock;
+        for (int64_t c = 0; c < nc; ++c) {
+          gq[c] += xi * load_acc(wr[c0 + c]);
+          uq[c] += xi * load_acc(wr[h + c0 + c]);
+        }
+      }
+    }
+    for (int64_t q = 0; q < mq; ++q) {
+      for (int64_t c = 0; c < nc; ++c) {
+        P.a[(p0 + q0 + q) * h + c0 + c] = silu(gbuf[q * kBlock + c]) * ubuf[q * kBlock + c];
+      }
+    }
+  }
+}
+
+// Pass 2, one task: expert group g, output columns [i0, i1).
+template <typename scalar_t>
+MOE_ALWAYS_INLINE void down_task(const Problem<scalar_t>& P, int64_t g, int64_t i0, int64_t i1) {
+  using acc = at::opmath_type<scalar_t>;
+  const int64_t e = P.group_expert[g], p0 = P.group_begin[g], p1 = P.group_begin[g + 1];
+  const scalar_t* W = P.wout + e * P.wout_se;
+  const int64_t d = P.d, h = P.h;
+  if (P.trans_b) {  // W [d, h]
+    for (int64_t i = i0; i < i1; ++i) {
+      const scalar_t* wr = W + i * P.wout_sr;
+      for (int64_t p = p0; p < p1; ++p) P.y[p * d + i] = dot(wr, P.a + p * h, h);
+    }
+    return;
+  }
+  // W [h, d]: y[i] = sum_c a[c] W[c, i].
+  const int64_t ni = i1 - i0;
+  for (int64_t p = p0; p < p1; ++p) std::fill(P.y + p * d + i0, P.y + p * d + i1, acc(0));
+  for (int64_t c = 0; c < h; ++c) {
+    const scalar_t* __restrict__ wr = W + c * P.wout_sr + i0;
+    for (int64_t p = p0; p < p1; ++p) {
+      const acc ac = P.a[p * h + c];
+      acc* __restrict__ yp = P.y + p * d + i0;
+      for (int64_t i = 0; i < ni; ++i) yp[i] += ac * load_acc(wr[i]);
+    }
+  }
+}
+
+template <bool kDown, typename scalar_t>
+MOE_ALWAYS_INLINE void run_tasks(const Problem<scalar_t>& P, int64_t blocks, int64_t width,
+                                 int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t g = t / blocks, b = t % blocks;
+    const int64_t c0 = b * kBlock, c1 = std::min(width, c0 + kBlock);
+    if constexpr (kDown) {
+      down_task(P, g, c0, c1);
+    } else {
+      up_task(P, g, c0, c1);
+    }
+  }
+}
+
+#if MOE_CPU_AVX2_CLONE
+template <bool kDown, typename scalar_t>
+MOE_TARGET_AVX2_FMA void tasks_avx2(const Problem<scalar_t>& P, int64_t blocks, int64_t width,
+                                    int64_t t0, int64_t t1) {
+  run_tasks<kDown>(P, blocks, width, t0, t1);
+}
+#endif
+template <bool kDown, typename scalar_t>
+void tasks_base(const Problem<scalar_t>& P, int64_t blocks, int64_t width, int64_t t0, int64_t t1) {
+  run_tasks<kDown>(P, blocks, width, t0, t1);
+}
+
+template <bool kDown, typename scalar_t>
+void run_pass(const Problem<scalar_t>& P, int64_t groups, int64_t width) {
+  static const bool avx2 = use_avx2() && __builtin_cpu_supports("fma");
+  const int64_t blocks = (width + kBlock - 1) / kBlock;
+  at::parallel_for(0, groups * blocks, 1, [&](int64_t t0, int64_t t1) {
+#if MOE_CPU_AVX2_CLONE
+    if (avx2) return tasks_avx2<kDown>(P, blocks, width, t0, t1);
+#endif
+    tasks_base<kDown>(P, blocks, width, t0, t1);
+  });
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                  const at::Tensor& w_in, const at::Tensor& w_out, bool trans_b) {
+  const char* op = "moe_decode";
+  check_same_device(
+      op, {{"x", x}, {"ids", ids}, {"weights", weights}, {"w_in", w_in}, {"w_out", w_out}});
+  TORCH_CHECK(x.dim() == 2, op, ": x must be [T, d], got shape ", x.sizes());
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op,
+              ": x must have dtype in {Float, Double, BFloat16, Half}, got ", st);
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == x.size(0), op, ": ids must be [T, k] = [", x.size(0),
+              ", k], got shape ", ids.sizes());
+  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, op,
+              ": ids must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK(weights.sizes() == ids.sizes(), op, ": weights must be [T, k] = ", ids.sizes(),
+              ", got ", weights.sizes());
+  TORCH_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == st, op,
+              ": weights must be float32 or x's dtype ", st, ", got ", weights.scalar_type());
+  TORCH_CHECK(w_in.dim() == 3 && w_out.dim() == 3, op,
+              ": w_in and w_out must be 3-D [E, ., .], got shapes ", w_in.sizes(), " and ",
+              w_out.sizes());
+  TORCH_CHECK(w_in.scalar_type() == st && w_out.scalar_type() == st, op,
+              ": w_in and w_out must have x's dtype ", st, ", got ", w_in.scalar_type(), " and ",
+              w_out.scalar_type());
+  const int64_t E = w_in.size(0), d = x.size(1);
+  const int64_t two_h = trans_b ? w_in.size(1) : w_in.size(2);
+  const int64_t d_in = trans_b ? w_in.size(2) : w_in.size(1);
+  TORCH_CHECK(d_in == d && two_h % 2 == 0, op, ": w_in must be ",
+              trans_b ? "[E, 2h, d]" : "[E, d, 2h]", " with d = ", d, ", got ", w_in.sizes());
+  const int64_t h = two_h / 2;
+  const bool out_ok = w_out.size(0) == E && (trans_b ? (w_out.size(1) == d && w_out.size(2) == h)
+                                                     : (w_out.size(1) == h && w_out.size(2) == d));
+  TORCH_CHECK(out_ok, op, ": w_out must be ", trans_b ? "[E, d, h] = [" : "[E, h, d] = [", E, ", ",
+              trans_b ? d : h, ", ", trans_b ? h : d, "], got ", w_out.sizes());
+}
+
+at::Tensor moe_decode_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
+                          const at::Tensor& weights_in, const at::Tensor& w_in_in,
+                          const at::Tensor& w_out_in, bool trans_b) {
+  check_inputs(x_in, ids_in, weights_in, w_in_in, w_out_in, trans_b);
+  const int64_t T = x_in.size(0), d = x_in.size(1), k = ids_in.size(1), E = w_in_in.size(0);
+  const int64_t h = (trans_b ? w_in_in.size(1) : w_in_in.size(2)) / 2;
+  at::Tensor out = at::empty({T, d}, x_in.options());
+  if (out.numel() == 0) return out;
+  // Unit inner stride for the weight rows (a view as HF stores them; a copy otherwise).
+  const at::Tensor w_in = w_in_in.stride(2) == 1 ? w_in_in : w_in_in.contiguous();
+  const at::Tensor w_out = w_out_in.stride(2) == 1 ? w_out_in : w_out_in.contiguous();
+  const at::Tensor ids = ids_in.to(at::kLong).contiguous();
+  const at::Tensor weights =
+      weights_in.to(x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  const int64_t n = T * k;
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  // Slots grouped by expert, stable (slot order inside an expert); dropped slots (-1) skipped.
+  std::vector<int64_t> order;
+  order.reserve(n);
+  for (int64_t s = 0; s < n; ++s) {
+    TORCH_CHECK(id[s] >= -1 && id[s] < E, "moe_decode: ids must be in [0, ", E,
+                ") or -1 (dropped), got ", id[s], " at slot ", s);
+    if (id[s] >= 0) order.push_back(s);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return id[a] < id[b]; });
+  const int64_t nv = static_cast<int64_t>(order.size());
+  std::vector<int64_t> pos(n, -1), token(nv), gexp, gbeg;
+  for (int64_t p = 0; p < nv; ++p) {
+    pos[order[p]] = p;
+    token[p] = order[p] / k;
+    if (p == 0 || id[order[p]] != id[order[p - 1]]) {
+      gexp.push_back(id[order[p]]);
+      gbeg.push_back(p);
+    }
+  }
+  gbeg.push_back(nv);
+  const int64_t groups = static_cast<int64_t>(gexp.size());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_in.scalar_type(), "moe_decode", [&] {
+    using acc = at::opmath_type<scalar_t>;
+    const at::Tensor xc = x_in.contiguous();
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const acc* wt = weights.const_data_ptr<acc>();
+    std::vector<acc> xs(T * d), a(std::max<int64_t>(1, nv * h)), ys(std::max<int64_t>(1, nv * d));
+    for (int64_t i = 0; i < T * d; ++i) xs[i] = load_acc(xp[i]);
+    const Problem<scalar_t> P{xs.data(),
+                              w_in.const_data_ptr<scalar_t>(),
+                              w_in.stride(0),
+                              w_in.stride(1),
+                              w_out.const_data_ptr<scalar_t>(),
+                              w_out.stride(0),
+                              w_out.stride(1),
+                              trans_b,
+                              d,
+                              h,
+                              token.data(),
+                              gexp.data(),
+                              gbeg.data(),
+                              a.data(),
+                              ys.data()};
+    if (groups > 0 && h > 0) {
+      run_pass<false>(P, groups, h);
+      run_pass<true>(P, groups, d);
+    } else {
+      std::fill(ys.begin(), ys.end(), acc(0));
+    }
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<acc> row(d, acc(0));
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t p = pos[t * k + j];
+        if (p < 0) continue;
+        const acc w = wt[t * k + j];
+        const acc* yp = ys.data() + p * d;
+        for (int64_t i = 0; i < d; ++i) row[i] += w * yp[i];
+      }
+      for (int64_t i = 0; i < d; ++i) op[t * d + i] = store_acc<scalar_t>(row[i]);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe_framework, CPU, m) {
+  m.impl("moe_decode", &moe_decode_cpu);
+}
+
+}  // namespace moe_framework
