@@ -37,6 +37,7 @@ from .experts import (
     expert_of_row,
 )
 from .routing.base import Router
+from .run_metrics import stage
 from .supervisor import Supervisor
 
 __all__ = ["DraftReports", "RoutingInfo", "MoELayer", "draft_reports"]
@@ -407,12 +408,18 @@ class MoELayer(nn.Module):
             )
         x2 = x.reshape(-1, x.shape[-1])
         seq_len = x.shape[-2] if x.dim() >= 3 else None
-        decision = self.router(x2, None if mask is None else mask.reshape(-1), seq_len=seq_len)
-        x_sorted, offsets, ctx = self.dispatcher.dispatch(x2, decision)
-        y_sorted = self.experts(x_sorted, offsets)
-        y = self.dispatcher.combine(y_sorted, ctx)
+        # Named ranges (profiler traces, RunMetrics stage times; nothing under torch.compile).
+        with stage("routing"):
+            decision = self.router(x2, None if mask is None else mask.reshape(-1), seq_len=seq_len)
+        with stage("dispatch"):
+            x_sorted, offsets, ctx = self.dispatcher.dispatch(x2, decision)
+        with stage("experts"):
+            y_sorted = self.experts(x_sorted, offsets)
+        with stage("combine"):
+            y = self.dispatcher.combine(y_sorted, ctx)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x2)
+            with stage("experts"):
+                y = y + self.shared_experts(x2)
         reports = None
         if self.report_top_tokens is not None:
             reports = draft_reports(
