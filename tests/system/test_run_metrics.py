@@ -4,6 +4,7 @@ written, and a profiler trace shows every stage by name (also: compiled code has
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -68,7 +69,8 @@ def test_metrics_agree_with_the_steps_and_the_knowledge_graph(tmp_path, seed):
         assert m["kg_growth"][0]["nodes"] <= m["kg_growth"][1]["nodes"]
         assert m["stage_ms"]["consolidation"] > 0
         model.run_metrics.close()
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
 def test_drops_are_counted_with_a_capacity_factor(tmp_path):
