@@ -404,6 +404,7 @@ class MoEBenchmark:
                 counts.append(info.counts.detach())
 
         handles = [layer.register_forward_hook(hook) for layer in self.layers]
+        modes = [(m, m.training) for m in (self.model, self.dense) if m is not None]
         rows = []
         load0 = os.getloadavg()
         try:
@@ -440,6 +441,8 @@ class MoEBenchmark:
         finally:
             for h in handles:
                 h.remove()
+            for m, training in modes:  # the modes the models had before the run
+                m.train(training)
             if bar is not None:
                 bar.close()
         settings = {

@@ -66,9 +66,11 @@ def test_forward_rows_report_the_routing_the_model_did(tmp_path):
         xs[(b, s)] = torch.randn(b, s, 12)
         return xs[(b, s)]
 
+    model.eval()
     res = MoEBenchmark(
         model, [1, 3], [5], input_fn=input_fn, warmup=0, repeats=3, progress=False
     ).run()
+    assert not model.training
     assert [(r["batch"], r["seq"]) for r in res.rows] == [(1, 5), (3, 5)]
     for r in res.rows:
         out = model(xs[(r["batch"], r["seq"])])
@@ -106,6 +108,7 @@ def test_training_mode_updates_weights_and_times_a_dense_baseline():
         memory=False,
     ).run()
     assert any(not torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+    assert layer.training and dense.training  # modes restored (a fresh module trains)
     for r in res.rows:
         assert r["moe_over_dense"] == pytest.approx(r["tokens_per_s"] / r["dense_tokens_per_s"])
         assert "peak_mem_mb" not in r
