@@ -260,10 +260,11 @@ _NEVER = 1 << 40  # a threshold no group reaches: every group runs our tiles
 
 
 def _tune_threshold(name, dtype, buckets, calls, quick, log) -> tuple:
-    """Per rows bucket: our tiles vs BLAS; the threshold minimising the normalised sum."""
+    """Per rows bucket: our tiles vs BLAS; the threshold minimising the normalised sum (None
+    when that is the default)."""
     mine = [b for b in buckets if b.family == "gg" and b.dtype == dtype]
     if not mine:
-        return knobs.get_tuning(name, initial=True), []
+        return None, []
     ours = {b: _with({name: _NEVER}, [calls[b]], quick) for b in mine}
     blas = {b: _with({name: 1}, [calls[b]], quick) for b in mine}
     default = knobs.get_tuning(name, initial=True)
@@ -283,7 +284,7 @@ def _tune_threshold(name, dtype, buckets, calls, quick, log) -> tuple:
         for b in mine
     ]
     log(f"{name}: default {default}, best {best} (cost {cost(best):.3f} vs {cost(default):.3f})")
-    return best, rows
+    return (None if best == default else best), rows
 
 
 def tune_kernels(
@@ -319,7 +320,7 @@ def _tune(quick, families, min_gain, log, machine_info) -> dict:
             break
         best, rows = _tune_threshold(name, dtype, buckets, calls, quick, log)
         measurements += rows
-        if best != knobs.get_tuning(name, initial=True):
+        if best is not None:
             tuned[name] = best
     for name, cands in TILE_CANDIDATES.items():
         fam = name.split("_", 1)[0]
