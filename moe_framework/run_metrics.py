@@ -24,7 +24,7 @@ import math
 import os
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Optional
 
 import torch
@@ -79,7 +79,8 @@ class RunMetrics:
         tensorboard_dir: also write scalars with ``torch.utils.tensorboard.SummaryWriter`` (when
             tensorboard is installed; otherwise a warning once and JSON lines only).
         sync_cuda: synchronise CUDA at the end of each stage (accurate stage times on a GPU).
-        history: how many KG-growth samples to keep (oldest dropped first).
+        history: how many step times (for the percentiles) and KG-growth samples to keep (oldest
+            dropped first).
     """
 
     def __init__(
@@ -118,6 +119,9 @@ class RunMetrics:
         self.load: Optional[list] = None  # [layers][E] slots summed over steps
         self.dropped: Optional[list] = None
         self.kg_growth: list = []
+        self._recent_steps: deque = deque(maxlen=self.history)
+        self._loss_sum = 0.0
+        self._loss_steps = 0
         self.consolidations = 0
         self._consolidation_total = 0.0
         self.last_step: dict = {}
@@ -149,6 +153,7 @@ class RunMetrics:
         self.steps += 1
         self.tokens += tokens
         self.step_seconds += seconds
+        self._recent_steps.append(seconds)
         rec: dict = {
             "event": "step",
             "step": step,
@@ -164,6 +169,9 @@ class RunMetrics:
             rec["consolidation_ms"] = stages["consolidation"] * 1e3
         if result is not None:
             rec["loss"] = result.loss
+            if math.isfinite(result.loss):
+                self._loss_sum += result.loss
+                self._loss_steps += 1
             rec["aux_loss"] = result.aux_loss
             load, dropped = result.stats.get("load"), result.stats.get("dropped")
             if load is not None:
@@ -199,7 +207,8 @@ class RunMetrics:
 
     def snapshot(self) -> dict:
         """Everything since the last reset as plain Python values: ``steps``, ``tokens``,
-        ``tokens_per_s`` (tokens / summed step time), ``step_ms`` (mean), ``stage_ms`` (mean per
+        ``tokens_per_s`` (tokens / summed step time), ``step_ms`` (mean), ``step_ms_p50`` /
+        ``step_ms_p99`` (over the last ``history`` steps), ``mean_loss`` (finite losses), ``stage_ms`` (mean per
         step of routing / dispatch / experts / combine / other, where other is the rest of the
         step: embedding, norms, head, loss, backward, optimizer; consolidation: mean per
         consolidation), ``balance`` (per layer: cv, gini, max/mean, dead experts of the summed
@@ -227,6 +236,9 @@ class RunMetrics:
             "tokens": self.tokens,
             "tokens_per_s": self.tokens / self.step_seconds if self.step_seconds > 0 else None,
             "step_ms": self.step_seconds * 1e3 / n if self.steps else None,
+            "step_ms_p50": _percentile(self._recent_steps, 50) * 1e3 if self.steps else None,
+            "step_ms_p99": _percentile(self._recent_steps, 99) * 1e3 if self.steps else None,
+            "mean_loss": self._loss_sum / self._loss_steps if self._loss_steps else None,
             "stage_ms": stage_ms,
             "balance": balance,
             "dropped": list(self.dropped or []),
@@ -254,6 +266,12 @@ class RunMetrics:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _percentile(xs, q: float) -> float:
+    from .benchmark import percentile
+
+    return percentile(list(xs), q)
 
 
 def _mean_over_layers(load, key: str) -> float:

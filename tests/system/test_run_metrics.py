@@ -50,6 +50,10 @@ def test_metrics_agree_with_the_steps_and_the_knowledge_graph(tmp_path, seed):
         step_s = sum(r["step_ms"] for r in steps) / 1e3
         assert m["tokens_per_s"] == pytest.approx(tokens / step_s, rel=1e-9)
         assert m["step_ms"] == pytest.approx(step_s * 1e3 / 4, rel=1e-9)
+        times = sorted(r["step_ms"] for r in steps)
+        assert m["step_ms_p50"] == pytest.approx((times[1] + times[2]) / 2, rel=1e-9)
+        assert times[2] <= m["step_ms_p99"] <= times[3]
+        assert m["mean_loss"] == pytest.approx(sum(r.loss for r in results) / 4, rel=1e-9)
         for r, res in zip(steps, results):
             assert r["loss"] == res.loss
             parts = sum(r[f"{k}_ms"] for k in ("routing", "dispatch", "experts", "combine"))
