@@ -259,14 +259,22 @@ THRESHOLDS = {"gg_blas_rows_fp32": "float32", "gg_blas_rows_bf16": "bfloat16"}
 _NEVER = 1 << 40  # a threshold no group reaches: every group runs our tiles
 
 
+def _rounds(quick: bool) -> int:
+    return 2 if quick else 3
+
+
 def _tune_threshold(name, dtype, buckets, calls, quick, log) -> tuple:
     """Per rows bucket: our tiles vs BLAS; the threshold minimising the normalised sum (None
     when that is the default)."""
     mine = [b for b in buckets if b.family == "gg" and b.dtype == dtype]
     if not mine:
         return None, []
-    ours = {b: _with({name: _NEVER}, [calls[b]], quick) for b in mine}
-    blas = {b: _with({name: 1}, [calls[b]], quick) for b in mine}
+    ours = {b: math.inf for b in mine}
+    blas = {b: math.inf for b in mine}
+    for _ in range(_rounds(quick)):  # interleaved rounds, best of each: robust to drift
+        for b in mine:
+            ours[b] = min(ours[b], _with({name: _NEVER}, [calls[b]], quick))
+            blas[b] = min(blas[b], _with({name: 1}, [calls[b]], quick))
     default = knobs.get_tuning(name, initial=True)
     if default == 0:  # gg_blas_rows_bf16: 0 = the ISA's default, 8 or 32
         default = 8 if "avx512_bf16" in cache_key()["isa"] else 32
@@ -292,18 +300,23 @@ def tune_kernels(
     quick: bool = False,
     families: tuple = ("gg", "sim"),
     min_gain: float = 0.03,
+    threads: Optional[int] = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Time the knobs on this machine; returns the cache dict (``format``, ``key``, ``knobs``:
-    the tuned values that differ from the defaults, ``measurements``, ``gain``: per bucket the
-    default / tuned median time, alternating runs, and their geometric mean)."""
+    """Time the knobs on this machine at ``threads`` torch threads (default: the current count);
+    returns the cache dict (``format``, ``key``, ``knobs``: the tuned values that differ from the
+    defaults, ``threads``, ``measurements``, ``gain``: per bucket the default / tuned median
+    time, alternating runs, and their geometric mean)."""
     from .benchmarks.common import machine_info
 
-    saved = knobs.tuning_values()
+    saved, saved_threads = knobs.tuning_values(), torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     knobs.reset_tuning()
     try:
         return _tune(quick, families, min_gain, log, machine_info)
     finally:
+        torch.set_num_threads(saved_threads)
         for name, value in saved.items():
             knobs.set_tuning(name, value)
 
@@ -327,10 +340,12 @@ def _tune(quick, families, min_gain, log, machine_info) -> dict:
         mine = [b for b in buckets if b.family == fam]
         if not mine:
             continue
-        score: dict = {}
+        score: dict = {v: math.inf for v in cands}
+        for _ in range(_rounds(quick)):  # interleaved rounds, best of each
+            for v in cands:
+                t = _with({**tuned, name: v}, [calls[b] for b in mine], quick)
+                score[v] = min(score[v], t)
         for v in cands:
-            values = {**tuned, name: v}
-            score[v] = _with(values, [calls[b] for b in mine], quick)
             measurements.append({"knob": name, "value": v, "geomean_ms": score[v] * 1e3})
         current = tuned.get(name, knobs.get_tuning(name, initial=True))
         best = min(score, key=lambda v: score[v])
@@ -392,6 +407,9 @@ def add_parser(sub) -> None:
         "--only", choices=("gg", "sim"), default=None, help="tune one op family (gg or sim)"
     )
     p.add_argument("--dry-run", action="store_true", help="print the result, write no cache")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads to tune for (0: the current count)"
+    )
     p.set_defaults(func=cmd_tune_kernels)
 
 
@@ -399,7 +417,11 @@ def cmd_tune_kernels(args) -> int:
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     fams = (args.only,) if args.only else ("gg", "sim")
-    cache = tune_kernels(quick=args.quick, families=fams)
+    if args.threads < 0 or args.threads > (os.cpu_count() or 1):
+        from .cli import CLIError
+
+        raise CLIError(f"--threads must be in [0, {os.cpu_count()}], got {args.threads}")
+    cache = tune_kernels(quick=args.quick, families=fams, threads=args.threads or None)
     cache["loadavg_start"], cache["loadavg_end"] = list(load0), list(os.getloadavg())
     cache["seconds"] = time.perf_counter() - t0
     from .benchmarks.common import print_table
