@@ -63,14 +63,17 @@ def default_cache_path() -> str:
     return os.path.join(base, "moe_framework", "kernel_tuning.json")
 
 
-def cache_key() -> dict:
-    """What a cache is valid for: this CPU (model and ISA flags), GPU, and library versions."""
+def cache_key(init_cuda: bool = False) -> dict:
+    """What a cache is valid for: this CPU (model and ISA flags), GPU (how many; the name of the
+    current one when CUDA is initialised or ``init_cuda``), and library versions. Loading a
+    cache at import never initialises CUDA (which would break forked workers later)."""
     from . import __version__
     from .benchmarks.common import machine_info
 
     info = machine_info("cpu")
     gpu = None
-    if torch.cuda.is_available():
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count and (init_cuda or torch.cuda.is_initialized()):
         try:
             gpu = torch.cuda.get_device_name()
         except RuntimeError:
@@ -78,6 +81,7 @@ def cache_key() -> dict:
     return {
         "cpu": info["cpu"],
         "isa": info["isa"],
+        "gpu_count": count,
         "gpu": gpu,
         "moe_framework": __version__,
         "torch": torch.__version__,
@@ -110,7 +114,9 @@ def load_cache(path: Optional[str] = None) -> Optional[dict]:
     if not isinstance(have, dict):
         _warn(f"the cache {path!r} has no key")
         return None
-    for field in ("cpu", "isa", "gpu"):
+    for field in ("cpu", "isa", "gpu_count", "gpu"):
+        if field == "gpu" and (want["gpu"] is None or have.get("gpu") is None):
+            continue  # a name is compared when both sides know it (see cache_key)
         if have.get(field) != want[field]:
             _warn(
                 f"the cache {path!r} is foreign: written for {field}={have.get(field)!r}, this "
@@ -355,7 +361,7 @@ def _tune(quick, families, min_gain, log, machine_info) -> dict:
     gain = compare(buckets, calls, tuned, quick)
     return {
         "format": CACHE_FORMAT,
-        "key": cache_key(),
+        "key": cache_key(init_cuda=True),
         "knobs": tuned,
         "defaults": knobs.tuning_values(initial=True),
         "machine": machine_info("cpu"),
