@@ -359,6 +359,15 @@ def _tune(quick, families, min_gain, log, machine_info) -> dict:
             tuned[name] = best
         log(f"{name}: " + ", ".join(f"{v}: {s * 1e3:.3f} ms" for v, s in score.items()))
     gain = compare(buckets, calls, tuned, quick)
+    if tuned and gain["geomean_speedup"] < 1 + min_gain:
+        # Not clearly faster over all buckets (noise picked the values, e.g. on a shared
+        # machine): keep the defaults rather than cache a guess.
+        log(
+            f"tuned values not faster overall ({gain['geomean_speedup']:.3f}x < "
+            f"{1 + min_gain:.2f}x): keeping the defaults"
+        )
+        gain["rejected_knobs"] = tuned
+        tuned = {}
     return {
         "format": CACHE_FORMAT,
         "key": cache_key(init_cuda=True),
