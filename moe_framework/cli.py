@@ -502,7 +502,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
         check_demo_args(**kwargs)
     except ValueError as exc:
         raise CLIError(str(exc).removeprefix("demo: ")) from None
-    run_demo(tiny=args.tiny, progress=not args.no_progress, **kwargs)
+    if args.ep is not None:  # issue 15: expert-parallel training (torchrun); docs/distributed.md
+        if args.quantize is not None:
+            raise CLIError("--quantize is not supported with --ep (quantise the exported model)")
+        from moe_framework.distributed.demo import run_ep_demo
+
+        out = args.out if args.out != os.path.join("outputs", "demo") else "outputs/demo_ep"
+        run_ep_demo(
+            args.ep,
+            out,
+            args.epochs,
+            args.tiny,
+            args.seed,
+            threads=kwargs["threads"],
+            mode=args.ep_mode,
+        )
+        return 0
+    run_demo(tiny=args.tiny, progress=not args.no_progress, quantize=args.quantize, **kwargs)
     return 0
 
 
@@ -540,6 +556,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch threads (default 1: the model is tiny; 0 = torch's default)",
     )
+    # issue 16: weight-only quantised experts (docs/quantization.md)
+    d.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        default=None,
+        help="also evaluate the trained model with INT8 / INT4 experts (accuracy before/after)",
+    )
+    # issue 15: expert parallelism (launch with torchrun --nproc-per-node N)
+    d.add_argument(
+        "--ep",
+        type=_int_in(1, 1024),
+        default=None,
+        help="train the MoE expert-parallel over N processes (torchrun --nproc-per-node N ...); "
+        "1 = the same loop in one process (docs/distributed.md)",
+    )
+    d.add_argument("--ep-mode", default="dropless", choices=("dropless", "capacity"))
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="run the packaged benchmark suite and print tables")

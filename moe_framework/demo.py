@@ -422,8 +422,13 @@ def run_demo(
     batch_size: int = 64,
     lr: float = 3e-3,
     threads: Optional[int] = 1,
+    quantize: Optional[str] = None,
 ) -> dict:
     """Run the demo; returns (and writes as ``summary.json``) its summary dict.
+
+    ``quantize``: ``"int8"`` or ``"int4"`` also evaluates the trained model with weight-only
+    quantised experts (:func:`quantization_report`: test accuracy and each layer's relative output
+    error before / after; summary key ``"quantization"``). The saved model stays float.
 
     ``threads``: torch intra-op threads (default 1: the demo's matrices are 64 x 64, too small for
     a thread pool to pay off, and on a busy machine idle-spinning workers cost far more than they
@@ -431,6 +436,10 @@ def run_demo(
     from tqdm.auto import tqdm
 
     check_demo_args(out_dir, device, epochs, seed, threads)
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(
+            f"demo: quantize must be one of {sorted(QUANTIZE_MODES)}, got {quantize!r}"
+        )
     if threads is not None:
         torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -609,6 +618,17 @@ def run_demo(
         },
     }
 
+    quant = None
+    if quantize is not None:
+        quant = quantization_report(moe, x_te, y_te, quantize)
+        print(
+            f"quantised experts ({quantize}, group sizes {quant['group_sizes']}; 0 = per channel): "
+            f"test accuracy "
+            f"{quant['accuracy_quantized']:.4f} (fp32 {quant['accuracy_fp32']:.4f}, "
+            f"{quant['accuracy_drop_pt']:+.2f} pt drop); layer output error "
+            + ", ".join(f"{e:.3%}" for e in quant["layer_relative_error"])
+        )
+
     # ---- files
     written = _plots(out_dir, load_history, spec, names)
     kg_png = os.path.join(out_dir, "knowledge_graph.png")
@@ -628,6 +648,7 @@ def run_demo(
         "config": cfg.to_dict(),
         "parameters": {"moe": p_moe, "dense": p_dense},
         "test_accuracy": {"moe": acc_moe, "dense": acc_dense},
+        "quantization": quant,
         "train_loss_per_epoch": loss_history,
         "train_seconds": t_train,
         "routing_telemetry": telemetry,
@@ -647,6 +668,61 @@ def run_demo(
     moe.close()
     print(f"\nwrote {len(written) + 1} files to {out_dir} in {summary['seconds']:.1f}s")
     return summary
+
+
+QUANTIZE_MODES = {"int8": (8, None), "int4": (4, None)}
+
+
+def quantization_report(
+    moe: MixtureOfExpertsSystem, x: torch.Tensor, y: torch.Tensor, mode: str
+) -> dict:
+    """Accuracy of ``moe`` on ``(x, y)`` with fp32 and with quantised experts (``mode`` "int8":
+    per-channel INT8; "int4": INT4 symmetric, group 128 capped at the layer width), and each MoE
+    layer's relative output error ``||y_q - y|| / ||y||`` on the inputs the float model gives it.
+    ``moe`` is left as it was (its float experts are put back)."""
+    from .quantization import QuantizedExperts, quantize_experts
+
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"demo: quantize must be one of {sorted(QUANTIZE_MODES)}, got {mode!r}")
+    bits, group_size = QUANTIZE_MODES[mode]
+    was_training = moe.training
+    moe.eval()
+    blocks = moe._blocks()
+    inputs: list = []
+    hooks = [b.moe.register_forward_hook(lambda m, a, out: inputs.append(a[0])) for b in blocks]
+    try:
+        with torch.no_grad():
+            acc_fp32 = float((moe(x).output.argmax(-1) == y).float().mean())
+            float_out = [b.moe(h)[0] for b, h in zip(blocks, inputs)]
+    finally:
+        for h in hooks:
+            h.remove()
+    originals = [b.moe.experts for b in blocks]
+    try:
+        with torch.no_grad():
+            for b in blocks:
+                quantize_experts(b.moe, bits, group_size)
+            q_out = [b.moe(h)[0] for b, h in zip(blocks, inputs)]
+            acc_q = float((moe(x).output.argmax(-1) == y).float().mean())
+        quantized = [q for b in blocks if isinstance(q := b.moe.experts, QuantizedExperts)]
+        fp32_bytes = sum(p.numel() * p.element_size() for o in originals for p in o.parameters())
+        q_bytes = sum(q.weight_bytes() for q in quantized)
+        gs = sorted({g for q in quantized for g in (q.group_size_in, q.group_size_out)})
+    finally:
+        for b, o in zip(blocks, originals):
+            b.moe.experts = o
+        moe.train(was_training)
+    errors = [float((q - f).norm() / f.norm().clamp_min(1e-30)) for q, f in zip(q_out, float_out)]
+    return {
+        "mode": mode,
+        "bits": bits,
+        "group_sizes": gs,
+        "accuracy_fp32": acc_fp32,
+        "accuracy_quantized": acc_q,
+        "accuracy_drop_pt": 100.0 * (acc_fp32 - acc_q),
+        "layer_relative_error": errors,
+        "expert_bytes": {"fp32": fp32_bytes, "quantized": q_bytes},
+    }
 
 
 def _add_digit_nodes(moe, kg, x_te, y_te, spec, L) -> dict:

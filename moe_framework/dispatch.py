@@ -51,6 +51,11 @@ class TokenDispatcher(Protocol):
     ``combine(y_sorted [T*k, d], ctx) -> y [T, d]``: each token's expert outputs, weighted by its
     gate weights and summed; a token whose slots were all dropped gets zeros.
 
+    Optional ``combine_rows(y_sorted, ctx) -> (y, rows [T*k, d], offsets [E+1])``: a dispatcher
+    whose ``y_sorted`` is not this process's own slots (the expert-parallel
+    :class:`~moe_framework.distributed.AllToAllDispatcher`) also returns the outputs of its own
+    slots in the ``ops.permute`` layout, which the layer's draft reports read.
+
     Who decides capacity: the router (it marks dropped slots with ``-1``); the dispatcher honours
     it. Shapes are static (``T*k`` rows whatever the routing) and ``offsets`` stays on the device,
     so a dispatcher that keeps to that compiles with ``torch.compile(fullgraph=True)`` and can be

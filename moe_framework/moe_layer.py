@@ -389,13 +389,21 @@ class MoELayer(nn.Module):
         # The router module seen through its Router members (for the type checker).
         return cast(Router, self.supervisor)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        *,
+        context: Optional[torch.Tensor] = None,
+    ):
         """x ``[..., d]`` -> ``(y [..., d], RoutingInfo)``.
 
         mask: optional bool ``[...]`` (x's shape without d), True for real tokens; padding tokens
         are routed nowhere (their routed output is 0), use no capacity and are left out of the
         balancing losses and telemetry. For x ``[B, S, d]`` the router also gets ``seq_len=S``
         (per-sequence load balancing).
+        context: optional ``[..., c]`` (x's shape without d, then the context width) for a
+        context-aware router (``ContextRouter``), passed as ``context=`` ``[T, c]``.
         """
         if self.d_model is not None and x.shape[-1] != self.d_model:
             raise ValueError(
@@ -408,22 +416,39 @@ class MoELayer(nn.Module):
             )
         x2 = x.reshape(-1, x.shape[-1])
         seq_len = x.shape[-2] if x.dim() >= 3 else None
+        flat_mask = None if mask is None else mask.reshape(-1)
         # Named ranges (profiler traces, RunMetrics stage times; nothing under torch.compile).
         with stage("routing"):
-            decision = self.router(x2, None if mask is None else mask.reshape(-1), seq_len=seq_len)
+            if context is None:
+                decision = self.router(x2, flat_mask, seq_len=seq_len)
+            else:
+                if tuple(context.shape[:-1]) != tuple(x.shape[:-1]):
+                    raise ValueError(
+                        f"MoELayer: context must have shape {tuple(x.shape[:-1])} + "
+                        f"(context_dim,), got {tuple(context.shape)}"
+                    )
+                ctx2 = context.reshape(-1, context.shape[-1])
+                decision = self.router(x2, flat_mask, seq_len=seq_len, context=ctx2)
         with stage("dispatch"):
             x_sorted, offsets, ctx = self.dispatcher.dispatch(x2, decision)
         with stage("experts"):
             y_sorted = self.experts(x_sorted, offsets)
+        # A dispatcher whose y_sorted is not this rank's own slots (expert parallel) also hands
+        # back those slots' outputs in the local layout, for the draft reports: `combine_rows`.
+        combine_rows = getattr(self.dispatcher, "combine_rows", None)
         with stage("combine"):
-            y = self.dispatcher.combine(y_sorted, ctx)
+            if combine_rows is None:
+                y = self.dispatcher.combine(y_sorted, ctx)
+                rows, row_offsets = y_sorted, offsets
+            else:
+                y, rows, row_offsets = combine_rows(y_sorted, ctx)
         if self.shared_experts is not None:
             with stage("experts"):
                 y = y + self.shared_experts(x2)
         reports = None
         if self.report_top_tokens is not None:
             reports = draft_reports(
-                y_sorted, ctx.row_of_slot, offsets, decision.weights, self.report_top_tokens
+                rows, ctx.row_of_slot, row_offsets, decision.weights, self.report_top_tokens
             )
         info = RoutingInfo(
             decision.weights,

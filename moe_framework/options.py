@@ -38,7 +38,7 @@ LOAD_BALANCE_SCOPES = ("batch", "sequence")
 # Score of the attention router (Supervisor ``attention_score=``).
 ATTENTION_SCORES = ("cosine", "dot")
 # Knowledge-graph search index (KnowledgeGraph ``index_type=``).
-INDEX_TYPES = ("flat", "hnsw", "ivfpq")
+INDEX_TYPES = ("flat", "hnsw", "ivfpq", "ivf", "auto")
 # torch.compile mode of MixtureOfExpertsSystem.compiled / predict; "none" runs eagerly.
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Autocast dtype of training_step; "none" trains in float32.

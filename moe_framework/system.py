@@ -281,6 +281,8 @@ class MixtureOfExpertsSystem(nn.Module):
         batch: Union[Sequence[torch.Tensor], dict],
         optimizer: torch.optim.Optimizer,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+        *,
+        options: Optional[training.TrainingOptions] = None,
     ) -> StepResult:
         """One optimisation step on ``batch = (inputs, targets)`` (or ``{"inputs", "targets"}``).
 
@@ -291,14 +293,17 @@ class MixtureOfExpertsSystem(nn.Module):
         update, and frees gradients (``zero_grad(set_to_none=True)``). Every
         ``config.consolidation_interval`` steps it runs :meth:`consolidate` and every
         ``config.kg_checkpoint_interval`` steps it snapshots the knowledge graph. The work is
-        :func:`moe_framework.training.training_step`'s (usable in a loop of your own).
+        :func:`moe_framework.training.training_step`'s (usable in a loop of your own);
+        ``options`` (router / expert dropout, diversity loss) are its ``TrainingOptions``.
         """
         inputs, _ = training.split_batch(batch)
         scaler = self._grad_scaler(inputs.device)
         rec = self.run_metrics
         t0 = time.perf_counter()
         with rec.recording(), stage("training_step"):
-            result = training.training_step(self, batch, optimizer, loss_fn, grad_scaler=scaler)
+            result = training.training_step(
+                self, batch, optimizer, loss_fn, grad_scaler=scaler, options=options
+            )
         rec.record_step(
             self.step, _num_tokens(inputs, self.config), time.perf_counter() - t0, result
         )

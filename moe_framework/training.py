@@ -16,12 +16,23 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Tupl
 import torch
 import torch.nn.functional as F
 
+from .training_options import (
+    TrainingOptions,
+    apply_training_options,
+    expert_diversity_loss,
+    parameter_groups,
+)
+
 __all__ = [
     "StepResult",
+    "TrainingOptions",
+    "apply_training_options",
     "autocast",
     "autocast_dtype",
     "backward_and_step",
+    "expert_diversity_loss",
     "needs_grad_scaler",
+    "parameter_groups",
     "run_schedules",
     "split_batch",
     "step_result",
@@ -187,6 +198,7 @@ def training_step(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     *,
     grad_scaler: Optional[torch.amp.GradScaler] = None,
+    options: Optional[TrainingOptions] = None,
 ) -> StepResult:
     """One optimisation step of a :class:`~moe_framework.system.MixtureOfExpertsSystem` on
     ``batch = (inputs, targets)`` (or ``{"inputs", "targets"}``).
@@ -195,6 +207,10 @@ def training_step(
     balancing losses; :func:`backward_and_step` (clipping to ``config.grad_clip_norm``, scaled
     with ``grad_scaler``: required for float16 on CUDA, keep one across steps); the routers' bias
     update when ``config.bias_update_rate > 0``; ``model.step += 1``; :func:`run_schedules`.
+    ``options``: a :class:`~moe_framework.training_options.TrainingOptions`: its router and
+    expert dropout are set on the routers before the forward and ``diversity_loss_coef *
+    expert_diversity_loss(model)`` is added to the loss (build the optimiser with
+    ``parameter_groups(model, lr, options)`` for its learning-rate multipliers).
     """
     inputs, targets = split_batch(batch)
     cfg = model.config
@@ -205,12 +221,16 @@ def training_step(
             "torch.amp.GradScaler('cuda') (one kept across steps): float16 gradients underflow "
             "without loss scaling"
         )
+    if options is not None:
+        apply_training_options(model, options)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with autocast(cfg.amp_dtype, device):
         out = model(inputs)
     task = task_loss(out.output, targets, loss_fn)
     loss = task + out.aux_loss
+    if options is not None and options.diversity_loss_coef > 0:
+        loss = loss + options.diversity_loss_coef * expert_diversity_loss(model).to(loss.device)
     grad_norm = backward_and_step(
         loss,
         model.parameters(),

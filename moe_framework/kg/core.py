@@ -182,7 +182,7 @@ class StoreCore:
         if not finite.all():
             bad = int(ids[np.argmin(finite)])
             raise KnowledgeGraphError(f"{self.path}: node {bad} embedding has NaN or Inf")
-        norms = np.linalg.norm(vecs.astype(np.float64), axis=1)
+        norms = _s.row_norms(vecs)
         if not (norms > 0).all():
             bad = int(ids[np.argmin(norms > 0)])
             raise KnowledgeGraphError(f"{self.path}: node {bad} embedding has zero norm")
@@ -241,22 +241,27 @@ class StoreCore:
         return self._exact_scores(ids, q, self._reader())
 
     def _exact_scores(self, ids: np.ndarray, q: np.ndarray, conn) -> np.ndarray:
-        emb = self._fetch_embeddings(ids, conn)
+        """Cosine of each node ``ids[r]`` with unit ``q[r]`` (NaN for a node that does not exist),
+        from the stored embeddings: one query per ``CHUNK`` distinct ids, one product for all."""
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        blobs = self._fetch_blobs(uniq.tolist(), conn)
+        have = np.fromiter((i in blobs for i in uniq.tolist()), bool, len(uniq))
         out = np.full(len(ids), np.nan, np.float32)
-        for r, i in enumerate(ids.tolist()):
-            e = emb.get(i)
-            if e is not None:
-                out[r] = float(_s.normalize(e[None])[0] @ q[r])
+        if have.any():
+            # Each distinct node is read and normalised once, however many rows ask for it.
+            slot = np.cumsum(have) - 1
+            vecs = self._unit_rows(uniq[have], [blobs[i] for i in uniq[have].tolist()])
+            present = have[inverse]
+            rows = vecs[slot[inverse[present]]]
+            out[present] = np.einsum("ij,ij->i", rows, np.asarray(q, np.float32)[present])
         return out
 
-    def _fetch_embeddings(self, ids: Iterable[int], conn) -> dict:
-        ids = [int(i) for i in ids]
+    def _fetch_blobs(self, ids: list, conn) -> dict:
         out = {}
         for c in range(0, len(ids), _CHUNK):
             part = ids[c : c + _CHUNK]
             q = f"SELECT id, embedding FROM nodes WHERE id IN ({','.join('?' * len(part))})"
-            for i, blob in conn.execute(q, part):
-                out[i] = _s.from_blob(blob, self.dim, self.path)
+            out.update(conn.execute(q, part))
         return out
 
     @staticmethod

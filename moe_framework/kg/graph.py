@@ -56,10 +56,12 @@ class KnowledgeGraph(Lifecycle, Writes, MergeRule, Reads, Search, Traversal, Per
         merge_threshold: ``add_or_update_*`` merges a report into the most similar node when their
             cosine is strictly greater than this (in [0, 1]).
         ema_rate: merge update ``e <- (1 - ema_rate) * e + ema_rate * report`` (in (0, 1]).
-        index_type: "flat" (exact, default), "hnsw" or "ivfpq" (approximate; see
-            :mod:`moe_framework.kg.index` and docs/knowledge_graph.md for the recall trade-off).
+        index_type: "flat" (exact, default), "hnsw", "ivfpq" or "ivf" (approximate), or "auto"
+            (exact below 50k nodes, then "ivf" with parameters derived from N); see
+            :mod:`moe_framework.kg.index` and docs/knowledge_graph.md for the recall trade-off.
         index_params: overrides for the approximate index (hnsw: M, ef_construction, ef_search;
-            ivfpq: nlist, m, nbits, nprobe, train_min).
+            ivfpq: nlist, m, nbits, nprobe, train_min; ivf / auto: nlist, nprobe, train_min,
+            rerank, regrow).
         readonly: open read-only (no lock, no writes; SQLite reads see later commits of the
             writer, the search index reflects the store as it was at open). On read-only media
             (a folder this process cannot write) a cleanly closed store is read as immutable.

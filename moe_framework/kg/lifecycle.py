@@ -41,7 +41,13 @@ class Lifecycle(StoreCore):
             self._file.lock_for_writing()
             self._check_writable_media()
             self._warn_hard_links()
-        kind = _s.sniff_file(path, self._file.read_head())
+        head = self._file.read_head()
+        kind = _s.sniff_file(path, head)
+        wal = path + "-wal"
+        if kind == "sqlite" and not (os.path.exists(wal) and os.path.getsize(wal) > 0):
+            # With a write-ahead log left, a checkpoint may have been cut short after writing
+            # page 1; SQLite completes it from the log, so only a store without one is checked.
+            _s.check_length(path, head, self._file.size())
         if create and kind == "sqlite":
             raise FileExistsError(f"KnowledgeGraph.create: {path} already exists")
         if kind == "empty" and (self.readonly or dim is None):
@@ -62,7 +68,7 @@ class Lifecycle(StoreCore):
                 _s.configure_common(self._conn)
             else:
                 # Only now, after the header and schema say the file is ours, may SQLite write.
-                _s.configure_writer(self._conn)
+                _s.configure_writer(self._conn, fresh=fresh)
             if fresh:
                 _s.init_schema(self._conn, int(dim), time.time())
             self._schema_cookie = self._conn.execute("PRAGMA schema_version").fetchone()[0]

@@ -99,3 +99,10 @@ def check_type(t: Any, what: str = "node type") -> None:
     if not isinstance(t, str) or not t:
         raise ValueError(f"KnowledgeGraph: {what} must be a non-empty str, got {t!r}")
     _v.check_text(t, what)
+
+
+def check_types(types: list, what: str = "node type") -> None:
+    """:func:`check_type` of each entry, each distinct object checked once (a batch usually
+    repeats one str)."""
+    for t in {id(t): t for t in types}.values():
+        check_type(t, what)

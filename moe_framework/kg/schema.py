@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .errors import KnowledgeGraphError
-from .validate import dumps_object, loads_object
+from .validate import dumps_object, dumps_objects, loads_object
 
 # PRAGMA application_id marks the file as ours ("MOKG"), so a foreign SQLite database is
 # recognised before we touch it; PRAGMA user_version is the schema version.
@@ -63,6 +63,11 @@ CREATE INDEX provenance_by_node ON provenance (node_id);
 # ------------------------------------------------------------------------------ values
 
 
+def dumps_json_list(values: list, what: str) -> list:
+    """``[dumps_json(v, what) for v in values]``, checked once over the batch (faster)."""
+    return dumps_objects(values, what)
+
+
 def dumps_json(value: Any, what: str) -> str:
     """Strict JSON object text (no NaN/Inf, str keys, at most ``MAX_JSON_DEPTH`` levels, valid
     Unicode) so every reader of the file can parse it; ``ValueError`` naming ``what`` otherwise."""
@@ -92,7 +97,7 @@ def check_embeddings(x: Any, dim: int, what: str = "embedding") -> np.ndarray:
     if not np.isfinite(arr).all():
         bad = int(np.nonzero(~np.isfinite(arr).all(axis=1))[0][0])
         raise ValueError(f"KnowledgeGraph: {what} row {bad} has NaN or Inf values")
-    norms = np.linalg.norm(arr.astype(np.float64), axis=1)
+    norms = row_norms(arr)
     if arr.shape[0] and not (norms > 0).all():
         bad = int(np.nonzero(~(norms > 0))[0][0])
         raise ValueError(
@@ -101,14 +106,28 @@ def check_embeddings(x: Any, dim: int, what: str = "embedding") -> np.ndarray:
     return arr
 
 
+def row_norms(arr: np.ndarray) -> np.ndarray:
+    """Euclidean norm of each row of ``arr [n, d]`` accumulated in float64 (no over/underflow
+    for float32 input), without a float64 copy of the array (4-12x faster than
+    ``np.linalg.norm(arr.astype(np.float64), axis=1)`` at 10k x 384)."""
+    return np.sqrt(np.einsum("ij,ij->i", arr, arr, dtype=np.float64))
+
+
 def normalize(arr: np.ndarray) -> np.ndarray:
     """Unit rows in float32 (norms computed in float64 so tiny/huge values do not over/underflow)."""
-    norms = np.linalg.norm(arr.astype(np.float64), axis=1, keepdims=True)
+    norms = row_norms(arr)[:, None]
     return (arr / norms).astype(np.float32)
 
 
 def to_blob(vec: np.ndarray) -> bytes:
     return np.ascontiguousarray(vec, dtype="<f4").tobytes()
+
+
+def to_blobs(rows: np.ndarray) -> list:
+    """``[to_blob(r) for r in rows]`` for ``rows [n, d]``, from one buffer (no per-row numpy)."""
+    buf = np.ascontiguousarray(rows, dtype="<f4").tobytes()
+    step = 4 * rows.shape[1] if rows.ndim == 2 else 0
+    return [buf[i : i + step] for i in range(0, len(buf), step)] if step else []
 
 
 def from_blob(blob: bytes, dim: int, where: str) -> np.ndarray:
@@ -119,6 +138,24 @@ def from_blob(blob: bytes, dim: int, where: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ file checks
+
+
+def check_length(path: str, head: bytes, size: int) -> None:
+    """A SQLite file shorter than the page count its header records (when that count is valid:
+    non-zero, and the change counter equals the version-valid-for number) was truncated:
+    :class:`KnowledgeGraphError`. Checked because a cut that falls in the unused tail of the
+    last page would otherwise read as zeros and pass ``quick_check`` (likelier with the 16 KiB
+    pages of new stores)."""
+    if len(head) < 100:
+        return
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    pages = int.from_bytes(head[28:32], "big")
+    if pages and head[24:28] == head[92:96] and size < page * pages:
+        raise KnowledgeGraphError(
+            f"{path}: truncated SQLite file: {size} bytes, its header records {pages} pages of "
+            f"{page} bytes ({page * pages} bytes)"
+        )
 
 
 def sniff_file(path: str, head: bytes) -> str:
@@ -177,9 +214,20 @@ def _quote_uri(path: str) -> str:
     return quote(path, safe="/")
 
 
-def configure_writer(conn: sqlite3.Connection) -> None:
+# Page size of new stores (SQLite's default is 4096). A node row holds dim*4 bytes of embedding
+# (1.5 KiB at d=384): with 4 KiB pages a page holds two rows and bulk inserts measured 40k rows/s,
+# with 16 KiB pages 73k rows/s (raw SQLite, 100k x 384, WAL + synchronous=FULL, this 2-core
+# machine); 64 KiB pages gain little more and make each random read of one node copy 64 KiB.
+# Existing stores keep the page size they were created with (any page size reads the same).
+PAGE_SIZE = 16384
+
+
+def configure_writer(conn: sqlite3.Connection, fresh: bool = False) -> None:
     # WAL: readers never block the writer and a crash leaves the last committed state;
     # synchronous=FULL: each commit fsyncs the WAL, so a committed transaction survives power loss.
+    if fresh:
+        # Only an empty database may change its page size, and only before WAL is on.
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise KnowledgeGraphError(f"KnowledgeGraph: could not enable WAL mode (got {mode})")

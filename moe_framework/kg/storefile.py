@@ -88,6 +88,9 @@ class StoreFile:
     def read_head(self, n: int = 100) -> bytes:
         return os.pread(self.fd, n, 0)
 
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
     def links(self) -> int:
         """How many names (hard links) the file has."""
         return os.fstat(self.fd).st_nlink

@@ -15,7 +15,14 @@ from typing import Any, Optional
 
 from .errors import KnowledgeGraphError
 
-__all__ = ["MAX_JSON_DEPTH", "check_schema", "check_node_metadata", "dumps_object", "loads_object"]
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "check_schema",
+    "check_node_metadata",
+    "dumps_object",
+    "dumps_objects",
+    "loads_object",
+]
 
 # The top-level object counts as level 1. Real metadata is a few levels deep; the cap keeps
 # every JSON reader far from Python's recursion limit (about 1000 nested levels).
@@ -176,6 +183,39 @@ def dumps_object(value: Any, what: str) -> str:
             f"(U+{ord(bad):04X}), which is not valid Unicode text"
         ) from None
     return text
+
+
+# The settings of ``dumps_object`` in one encoder built once: ``json.dumps`` with keyword arguments
+# builds a new encoder on every call, which dominated filing 10k-row batches.
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, allow_nan=False, separators=(",", ":"), ensure_ascii=False
+)
+
+
+def dumps_objects(values: list, what: str) -> list:
+    """``[dumps_object(v, what) for v in values]``, the same texts and the same errors, with the
+    checks done once over the batch: any value the fast path does not accept (not a dict, not
+    serialisable, too deep, a lone surrogate) sends the whole batch through ``dumps_object``,
+    which raises its exact error."""
+    out = []
+    encode = _ENCODER.encode
+    try:
+        for v in values:
+            if type(v) is not dict:
+                raise TypeError
+            out.append(encode(v) if v else "{}")
+    except Exception:
+        return [dumps_object(v, what) for v in values]
+    joined = "".join(out)
+    if joined.count("[") + joined.count("{") > MAX_JSON_DEPTH and any(
+        t.count("[") + t.count("{") > MAX_JSON_DEPTH for t in out
+    ):
+        return [dumps_object(v, what) for v in values]
+    try:
+        joined.encode("utf-8")
+    except UnicodeEncodeError:
+        return [dumps_object(v, what) for v in values]
+    return out
 
 
 def _encodable(text: str) -> bool:

@@ -4,6 +4,7 @@ Each call is one transaction."""
 from __future__ import annotations
 
 import time
+from itertools import repeat
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -12,6 +13,7 @@ from . import schema as _s
 from .core import StoreCore
 from .records import as_id as _as_id
 from .records import check_type as _check_type
+from .records import check_types as _check_types
 
 __all__ = ["Writes"]
 
@@ -50,14 +52,13 @@ class Writes(StoreCore):
         x = _s.check_embeddings(embeddings, self.dim)
         n = x.shape[0]
         types = self._norm_list(types, n, "types", "node")
-        for t in types:
-            _check_type(t)
-        metas = [
-            _s.dumps_json(m, "metadata") for m in self._norm_list(metadatas, n, "metadatas", dict)
-        ]
+        _check_types(types)
+        metas = _s.dumps_json_list(self._norm_list(metadatas, n, "metadatas", dict), "metadata")
         provs = self._norm_list(provenance, n, "provenance", None)
-        provs = [None if p is None else _s.dumps_json(p, "provenance") for p in provs]
+        given = [j for j, p in enumerate(provs) if p is not None]
+        prov_text = dict(zip(given, _s.dumps_json_list([provs[j] for j in given], "provenance")))
         unit = _s.normalize(x)
+        blobs = _s.to_blobs(x)
         now = time.time()
         with self._transaction("add_nodes_batch") as conn:
             first = self._next_node_id(conn)
@@ -65,21 +66,16 @@ class Writes(StoreCore):
             conn.executemany(
                 "INSERT INTO nodes (id, type, embedding, metadata, merge_count, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, 1, ?, ?)",
-                (
-                    (int(i), t, _s.to_blob(v), m, now, now)
-                    for i, t, v, m in zip(ids, types, x, metas)
-                ),
+                zip(range(first, first + n), types, blobs, metas, repeat(now), repeat(now)),
             )
-            rows = [
-                (int(i), "insert", None, p, m, _s.to_blob(v), now)
-                for i, p, m, v in zip(ids, provs, metas, x)
-                if p is not None
-            ]
-            if rows:
+            if given:
                 conn.executemany(
                     "INSERT INTO provenance (node_id, action, similarity, source, metadata, embedding, "
                     "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    rows,
+                    [
+                        (first + j, "insert", None, prov_text[j], metas[j], blobs[j], now)
+                        for j in given
+                    ],
                 )
             self._after_commit(conn, ids, unit, np.zeros(0, np.int64), None)
         return ids

@@ -14,12 +14,14 @@ import torch
 from . import fused_ffn as _fused_ffn
 from . import grouped_gemm as _grouped_gemm
 from . import permute as _permute
+from . import quant as _quant
 from . import route as _route
 from . import similarity as _similarity
 from . import swiglu as _swiglu
 from .fused_ffn import *  # noqa: F401,F403
 from .grouped_gemm import *  # noqa: F401,F403
 from .permute import *  # noqa: F401,F403
+from .quant import *  # noqa: F401,F403
 from .route import *  # noqa: F401,F403
 from .similarity import *  # noqa: F401,F403
 from .swiglu import *  # noqa: F401,F403
@@ -33,6 +35,7 @@ OPS = (
     "unpermute_backward",
     "grouped_gemm",
     "grouped_gemm_wgrad",
+    "grouped_gemm_q",
     "swiglu",
     "swiglu_backward",
     "swiglu_backward_",
@@ -44,6 +47,7 @@ __all__ = (
     list(_route.__all__)
     + list(_permute.__all__)
     + list(_grouped_gemm.__all__)
+    + list(_quant.__all__)
     + list(_similarity.__all__)
     + list(_swiglu.__all__)
     + list(_fused_ffn.__all__)

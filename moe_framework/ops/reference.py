@@ -14,6 +14,8 @@ __all__ = [
     "unpermute_ref",
     "grouped_gemm_ref",
     "grouped_gemm_wgrad_ref",
+    "dequantize_ref",
+    "grouped_gemm_q_ref",
     "swiglu_ref",
     "swiglu_backward_ref",
     "dedup_ref",
@@ -155,6 +157,42 @@ def grouped_gemm_wgrad_ref(
         ae, ge = a[offs[e] : offs[e + 1]].double(), grad_out[offs[e] : offs[e + 1]].double()
         out[e] = ge.t() @ ae if trans_b else ae.t() @ ge
     return out
+
+
+def dequantize_ref(qweight, scales, zeros, bits: int, group_size: int) -> torch.Tensor:
+    """float32 ``[E, N, K]`` weights of grouped_gemm_q's storage, element by element from the
+    format's definition (csrc/include/moe_framework/grouped_gemm_q.h): INT8 ``q * scale``; INT4
+    ``(u - zero) * scale`` with ``k = 32 b + i`` in byte ``16 b + i % 16``, low nibble for
+    ``i < 16``; ``zero = 8`` without zeros."""
+    if bits == 8:
+        K = qweight.shape[2]
+        vals = qweight.to(torch.float32)
+    else:
+        K = 2 * qweight.shape[2]
+        k = torch.arange(K, device=qweight.device)
+        byte = 16 * (k // 32) + (k % 16)
+        shift = torch.where((k % 32) < 16, 0, 4)
+        vals = ((qweight.long()[..., byte] >> shift) & 15).to(torch.float32)
+    gs = group_size or K
+    g = torch.arange(K, device=qweight.device) // max(gs, 1)
+    scale = scales[..., g]
+    if bits == 4:
+        zero = zeros[..., g].to(torch.float32) if zeros is not None else 8.0
+        vals = vals - zero
+    return vals * scale
+
+
+def grouped_gemm_q_ref(a, qweight, scales, offsets, bits: int, group_size: int, zeros=None):
+    """grouped_gemm_ref of ``a`` with the dequantised weights (``[E, N, K]``, used as ``b^T``),
+    accumulated in float64 and rounded once to ``a``'s dtype."""
+    w = dequantize_ref(qweight, scales, zeros, bits, group_size).double()
+    offs = offsets.tolist()
+    out = torch.zeros(a.shape[0], w.shape[1], dtype=torch.float64, device=a.device)
+    for e in range(w.shape[0]):
+        lo, hi = offs[e], offs[e + 1]
+        if hi > lo:
+            out[lo:hi] = a[lo:hi].double() @ w[e].t()
+    return out.to(a.dtype)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -23,6 +23,7 @@ from ._checks import (
 )
 from .base import RoutingDecision
 from .losses import load_balancing_loss, router_entropy, router_z_loss
+from .regularizers import expert_slot_dropout, router_input_dropout
 from .rng import counter_uniform
 
 __all__ = ["BaseRouter", "Selection"]
@@ -84,6 +85,11 @@ class BaseRouter(nn.Module):
     _gate_logits: ClassVar[bool] = True
     # Whether training forwards draw noise besides the input jitter (noisy top-k).
     _draws_noise: ClassVar[bool] = False
+    # Training-time regularisers, set by moe_framework.training.apply_training_options (or by
+    # hand); 0 = off. Plain attributes, not constructor arguments: they are options of the
+    # training step, not of the router (docs/adaptive_routing.md).
+    router_dropout: float = 0.0
+    expert_dropout: float = 0.0
 
     def __init__(
         self,
@@ -181,15 +187,23 @@ class BaseRouter(nn.Module):
 
     # -- logits --------------------------------------------------------------------------------
 
-    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, d_model] -> router logits [T, E] float32, temperature applied, no noise."""
+    def router_logits(
+        self, x: torch.Tensor, context: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """x [T, d_model] -> router logits [T, E] float32, temperature applied, no noise.
+        ``context`` (routers that take one): added through :meth:`_context_logits`."""
         logits = self._raw_logits(x)
+        if context is not None:
+            logits = logits + self._context_logits(context)
         if self.temperature != 1.0:
             logits = logits / self.temperature
         return logits
 
     def _raw_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.gate(x).float()
+
+    def _context_logits(self, context: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"{type(self).__name__}: this router takes no context")
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         # What the aux loss and the entropy read (softmax; sigmoid scoring overrides it).
@@ -231,19 +245,36 @@ class BaseRouter(nn.Module):
         ``load_balance_scope="sequence"``.
         Returns a :class:`RoutingDecision` with ``slots_per_token`` slots per token.
         """
+        return self._route(x, mask, seq_len, None)
+
+    def _route(
+        self,
+        x: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        seq_len: Optional[int],
+        context: Optional[torch.Tensor],
+    ) -> RoutingDecision:
         self._check_inputs(x, mask, seq_len)
         T = x.shape[0]
         if mask is not None:
             mask = mask.to(torch.bool)
-        noisy = self.training and (self.jitter_eps > 0 or self._draws_noise)
+        r_drop = self.training and self.router_dropout > 0
+        e_drop = self.training and self.expert_dropout > 0
+        noisy = self.training and (self.jitter_eps > 0 or self._draws_noise or r_drop or e_drop)
 
         x_r = x
         if self.training and self.jitter_eps > 0:
             u = counter_uniform(self.seed, self.noise_step, (T, self.d_model), 0)
             x_r = x * (1.0 + self.jitter_eps * (2.0 * u - 1.0)).to(x.dtype)
-        logits = self.router_logits(x_r)
+        if r_drop:
+            x_r = router_input_dropout(x_r, self.router_dropout, self.seed, self.noise_step)
+        logits = self.router_logits(x_r, context)
         sel = self._decide(x_r, logits, mask)
         aux, stats = self._losses(logits, sel, mask, seq_len)
+        if e_drop:
+            sel, stats["expert_dropout"] = expert_slot_dropout(
+                sel, self.expert_dropout, self.num_experts, self.seed, self.noise_step
+            )
 
         if self.training:
             self._record_training_load(sel.selected)

@@ -10,14 +10,18 @@ from ..options import STRATEGIES
 from ._checks import check_bools, check_choice, is_int, is_real
 from .attention import AttentionRouter
 from .common import BaseRouter
+from .context import ContextRouter
+from .dense import DenseRouter
 from .expert_choice import ExpertChoiceRouter
 from .grouped_sigmoid import GroupedSigmoidRouter
+from .memory_bank import MemoryBankRouter
+from .mlp import MLPRouter
 from .noisy_topk import NoisyTopKRouter
 from .switch import SwitchRouter
 from .topk import TopKRouter
 from .topk_then_softmax import TopKThenSoftmaxRouter
 
-__all__ = ["ROUTERS", "STRATEGIES", "Supervisor", "router_arguments"]
+__all__ = ["ROUTERS", "ROUTER_KINDS", "STRATEGIES", "Supervisor", "make_router", "router_arguments"]
 
 #: strategy name -> router class (the one place a strategy is registered).
 ROUTERS: Dict[str, Type[BaseRouter]] = {
@@ -39,6 +43,34 @@ if tuple(ROUTERS) != STRATEGIES:
     raise ImportError(
         f"routing: ROUTERS {tuple(ROUTERS)} do not match options.STRATEGIES {STRATEGIES}"
     )
+
+
+# ---- issue 17: router kinds built directly (not MoEConfig strategies) ----------------------
+#: kind name -> router class: every strategy of :data:`ROUTERS` plus the routers whose options
+#: are not config fields (docs/adaptive_routing.md). Build them with :func:`make_router` or the
+#: class itself.
+ROUTER_KINDS: Dict[str, Type[BaseRouter]] = {
+    **ROUTERS,
+    **{cls.strategy: cls for cls in (MLPRouter, ContextRouter, DenseRouter, MemoryBankRouter)},
+}
+
+
+def make_router(
+    kind: str, d_model: int, num_experts: int, k: Optional[int] = 2, **options: Any
+) -> BaseRouter:
+    """The router of ``kind`` (a key of :data:`ROUTER_KINDS`) built with ``options`` (its class's
+    own keyword arguments; a ``TypeError`` names one it does not take). ``k`` is ignored by
+    ``"dense"`` (all experts)."""
+    check_choice("make_router", "kind", kind, tuple(ROUTER_KINDS))
+    cls = ROUTER_KINDS[kind]
+    if cls is DenseRouter:
+        return DenseRouter(d_model, num_experts, None, **options)
+    if k is None:
+        raise ValueError(f"make_router: k must be an int for kind={kind!r}, got None")
+    return cls(d_model, num_experts, k, **options)
+
+
+# ---- end issue 17 ----------------------------------------------------------------------------
 
 
 def router_arguments(cls: type) -> FrozenSet[str]:

@@ -52,6 +52,18 @@ def _cases():
             (torch.randn(8, 3), torch.randn(8, 5), offsets4, False),
             {0: "a", 1: "grad_out", 2: "offsets"},
         ),
+        "grouped_gemm_q": (
+            (
+                torch.randn(8, 64),
+                torch.zeros(4, 5, 32, dtype=torch.uint8),
+                torch.ones(4, 5, 2),
+                torch.zeros(4, 5, 2, dtype=torch.uint8),
+                offsets4,
+                4,
+                32,
+            ),
+            {0: "a", 1: "qweight", 2: "scales", 3: "zeros", 4: "offsets"},
+        ),
         "swiglu_backward": ((torch.randn(4, 3), torch.randn(4, 6)), {0: "grad", 1: "h"}),
         "swiglu_backward_": ((torch.randn(4, 3), torch.randn(4, 6)), {0: "grad", 1: "h"}),
         "kg_search": (

@@ -20,6 +20,11 @@ CASES = {
     "compile_and_cuda_graphs.py": ["--backend", "aot_eager", "--batch", "8"],
     "hf_swap.py": [],
     "knowledge_graph_query.py": ["--steps", "12"],
+    "expert_parallel.py": ["--steps", "2"],  # issue 15: starts its 2 ranks itself
+    "adaptive_routing.py": ["--steps", "10"],
+    # issue 17 (adaptive, hierarchical, multimodal MoE)
+    "adaptive_moe.py": ["--epochs", "1", "--train", "320"],
+    "multimodal_moe.py": ["--epochs", "1", "--train", "320"],
 }
 
 

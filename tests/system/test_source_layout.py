@@ -42,7 +42,7 @@ def test_make_lint_checks_the_format_of_every_csrc_source():
 
 MAX_SOURCE_LINES = 800
 # Op families whose CPU kernels are split into a folder: csrc/cpu/<family>/<family>.cpp plus headers.
-SPLIT_CPU_FAMILIES = ("grouped_gemm", "route", "similarity")
+SPLIT_CPU_FAMILIES = ("grouped_gemm", "route", "similarity", "quant")
 LOCAL_INCLUDE = re.compile(r'^#include "([^"/]+)"', re.MULTILINE)
 
 

@@ -1,0 +1,199 @@
+// CPU kernel of grouped_gemm_q, the weight-only INT8 / INT4 grouped GEMM (format and checks:
+// moe_framework/grouped_gemm_q.h; column micro-kernels: kernels.h).
+//
+// Work: (expert, column block) tiles over the experts that have rows, one at::parallel_for. A tile
+// runs its expert's rows in chunks of up to 4 and, for each chunk, every column of its block: the
+// block's packed weights (sized to stay in L1, kTileBytes) come from memory once and from L1 for
+// the following chunks, so each selected expert's weights are read from memory once per call;
+// experts without rows are not touched. The activations of the routed rows are converted to fp32
+// once (and, for INT4, summed per group for the zero point). Every output element is one thread's
+// fixed-order sum: results are bitwise reproducible for a given build and CPU (the AVX2 and scalar
+// kernels differ in rounding: FMA, summation order). Offsets are host memory on the CPU.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "kernels.h"
+#include "moe_framework/cpu_convert.h"
+#include "moe_framework/grouped_gemm_q.h"
+
+namespace moe_framework {
+namespace {
+
+// Packed weights of one tile: fits in L1 (32 KiB on current x86 cores) with room for the
+// activations of a 4-row chunk.
+constexpr int64_t kTileBytes = 16 * 1024;
+constexpr int kMaxRows = 4;
+
+// How far ahead of the column being computed the weights are prefetched (a few columns: DRAM
+// latency is ~300 cycles, one INT4 column of K = 1024 about 150).
+constexpr int64_t kAheadBytes = 2048;
+
+MOE_ALWAYS_INLINE void prefetch(const uint8_t* p) {
+#if MOE_GGQ_X86
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+#else
+  __builtin_prefetch(p);
+#endif
+}
+
+struct Tile {
+  int64_t expert, n0, n1;
+};
+
+bool avx2_fma() {
+#if MOE_GGQ_X86
+  static const bool ok = use_avx2() && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+template <int R>
+void run_column(int bits, const ColumnArgs& c, float* res) {
+#if MOE_GGQ_X86
+  if (avx2_fma()) {
+    if (bits == 8) {
+      column_q8_avx2<R>(c, res);
+    } else {
+      column_q4_avx2<R>(c, res);
+    }
+    return;
+  }
+#endif
+  if (bits == 8) {
+    column_q8_scalar<R>(c, res);
+  } else {
+    column_q4_scalar<R>(c, res);
+  }
+}
+
+// Calls f(std::integral_constant<int, R>{}) for rows = R in [1, kMaxRows].
+template <typename F>
+void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    default:
+      return f(std::integral_constant<int, kMaxRows>{});
+  }
+}
+
+template <typename scalar_t>
+void run_tiles(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
+               const std::vector<int64_t>& off, const at::Tensor& a32, const at::Tensor& asum,
+               const at::Tensor& qweight, const at::Tensor& scales,
+               const c10::optional<at::Tensor>& zeros, at::Tensor& out) {
+  const int64_t row_bytes = s.bits == 8 ? s.k : s.k / 2;
+  const uint8_t* wbase = static_cast<const uint8_t*>(qweight.const_data_ptr());
+  const float* sbase = scales.const_data_ptr<float>();
+  const uint8_t* zbase = zeros.has_value() ? zeros->const_data_ptr<uint8_t>() : nullptr;
+  const float* abase = a32.const_data_ptr<float>();
+  const float* sumbase = asum.defined() ? asum.const_data_ptr<float>() : nullptr;
+  const int64_t first = off[0];
+  scalar_t* obase = out.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const Tile& tile = tiles[static_cast<size_t>(t)];
+      const int64_t e = tile.expert;
+      // Software prefetch, kAheadBytes ahead of the column being read, up to the end of the
+      // expert's weights (the next tile of this expert is adjacent, usually this thread's next):
+      // hardware prefetchers stop at 4 KiB page boundaries, prefetch instructions do not.
+      const uint8_t* tile_w = wbase + (e * s.n + tile.n0) * row_bytes;
+      const int64_t ahead_end = (s.n - tile.n0) * row_bytes;
+      for (int64_t b = 0; b < std::min(ahead_end, kAheadBytes); b += 64) prefetch(tile_w + b);
+      for (int64_t r0 = off[e]; r0 < off[e + 1]; r0 += kMaxRows) {
+        const int64_t rows = std::min<int64_t>(kMaxRows, off[e + 1] - r0);
+        for (int64_t n = tile.n0; n < tile.n1; ++n) {
+          const int64_t col = e * s.n + n;
+          if (r0 == off[e]) {  // the first chunk of rows reads the weights from memory
+            const int64_t lo = (n - tile.n0) * row_bytes + kAheadBytes;
+            const int64_t hi = std::min(ahead_end, lo + row_bytes);
+            for (int64_t b = lo & ~int64_t{63}; b < hi; b += 64) prefetch(tile_w + b);
+          }
+          ColumnArgs c{abase + (r0 - first) * s.k,
+                       s.k,
+                       wbase + col * row_bytes,
+                       sbase + col * s.groups,
+                       zbase == nullptr ? nullptr : zbase + col * s.groups,
+                       s.bits == 8 ? 0.f : 8.f,
+                       sumbase == nullptr ? nullptr : sumbase + (r0 - first) * s.groups,
+                       s.groups,
+                       s.k,
+                       s.group_size,
+                       s.groups};
+          float res[kMaxRows];
+          with_rows(rows, [&](auto rc) { run_column<decltype(rc)::value>(s.bits, c, res); });
+          for (int64_t r = 0; r < rows; ++r) {
+            obase[(r0 + r) * s.n + n] = cpu::store_acc<scalar_t>(res[r]);
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor grouped_gemm_q_cpu(const at::Tensor& a, const at::Tensor& qweight_in,
+                              const at::Tensor& scales_in,
+                              const c10::optional<at::Tensor>& zeros_in, const at::Tensor& offsets,
+                              int64_t bits, int64_t group_size) {
+  constexpr const char* op = "grouped_gemm_q";
+  const grouped_gemm_q::Scheme s =
+      grouped_gemm_q::check_inputs(a, qweight_in, scales_in, zeros_in, offsets, bits, group_size);
+  const int64_t m = a.size(0);
+  const at::Tensor off_t = offsets.contiguous();
+  const std::vector<int64_t> off(off_t.const_data_ptr<int64_t>(),
+                                 off_t.const_data_ptr<int64_t>() + s.num_experts + 1);
+  grouped_gemm::check_offsets_values(op, off.data(), s.num_experts, m);
+  at::Tensor out = at::empty({m, s.n}, a.options());
+  const int64_t first = off[0], last = off[s.num_experts];
+  // Rows outside [offsets[0], offsets[E]) belong to no expert: zeros.
+  if (first > 0) out.slice(0, 0, first).zero_();
+  if (last < m) out.slice(0, last, m).zero_();
+  if (last == first || s.n == 0) return out;
+  if (s.k == 0) {
+    out.slice(0, first, last).zero_();
+    return out;
+  }
+  const at::Tensor qweight = qweight_in.contiguous();
+  const at::Tensor scales = scales_in.contiguous();
+  c10::optional<at::Tensor> zeros;
+  if (zeros_in.has_value()) zeros = zeros_in->contiguous();
+  const at::Tensor a32 = a.slice(0, first, last).to(at::kFloat).contiguous();
+  at::Tensor asum;
+  if (s.bits == 4) asum = a32.view({last - first, s.groups, s.group_size}).sum(-1).contiguous();
+
+  const int64_t row_bytes = s.bits == 8 ? s.k : s.k / 2;
+  const int64_t block = std::clamp<int64_t>(kTileBytes / std::max<int64_t>(row_bytes, 1), 1, s.n);
+  std::vector<Tile> tiles;
+  for (int64_t e = 0; e < s.num_experts; ++e) {
+    if (off[e + 1] == off[e]) continue;
+    for (int64_t n0 = 0; n0 < s.n; n0 += block) tiles.push_back({e, n0, std::min(s.n, n0 + block)});
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), op, [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      run_tiles<scalar_t>(s, tiles, off, a32, asum, qweight, scales, zeros, out);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe_framework, CPU, m) {
+  m.impl("grouped_gemm_q", &grouped_gemm_q_cpu);
+}
+
+}  // namespace moe_framework

@@ -1,0 +1,301 @@
+"""Decode with weight-only quantised experts: INT8 / INT4 (ops.grouped_gemm_q through
+QuantizedExperts) vs our bf16 ExpertBank (ops.grouped_gemm), and the per-expert torch loop.
+
+Each call is one MoE experts stage at decode: T = 1..8 tokens, top-k routed over E experts
+(random routing, a fresh draw per call), SwiGLU experts ``[E, 2h, d]`` + ``[E, d, h]``. Weights are
+NOT cache-resident: every variant rotates through enough copies of the layer that the bytes it
+cycles through are >= 4x the last-level cache, so each call reads its experts from DRAM.
+
+"bytes/token" is the packed weights (+ scales, zero points) of the distinct experts a call touches,
+divided by T; "GB/s" is those bytes over the call's median time, and "% triad" compares that with
+the triad bandwidth measured in the same run (common.roofline's triad). Ratios ("x bf16") are against the
+faster of our two bf16 ExpertBank layouts (out_in, in_out) in the same run.
+
+    python -m moe_framework.benchmarks.bench_quantized            # d=1024, h=768, E=32, k=2
+    python -m moe_framework.benchmarks.bench_quantized --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+
+import torch
+
+import moe_framework  # noqa: F401
+from moe_framework.benchmarks import common
+from moe_framework.experts import ExpertBank
+from moe_framework.quantization import QuantizedExperts
+
+LLC_BYTES = 32 * 1024 * 1024  # this machine's L3 (lscpu); rotation covers 4x that
+# The torchao peer runs in its own venv (torch 2.13.0 CPU + torchao): MOE_BENCH_TORCHAO_PYTHON,
+# default /work/venvs/torchao/bin/python; skipped (and said so in the JSON) when it is missing.
+TORCHAO_PYTHON = os.environ.get("MOE_BENCH_TORCHAO_PYTHON", "/work/venvs/torchao/bin/python")
+
+# The peer, run in the torchao venv: the same experts as nn.Linear pairs (bf16), quantised with
+# torchao's quantize_ (Int8WeightOnlyConfig; IntxWeightOnlyConfig int4 per-group 128, torchao's
+# CPU int4 weight-only path: Int4WeightOnlyConfig has no CPU packing in torchao 0.18), run as the
+# per-expert loop at decode, rotating through layer copies exactly as ours do.
+_TORCHAO_SCRIPT = r"""
+import json, math, statistics, sys, time, warnings
+warnings.filterwarnings("ignore")
+import torch
+from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+from torchao.quantization.granularity import PerGroup
+cfg = json.loads(sys.argv[1])
+torch.set_num_threads(cfg["threads"])
+d, h, E, k = cfg["d"], cfg["h"], cfg["E"], cfg["k"]
+gen = torch.Generator().manual_seed(1)
+
+def layer():
+    m = torch.nn.ModuleList(
+        torch.nn.ModuleDict({"gate_up": torch.nn.Linear(d, 2 * h, bias=False),
+                             "down": torch.nn.Linear(h, d, bias=False)}) for _ in range(E))
+    return m.to(torch.bfloat16)
+
+def run_loop(m, x, counts):
+    out = torch.zeros_like(x)
+    lo = 0
+    for e, c in enumerate(counts):
+        if c:
+            g, u = m[e]["gate_up"](x[lo:lo + c]).chunk(2, dim=-1)
+            out[lo:lo + c] = m[e]["down"](torch.nn.functional.silu(g) * u)
+            lo += c
+    return out
+
+rows = []
+for name, make_cfg, bytes_per_weight in (
+    ("torchao int8wo", lambda: Int8WeightOnlyConfig(), 1.0),
+    ("torchao int4wo g128 (intx)", lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(128)), 1.0),
+):
+    per_layer = E * 3 * d * h * bytes_per_weight
+    copies = max(2, math.ceil(cfg["target"] / per_layer))
+    layers = []
+    for _ in range(copies):
+        m = layer()
+        quantize_(m, make_cfg())
+        layers.append(m)
+    with torch.inference_mode():
+        for T in cfg["tokens"]:
+            calls = []
+            for _ in range(64):
+                ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+                calls.append(torch.bincount(ids.flatten(), minlength=E).tolist())
+            xs = [torch.randn(T * k, d, dtype=torch.bfloat16) for _ in range(4)]
+            i = 0
+            for _ in range(3):
+                run_loop(layers[i % copies], xs[i % 4], calls[i % 64]); i += 1
+            times = []
+            t_end = time.perf_counter() + cfg["min_time"]
+            while len(times) < 5 or time.perf_counter() < t_end:
+                t0 = time.perf_counter()
+                run_loop(layers[i % copies], xs[i % 4], calls[i % 64]); i += 1
+                times.append(time.perf_counter() - t0)
+            rows.append({"variant": name, "impl": "torchao loop", "T": T,
+                         "us/call": statistics.median(times) * 1e6, "rotation MB": copies * per_layer / 1e6})
+    del layers
+print(json.dumps(rows))
+"""
+
+
+def _llc_bytes() -> int:
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            text = f.read().strip()
+        return int(text.rstrip("K")) * 1024 if text.endswith("K") else int(text)
+    except (OSError, ValueError):
+        return LLC_BYTES
+
+
+def _expert_bytes(module) -> float:
+    """Bytes of one expert's weights (+ scales / zero points)."""
+    if isinstance(module, QuantizedExperts):
+        return module.weight_bytes() / module.num_experts
+    return sum(p.numel() * p.element_size() for p in module.parameters()) / module.num_experts
+
+
+def _routing(T: int, E: int, k: int, gen: torch.Generator):
+    """offsets [E+1] of T tokens routed top-k to distinct random experts, and the number of
+    distinct experts touched."""
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    counts = torch.bincount(ids.flatten(), minlength=E)
+    off = torch.zeros(E + 1, dtype=torch.long)
+    off[1:] = torch.cumsum(counts, 0)
+    return off, int((counts > 0).sum())
+
+
+def _loop_forward(w_in, w_out, x, off):
+    """The per-expert torch loop (bf16 F.linear per expert with rows, what a plain PyTorch MoE
+    does at decode)."""
+    out = torch.zeros_like(x)
+    offs = off.tolist()
+    for e in range(len(offs) - 1):
+        lo, hi = offs[e], offs[e + 1]
+        if hi > lo:
+            h = torch.nn.functional.linear(x[lo:hi], w_in[e])
+            g, u = h.chunk(2, dim=-1)
+            out[lo:hi] = torch.nn.functional.linear(torch.nn.functional.silu(g) * u, w_out[e])
+    return out
+
+
+def _ours(m, x, off):
+    return m(x, off)
+
+
+def _loop(m, x, off):
+    return _loop_forward(m.weight_in, m.w_out, x, off)
+
+
+def _time_rotating(fn, layers, calls, xs, min_time: float) -> dict:
+    """common.timeit of fn(layer, x, offsets), each call on the next layer copy and routing."""
+    state = {"i": 0}
+
+    def step():
+        i = state["i"]
+        state["i"] = i + 1
+        return fn(layers[i % len(layers)], xs[i % len(xs)], calls[i % len(calls)][0])
+
+    return common.timeit(step, min_time=min_time)
+
+
+def _run_torchao(d, h, E, k, token_counts, target, threads, quick, rows) -> str:
+    """Run the torchao peer in its venv; appends its rows; returns what ran (or why not)."""
+    if not os.path.exists(TORCHAO_PYTHON):
+        return f"not run: no torchao venv at {TORCHAO_PYTHON} (set MOE_BENCH_TORCHAO_PYTHON)"
+    cfg = {
+        "d": d, "h": h, "E": E, "k": k, "tokens": list(token_counts), "target": target,
+        "threads": threads, "min_time": 0.1 if quick else 0.5,
+    }  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run(
+        [TORCHAO_PYTHON, "-c", _TORCHAO_SCRIPT, json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    if proc.returncode != 0:
+        return f"failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+    peer_rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows.extend(peer_rows)
+    version = subprocess.run(
+        [
+            TORCHAO_PYTHON,
+            "-c",
+            "import torch, torchao; print(torch.__version__, torchao.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return f"ran: torch, torchao = {version}"
+
+
+def run(quick: bool = False, threads=None, out_dir=None) -> dict:
+    load_start = os.getloadavg()
+    t_start = time.perf_counter()
+    threads = (threads or [1])[0]
+    torch.set_num_threads(threads)
+    d, h, E, k = (512, 256, 32, 2) if quick else (1024, 768, 32, 2)
+    token_counts = (1, 4) if quick else (1, 2, 4, 8)
+    target = (1 if quick else 4) * _llc_bytes()
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    base = ExpertBank(d_model=d, d_hidden=h, num_experts=E, layout="out_in", init_std=0.02)
+    variants = {
+        "bf16 out_in": lambda: ExpertBank(
+            d_model=d, d_hidden=h, num_experts=E, layout="out_in", dtype=torch.bfloat16
+        ),
+        "bf16 in_out": lambda: ExpertBank(
+            d_model=d, d_hidden=h, num_experts=E, layout="in_out", dtype=torch.bfloat16
+        ),
+        "int8": lambda: QuantizedExperts.from_float(base.weight_in, base.w_out, bits=8),
+        "int4_g128": lambda: QuantizedExperts.from_float(
+            base.weight_in, base.w_out, bits=4, group_size=128
+        ),
+    }
+    # Only the triad of common.roofline: its bf16 GEMM probe takes minutes on CPUs without
+    # AVX512-BF16 (torch's CPU bf16 mm runs at ~0.3 GFLOP/s there), and decode needs bandwidth.
+    numel = (16 if quick else 64) * 1024 * 1024
+    roof = {"threads": threads, "triad_gbs": common._measure_bandwidth(threads, "cpu", numel) / 1e9}
+    rows = []
+    with torch.inference_mode():
+        for name, make in variants.items():
+            first = make()
+            per_layer = _expert_bytes(first) * E
+            n_copies = max(2, math.ceil(target / per_layer))
+            layers = [first] + [make() for _ in range(n_copies - 1)]
+            for layer in layers:
+                if isinstance(layer, ExpertBank):
+                    tr = layer.layout == "in_out"
+                    layer.weight_in.copy_(base.weight_in.transpose(1, 2) if tr else base.weight_in)
+                    layer.w_out.copy_(base.w_out.transpose(1, 2) if tr else base.w_out)
+            for T in token_counts:
+                calls = [_routing(T, E, k, gen) for _ in range(64)]
+                xs = [torch.randn(T * k, d, dtype=torch.bfloat16) for _ in range(4)]
+                touched = sum(c[1] for c in calls) / len(calls)
+                bytes_per_call = touched * _expert_bytes(first)
+                impls = {"ours": _ours}
+                if name == "bf16 out_in":
+                    impls["torch loop"] = _loop
+                for impl, fn in impls.items():
+                    t = _time_rotating(fn, layers, calls, xs, 0.1 if quick else 0.5)
+                    gbs = bytes_per_call / t["median_s"] / 1e9
+                    rows.append(
+                        {
+                            "variant": name,
+                            "impl": impl,
+                            "T": T,
+                            "us/call": t["median_s"] * 1e6,
+                            "bytes/token": bytes_per_call / T,
+                            "GB/s": gbs,
+                            "% triad": 100.0 * gbs / roof["triad_gbs"],
+                            "rotation MB": n_copies * per_layer / 1e6,
+                        }
+                    )
+            del layers, first
+    peer_note = _run_torchao(d, h, E, k, token_counts, target, threads, quick, rows)
+    # "x bf16": against the faster of our two bf16 layouts at the same T
+    best_bf16: dict = {}
+    for r in rows:
+        if r["impl"] == "ours" and r["variant"].startswith("bf16"):
+            best_bf16[r["T"]] = min(best_bf16.get(r["T"], float("inf")), r["us/call"])
+    for r in rows:
+        ref = best_bf16.get(r["T"])
+        r["x bf16"] = ref / r["us/call"] if ref else float("nan")
+    columns = ["variant", "impl", "T", "us/call", "x bf16", "bytes/token", "GB/s", "% triad"]
+    title = (
+        f"decode experts stage: d={d}, h={h}, E={E}, k={k}, {threads} thread(s), "
+        f"triad {roof['triad_gbs']:.1f} GB/s"
+    )
+    common.print_table(rows, columns, title)
+    payload = {
+        "benchmark": "quantized",
+        "shape": {"d_model": d, "d_hidden": h, "num_experts": E, "k": k},
+        "threads": threads,
+        "quick": quick,
+        "machine": common.machine_info(),
+        "roofline": roof,
+        "rows": rows,
+        "torchao": peer_note,
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "wall_s": time.perf_counter() - t_start,
+    }
+    name = (
+        "bench_quantized" + ("_quick" if quick else "") + (f"_t{threads}" if threads != 1 else "")
+    )
+    common.write_json(name, payload, out_dir)
+    return payload
+
+
+def main(argv=None) -> None:
+    p = common.base_parser(__doc__.splitlines()[0])
+    args = p.parse_args(argv)
+    run(quick=args.quick, threads=args.threads, out_dir=args.out)
+
+
+if __name__ == "__main__":
+    main()

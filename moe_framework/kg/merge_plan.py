@@ -1,0 +1,293 @@
+"""The merge rule for a whole batch, vectorised: what each report does (merge into which node, or
+insert), decided exactly as if the reports were filed one by one, with the expensive parts done
+for the whole batch at once.
+
+A report's best match is the best of three sets, each kept so that one report costs a few
+Python operations, not a search:
+
+* **pre-batch nodes not touched by the batch**: one batched search of every report against the
+  store before the batch (the device bank through ``ops.kg_search`` when the handle has one — an
+  exact GEMM + top-k on the bank's device — else the search index), ``_K`` candidates each;
+  a report skips the candidates the batch already moved (and searches again, wider, in the rare
+  case all of them were moved).
+* **nodes inserted by earlier reports of the batch and not moved since**: their embedding is the
+  report's own, so the best of them is a causal (lower-triangular) maximum over the batch's
+  report-by-report cosines, computed in blocks of one GEMM each before the loop, *assuming*
+  every earlier report inserts. A report whose maximum came from a row that turned out not to
+  be such a node (it merged, or a later report merged into it) scores the rows that are, with
+  one matrix-vector product over them (few exactly when many reports merge).
+* **nodes the batch moved** (merge targets): usually few; scored with one matrix-vector product
+  over their current embeddings.
+
+Ties go to the lower node id in every set and between them, as in the one-by-one rule. The SQL
+writes are collected and applied with ``executemany`` (one INSERT per new node with its final
+embedding, one UPDATE per moved pre-batch node, one provenance row per report).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from . import schema as _s
+from .records import CHUNK as _CHUNK
+from .records import FilingResult
+
+__all__ = ["MergePlan"]
+
+_K = 8  # pre-batch candidates per report: only the best one the batch has not moved is needed
+_GEMM_ELEMENTS = 1 << 24  # rows x columns of one block of batch cosines (64 MiB of float32)
+
+
+class MergePlan:
+    """The decisions for one batch (``run``), then the rows to write (``rows``), the index update
+    (``index_update``) and the results (``results``). Built inside the write transaction."""
+
+    def __init__(self, kg: Any, conn: Any, x: np.ndarray, unit: np.ndarray, metas: list) -> None:
+        self.kg, self.conn, self.x, self.unit, self.metas = kg, conn, x, unit, metas
+        n, d = x.shape
+        self.n = n
+        self.first_id = self.next_id = kg._next_node_id(conn)
+        self.node = np.zeros(n, np.int64)  # node each report was filed into
+        self.merged = np.zeros(n, bool)
+        self.sim: list = [None] * n
+        # Batch rows that inserted a node: its id; rows that are not (or no longer) such an
+        # unmoved node are "dead" for the causal maximum.
+        self.row_node = np.full(n, -1, np.int64)
+        self.dead = np.zeros(n, bool)
+        self.id_row: dict = {}  # node id inserted by the batch -> its row
+        # The rows that inserted, in order, with their unit vectors and whether still unmoved.
+        self.ins_rows: list = []
+        self.ins_pos: dict = {}  # row -> position in ins_rows
+        self.ins_unit = np.zeros((n, d), np.float32)
+        self.ins_alive = np.zeros(n, bool)
+        # Moved nodes (merge targets): current raw / unit embedding, metadata, merges.
+        self.slot: dict = {}
+        self.pre_rows: dict = {}  # prefetched (embedding, metadata) of likely merge targets
+        self.mv_ids = np.zeros(n, np.int64)
+        self.mv_unit = np.zeros((n, d), np.float32)
+        self.mv_raw: list = []
+        self.mv_meta: list = []
+        self.mv_count: list = []
+
+    # ------------------------------------------------------------------ decisions
+
+    def run(self) -> None:
+        n = self.n
+        if n == 0:
+            return
+        kg = self.kg
+        thr, rate = kg.merge_threshold, kg.ema_rate
+        n_before = self._n_before()
+        cs: Optional[list] = None
+        ci: Optional[list] = None
+        if n_before:
+            s, i = self._search(self.unit, min(n_before, _K))
+            cs, ci = s.tolist(), i.tolist()
+            # Stored rows of every candidate above the threshold, in one query per CHUNK ids.
+            self._prefetch(np.unique(i[(s > thr) & (i >= 0)]).tolist())
+        self.bmax, self.barg = self._causal_best()
+        for j in range(n):
+            best_s, best_id = -np.inf, None
+            if ci is not None and cs is not None:
+                pre = self._pre_best(j, cs[j], ci[j])
+                if pre is not None:
+                    best_s, best_id = pre
+            s_b, r = self._batch_best(j)
+            if r >= 0:
+                id_b = int(self.row_node[r])
+                if _better(s_b, id_b, best_s, best_id):
+                    best_s, best_id = s_b, id_b
+            m = len(self.mv_raw)
+            if m:
+                sc = np.einsum("ij,j->i", self.mv_unit[:m], self.unit[j])  # no BLAS threads
+                top = sc.max()
+                s_m, id_m = float(top), int(self.mv_ids[:m][sc == top].min())
+                if _better(s_m, id_m, best_s, best_id):
+                    best_s, best_id = s_m, id_m
+            if best_id is not None:
+                self.sim[j] = float(best_s)
+            if best_id is not None and best_s > thr:
+                self._merge(j, best_id, rate)
+            else:
+                self.node[j] = self.row_node[j] = self.next_id
+                self.id_row[self.next_id] = j
+                self.next_id += 1
+                self.ins_pos[j] = len(self.ins_rows)
+                self.ins_unit[len(self.ins_rows)] = self.unit[j]
+                self.ins_alive[len(self.ins_rows)] = True
+                self.ins_rows.append(j)
+
+    def _prefetch(self, ids: list) -> None:
+        for c in range(0, len(ids), _CHUNK):
+            part = ids[c : c + _CHUNK]
+            q = f"SELECT id, embedding, metadata FROM nodes WHERE id IN ({','.join('?' * len(part))})"
+            self.pre_rows.update((r[0], r[1:]) for r in self.conn.execute(q, part))
+
+    def _n_before(self) -> int:
+        bank = self.kg._bank
+        return len(bank) if bank is not None else len(self.kg._index)
+
+    def _search(self, q: np.ndarray, k: int) -> tuple:
+        """Top-``k`` pre-batch nodes of unit ``q [m, d]``: ``(scores, ids)`` numpy arrays."""
+        bank = self.kg._bank
+        if bank is not None:  # exact, on the bank's device
+            import torch
+
+            s, i = bank.search(torch.from_numpy(np.ascontiguousarray(q)).to(bank.device), k)
+            return s.cpu().numpy(), i.cpu().numpy()
+        return self.kg._index.search(q, k, self.kg._exact_scores_writer)
+
+    def _pre_best(self, j: int, row_s: list, row_i: list) -> Optional[tuple]:
+        """Best pre-batch node the batch has not moved, for report ``j``."""
+        while True:
+            for s, i in zip(row_s, row_i):
+                if i < 0:
+                    return None  # fewer nodes than candidates: every one was seen
+                if i not in self.slot:
+                    return float(s), int(i)
+            n_before = self._n_before()
+            if len(row_i) >= n_before:
+                return None  # every pre-batch node was moved by this batch
+            s2, i2 = self._search(self.unit[j : j + 1], min(n_before, 2 * len(row_i)))
+            row_s, row_i = s2[0].tolist(), i2[0].tolist()
+
+    def _causal_best(self) -> tuple:
+        """For each report j: the largest cosine with an earlier report of the batch and the
+        lowest such row (``-inf`` / -1 for the first), in blocks of one GEMM each."""
+        import torch
+
+        n = self.n
+        bank = self.kg._bank
+        device = bank.device if bank is not None else torch.device("cpu")
+        u = torch.from_numpy(self.unit).to(device)
+        bmax = np.full(n, -np.inf, np.float32)
+        barg = np.full(n, -1, np.int64)
+        block = max(64, _GEMM_ELEMENTS // max(n, 1))
+        col = torch.arange(n, device=device)
+        for b0 in range(1, n, block):
+            b1 = min(n, b0 + block)
+            g = u[b0:b1] @ u[: b1 - 1].T  # rows b0..b1-1 against rows 0..b1-2
+            rows = torch.arange(b0, b1, device=device)[:, None]
+            g.masked_fill_(col[None, : b1 - 1] >= rows, -torch.inf)
+            top = g.max(dim=1).values
+            # Lowest row among equal maxima (torch.max does not promise which one it returns).
+            first = torch.where(g == top[:, None], col[None, : b1 - 1], n).min(dim=1).values
+            bmax[b0:b1] = top.cpu().numpy()
+            barg[b0:b1] = first.cpu().numpy()
+        return bmax, barg
+
+    def _kill(self, row: int) -> None:
+        """Row ``row`` is no longer an unmoved node of the batch (it merged, or a later report
+        merged into it). Later reports whose precomputed maximum it was recompute theirs when
+        they come (``_batch_best``)."""
+        self.dead[row] = True
+        k = self.ins_pos.get(row)
+        if k is not None:
+            self.ins_alive[k] = False
+
+    def _batch_best(self, j: int) -> tuple:
+        """(score, row) of the best unmoved node inserted by an earlier report (row -1: none)."""
+        r = int(self.barg[j])
+        if r < 0 or not self.dead[r]:
+            return float(self.bmax[j]), r  # the maximum over all earlier rows is one of them
+        # Its maximum died: the best over the rows inserted so far that are still unmoved (few
+        # when many reports merge, which is when rows die).
+        k = len(self.ins_rows)
+        g = np.einsum("ij,j->i", self.ins_unit[:k], self.unit[j])  # no BLAS threads
+        g[~self.ins_alive[:k]] = -np.inf
+        top = g.max() if k else -np.inf
+        if top == -np.inf:
+            return -np.inf, -1
+        return float(top), self.ins_rows[int(np.argmax(g == top))]
+
+    def _merge(self, j: int, target: int, rate: float) -> None:
+        s = self.slot.get(target)
+        if s is None:
+            r = self.id_row.get(target)
+            if r is not None:  # inserted by an earlier report of this batch
+                old, old_meta = self.x[r], dict(self.metas[r])
+                self._kill(r)
+            else:  # a pre-batch node
+                kg = self.kg
+                row = self.pre_rows.get(target)
+                if row is None:
+                    row = self.conn.execute(
+                        "SELECT embedding, metadata FROM nodes WHERE id = ?", (target,)
+                    ).fetchone()
+                old = _s.from_blob(row[0], kg.dim, kg.path)
+                old_meta = _s.loads_json(row[1], f"{kg.path}: node {target} metadata")
+            s = self.slot[target] = len(self.mv_raw)
+            self.mv_ids[s] = target
+            self.mv_raw.append(old)
+            self.mv_meta.append(old_meta)
+            self.mv_count.append(0)
+        new = (
+            (1.0 - rate) * self.mv_raw[s].astype(np.float64) + rate * self.x[j].astype(np.float64)
+        ).astype(np.float32)
+        self.mv_raw[s] = new
+        self.mv_unit[s] = _s.normalize(new[None])[0]
+        self.mv_meta[s] = {**self.mv_meta[s], **self.metas[j]}
+        self.mv_count[s] += 1
+        self.node[j] = target
+        self.merged[j] = True
+        self._kill(j)
+
+    # ------------------------------------------------------------------ outputs
+
+    def rows(self, types: list, meta_json: list, blobs: list, provs: list, now: float) -> tuple:
+        """``(node inserts, node updates, provenance rows)`` for ``executemany``."""
+        moved_meta = _s.dumps_json_list(self.mv_meta, "metadata")
+        inserts = []
+        for j in np.nonzero(~self.merged)[0].tolist():
+            nid = int(self.row_node[j])
+            s = self.slot.get(nid)
+            if s is None:
+                inserts.append((nid, types[j], blobs[j], meta_json[j], 1, now, now))
+            else:
+                blob = _s.to_blob(self.mv_raw[s])
+                inserts.append((nid, types[j], blob, moved_meta[s], 1 + self.mv_count[s], now, now))
+        updates = [
+            (_s.to_blob(self.mv_raw[s]), moved_meta[s], self.mv_count[s], now, nid)
+            for nid, s in self.slot.items()
+            if nid not in self.id_row
+        ]
+        prov = [
+            (
+                int(self.node[j]),
+                "merge" if self.merged[j] else "insert",
+                self.sim[j],
+                provs[j],
+                meta_json[j],
+                blobs[j],
+                now,
+            )
+            for j in range(self.n)
+        ]
+        return inserts, updates, prov
+
+    def index_update(self) -> tuple:
+        """``(add_ids, add_vecs, upd_ids, upd_vecs)`` for the search index and bank."""
+        rows = np.nonzero(~self.merged)[0]
+        add_ids = self.row_node[rows]
+        add_vecs = self.unit[rows].copy()
+        for k, nid in enumerate(add_ids.tolist()):
+            s = self.slot.get(nid)
+            if s is not None:
+                add_vecs[k] = self.mv_unit[s]
+        upd = [(nid, s) for nid, s in self.slot.items() if nid not in self.id_row]
+        upd_ids = np.asarray([u[0] for u in upd], np.int64)
+        upd_vecs = self.mv_unit[[u[1] for u in upd]] if upd else None
+        return add_ids, (add_vecs if len(rows) else None), upd_ids, upd_vecs
+
+    def results(self) -> list:
+        return [
+            FilingResult(int(self.node[j]), "merged" if self.merged[j] else "inserted", self.sim[j])
+            for j in range(self.n)
+        ]
+
+
+def _better(s: float, i: int, best_s: float, best_id: Optional[int]) -> bool:
+    """Score ``s`` of node ``i`` beats the best so far (ties: the lower id)."""
+    return s > best_s or (s == best_s and (best_id is None or i < best_id))

@@ -1,0 +1,223 @@
+"""The knowledge graph's batch paths (issue 19): the vectorised merge rule against a one-by-one
+float64 reference, batched plain inserts, index choice from N and dim, index parameters derived
+from N, and index builds that happen (and are logged) at build time, never in a search."""
+
+import logging
+import pathlib
+import re
+import tempfile
+
+import numpy as np
+import pytest
+
+from moe_framework.kg import index as kg_index
+from moe_framework.kg import merge_plan
+from moe_framework.knowledge_graph import KnowledgeGraph
+
+
+def _unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _reference_filing(existing, reports, metas, threshold, rate):
+    """The merge rule one report at a time in float64: nodes are ``[raw, meta, merges]`` in id
+    order (ties to the lower id); returns the nodes and ``(action, node index, similarity)``."""
+    nodes = [[np.asarray(e, np.float64), {}, 1] for e in existing]
+    out = []
+    for r, m in zip(reports.astype(np.float64), metas):
+        best, best_s = None, -np.inf
+        for k, node in enumerate(nodes):
+            s = float(_unit(node[0]) @ _unit(r))
+            if s > best_s:
+                best, best_s = k, s
+        if best is not None and best_s > threshold:
+            node = nodes[best]
+            node[0] = (1 - rate) * node[0] + rate * r
+            node[1] = {**node[1], **m}
+            node[2] += 1
+            out.append(("merged", best, best_s))
+        else:
+            nodes.append([r.copy(), dict(m), 1])
+            out.append(("inserted", len(nodes) - 1, None if best is None else best_s))
+    return nodes, out
+
+
+def _clustered(rng, n, dim, n_centers, noise):
+    centers = _unit(rng.standard_normal((n_centers, dim)))
+    which = rng.integers(0, n_centers, n)
+    x = centers[which] + noise * rng.standard_normal((n, dim))
+    return (x * rng.uniform(0.5, 3.0, (n, 1))).astype(np.float32)  # norms vary: EMA weights them
+
+
+@pytest.mark.parametrize("candidates", [8, 1])  # 1: every moved candidate forces a wider search
+@pytest.mark.parametrize("bank", [False, True])
+def test_batch_merge_rule_matches_one_by_one_reference(
+    tmp_path, seed, monkeypatch, candidates, bank
+):
+    monkeypatch.setattr(merge_plan, "_K", candidates)
+    rng = np.random.default_rng(seed)
+    dim, thr, rate = 24, 0.9, 0.3
+    # Tight clusters (cosine ~0.99 inside, ~0 +- 0.2 across): decisions are far from the
+    # threshold, so float32 and float64 agree; reports of a cluster merge into its first node.
+    existing = _clustered(rng, 7, dim, 7, 0.02)
+    reports = _clustered(rng, 150, dim, 12, 0.02)
+    reports[40] = reports[3]  # an exact repeat inside a batch
+    metas = [{"r": j, "even": j % 2 == 0} for j in range(len(reports))]
+    nodes, expected = _reference_filing(existing, reports, metas, thr, rate)
+    with KnowledgeGraph.open(
+        tmp_path / "kg.sqlite", dim=dim, merge_threshold=thr, ema_rate=rate
+    ) as kg:
+        ids = list(kg.add_nodes_batch(existing))
+        if bank:
+            kg.device_bank("cpu")
+        got = []
+        for lo, hi in ((0, 1), (1, 1), (1, 60), (60, 61), (61, 150)):  # sizes 1, 0, 59, 1, 89
+            got += kg.add_or_update_batch(
+                reports[lo:hi], "r", metas[lo:hi], [{"b": lo}] * (hi - lo)
+            )
+        assert len(got) == len(expected)
+        for j, (res, (action, k, sim)) in enumerate(zip(got, expected)):
+            if action == "inserted" and k == len(ids):
+                ids.append(res.node_id)
+            assert (res.action, res.node_id) == (action, ids[k]), j
+            if sim is None:
+                assert res.similarity is None
+            else:
+                assert res.similarity == pytest.approx(sim, abs=1e-5), j
+        assert ids == sorted(ids) and len(kg) == len(nodes)
+        for k, (raw, meta, merges) in enumerate(nodes):
+            node = kg.get_node(ids[k])
+            np.testing.assert_allclose(node.embedding, raw, rtol=1e-5, atol=1e-6)
+            assert node.merge_count == merges
+            assert node.metadata == meta
+        assert sum(len(kg.get_provenance(i)) for i in ids) == len(reports)
+        # The index and bank follow every move: each node is its own best match.
+        scores, found = kg.search(np.stack([n[0] for n in nodes]).astype(np.float32), 1)
+        assert list(found[:, 0]) == ids
+        np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+
+
+def test_batch_merge_rule_into_empty_store_and_bad_metadata_rolls_back(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    with KnowledgeGraph.open(tmp_path / "kg.sqlite", dim=8, merge_threshold=0.99) as kg:
+        res = kg.add_or_update_batch(x)
+        assert [r.action for r in res] == ["inserted"] * 5 and res[0].similarity is None
+        assert all(r.similarity is not None for r in res[1:])
+        before = len(kg)
+        with pytest.raises(ValueError, match="metadata"):
+            kg.add_or_update_batch(x, metadatas=[{}, {}, {"bad": float("nan")}, {}, {}])
+        assert len(kg) == before
+        assert sum(len(kg.get_provenance(i)) for i in kg.node_ids()) == 5
+
+
+def test_add_nodes_batch_stores_exact_rows_metadata_and_provenance(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((37, 12)).astype(np.float32)[:, ::1]
+    xs = np.asfortranarray(x)  # non-contiguous input
+    metas = [{"i": i, "s": "é" * (i % 3)} if i % 4 else {} for i in range(37)]
+    provs = [None if i % 3 else {"src": i} for i in range(37)]
+    with KnowledgeGraph.open(tmp_path / "kg.sqlite", dim=12) as kg:
+        ids = kg.add_nodes_batch(xs, ["a", "b"] * 18 + ["a"], metas, provs)
+        assert list(ids) == list(range(1, 38))
+        for i, nid in enumerate(ids):
+            node = kg.get_node(int(nid))
+            np.testing.assert_array_equal(node.embedding, x[i])
+            assert node.metadata == metas[i] and node.type == ("a", "b")[i % 2]
+            prov = kg.get_provenance(int(nid))
+            assert [p["source"] for p in prov] == ([] if provs[i] is None else [provs[i]])
+        assert len(kg.add_nodes_batch(np.zeros((0, 12), np.float32))) == 0
+        with pytest.raises(ValueError, match="metadata"):
+            kg.add_nodes_batch(x[:2], "a", [{}, {"k\ud800": 1}])
+        with pytest.raises(ValueError, match="node type"):
+            kg.add_nodes_batch(x[:2], ["a", ""])
+        assert len(kg) == 37
+
+
+# ============================================================================ ivf / auto index
+
+
+def test_ivf_shape_and_auto_choice_follow_n():
+    assert kg_index.ivf_shape(1_000_000, 384) == (1000, 16)
+    assert kg_index.ivf_shape(10_000_000, 384) == (3162, 49)
+    assert kg_index.ivf_shape(100, 8) == (16, 16)
+    assert kg_index.ivf_shape(10**6, 8, nlist=50) == (50, 16)
+    train_min = kg_index.DEFAULT_PARAMS["auto"]["train_min"]
+    assert kg_index.choose_index(train_min - 1, 384) == "flat"
+    assert kg_index.choose_index(train_min, 384) == "ivf"
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "auto"])
+def test_ivf_trains_in_the_write_that_reaches_train_min_never_in_a_search(
+    tmp_path, seed, caplog, index_type
+):
+    rng = np.random.default_rng(seed)
+    dim, n = 24, 3000
+    x = _clustered(rng, n, dim, 60, 0.15)
+    q = _clustered(rng, 40, dim, 60, 0.15)
+    params = {"train_min": 2000, "regrow": 1.4}
+    caplog.set_level(logging.INFO, logger="moe_framework.knowledge_graph")
+    path = tmp_path / "kg.sqlite"
+    with KnowledgeGraph.open(
+        path, dim=dim, index_type=index_type, index_params=params, merge_threshold=0.9999
+    ) as kg:
+        kg.add_nodes_batch(x[:1999])
+        assert not kg._index.approximate  # exact below train_min
+        assert "training" not in caplog.text
+        kg.add_nodes_batch(x[1999:2100])  # reaches train_min: trains here
+        assert kg._index.approximate and "training the" in caplog.text
+        assert "nlist=46" in caplog.text  # round(sqrt(2100)) lists, derived from N
+        caplog.clear()
+        kg.add_or_update_batch(
+            x[2100:]
+        )  # no merges; outgrows 1.4 x 2100 nodes: retrained, larger nlist
+        assert len(kg) == n and "nlist=55" in caplog.text
+        caplog.clear()
+        scores, ids = kg.search(q, 10)
+        assert "training" not in caplog.text
+    # Recall@10 against a brute force, and every score an exact cosine of the stored vector.
+    u = _unit(x)
+    truth = np.argsort(-(_unit(q) @ u.T), axis=1)[:, :10] + 1
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
+    assert recall >= 0.95
+    np.testing.assert_allclose(
+        scores, np.einsum("qd,qkd->qk", _unit(q), u[ids - 1]), rtol=1e-5, atol=1e-5
+    )
+    # Reopening builds (and logs) the index at open, with a progress bar when asked.
+    caplog.clear()
+    with KnowledgeGraph.open(
+        path, readonly=True, index_type=index_type, index_params=params, progress=True
+    ) as kg:
+        assert kg._index.approximate and "index built in" in caplog.text
+        caplog.clear()
+        kg.find_similar_nodes(q[0], top_k=3)
+        assert "training" not in caplog.text
+
+
+def test_ivf_after_merges_serves_current_embeddings(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    dim = 16
+    x = _clustered(rng, 600, dim, 30, 0.2)
+    params = {"train_min": 500}
+    with KnowledgeGraph.open(
+        tmp_path / "kg.sqlite", dim=dim, index_type="ivf", index_params=params, merge_threshold=0.97
+    ) as kg:
+        kg.add_nodes_batch(x)
+        target = 17
+        moved = kg.get_node(target).embedding
+        res = kg.add_or_update_batch(np.stack([moved * 1.0001, moved * 2.0]))
+        assert [r.node_id for r in res] == [target, target]
+        now = kg.get_node(target).embedding
+        scores, ids = kg.search(now, 1)
+        assert ids[0, 0] == target and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_scale_doc_example_runs(tmp_path, monkeypatch):
+    doc = pathlib.Path(__file__).resolve().parents[2] / "docs" / "knowledge_graph_scale.md"
+    (block,) = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda: str(tmp_path))
+    ns: dict = {}
+    exec(compile(block, str(doc), "exec"), ns)
+    assert len(ns["results"]) == 1000 and 0 < ns["merged"] < 1000
+    assert list(ns["ids"][:, 0]) == [1, 2, 3]
