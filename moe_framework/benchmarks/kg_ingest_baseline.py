@@ -14,10 +14,10 @@ Prints one JSON line with the rates, the code's folder and the load average.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -28,7 +28,13 @@ from moe_framework.knowledge_graph import KnowledgeGraph
 
 
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("n", nargs="?", type=int, default=200_000, help="plain inserts (default 200k)")
+    ap.add_argument("--quick", action="store_true", help="20k inserts (smoke run)")
+    args = ap.parse_args()
+    n = 20_000 if args.quick else args.n
+    if n <= 0 or n % 10_000:
+        ap.error(f"n must be a positive multiple of 10000, got {n}")
     d, b = 384, 10_000
     out: dict = {"code": os.path.dirname(moe_framework.__file__), "load_start": os.getloadavg()}
     rng = np.random.default_rng(0)
