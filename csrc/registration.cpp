@@ -8,6 +8,8 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include "moe_framework/cpu_tuning.h"
+
 extern "C" {
 // A dummy module init: `import moe_framework._C` loads this library, which runs the static
 // registrations below. No pybind11 and no libtorch_python are needed.
@@ -94,6 +96,12 @@ TORCH_LIBRARY(moe_framework, m) {
   m.def(
       "kg_search(Tensor queries, Tensor bank, int k, Tensor n_valid) -> (Tensor scores, Tensor "
       "ids)");
+
+  // ---- tuning: the CPU kernels' run-time knobs (moe_framework/cpu_tuning.h; no tensors, so
+  // ---- catch-all kernels). tuning_set returns the previous value; value None = the default.
+  m.def("tuning_names() -> str[]", &moe_framework::tuning::names);
+  m.def("tuning_get(str name, bool initial=False) -> int", &moe_framework::tuning::get);
+  m.def("tuning_set(str name, int? value) -> int", &moe_framework::tuning::set);
 }
 
 namespace {

@@ -18,6 +18,7 @@ from .config import MoEConfig
 from .cuda_graphs import CUDAGraphInference
 from .dispatch import LocalDispatcher, TokenDispatcher
 from .experts import CheckpointedExperts, DenseFFN, ExpertBank, Experts, GatedSharedExperts
+from .kernel_tuning import load_at_import as _load_kernel_tuning
 from .knowledge_graph import KnowledgeGraph, KnowledgeGraphError
 from .librarian import Librarian
 from .metrics import RoutingStats
@@ -26,6 +27,9 @@ from .routing import ROUTERS, Router, RoutingDecision, Supervisor
 from .system import MixtureOfExpertsSystem
 
 __version__ = "0.1.0"
+
+# The kernel auto-tuner's cache for this machine, when there is one (docs/benchmarking.md).
+_load_kernel_tuning()
 
 __all__ = [
     "CUDAGraphInference",

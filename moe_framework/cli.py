@@ -6,6 +6,8 @@
   default), or the scripts of the folder ``--dir`` names.
 - ``kg``: inspect, query and export a knowledge-graph store.
 - ``info``: versions, which kernels were built for which devices, thread settings.
+- ``bench-model``, ``tune-kernels``, ``tune``: :mod:`moe_framework.benchmark`,
+  :mod:`moe_framework.kernel_tuning`, :mod:`moe_framework.tuning` (docs/benchmarking.md).
 
 A bad argument or file is reported as one line on stderr with exit status 2, never a traceback.
 Everything printed from a store (types, metadata) has its control characters escaped, so a store
@@ -530,7 +532,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m moe_framework",
         description="moe_framework: Mixture-of-Experts on our own C++/CUDA operators",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,bench,kg,info}")
+    sub = p.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="{demo,bench,kg,info,bench-model,tune-kernels,tune}",
+    )
 
     d = sub.add_parser("demo", help="train MoE vs dense on digits, build and query the KG")
     d.add_argument("--out", default=os.path.join("outputs", "demo"), help="output folder")
@@ -614,6 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="versions, built kernels per device, thread settings")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
+
+    # ---- measuring and tuning (issue 18): each command's parser lives next to its code
+    from moe_framework import benchmark, kernel_tuning, tuning
+
+    benchmark.add_parser(sub)
+    kernel_tuning.add_parser(sub)
+    tuning.add_parser(sub)
     return p
 
 

@@ -37,6 +37,7 @@ from .experts import (
     expert_of_row,
 )
 from .routing.base import Router
+from .run_metrics import stage
 from .supervisor import Supervisor
 
 __all__ = ["DraftReports", "RoutingInfo", "MoELayer", "draft_reports"]
@@ -416,28 +417,34 @@ class MoELayer(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         seq_len = x.shape[-2] if x.dim() >= 3 else None
         flat_mask = None if mask is None else mask.reshape(-1)
-        if context is None:
-            decision = self.router(x2, flat_mask, seq_len=seq_len)
-        else:
-            if tuple(context.shape[:-1]) != tuple(x.shape[:-1]):
-                raise ValueError(
-                    f"MoELayer: context must have shape {tuple(x.shape[:-1])} + (context_dim,), "
-                    f"got {tuple(context.shape)}"
-                )
-            ctx2 = context.reshape(-1, context.shape[-1])
-            decision = self.router(x2, flat_mask, seq_len=seq_len, context=ctx2)
-        x_sorted, offsets, ctx = self.dispatcher.dispatch(x2, decision)
-        y_sorted = self.experts(x_sorted, offsets)
+        # Named ranges (profiler traces, RunMetrics stage times; nothing under torch.compile).
+        with stage("routing"):
+            if context is None:
+                decision = self.router(x2, flat_mask, seq_len=seq_len)
+            else:
+                if tuple(context.shape[:-1]) != tuple(x.shape[:-1]):
+                    raise ValueError(
+                        f"MoELayer: context must have shape {tuple(x.shape[:-1])} + "
+                        f"(context_dim,), got {tuple(context.shape)}"
+                    )
+                ctx2 = context.reshape(-1, context.shape[-1])
+                decision = self.router(x2, flat_mask, seq_len=seq_len, context=ctx2)
+        with stage("dispatch"):
+            x_sorted, offsets, ctx = self.dispatcher.dispatch(x2, decision)
+        with stage("experts"):
+            y_sorted = self.experts(x_sorted, offsets)
         # A dispatcher whose y_sorted is not this rank's own slots (expert parallel) also hands
         # back those slots' outputs in the local layout, for the draft reports: `combine_rows`.
         combine_rows = getattr(self.dispatcher, "combine_rows", None)
-        if combine_rows is None:
-            y = self.dispatcher.combine(y_sorted, ctx)
-            rows, row_offsets = y_sorted, offsets
-        else:
-            y, rows, row_offsets = combine_rows(y_sorted, ctx)
+        with stage("combine"):
+            if combine_rows is None:
+                y = self.dispatcher.combine(y_sorted, ctx)
+                rows, row_offsets = y_sorted, offsets
+            else:
+                y, rows, row_offsets = combine_rows(y_sorted, ctx)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x2)
+            with stage("experts"):
+                y = y + self.shared_experts(x2)
         reports = None
         if self.report_top_tokens is not None:
             reports = draft_reports(

@@ -14,7 +14,9 @@ bias update, automatic consolidation). Persistence (:meth:`save` / :meth:`load`,
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import time
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence, Union, cast
 
@@ -27,6 +29,7 @@ from .config import MoEConfig
 from .moe_layer import MoELayer
 from .persistence import MAX_PARAMETERS, load_system, save_system
 from .routing.factory import ROUTERS, router_arguments
+from .run_metrics import RunMetrics, stage
 from .supervisor import Supervisor
 from .training import StepResult
 
@@ -50,6 +53,13 @@ class SystemOutput(NamedTuple):
     output: torch.Tensor
     aux_loss: torch.Tensor
     routing: tuple
+
+
+def _num_tokens(inputs: torch.Tensor, cfg: MoEConfig) -> int:
+    """Tokens in a batch of inputs: every position (token ids: all dims; features: all but the
+    last)."""
+    shape = inputs.shape if cfg.vocab_size is not None else inputs.shape[:-1]
+    return int(math.prod(shape))
 
 
 class _Block(nn.Module):
@@ -179,6 +189,7 @@ class MixtureOfExpertsSystem(nn.Module):
         self._scaler: Optional[torch.amp.GradScaler] = None
         self._compiled: Optional[tuple[str, Callable]] = None
         self._graphs: dict = {}
+        self._run_metrics: Optional[RunMetrics] = None
 
     def _blocks(self) -> list[_Block]:
         # The blocks with their type: nn.ModuleList types its items as plain nn.Module.
@@ -287,9 +298,57 @@ class MixtureOfExpertsSystem(nn.Module):
         """
         inputs, _ = training.split_batch(batch)
         scaler = self._grad_scaler(inputs.device)
-        return training.training_step(
-            self, batch, optimizer, loss_fn, grad_scaler=scaler, options=options
+        rec = self.run_metrics
+        t0 = time.perf_counter()
+        with rec.recording(), stage("training_step"):
+            result = training.training_step(
+                self, batch, optimizer, loss_fn, grad_scaler=scaler, options=options
+            )
+        rec.record_step(
+            self.step, _num_tokens(inputs, self.config), time.perf_counter() - t0, result
         )
+        return result
+
+    # ================================================================== run metrics
+
+    @property
+    def run_metrics(self) -> RunMetrics:
+        """The :class:`~moe_framework.run_metrics.RunMetrics` of this system (created on first
+        use; :meth:`log_metrics` replaces it with one that also writes logs)."""
+        if self._run_metrics is None:
+            self._run_metrics = RunMetrics()
+        return self._run_metrics
+
+    def log_metrics(
+        self,
+        jsonl_path: Optional[str] = None,
+        tensorboard_dir: Optional[str] = None,
+        *,
+        sync_cuda: bool = False,
+    ) -> RunMetrics:
+        """From now on write one JSON line per training step and consolidation to
+        ``jsonl_path`` and/or TensorBoard scalars to ``tensorboard_dir`` (what was recorded so
+        far is kept in :meth:`metrics` only)."""
+        old = self._run_metrics
+        new = RunMetrics(
+            jsonl_path=jsonl_path, tensorboard_dir=tensorboard_dir, sync_cuda=sync_cuda
+        )
+        if old is not None:
+            new.__dict__.update(
+                {k: v for k, v in old.__dict__.items() if k not in ("jsonl_path", "_writer")}
+            )
+            new.sync_cuda = sync_cuda
+            old.close()
+        self._run_metrics = new
+        return new
+
+    def metrics(self) -> dict:
+        """Run metrics since construction (or ``run_metrics.reset()``): tokens/s, mean step time
+        and its split into routing / dispatch / experts / combine / other (per step) and
+        consolidation (per consolidation), routing balance and drops per layer, and the
+        knowledge graph's growth (nodes and edges after each consolidation). See
+        :meth:`moe_framework.run_metrics.RunMetrics.snapshot`."""
+        return self.run_metrics.snapshot()
 
     # ================================================================== inference
 
@@ -390,12 +449,16 @@ class MixtureOfExpertsSystem(nn.Module):
         Returns the librarian's result per layer."""
         names = self.config.expert_names
         results = []
-        for layer, reports in enumerate(self.pending_reports()):
-            results.append(
-                self.librarian.file_reports(
-                    reports, layer=layer, step=self.step, expert_names=list(names)
+        t0 = time.perf_counter()
+        with stage("consolidation"):
+            for layer, reports in enumerate(self.pending_reports()):
+                results.append(
+                    self.librarian.file_reports(
+                        reports, layer=layer, step=self.step, expert_names=list(names)
+                    )
                 )
-            )
+        kg = self.knowledge_graph
+        self.run_metrics.record_kg(self.step, len(kg), kg.num_edges(), time.perf_counter() - t0)
         self.report_output_sum.zero_()
         self.report_confidence_sum.zero_()
         self.report_tokens.zero_()

@@ -3,7 +3,11 @@ import os
 import pytest
 import torch
 
-import moe_framework  # noqa: F401  (registers the ops)
+# The suite tests the kernels' built-in defaults: a kernel-tuning cache of this machine (written
+# by `python -m moe_framework tune-kernels`) is not loaded; tests of the cache load their own.
+os.environ.setdefault("MOE_FRAMEWORK_TUNING_CACHE", "off")
+
+import moe_framework  # noqa: E402,F401  (registers the ops)
 
 # Tolerances against the plain-PyTorch references, shared by every test file (`from conftest import
 # TOLERANCES`). They depend on how much rounding a result accumulates, so there is one table per

@@ -3,10 +3,13 @@
 // with 512-bit units, a Zen 4 core with 256-bit units); the measurements behind them, and what was
 // tried instead, are in docs/performance_log.md, "Grouped GEMM: kernel experiment log". They choose
 // kernels and tilings by instruction set and shape, never by timing at run time, so a build gives
-// the same bits on a given CPU every time.
+// the same bits on a given CPU every time. The constants that decide which kernel runs or how the
+// work is cut are knobs (moe_framework/cpu_tuning.h): the value here is the default, and a tuning
+// cache written by `python -m moe_framework tune-kernels` may set another for this machine.
 #pragma once
 
 #include "common.h"
+#include "moe_framework/cpu_tuning.h"
 
 namespace moe_framework {
 namespace {
@@ -15,11 +18,14 @@ namespace {
 
 // fp32 without AVX-512: from this many rows torch's BLAS is faster; below it, per-call overhead
 // and thin GEMM shapes make our tiles faster.
-constexpr int64_t kLargeRows = 128;
+// Knob gg_blas_rows_fp32 (default 128).
+constexpr tuning::Tuned kLargeRows{tuning::kGgBlasRowsFp32};
 // bf16 when the vdpbf16ps kernels do not run it: with AVX512-BF16, torch's bf16 GEMM uses bf16 dot
 // products that our fp32-converting tiles cannot match beyond a handful of rows; without them it
 // converts to fp32 like ours and wins only from 32 rows.
+// Knob gg_blas_rows_bf16 (0, the default: the value below).
 int64_t large_rows_bf16() {
+  if (const int64_t tuned = tuning::value(tuning::kGgBlasRowsBf16)) return tuned;
 #if MOE_GG_X86
   static const int64_t rows = __builtin_cpu_supports("avx512bf16") ? 8 : 32;
   return rows;
@@ -38,7 +44,8 @@ constexpr int64_t kPackRowsTransB = 24;
 constexpr int64_t kPanelRowsTransBBf16 = 20;
 // AVX2 (no AVX-512): tiles of at most this many rows stream B (each weight feeds too few FMAs for
 // packing to pay); with AVX-512 the packed and direct kernels are faster.
-constexpr int64_t kStreamRows = 8;
+// Knob gg_stream_rows (default 8).
+constexpr tuning::Tuned kStreamRows{tuning::kGgStreamRows};
 // fp32 on AVX-512 with a unit-column-stride B: tiles of at most this many rows run the 8x48 tile
 // directly on B (one or two passes); larger tiles amortise packing B into panels.
 constexpr int64_t kDirectRows = 16;
@@ -67,18 +74,21 @@ constexpr int64_t kNR512 = 48;
 
 // Rows of one work tile (the row-tile schedule of grouped_gemm.h, shared with the CUDA kernel):
 // small enough that many tiles balance the threads and a tile's rows of A stay in L2.
-constexpr int64_t kMB = 64;
+// Knob gg_row_tile (default 64).
+constexpr tuning::Tuned kMB{tuning::kGgRowTile};
 // fp32 groups on the AVX-512 kernels (and bf16 on the panel kernels) run in row ranges of up to
 // this many rows of one expert, so each B panel is packed once for all of them.
 constexpr int64_t kMBLarge = 512;
 // Widest column block: a wide block reads each row of B as one long contiguous run (small groups
 // are bound by streaming B from memory); 1056 columns, a multiple of both register tiles.
-constexpr int64_t kMaxNB = 44 * kNR;
+// Knob gg_max_col_block (default 1056).
+constexpr tuning::Tuned kMaxNB{tuning::kGgMaxColBlock};
 // Widest column block of a kMBLarge row range (10 AVX-512 register tiles): a narrower panel gets a
 // deeper k block within kPanelBytes, so fewer reloads of the C tile.
 constexpr int64_t kMaxNBLarge = 480;
 // Column blocks are split until every thread has at least this many tiles (load balance).
-constexpr int64_t kTilesPerThread = 4;
+// Knob gg_tiles_per_thread (default 4).
+constexpr tuning::Tuned kTilesPerThread{tuning::kGgTilesPerThread};
 
 #if MOE_GG_X86
 // ---- Software prefetch

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "moe_framework/cpu_isa.h"
+#include "moe_framework/cpu_tuning.h"
 #include "moe_framework/similarity.h"
 
 #if MOE_CPU_AVX2_CLONE
@@ -30,21 +31,23 @@ namespace {
 
 using namespace similarity;
 
-// Query rows per GEMM call: enough to amortise packing the bank block inside the BLAS.
-constexpr int64_t kQueryBlock = 256;
+// The four constants below are knobs (moe_framework/cpu_tuning.h): the defaults are given here, a
+// tuning cache of `python -m moe_framework tune-kernels` may set others for this machine.
+// Query rows per GEMM call: enough to amortise packing the bank block inside the BLAS (256).
+constexpr tuning::Tuned kQueryBlock{tuning::kSimQueryBlock};
 // Bytes of one normalised bank block: small enough to stay in the core's L2 between the
 // normalisation pass and the GEMM that reads it (what keeps q = 1 searches memory bound, not
-// twice memory bound).
-constexpr int64_t kBankBlockBytes = 384 * 1024;
-// Parallel tasks per thread of torch's pool: some slack for uneven blocks.
-constexpr int64_t kTasksPerThread = 4;
-// Multiply-adds below which another task costs more than it saves (~50 us of one core).
-constexpr double kMinTaskWork = double(1 << 22);
+// twice memory bound). 384 KiB.
+constexpr tuning::Tuned kBankBlockBytes{tuning::kSimBankBlockBytes};
+// Parallel tasks per thread of torch's pool: some slack for uneven blocks (4).
+constexpr tuning::Tuned kTasksPerThread{tuning::kSimTasksPerThread};
+// Multiply-adds below which another task costs more than it saves (~50 us of one core; 2^22).
+constexpr tuning::Tuned kMinTaskWork{tuning::kSimMinTaskWork};
 // Cap on partial top-k entries (all tasks together) before fewer bank segments are used.
 constexpr int64_t kMaxPartialEntries = int64_t{1} << 25;
 
 int64_t bank_block_rows(int64_t d, int64_t elem_size) {
-  const int64_t rows = kBankBlockBytes / std::max<int64_t>(1, d * elem_size);
+  const int64_t rows = int64_t{kBankBlockBytes} / std::max<int64_t>(1, d * elem_size);
   return std::clamp<int64_t>(rows / 16 * 16, 16, 4096);
 }
 

@@ -26,8 +26,9 @@ struct Plan {
 // multiple of the thread count, so that equal tasks keep every thread equally busy.
 int64_t task_target(double work) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const double by_work = std::max(1.0, std::floor(work / kMinTaskWork));
-  int64_t t = std::max<int64_t>(1, std::min<int64_t>(kTasksPerThread * threads,
+  const double by_work =
+      std::max(1.0, std::floor(work / static_cast<double>(int64_t{kMinTaskWork})));
+  int64_t t = std::max<int64_t>(1, std::min<int64_t>(int64_t{kTasksPerThread} * threads,
                                                      static_cast<int64_t>(std::min(by_work, 1e9))));
   if (t > threads) t -= t % threads;
   return t;
