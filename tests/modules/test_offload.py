@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import moe_framework
 from moe_framework import ExpertBank, MixtureOfExpertsSystem, MoEConfig, MoELayer
 from moe_framework.experts import CheckpointedExperts
 from moe_framework.offload import (
@@ -27,6 +28,9 @@ from moe_framework.offload import (
 from moe_framework.offload_storage import DiskExpertStorage, write_expert_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The folder holding the moe_framework under test (the installed wheel under `make test`, the
+# in-place build otherwise): the child process must import the same one.
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(moe_framework.__file__)))
 
 
 class _Stack(nn.Module):
@@ -414,7 +418,7 @@ def test_concurrent_forwards_and_prefetches_stay_correct(seed):
 
 _EXIT_SCRIPT = """
 import sys, torch
-sys.path.insert(0, {repo!r})
+sys.path.insert(0, {pkg_parent!r})
 from moe_framework import MoELayer
 from moe_framework.offload import offload_experts
 torch.set_num_threads(1)
@@ -432,7 +436,7 @@ print("done", flush=True)
 
 
 def test_prefetch_thread_never_keeps_the_interpreter_alive(tmp_path):
-    script = _EXIT_SCRIPT.format(repo=REPO, folder=str(tmp_path))
+    script = _EXIT_SCRIPT.format(pkg_parent=PKG_PARENT, folder=str(tmp_path))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
