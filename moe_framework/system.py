@@ -232,6 +232,16 @@ class MixtureOfExpertsSystem(nn.Module):
     @torch.no_grad()
     def _collect(self, layer: int, info) -> None:
         reports = info.reports
+        if reports.token_count.shape[0] != self.config.num_experts:
+            # Static shapes: no host sync, fine under torch.compile.
+            raise ValueError(
+                f"MixtureOfExpertsSystem: layer {layer} reports on "
+                f"{reports.token_count.shape[0]} experts, config.num_experts is "
+                f"{self.config.num_experts}; the system's report accumulators are per configured "
+                "expert, so layers resized by moe_framework.adaptation (split_expert / "
+                "merge_experts) are not supported inside a system: adapt standalone MoELayers, or "
+                "set collect_reports=False"
+            )
         n = reports.token_count.to(torch.int64)
         nf = n.to(torch.float32)
         self.report_output_sum[layer] += reports.mean_output.detach().float() * nf[:, None]

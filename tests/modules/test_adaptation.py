@@ -350,6 +350,42 @@ def test_adapted_layer_saves_and_loads_into_a_fresh_layer(seed, tmp_path):
     assert type(plain.router).__name__ == "TopKRouter"
 
 
+def test_system_with_an_adapted_layer_saves_and_loads(seed, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from moe_framework import MixtureOfExpertsSystem
+    from moe_framework.config import MoEConfig
+
+    cfg = MoEConfig(input_dim=12, d_model=D, d_hidden=24, num_experts=4, k=2, num_layers=2)
+    model = MixtureOfExpertsSystem(cfg).eval()
+    x = torch.randn(7, 12)
+    split_expert(model.blocks[1].moe, 2, tokens=torch.randn(9, D))
+    # The system's report accumulators are per configured expert: a clear error, not a shape
+    # mismatch deep inside.
+    with pytest.raises(ValueError, match="layer 1 reports on 5 experts, config.num_experts is 4"):
+        model(x)
+    model.collect_reports = False
+    with torch.no_grad():
+        want = model(x).output
+    model.save(tmp_path / "m")
+    loaded = MixtureOfExpertsSystem.load(tmp_path / "m").eval()
+    assert loaded.blocks[1].moe.num_experts == 5 and loaded.blocks[0].moe.num_experts == 4
+    loaded.collect_reports = False
+    with torch.no_grad():
+        assert torch.equal(loaded(x).output, want)
+    # An adapted layer's key under a module that is no MoELayer is refused by name.
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(weights))
+    with open(weights, "rb") as f:
+        meta = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+    state["head.supervisor.parent"] = state.pop("blocks.1.moe.supervisor.parent")
+    save_file(state, str(weights), metadata=meta)
+    with pytest.raises(ValueError, match="'head.supervisor.parent' belongs to no MoELayer"):
+        MixtureOfExpertsSystem.load(tmp_path / "m")
+
+
 def test_controller_merges_duplicates_by_output_similarity(seed):
     layer = _layer(E=3, k=2)
     mu = torch.nn.functional.normalize(torch.randn(D), dim=0)
