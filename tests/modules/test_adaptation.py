@@ -361,20 +361,42 @@ def test_system_with_an_adapted_layer_saves_and_loads(seed, tmp_path):
     cfg = MoEConfig(input_dim=12, d_model=D, d_hidden=24, num_experts=4, k=2, num_layers=2)
     model = MixtureOfExpertsSystem(cfg).eval()
     x = torch.randn(7, 12)
-    split_expert(model.blocks[1].moe, 2, tokens=torch.randn(9, D))
-    # The system's report accumulators are per configured expert: a clear error, not a shape
-    # mismatch deep inside.
-    with pytest.raises(ValueError, match="layer 1 reports on 5 experts, config.num_experts is 4"):
-        model(x)
+    layer = model.blocks[1].moe
+    split_expert(layer, 2, tokens=torch.randn(9, D))
+    split_expert(layer, 2, tokens=torch.randn(9, D))  # logical expert 2 now has 3 children
+    parent = layer.router.parent.clone()
+    assert layer.num_experts == 6 and sorted(parent.tolist()) == [0, 1, 2, 2, 2, 3]
+    # Reports are filed per configured expert: children add into their parent's row.
+    with torch.no_grad():
+        info = model(x).routing[1]
+    rep = info.reports
+    n = torch.zeros(4, dtype=torch.int64)
+    out = torch.zeros(4, D, dtype=torch.float64)
+    for p in range(6):  # the physical experts, one by one
+        n[parent[p]] += int(rep.token_count[p])
+        out[parent[p]] += rep.mean_output[p].double() * int(rep.token_count[p])
+    assert torch.equal(model.report_tokens[1], n) and int(n.sum()) == x.shape[0] * cfg.k
+    torch.testing.assert_close(model.report_output_sum[1].double(), out, rtol=1e-5, atol=1e-5)
+    logical = parent[info.ids.long()]  # [T, k]
+    top, w = model.report_top_index[1], model.report_top_weight[1]
+    for e in range(4):
+        got = [int(t) % x.shape[0] for t in top[e] if t >= 0]
+        assert all(bool((logical[t] == e).any()) for t in got)  # only tokens routed to e
+        ww = w[e][top[e] >= 0]
+        assert bool((ww[:-1] >= ww[1:]).all())  # highest gate weight first
     model.collect_reports = False
     with torch.no_grad():
         want = model(x).output
+    model.collect_reports = True
     model.save(tmp_path / "m")
     loaded = MixtureOfExpertsSystem.load(tmp_path / "m").eval()
-    assert loaded.blocks[1].moe.num_experts == 5 and loaded.blocks[0].moe.num_experts == 4
-    loaded.collect_reports = False
+    assert loaded.blocks[1].moe.num_experts == 6 and loaded.blocks[0].moe.num_experts == 4
     with torch.no_grad():
         assert torch.equal(loaded(x).output, want)
+    # merge_experts removes a configured expert: collecting its reports is refused, clearly.
+    merge_experts(loaded.blocks[1].moe, 0, 1)
+    with pytest.raises(ValueError, match="layer 1 has 5 experts over 3 logical ones"):
+        loaded(x)
     # An adapted layer's key under a module that is no MoELayer is refused by name.
     weights = tmp_path / "m" / "model.safetensors"
     state = load_file(str(weights))
