@@ -53,6 +53,10 @@ DEFAULT_PARAMS: dict[str, dict] = {
     # when None (see ``_ivf_shape``); retrained when the store grew ``regrow`` times since.
     "ivf": {"nlist": None, "nprobe": None, "train_min": 50000, "rerank": 2, "regrow": 4},
 }
+# Lists probed by the merge rule's candidate search (``search_candidates``); None: the index's
+# own nprobe. A report that merges is within the merge threshold of its node, so its node is in
+# one of the nearest lists; see docs/knowledge_graph_scale.md for the measured agreement.
+DEFAULT_PARAMS["ivf"]["merge_nprobe"] = None
 # "auto" is exact (flat) below ``train_min`` nodes and IVF-SQ8 above, with every parameter
 # derived from N; see ``choose_index`` for why it does not pick hnsw or ivfpq.
 DEFAULT_PARAMS["auto"] = dict(DEFAULT_PARAMS["ivf"])
@@ -364,6 +368,11 @@ class VectorIndex:
             self.lock.release_write()
 
     @property
+    def has_stale(self) -> bool:
+        """Whether the index holds superseded entries of updated nodes (approximate only)."""
+        return self._stale > 0
+
+    @property
     def needs_rebuild(self) -> bool:
         return self.approximate and self._stale > max(1000, self._index.ntotal // 4)
 
@@ -423,9 +432,40 @@ class VectorIndex:
         finally:
             self.lock.release_read()
         if self.approximate and exact_scores is not None:
-            scores, ids = self._rescore(queries, scores, ids, exact_scores)
-        scores, ids = _sort_rows(scores, ids, k)
+            scores, ids = self.rescore(queries, scores, ids, exact_scores)
+        scores, ids = sort_rows(scores, ids, k)
         return scores, ids
+
+    def search_candidates(self, queries: np.ndarray, k: int) -> tuple:
+        """One FAISS call: the ``k`` best entries of unit ``queries [q, d]`` as the index scores
+        them, ``(scores [q, k], ids [q, k])``, -1 where there are fewer. For an approximate index
+        the scores are approximate and an id may repeat (a stale entry of an updated node) or be
+        missed; ivf types probe ``merge_nprobe`` lists when set. The caller confirms candidates on
+        the stored vectors (the merge rule does: ``kg.merge_plan``). Exact indexes: as ``search``."""
+        if not self.approximate:
+            return self.search(queries, k)
+        self.lock.acquire_read()
+        try:
+            n = self._index.ntotal
+            kk = min(n, k)
+            if kk == 0:
+                return _pad(
+                    np.zeros((len(queries), 0), np.float32),
+                    np.zeros((len(queries), 0), np.int64),
+                    k,
+                )
+            params = None
+            nprobe = self.params.get("merge_nprobe")
+            if nprobe and self._trained_kind in ("ivf", "auto"):
+                params = faiss.SearchParametersIVF()
+                params.nprobe = int(nprobe)
+            with _omp_threads(1 if len(queries) <= _SMALL_BATCH else None):
+                scores, ids = self._index.search(
+                    np.ascontiguousarray(queries, dtype=np.float32), kk, params=params
+                )
+        finally:
+            self.lock.release_read()
+        return _pad(scores, ids, k)
 
     def _flat_storage(self) -> np.ndarray:
         """Writable [ntotal, d] view of the flat index's vectors (valid until the next add)."""
@@ -449,7 +489,7 @@ class VectorIndex:
         ids = np.where(rows >= 0, self._row_ids[np.maximum(rows, 0)], -1)
         return scores.numpy(), ids
 
-    def _rescore(self, queries, scores, ids, exact_scores):
+    def rescore(self, queries, scores, ids, exact_scores):
         """Exact scores of each row's distinct candidates, fetched with one ``exact_scores``
         call for the whole batch."""
         q, kk = ids.shape
@@ -504,7 +544,7 @@ class _Progress:
             self._bar.close()
 
 
-def _sort_rows(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple:
+def sort_rows(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple:
     """Descending score, ascending id on ties, missing (-1) last; pad/trim to k columns."""
     q, kk = ids.shape
     scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
@@ -517,6 +557,14 @@ def _sort_rows(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple:
         scores = np.concatenate([scores, np.full((q, k - kk), -np.inf, np.float32)], 1)
         ids = np.concatenate([ids, np.full((q, k - kk), -1, np.int64)], 1)
     return scores[:, :k], ids[:, :k]
+
+
+def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple:
+    q, kk = ids.shape
+    if kk < k:
+        scores = np.concatenate([scores, np.full((q, k - kk), -np.inf, np.float32)], 1)
+        ids = np.concatenate([ids, np.full((q, k - kk), -1, np.int64)], 1)
+    return scores, ids
 
 
 def _default_pq_m(d: int) -> int:

@@ -50,12 +50,35 @@ def _clustered(rng, n, dim, n_centers, noise):
     return (x * rng.uniform(0.5, 3.0, (n, 1))).astype(np.float32)  # norms vary: EMA weights them
 
 
+def _scrambled_candidates(original):
+    """``search_candidates`` whose approximate scores say nothing: zeros, columns reversed, the
+    first candidate repeated (a stale entry) — the merge rule must rely on its confirmation."""
+
+    def search_candidates(self, queries, k):
+        s, i = original(self, queries, k)
+        i = np.concatenate([i[:, ::-1], i[:, :1]], 1)
+        return np.zeros(i.shape, np.float32), i
+
+    return search_candidates
+
+
 @pytest.mark.parametrize("candidates", [8, 1])  # 1: every moved candidate forces a wider search
-@pytest.mark.parametrize("bank", [False, True])
+@pytest.mark.parametrize("path", ["index", "bank", "ann", "ann_scrambled"])
 def test_batch_merge_rule_matches_one_by_one_reference(
-    tmp_path, seed, monkeypatch, candidates, bank
+    tmp_path, seed, monkeypatch, candidates, path
 ):
+    """Exact search (flat index, device bank): the one-by-one decisions. Approximate index
+    (IVF, one list so every node is a candidate): the same decisions, because candidates are
+    confirmed on the stored vectors; scrambling their approximate scores changes nothing."""
     monkeypatch.setattr(merge_plan, "_K", candidates)
+    monkeypatch.setattr(merge_plan, "_K_ANN", candidates)
+    monkeypatch.setattr(merge_plan, "_MV_BLOCK", 16)  # several moved-node blocks per batch
+    if path == "ann_scrambled":
+        monkeypatch.setattr(
+            kg_index.VectorIndex,
+            "search_candidates",
+            _scrambled_candidates(kg_index.VectorIndex.search_candidates),
+        )
     rng = np.random.default_rng(seed)
     dim, thr, rate = 24, 0.9, 0.3
     # Tight clusters (cosine ~0.99 inside, ~0 +- 0.2 across): decisions are far from the
@@ -65,11 +88,18 @@ def test_batch_merge_rule_matches_one_by_one_reference(
     reports[40] = reports[3]  # an exact repeat inside a batch
     metas = [{"r": j, "even": j % 2 == 0} for j in range(len(reports))]
     nodes, expected = _reference_filing(existing, reports, metas, thr, rate)
+    ann = path.startswith("ann")
     with KnowledgeGraph.open(
-        tmp_path / "kg.sqlite", dim=dim, merge_threshold=thr, ema_rate=rate
+        tmp_path / "kg.sqlite",
+        dim=dim,
+        merge_threshold=thr,
+        ema_rate=rate,
+        index_type="ivf" if ann else "flat",
+        index_params={"train_min": 7} if ann else None,
     ) as kg:
         ids = list(kg.add_nodes_batch(existing))
-        if bank:
+        assert kg._index.approximate == ann
+        if path == "bank":
             kg.device_bank("cpu")
         got = []
         for lo, hi in ((0, 1), (1, 1), (1, 60), (60, 61), (61, 150)):  # sizes 1, 0, 59, 1, 89
