@@ -247,16 +247,15 @@ class MergePlan:
         bmax = np.full(n, -np.inf, np.float32)
         barg = np.full(n, -1, np.int64)
         block = max(64, _GEMM_ELEMENTS // max(n, 1))
-        col = torch.arange(n, device=device)
         for b0 in range(1, n, block):
             b1 = min(n, b0 + block)
             g = u[b0:b1] @ u[: b1 - 1].T  # rows b0..b1-1 against rows 0..b1-2
-            rows = torch.arange(b0, b1, device=device)[:, None]
-            g.masked_fill_(col[None, : b1 - 1] >= rows, -torch.inf)
-            top = g.max(dim=1).values
-            # Lowest row among equal maxima (torch.max does not promise which one it returns).
-            first = torch.where(g == top[:, None], col[None, : b1 - 1], n).min(dim=1).values
-            bmax[b0:b1] = top.cpu().numpy()
+            # Row b0 + r sees rows < b0 + r: mask the upper triangle of the last columns only.
+            mask = torch.ones(b1 - b0, b1 - 1 - b0, dtype=torch.bool, device=device).triu_()
+            g[:, b0:].masked_fill_(mask, -torch.inf)
+            # argmax returns the first (lowest) row among equal maxima, as the rule's ties want.
+            first = g.argmax(dim=1)
+            bmax[b0:b1] = g.gather(1, first[:, None])[:, 0].cpu().numpy()
             barg[b0:b1] = first.cpu().numpy()
         return bmax, barg
 

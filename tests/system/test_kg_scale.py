@@ -62,14 +62,18 @@ def _scrambled_candidates(original):
     return search_candidates
 
 
-@pytest.mark.parametrize("candidates", [8, 1])  # 1: every moved candidate forces a wider search
-@pytest.mark.parametrize("path", ["index", "bank", "ann", "ann_scrambled"])
+@pytest.mark.parametrize(
+    "path, candidates",
+    # 1 candidate: every moved candidate forces a wider search.
+    [("index", 8), ("index", 1), ("bank", 8), ("bank", 1), ("ann", 200), ("ann_scrambled", 200)],
+)
 def test_batch_merge_rule_matches_one_by_one_reference(
     tmp_path, seed, monkeypatch, candidates, path
 ):
     """Exact search (flat index, device bank): the one-by-one decisions. Approximate index
-    (IVF, one list so every node is a candidate): the same decisions, because candidates are
-    confirmed on the stored vectors; scrambling their approximate scores changes nothing."""
+    (IVF with one list, as many candidates as nodes, so each report's best node is among its
+    candidates): the same decisions and similarities, because candidates are confirmed on the
+    stored vectors; scrambling their approximate scores changes nothing."""
     monkeypatch.setattr(merge_plan, "_K", candidates)
     monkeypatch.setattr(merge_plan, "_K_ANN", candidates)
     monkeypatch.setattr(merge_plan, "_MV_BLOCK", 16)  # several moved-node blocks per batch

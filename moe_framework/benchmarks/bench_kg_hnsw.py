@@ -1,0 +1,152 @@
+"""HNSW at scale (issue 19): build time (with the index's progress bar and log line), memory,
+single-query p50/p99 and recall@10 against an exact brute force, for ``--n`` unit vectors of
+``--d`` dimensions from the knowledge-graph benchmark's clustered mixture.
+
+The index is the knowledge graph's own :class:`~moe_framework.kg.index.VectorIndex` with
+``index_type="hnsw"`` (candidates re-scored exactly, from the vectors in memory here). The build
+is fed in chunks of ``--chunk`` vectors; with ``--lock PATH`` the shared benchmark lock is taken
+for each chunk and released between them (the build of 1M vectors takes many minutes on a
+2-core CPU; other benchmarks may run between chunks), and only the time inside the chunks'
+inserts is counted as build time.
+
+    python -m moe_framework.benchmarks.bench_kg_hnsw --n 1000000 --lock /tmp/moe_bench.lock
+    python -m moe_framework.benchmarks.bench_kg_hnsw --quick      # 20k x 64 (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import os
+import resource
+import time
+
+import faiss
+import numpy as np
+import torch
+
+import moe_framework  # noqa: F401
+from moe_framework.benchmarks import common
+from moe_framework.benchmarks.bench_knowledge_graph import (
+    Mixture,
+    _latency,
+    _recall,
+    _threads,
+    _unit,
+)
+from moe_framework.kg.index import VectorIndex
+
+
+def _rss_mb() -> float:
+    """Current resident set size of this process, MiB (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@contextlib.contextmanager
+def _locked(path):
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run(args) -> dict:
+    _threads(args.threads)
+    mix = Mixture(args.d, n_centers=max(100, args.n // 1000))
+    data = _unit(mix.all(args.n))  # the exact vectors: brute force truth and re-scoring
+    uq = _unit(mix.chunk(0, args.nq, stream=1))
+    rss0 = _rss_mb()
+    idx = VectorIndex(args.d, "hnsw", progress=args.progress or None)
+    timing = {"add_s": 0.0, "load": []}
+
+    def chunks():
+        for s in range(0, args.n, args.chunk):
+            m = min(args.chunk, args.n - s)
+            with _locked(args.lock):
+                timing["load"].append(os.getloadavg()[0])
+                t0 = time.perf_counter()
+                yield np.arange(s + 1, s + m + 1, dtype=np.int64), data[s : s + m]
+                timing["add_s"] += time.perf_counter() - t0
+
+    t_wall = time.perf_counter()
+    idx.rebuild_from_chunks(chunks(), args.n)
+    wall_s = time.perf_counter() - t_wall
+    rss_index = _rss_mb() - rss0
+
+    def exact(cand, q):
+        return np.einsum("ij,ij->i", data[cand - 1], q)
+
+    with _locked(args.lock):
+        load0 = os.getloadavg()
+        lat = _latency(lambda q: idx.search(q[None], 10, exact), uq)
+        _, found = idx.search(uq, 10, exact)
+        truth = (torch.from_numpy(uq) @ torch.from_numpy(data).T).topk(10, dim=1).indices + 1
+        rec = _recall(found, truth.numpy())
+        load1 = os.getloadavg()
+    return {
+        "n": args.n,
+        "d": args.d,
+        "threads": args.threads,
+        "params": idx.params,
+        "build_s": timing["add_s"],
+        "build_wall_s_incl_lock_waits": wall_s,
+        "build_rate_vec_per_s": args.n / timing["add_s"],
+        "rss_index_mib": rss_index,
+        "bytes_per_vector_model": 4 * args.d + 8 * 2 * int(idx.params["M"]),
+        "loadavg_1min_per_chunk": timing["load"],
+        "loadavg_query": [load0, load1],
+        "nq": args.nq,
+        **lat,
+        "recall_at_10": rec,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--d", type=int, default=384)
+    p.add_argument("--nq", type=int, default=200, help="queries timed and checked")
+    p.add_argument("--chunk", type=int, default=50_000, help="vectors per locked build chunk")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lock", default=None, help="take this flock file per chunk")
+    p.add_argument("--progress", action="store_true", help="force the tqdm bar")
+    p.add_argument("--quick", action="store_true", help="20k x 64 smoke run")
+    p.add_argument("--out", default=None, help="folder for the JSON")
+    args = p.parse_args()
+    if args.quick:
+        args.n, args.d, args.nq, args.chunk = 20_000, 64, 50, 5000
+    logging.basicConfig(level=logging.INFO)
+    out: dict = {"machine": common.machine_info(), "faiss": faiss.__version__}
+    out["loadavg_start"] = os.getloadavg()
+    res = run(args)
+    out["hnsw"] = res
+    out["loadavg_end"] = os.getloadavg()
+    out["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row = {
+        "index": f"hnsw M={res['params']['M']} efC={res['params']['ef_construction']} "
+        f"efS={res['params']['ef_search']}",
+        "threads": res["threads"],
+        "nodes": res["n"],
+        "build": f"{res['build_s']:.0f} s ({res['build_rate_vec_per_s']:,.0f} vec/s)",
+        "RAM": f"{res['rss_index_mib']:,.0f} MiB",
+        "query": f"p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms",
+        "recall@10": f"{res['recall_at_10']:.3f}",
+    }
+    common.print_table([row], list(row), title=f"HNSW, d={res['d']}")
+    print(f"load average: start {out['loadavg_start']}, end {out['loadavg_end']}")
+    print(common.write_json("kg_hnsw", out, args.out))
+
+
+if __name__ == "__main__":
+    main()
