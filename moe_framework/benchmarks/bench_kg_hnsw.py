@@ -16,8 +16,6 @@ inserts is counted as build time.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import logging
 import os
 import resource
@@ -29,6 +27,7 @@ import torch
 
 import moe_framework  # noqa: F401
 from moe_framework.benchmarks import common
+from moe_framework.benchmarks.bench_kg_merge import _locked
 from moe_framework.benchmarks.bench_knowledge_graph import (
     Mixture,
     _latency,
@@ -46,19 +45,6 @@ def _rss_mb() -> float:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
         return 0.0
-
-
-@contextlib.contextmanager
-def _locked(path):
-    if not path:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def run(args) -> dict:

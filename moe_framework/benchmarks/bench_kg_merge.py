@@ -27,6 +27,8 @@ benchmark's mixture (``bench_knowledge_graph.Mixture``, node id = row + 1).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -39,10 +41,25 @@ import moe_framework  # noqa: F401
 from moe_framework.benchmarks import common
 from moe_framework.benchmarks.bench_knowledge_graph import Mixture, _threads
 from moe_framework.kg import schema as _s
+from moe_framework.kg.index import merge_nprobe
 from moe_framework.kg.merge_plan import MergePlan
 from moe_framework.knowledge_graph import KnowledgeGraph
 
 _CHUNK = 10_000  # the mixture's chunk (rows of one reproducible draw)
+
+
+@contextlib.contextmanager
+def _locked(path):
+    """Hold the flock file ``path`` (nothing when None)."""
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _near_copies(mix: Mixture, n_nodes: int, m: int, rng) -> np.ndarray:
@@ -95,9 +112,10 @@ def part_rate(args, kg, mix, n0, rows: list, out: dict) -> None:
             t0 = time.perf_counter()
             res = kg.add_or_update_batch(x, "report")
             dt = time.perf_counter() - t0
-            ph = dict(kg.last_merge_times or {})
+            # No phase times from a checkout without them (a baseline run of older code).
+            ph = dict(getattr(kg, "last_merge_times", None) or {})
             merged = sum(r.action == "merged" for r in res)
-            sql_s = ph["sql_writes"] + ph["commit_and_index"]
+            sql_s = ph.get("sql_writes", np.nan) + ph.get("commit_and_index", np.nan)
             rec = {
                 "threads": t,
                 "mode": mode,
@@ -107,9 +125,9 @@ def part_rate(args, kg, mix, n0, rows: list, out: dict) -> None:
                 "reports_per_s": len(x) / dt,
                 "merged_fraction": merged / len(x),
                 "phases_s": ph,
-                "sqlite_rows_per_s": ph["rows_written"] / sql_s,
+                "sqlite_rows_per_s": ph.get("rows_written", np.nan) / sql_s,
                 "ceiling_sqlite_reports_per_s": len(x) / sql_s,
-                "ceiling_search_reports_per_s": len(x) / ph["candidates"],
+                "ceiling_search_reports_per_s": len(x) / ph.get("candidates", np.nan),
                 "loadavg": [load0, os.getloadavg()],
             }
             out.setdefault("rate", []).append(rec)
@@ -168,7 +186,7 @@ def part_agree(args, kg, mix, n0, rows: list, out: dict) -> None:
         rec = {
             "store_nodes": n0,
             "reports": len(x),
-            "merge_nprobe": nprobe or "index nprobe",
+            "merge_nprobe": nprobe or f"default ({merge_nprobe(index._nprobe)})",
             "agreement": float(same.mean()),
             "exact_merged_fraction": float(merged_x.mean()),
             "missed_merges": int((merged_x & ~merged).sum()),
@@ -202,8 +220,9 @@ def main() -> None:
     p.add_argument("--modes", nargs="*", default=["none", "all", "mix"])
     p.add_argument("--threads", type=int, nargs="*", default=None)
     p.add_argument("--agree-n", type=int, default=0, help="reports for the agreement (0: skip)")
-    p.add_argument("--merge-nprobe", type=int, nargs="*", default=[0], help="0: index nprobe")
+    p.add_argument("--merge-nprobe", type=int, nargs="*", default=[0], help="0: the default")
     p.add_argument("--quick", action="store_true", help="60k x 64 smoke run")
+    p.add_argument("--lock", default=None, help="hold this flock file while timing batches")
     p.add_argument("--tmp", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -238,7 +257,8 @@ def main() -> None:
             if args.agree_n:
                 part_agree(args, kg, mix, n0, rows, out)
             if args.modes:
-                part_rate(args, kg, mix, n0, rows, out)
+                with _locked(args.lock):  # only the timed batches hold the shared lock
+                    part_rate(args, kg, mix, n0, rows, out)
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)

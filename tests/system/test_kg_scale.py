@@ -182,6 +182,29 @@ def test_ivf_shape_and_auto_choice_follow_n():
     assert kg_index.choose_index(train_min, 384) == "ivf"
 
 
+def test_merge_candidates_probe_merge_nprobe_lists(seed):
+    import faiss
+
+    assert [kg_index.merge_nprobe(p) for p in (4, 16, 49, 100)] == [4, 8, 24, 50]
+    rng = np.random.default_rng(seed)
+    x = _unit(_clustered(rng, 2000, 16, 40, 0.1)).astype(np.float32)
+    ids = np.arange(1, 2001, dtype=np.int64)
+    q = x[rng.choice(2000, 7, replace=False)]
+    for params, probed in (({}, 8), ({"merge_nprobe": 3}, 3), ({"nprobe": 5}, 5)):
+        idx = kg_index.VectorIndex(
+            16, "ivf", {"train_min": 1000, "nlist": 40, "nprobe": 16, **params}
+        )
+        idx.rebuild(ids, x)
+        faiss.cvar.indexIVF_stats.reset()
+        s, i = idx.search_candidates(q, 4)
+        assert faiss.cvar.indexIVF_stats.nlist == 7 * probed
+        assert i.shape == (7, 4) and (i > 0).all()
+        # Each query's own vector is stored: it is its first candidate.
+        np.testing.assert_allclose(s[:, 0], 1.0, atol=0.02)
+    with pytest.raises(ValueError, match="merge_nprobe"):
+        kg_index.VectorIndex(16, "hnsw", {"merge_nprobe": 3})
+
+
 @pytest.mark.parametrize("index_type", ["ivf", "auto"])
 def test_ivf_trains_in_the_write_that_reaches_train_min_never_in_a_search(
     tmp_path, seed, caplog, index_type
