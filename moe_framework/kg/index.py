@@ -96,6 +96,9 @@ def choose_index(n_total: int, dim: int) -> str:
 # parallel scan, and several reader threads each fanning out to all cores oversubscribe the
 # machine (measured: 100k x 384 flat, 2 busy cores: p50 18 ms on 1 thread vs 90 ms on 2).
 _SMALL_BATCH = 4
+# From this many queries the merge rule's IVF candidate search runs list by list as GEMMs
+# (kg/ivf_batch.py) instead of FAISS's per-query scan.
+_LIST_GEMM_MIN = 64
 
 
 @contextlib.contextmanager
@@ -466,8 +469,14 @@ class VectorIndex:
                 )
             params = None
             if self._trained_kind in ("ivf", "auto"):
+                nprobe = int(self.params.get("merge_nprobe") or merge_nprobe(self._nprobe))
+                if len(queries) >= _LIST_GEMM_MIN:  # a batch: one GEMM per inverted list
+                    from .ivf_batch import search_by_lists
+
+                    scores, ids = search_by_lists(self._index, queries, kk, nprobe)
+                    return _pad(scores, ids, k)
                 params = faiss.SearchParametersIVF()
-                params.nprobe = int(self.params.get("merge_nprobe") or merge_nprobe(self._nprobe))
+                params.nprobe = nprobe
             with _omp_threads(1 if len(queries) <= _SMALL_BATCH else None):
                 scores, ids = self._index.search(
                     np.ascontiguousarray(queries, dtype=np.float32), kk, params=params

@@ -205,6 +205,31 @@ def test_merge_candidates_probe_merge_nprobe_lists(seed):
         kg_index.VectorIndex(16, "hnsw", {"merge_nprobe": 3})
 
 
+@pytest.mark.parametrize("nprobe", [1, 3, 40])
+def test_search_by_lists_matches_faiss_ivf_search(seed, nprobe):
+    import faiss
+
+    from moe_framework.kg.ivf_batch import search_by_lists
+
+    rng = np.random.default_rng(seed)
+    x = _unit(_clustered(rng, 3000, 24, 30, 0.2)).astype(np.float32)
+    idx = kg_index.VectorIndex(24, "ivf", {"train_min": 1000, "nlist": 40})
+    idx.rebuild(np.arange(5, 3005, dtype=np.int64), x)
+    idx.update(np.array([7, 9]), x[[300, 301]])  # stale entries: ids 7 and 9 twice
+    q = _unit(np.concatenate([x[:90], rng.standard_normal((7, 24))])).astype(np.float32)
+    s, i = search_by_lists(idx._index, q, 6, nprobe)
+    ref_s, ref_i = idx._index.search(q, 6, params=faiss.SearchParametersIVF(nprobe=nprobe))
+    np.testing.assert_allclose(s, ref_s, atol=1e-5)
+    # Same entries wherever the scores leave no doubt (no near-tie at the k-th place).
+    ref_s7, _ = idx._index.search(q, 7, params=faiss.SearchParametersIVF(nprobe=nprobe))
+    clear = ref_s7[:, 5] - ref_s7[:, 6] > 1e-4
+    assert clear.mean() > 0.5
+    for a, b in zip(i[clear], ref_i[clear]):
+        assert sorted(a) == sorted(b)
+    empty = search_by_lists(idx._index, q[:0], 6, nprobe)
+    assert empty[0].shape == (0, 6) and empty[1].shape == (0, 6)
+
+
 @pytest.mark.parametrize("index_type", ["ivf", "auto"])
 def test_ivf_trains_in_the_write_that_reaches_train_min_never_in_a_search(
     tmp_path, seed, caplog, index_type
