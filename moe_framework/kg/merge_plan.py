@@ -7,17 +7,22 @@ Python operations, not a search:
 
 * **pre-batch nodes not touched by the batch**: one batched search of every report against the
   store before the batch (the device bank through ``ops.kg_search`` when the handle has one — an
-  exact GEMM + top-k on the bank's device — else the search index), ``_K`` candidates each;
-  a report skips the candidates the batch already moved (and searches again, wider, in the rare
-  case all of them were moved).
+  exact GEMM + top-k on the bank's device —, else the flat index: exact, ``_K`` candidates
+  each; else the approximate index: ``_K_ANN`` candidates each from one call,
+  ``VectorIndex.search_candidates``, every one then confirmed — re-scored — on its stored
+  vector, so a report's decision is the exact rule's whenever its best unmoved pre-batch node is
+  among its candidates); a report skips the candidates the batch already moved (and searches
+  again, wider, in the rare case all of them were moved).
 * **nodes inserted by earlier reports of the batch and not moved since**: their embedding is the
   report's own, so the best of them is a causal (lower-triangular) maximum over the batch's
   report-by-report cosines, computed in blocks of one GEMM each before the loop, *assuming*
   every earlier report inserts. A report whose maximum came from a row that turned out not to
   be such a node (it merged, or a later report merged into it) scores the rows that are, with
   one matrix-vector product over them (few exactly when many reports merge).
-* **nodes the batch moved** (merge targets): usually few; scored with one matrix-vector product
-  over their current embeddings.
+* **nodes the batch moved** (merge targets): scored by one GEMM per block of ``_MV_BLOCK``
+  reports against the nodes moved before the block; the nodes the block itself moves are
+  re-scored per report (at most ``_MV_BLOCK`` rows), so a batch where every report merges costs
+  ``n · moved · d / 2`` in GEMMs, not a matrix-vector product over every moved node per report.
 
 Ties go to the lower node id in every set and between them, as in the one-by-one rule. The SQL
 writes are collected and applied with ``executemany`` (one INSERT per new node with its final
