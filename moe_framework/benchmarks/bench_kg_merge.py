@@ -3,7 +3,7 @@ store of N nodes with the default (``auto``) index, where the time goes per batc
 that bind, and how often the approximate path decides as the exact rule does.
 
 * **rate**: per thread count (``--threads``) and report mix (``--modes``), one batch each,
-  with the per-phase times of the call (``KnowledgeGraph.last_merge_times``: candidate search
+  with the per-phase times of the call (``KnowledgeGraph._last_merge_times``: candidate search
   (one FAISS call), confirming candidates on the stored vectors, the batch's causal GEMM, the
   per-report decisions, the SQL writes, the COMMIT and index update). Modes: ``none`` (uniform
   random reports: every one inserts), ``all`` (near-copies of stored nodes: every one merges),
@@ -112,7 +112,7 @@ def part_rate(args, kg, mix, n0, rows: list, out: dict) -> None:
             res = kg.add_or_update_batch(x, "report")
             dt = time.perf_counter() - t0
             # No phase times from a checkout without them (a baseline run of older code).
-            ph = dict(getattr(kg, "last_merge_times", None) or {})
+            ph = dict(getattr(kg, "_last_merge_times", None) or {})
             merged = sum(r.action == "merged" for r in res)
             sql_s = ph.get("sql_writes", np.nan) + ph.get("commit_and_index", np.nan)
             rec = {

@@ -20,7 +20,7 @@ class MergeRule(StoreCore):
     """``add_or_update_*``: file reports with the merge rule."""
 
     # Seconds per phase of the last ``add_or_update_batch`` (see its end); for benchmarks.
-    last_merge_times: Optional[dict] = None
+    _last_merge_times: Optional[dict] = None
 
     def add_or_update_node(
         self,
@@ -90,7 +90,7 @@ class MergeRule(StoreCore):
         t_end = time.perf_counter()
         # Where the time went (benchmarks): ``plan.times`` plus the SQL writes and the COMMIT
         # with the index update after it.
-        self.last_merge_times = {
+        self._last_merge_times = {
             **plan.times,
             "sql_writes": t_sql - t_rows,
             "commit_and_index": t_end - t_sql,
