@@ -9,6 +9,8 @@ that bind, and how often the approximate path decides as the exact rule does.
   random reports: every one inserts), ``all`` (near-copies of stored nodes: every one merges),
   ``mix`` (a third each of near-copies, fresh draws from the store's mixture — cosine about
   0.9 to their neighbours, at the threshold — and random reports).
+* **search** (``--search``): the candidate search alone on one batch, FAISS's IVF search vs the
+  list GEMMs (``kg/ivf_batch.py``), same lists and k.
 * **limits**: the SQLite write rate of those rows (rows written / seconds in ``executemany`` +
   COMMIT) and the FAISS candidate search alone, each as a ceiling in reports/s.
 * **agreement**: ``--agree-n`` ``mix`` reports decided (no write) by the approximate path, for
@@ -155,6 +157,54 @@ def part_rate(args, kg, mix, n0, rows: list, out: dict) -> None:
             print(rows[-1], flush=True)
 
 
+def part_search(args, kg, mix, n0, rows: list, out: dict) -> None:
+    """The candidate search alone, one batch of ``mix`` reports: FAISS's IVF search vs the
+    list GEMMs (``kg/ivf_batch.py``), same lists probed, same k; per thread count."""
+    import faiss
+
+    from moe_framework.kg.index import merge_nprobe
+    from moe_framework.kg.ivf_batch import search_by_lists
+
+    index = kg._index
+    if not index.approximate or index._trained_kind not in ("ivf", "auto"):
+        return
+    q = _s.normalize(reports("mix", mix, n0, args.batch, seed=11))
+    nprobe = int(index.params.get("merge_nprobe") or merge_nprobe(index._nprobe))
+    params = faiss.SearchParametersIVF()
+    params.nprobe = nprobe
+    for t in args.thread_list:
+        _threads(t)
+        load0 = os.getloadavg()
+        t0 = time.perf_counter()
+        _, ids_f = index._index.search(q, 4, params=params)
+        faiss_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _, ids_l = search_by_lists(index._index, q, 4, nprobe)
+        lists_s = time.perf_counter() - t0
+        rec = {
+            "threads": t,
+            "queries": len(q),
+            "nprobe": nprobe,
+            "faiss_s": faiss_s,
+            "lists_s": lists_s,
+            "speedup": faiss_s / lists_s,
+            "same_first_candidate": float((ids_f[:, 0] == ids_l[:, 0]).mean()),
+            "loadavg": [load0, os.getloadavg()],
+        }
+        out.setdefault("search", []).append(rec)
+        rows.append(
+            {
+                "part": f"candidate search, {len(q)} reports, k=4, nprobe={nprobe}",
+                "threads": t,
+                "nodes": n0,
+                "result": f"lists {lists_s:.2f} s vs FAISS {faiss_s:.2f} s "
+                f"({faiss_s / lists_s:.1f}x)",
+                "notes": f"same first candidate for {rec['same_first_candidate']:.4f}",
+            }
+        )
+        print(rows[-1], flush=True)
+
+
 def _default_nprobe(index) -> str:
     try:  # absent from a checkout before issue 19's merge_nprobe (a baseline run)
         from moe_framework.kg.index import merge_nprobe
@@ -229,12 +279,14 @@ def main() -> None:
     p.add_argument("--agree-n", type=int, default=0, help="reports for the agreement (0: skip)")
     p.add_argument("--merge-nprobe", type=int, nargs="*", default=[0], help="0: the default")
     p.add_argument("--quick", action="store_true", help="60k x 64 smoke run")
+    p.add_argument("--search", action="store_true", help="time the candidate search alone")
     p.add_argument("--lock", default=None, help="hold this flock file while timing batches")
     p.add_argument("--tmp", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.quick:
         args.store, args.n, args.d, args.batch, args.agree_n = None, 60_000, 64, 2000, 500
+        args.search = True
     args.thread_list = common.thread_counts(args.threads or [1, 2])
     logging.basicConfig(level=logging.INFO)
     out: dict = {"machine": common.machine_info(), "args": dict(vars(args))}
@@ -266,6 +318,9 @@ def main() -> None:
             if args.modes:
                 with _locked(args.lock):  # only the timed batches hold the shared lock
                     part_rate(args, kg, mix, n0, rows, out)
+            if args.search:
+                with _locked(args.lock):
+                    part_search(args, kg, mix, n0, rows, out)
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
