@@ -21,6 +21,10 @@ Index types (all on unit-normalised vectors, inner product = cosine):
   built (on open, or in the write that brings the store to ``train_min``), never in a search;
   it is logged at INFO level and shown as a progress bar when stderr is a terminal.
 
+The merge rule asks for candidates with ``search_candidates`` (one call per batch, no re-scoring:
+it confirms them itself on the stored vectors); ivf types then probe ``merge_nprobe`` lists, and a
+batch of queries runs as one GEMM per inverted list (``kg/ivf_batch.py``).
+
 Approximate indexes cannot update a vector in place: an updated node is re-added under the same
 id and its old entry becomes stale. Searches over-fetch, drop duplicate ids and re-score every
 candidate exactly against its current embedding, so results and scores are always exact cosines
