@@ -107,7 +107,8 @@ def run(args, out: dict) -> list:
             "build_rate_vec_per_s": done / timing["add_s"],
             "wall_s_incl_lock_waits": time.perf_counter() - t_start,
             "rss_index_mib": _rss_mb() - rss0,
-            "bytes_per_vector_model": 4 * args.d + 8 * 2 * int(idx.params["M"]),
+            "bytes_per_vector_model": 4 * args.d
+            + 4 * 2 * int(idx.params["M"]),  # level 0: 2M int32
             "loadavg_1min_per_chunk": list(timing["load"]),
             "nq": args.nq,
             **_measure(args, idx, data, uq, done),
