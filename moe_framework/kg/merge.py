@@ -19,6 +19,9 @@ __all__ = ["MergeRule"]
 class MergeRule(StoreCore):
     """``add_or_update_*``: file reports with the merge rule."""
 
+    # Seconds per phase of the last ``add_or_update_batch`` (see its end); for benchmarks.
+    _last_merge_times: Optional[dict] = None
+
     def add_or_update_node(
         self,
         embedding: Any,
@@ -58,9 +61,11 @@ class MergeRule(StoreCore):
         unit = _s.normalize(x)
         blobs = _s.to_blobs(x)
         now = time.time()
+        t_start = time.perf_counter()
         with self._transaction("add_or_update_batch") as conn:
             plan = _Plan(self, conn, x, unit, meta_in)
             plan.run()
+            t_rows = time.perf_counter()
             inserts, updates, prov_rows = plan.rows(types, meta_json, blobs, provs, now)
             if inserts:
                 conn.executemany(
@@ -81,4 +86,15 @@ class MergeRule(StoreCore):
             )
             add_ids, add_vecs, upd_ids, upd_vecs = plan.index_update()
             self._after_commit(conn, add_ids, add_vecs, upd_ids, upd_vecs)
+            t_sql = time.perf_counter()
+        t_end = time.perf_counter()
+        # Where the time went (benchmarks): ``plan.times`` plus the SQL writes and the COMMIT
+        # with the index update after it.
+        self._last_merge_times = {
+            **plan.times,
+            "sql_writes": t_sql - t_rows,
+            "commit_and_index": t_end - t_sql,
+            "total": t_end - t_start,
+            "rows_written": len(inserts) + len(updates) + len(prov_rows),
+        }
         return plan.results()

@@ -50,12 +50,39 @@ def _clustered(rng, n, dim, n_centers, noise):
     return (x * rng.uniform(0.5, 3.0, (n, 1))).astype(np.float32)  # norms vary: EMA weights them
 
 
-@pytest.mark.parametrize("candidates", [8, 1])  # 1: every moved candidate forces a wider search
-@pytest.mark.parametrize("bank", [False, True])
+def _scrambled_candidates(original):
+    """``search_candidates`` whose approximate scores say nothing: zeros, columns reversed, the
+    first candidate repeated (a stale entry) — the merge rule must rely on its confirmation."""
+
+    def search_candidates(self, queries, k):
+        s, i = original(self, queries, k)
+        i = np.concatenate([i[:, ::-1], i[:, :1]], 1)
+        return np.zeros(i.shape, np.float32), i
+
+    return search_candidates
+
+
+@pytest.mark.parametrize(
+    "path, candidates",
+    # 1 candidate: every moved candidate forces a wider search.
+    [("index", 8), ("index", 1), ("bank", 8), ("bank", 1), ("ann", 200), ("ann_scrambled", 200)],
+)
 def test_batch_merge_rule_matches_one_by_one_reference(
-    tmp_path, seed, monkeypatch, candidates, bank
+    tmp_path, seed, monkeypatch, candidates, path
 ):
+    """Exact search (flat index, device bank): the one-by-one decisions. Approximate index
+    (IVF with one list, as many candidates as nodes, so each report's best node is among its
+    candidates): the same decisions and similarities, because candidates are confirmed on the
+    stored vectors; scrambling their approximate scores changes nothing."""
     monkeypatch.setattr(merge_plan, "_K", candidates)
+    monkeypatch.setattr(merge_plan, "_K_ANN", candidates)
+    monkeypatch.setattr(merge_plan, "_MV_BLOCK", 16)  # several moved-node blocks per batch
+    if path == "ann_scrambled":
+        monkeypatch.setattr(
+            kg_index.VectorIndex,
+            "search_candidates",
+            _scrambled_candidates(kg_index.VectorIndex.search_candidates),
+        )
     rng = np.random.default_rng(seed)
     dim, thr, rate = 24, 0.9, 0.3
     # Tight clusters (cosine ~0.99 inside, ~0 +- 0.2 across): decisions are far from the
@@ -65,11 +92,18 @@ def test_batch_merge_rule_matches_one_by_one_reference(
     reports[40] = reports[3]  # an exact repeat inside a batch
     metas = [{"r": j, "even": j % 2 == 0} for j in range(len(reports))]
     nodes, expected = _reference_filing(existing, reports, metas, thr, rate)
+    ann = path.startswith("ann")
     with KnowledgeGraph.open(
-        tmp_path / "kg.sqlite", dim=dim, merge_threshold=thr, ema_rate=rate
+        tmp_path / "kg.sqlite",
+        dim=dim,
+        merge_threshold=thr,
+        ema_rate=rate,
+        index_type="ivf" if ann else "flat",
+        index_params={"train_min": 7} if ann else None,
     ) as kg:
         ids = list(kg.add_nodes_batch(existing))
-        if bank:
+        assert kg._index.approximate == ann
+        if path == "bank":
             kg.device_bank("cpu")
         got = []
         for lo, hi in ((0, 1), (1, 1), (1, 60), (60, 61), (61, 150)):  # sizes 1, 0, 59, 1, 89
@@ -146,6 +180,54 @@ def test_ivf_shape_and_auto_choice_follow_n():
     train_min = kg_index.DEFAULT_PARAMS["auto"]["train_min"]
     assert kg_index.choose_index(train_min - 1, 384) == "flat"
     assert kg_index.choose_index(train_min, 384) == "ivf"
+
+
+def test_merge_candidates_probe_merge_nprobe_lists(seed):
+    import faiss
+
+    assert [kg_index.merge_nprobe(p) for p in (4, 16, 49, 100)] == [4, 8, 24, 50]
+    rng = np.random.default_rng(seed)
+    x = _unit(_clustered(rng, 2000, 16, 40, 0.1)).astype(np.float32)
+    ids = np.arange(1, 2001, dtype=np.int64)
+    q = x[rng.choice(2000, 7, replace=False)]
+    for params, probed in (({}, 8), ({"merge_nprobe": 3}, 3), ({"nprobe": 5}, 5)):
+        idx = kg_index.VectorIndex(
+            16, "ivf", {"train_min": 1000, "nlist": 40, "nprobe": 16, **params}
+        )
+        idx.rebuild(ids, x)
+        faiss.cvar.indexIVF_stats.reset()
+        s, i = idx.search_candidates(q, 4)
+        assert faiss.cvar.indexIVF_stats.nlist == 7 * probed
+        assert i.shape == (7, 4) and (i > 0).all()
+        # Each query's own vector is stored: it is its first candidate.
+        np.testing.assert_allclose(s[:, 0], 1.0, atol=0.02)
+    with pytest.raises(ValueError, match="merge_nprobe"):
+        kg_index.VectorIndex(16, "hnsw", {"merge_nprobe": 3})
+
+
+@pytest.mark.parametrize("nprobe", [1, 3, 40])
+def test_search_by_lists_matches_faiss_ivf_search(seed, nprobe):
+    import faiss
+
+    from moe_framework.kg.ivf_batch import search_by_lists
+
+    rng = np.random.default_rng(seed)
+    x = _unit(_clustered(rng, 3000, 24, 30, 0.2)).astype(np.float32)
+    idx = kg_index.VectorIndex(24, "ivf", {"train_min": 1000, "nlist": 40})
+    idx.rebuild(np.arange(5, 3005, dtype=np.int64), x)
+    idx.update(np.array([7, 9]), x[[300, 301]])  # stale entries: ids 7 and 9 twice
+    q = _unit(np.concatenate([x[:90], rng.standard_normal((7, 24))])).astype(np.float32)
+    s, i = search_by_lists(idx._index, q, 6, nprobe)
+    ref_s, ref_i = idx._index.search(q, 6, params=faiss.SearchParametersIVF(nprobe=nprobe))
+    np.testing.assert_allclose(s, ref_s, atol=1e-5)
+    # Same entries wherever the scores leave no doubt (no near-tie at the k-th place).
+    ref_s7, _ = idx._index.search(q, 7, params=faiss.SearchParametersIVF(nprobe=nprobe))
+    clear = ref_s7[:, 5] - ref_s7[:, 6] > 1e-4
+    assert clear.mean() > 0.5
+    for a, b in zip(i[clear], ref_i[clear]):
+        assert sorted(a) == sorted(b)
+    empty = search_by_lists(idx._index, q[:0], 6, nprobe)
+    assert empty[0].shape == (0, 6) and empty[1].shape == (0, 6)
 
 
 @pytest.mark.parametrize("index_type", ["ivf", "auto"])
