@@ -1,0 +1,207 @@
+// Column micro-kernels of grouped_gemm_q with INT8 activations (act_bits = 8): integer dot
+// products of the packed weights with activation rows quantised once per call, the llama.cpp
+// Q4_0 x Q8_0 / Q8_0 x Q8_0 idea, on AVX2 (vpmaddubsw + vpmaddwd) with a scalar fallback.
+//
+// Activations: row r, group g (the weights' group, K when group_size = 0) is stored as int8
+// aq = round(a / sa) with sa = max|a| / 127 (aq in [-127, 127]), its scale sa and the integer
+// sum of its aq (for the INT4 zero point). For one column and one row the result is
+//     sum_g  sw_g * sa_g * (sum_{k in g} q_k aq_k  -  zero_g * sum_{k in g} aq_k)
+// (q = u in [0, 15] for INT4 with zero 8 or zeros[g]; q = int8 weight for INT8, zero 0). The
+// integer parts are exact (int16 / int32 lanes, bounded below), so only the per-group fp32
+// scaling rounds: results are deterministic and independent of the thread count.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace moe_framework {
+namespace {
+
+// What a column kernel reads besides the weights: R rows of int8 activations (row stride lda),
+// their per-group scales (stride lds) and sums (stride lds), and the column's weights and scheme.
+struct ColumnArgsA8 {
+  const int8_t* aq;
+  int64_t lda;
+  const float* asc;
+  const int32_t* aqsum;
+  int64_t lds;
+  const void* w;
+  const float* scales;
+  const uint8_t* zeros;
+  int32_t zero_default;
+  int64_t k, group_size, groups;
+};
+
+MOE_ALWAYS_INLINE int32_t zero_of(const ColumnArgsA8& c, int64_t g) {
+  return c.zeros != nullptr ? static_cast<int32_t>(c.zeros[g]) : c.zero_default;
+}
+
+// ---- scalar (baseline) ----------------------------------------------------------------------
+
+template <int R>
+void column_q4_a8_scalar(const ColumnArgsA8& c, float* res) {
+  const uint8_t* w = static_cast<const uint8_t*>(c.w);
+  float acc[R] = {};
+  for (int64_t g = 0; g < c.groups; ++g) {
+    int32_t dot[R] = {};
+    const int64_t p0 = g * c.group_size, p1 = p0 + c.group_size;
+    for (int64_t blk = p0; blk < p1; blk += 32) {
+      const uint8_t* b = w + blk / 2;
+      for (int i = 0; i < 16; ++i) {
+        const int32_t lo = b[i] & 0x0F, hi = b[i] >> 4;
+        for (int r = 0; r < R; ++r) {
+          const int8_t* a = c.aq + r * c.lda;
+          dot[r] += lo * a[blk + i] + hi * a[blk + 16 + i];
+        }
+      }
+    }
+    const int32_t z = zero_of(c, g);
+    for (int r = 0; r < R; ++r) {
+      const int32_t v = dot[r] - z * c.aqsum[r * c.lds + g];
+      acc[r] += static_cast<float>(v) * (c.scales[g] * c.asc[r * c.lds + g]);
+    }
+  }
+  for (int r = 0; r < R; ++r) res[r] = acc[r];
+}
+
+template <int R>
+void column_q8_a8_scalar(const ColumnArgsA8& c, float* res) {
+  const int8_t* w = static_cast<const int8_t*>(c.w);
+  float acc[R] = {};
+  for (int64_t g = 0; g < c.groups; ++g) {
+    int32_t dot[R] = {};
+    const int64_t p0 = g * c.group_size, p1 = p0 + c.group_size;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int32_t wv = w[p];
+      for (int r = 0; r < R; ++r) dot[r] += wv * c.aq[r * c.lda + p];
+    }
+    for (int r = 0; r < R; ++r) {
+      acc[r] += static_cast<float>(dot[r]) * (c.scales[g] * c.asc[r * c.lds + g]);
+    }
+  }
+  for (int r = 0; r < R; ++r) res[r] = acc[r];
+}
+
+// ---- AVX2 ---------------------------------------------------------------------------------------
+#if MOE_GGQ_X86
+
+// INT4: a 16-byte load broadcast to both 128-bit halves gives 32 weights (low nibbles k 0..15 of
+// the block, high nibbles 16..31): a 64-bit shift by 0 (low half) / 4 (high half) and one mask
+// spread them to 32 bytes in k order. vpmaddubsw (unsigned weights x signed activations) sums
+// pairs into int16 lanes, at most 2 * 15 * 127 = 3810 each, so up to 8 blocks (256 weights) add
+// up in int16 before vpmaddwd widens to int32.
+MOE_TARGET_AVX2_FMA MOE_ALWAYS_INLINE __m256i nibbles32(const uint8_t* p, __m256i shift,
+                                                        __m256i mask) {
+  const __m256i b =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_and_si256(_mm256_srlv_epi64(b, shift), mask);
+}
+
+template <int R>
+MOE_TARGET_AVX2_FMA void column_q4_a8_avx2(const ColumnArgsA8& c, float* res) {
+  const uint8_t* wp = static_cast<const uint8_t*>(c.w);
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i shift = _mm256_set_epi64x(4, 4, 0, 0);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t blocks = c.group_size / 32;
+  __m256 acc[R];
+  float bias[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm256_setzero_ps();
+    bias[r] = 0.f;
+  }
+  const int8_t* ap = c.aq;
+  for (int64_t g = 0; g < c.groups; ++g) {
+    __m256i d32[R];
+    for (int r = 0; r < R; ++r) d32[r] = _mm256_setzero_si256();
+    for (int64_t left = blocks; left > 0; left -= 8) {
+      const int64_t nb = left < 8 ? left : 8;
+      __m256i d16[R];
+      for (int r = 0; r < R; ++r) d16[r] = _mm256_setzero_si256();
+      int64_t j = 0;
+      for (; j + 2 <= nb; j += 2) {
+        const __m256i u0 = nibbles32(wp, shift, mask);
+        const __m256i u1 = nibbles32(wp + 16, shift, mask);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* a = ap + r * c.lda;
+          const __m256i p0 =
+              _mm256_maddubs_epi16(u0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
+          const __m256i p1 = _mm256_maddubs_epi16(
+              u1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32)));
+          d16[r] = _mm256_add_epi16(d16[r], _mm256_add_epi16(p0, p1));
+        }
+        wp += 32;
+        ap += 64;
+      }
+      if (j < nb) {
+        const __m256i u0 = nibbles32(wp, shift, mask);
+        for (int r = 0; r < R; ++r) {
+          const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ap + r * c.lda));
+          d16[r] = _mm256_add_epi16(d16[r], _mm256_maddubs_epi16(u0, a));
+        }
+        wp += 16;
+        ap += 32;
+      }
+      for (int r = 0; r < R; ++r) {
+        d32[r] = _mm256_add_epi32(d32[r], _mm256_madd_epi16(d16[r], ones));
+      }
+    }
+    const float sw = c.scales[g];
+    const float zf = static_cast<float>(zero_of(c, g));
+    for (int r = 0; r < R; ++r) {
+      const float s = sw * c.asc[r * c.lds + g];
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d32[r]), _mm256_set1_ps(s), acc[r]);
+      bias[r] += zf * static_cast<float>(c.aqsum[r * c.lds + g]) * s;
+    }
+  }
+  for (int r = 0; r < R; ++r) res[r] = hsum8(acc[r]) - bias[r];
+}
+
+// INT8: signed x signed through vpmaddubsw's unsigned x signed form: |w| x (aq with w's sign)
+// (vpsignb twice); a pair sums to at most 2 * 128 * 127 = 32512, so each block widens to int32
+// at once (vpmaddwd). A group's tail (group_size not a multiple of 32) is scalar.
+template <int R>
+MOE_TARGET_AVX2_FMA void column_q8_a8_avx2(const ColumnArgsA8& c, float* res) {
+  const int8_t* w = static_cast<const int8_t*>(c.w);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  float tail[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm256_setzero_ps();
+    tail[r] = 0.f;
+  }
+  for (int64_t g = 0; g < c.groups; ++g) {
+    const int64_t p0 = g * c.group_size, p1 = p0 + c.group_size;
+    __m256i d32[R];
+    for (int r = 0; r < R; ++r) d32[r] = _mm256_setzero_si256();
+    int64_t p = p0;
+    for (; p + 32 <= p1; p += 32) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p));
+      const __m256i aw = _mm256_sign_epi8(wv, wv);
+      for (int r = 0; r < R; ++r) {
+        const __m256i a =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.aq + r * c.lda + p));
+        const __m256i prod = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(a, wv));
+        d32[r] = _mm256_add_epi32(d32[r], _mm256_madd_epi16(prod, ones));
+      }
+    }
+    int32_t dt[R] = {};
+    for (; p < p1; ++p) {
+      const int32_t wv = w[p];
+      for (int r = 0; r < R; ++r) dt[r] += wv * c.aq[r * c.lda + p];
+    }
+    const float sw = c.scales[g];
+    for (int r = 0; r < R; ++r) {
+      const float s = sw * c.asc[r * c.lds + g];
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d32[r]), _mm256_set1_ps(s), acc[r]);
+      tail[r] += static_cast<float>(dt[r]) * s;
+    }
+  }
+  for (int r = 0; r < R; ++r) res[r] = hsum8(acc[r]) + tail[r];
+}
+
+#endif  // MOE_GGQ_X86
+
+}  // namespace
+}  // namespace moe_framework
