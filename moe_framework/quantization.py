@@ -32,6 +32,7 @@ __all__ = [
     "load_quantized",
     "quantization_scheme",
     "set_act_quant",
+    "quantized_ffn",
 ]
 
 _ACT_QUANT = (None, "int8")
@@ -62,6 +63,45 @@ def _effective_group_size(name: str, k: int, bits: int, group_size: int) -> int:
             "pass a smaller group_size"
         )
     return gs
+
+
+def quantized_ffn(
+    x_sorted: torch.Tensor,
+    offsets: torch.Tensor,
+    proj_in: tuple,
+    proj_out: tuple,
+    *,
+    bits: int,
+    activation: str = "swiglu",
+    b_in: Optional[torch.Tensor] = None,
+    b_out: Optional[torch.Tensor] = None,
+    act_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    act_bits: int = 0,
+) -> torch.Tensor:
+    """The experts stage over quantised weights: ``proj_in`` / ``proj_out`` are
+    ``(qweight, scales, zeros, group_size)`` of the two projections (``[E, ...]``, rows of each
+    expert ``offsets[e]:offsets[e+1]``); what :class:`QuantizedExperts` and quantised
+    ``OffloadedExperts`` (over their cache slots) run."""
+    rows_expert = None
+    if b_in is not None or b_out is not None:
+        rows_expert = expert_of_row(offsets, x_sorted.shape[0])
+    qw, sc, zp, gs = proj_in
+    h = ops.grouped_gemm_q(x_sorted, qw, sc, offsets, bits, gs, zp, act_bits)
+    if b_in is not None and rows_expert is not None:
+        h = h + _row_bias(b_in.to(h.dtype), rows_expert)
+    if activation == "swiglu":
+        if act_fn is None:
+            h = ops.swiglu(h)
+        else:
+            half = h.shape[-1] // 2
+            h = act_fn(h[..., :half]) * h[..., half:]
+    else:
+        h = F.gelu(h)
+    qw, sc, zp, gs = proj_out
+    y = ops.grouped_gemm_q(h, qw, sc, offsets, bits, gs, zp, act_bits)
+    if b_out is not None and rows_expert is not None:
+        y = y + _row_bias(b_out.to(y.dtype), rows_expert)
+    return y
 
 
 class QuantizedExperts(nn.Module):
@@ -195,43 +235,18 @@ class QuantizedExperts(nn.Module):
         )
 
     def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        act_bits = 8 if self.act_quant == "int8" else 0
-        rows_expert = None
-        if self.b_in is not None or self.b_out is not None:
-            rows_expert = expert_of_row(offsets, x_sorted.shape[0])
-        h = ops.grouped_gemm_q(
+        return quantized_ffn(
             x_sorted,
-            self.qweight_in,
-            self.scales_in,
             offsets,
-            self.bits,
-            self.group_size_in,
-            self.zeros_in,
-            act_bits,
+            (self.qweight_in, self.scales_in, self.zeros_in, self.group_size_in),
+            (self.qweight_out, self.scales_out, self.zeros_out, self.group_size_out),
+            bits=self.bits,
+            activation=self.activation,
+            b_in=self.b_in,
+            b_out=self.b_out,
+            act_fn=self.act_fn,
+            act_bits=8 if self.act_quant == "int8" else 0,
         )
-        if self.b_in is not None and rows_expert is not None:
-            h = h + _row_bias(self.b_in.to(h.dtype), rows_expert)
-        if self.activation == "swiglu":
-            if self.act_fn is None:
-                h = ops.swiglu(h)
-            else:
-                half = h.shape[-1] // 2
-                h = self.act_fn(h[..., :half]) * h[..., half:]
-        else:
-            h = F.gelu(h)
-        y = ops.grouped_gemm_q(
-            h,
-            self.qweight_out,
-            self.scales_out,
-            offsets,
-            self.bits,
-            self.group_size_out,
-            self.zeros_out,
-            act_bits,
-        )
-        if self.b_out is not None and rows_expert is not None:
-            y = y + _row_bias(self.b_out.to(y.dtype), rows_expert)
-        return y
 
     _FLOAT32_BUFFERS = ("scales_in", "scales_out", "b_in", "b_out")
 
@@ -373,11 +388,18 @@ def quantize_experts(
 
 
 def set_act_quant(module: nn.Module, act_quant: Optional[str]) -> nn.Module:
-    """Set ``act_quant`` (``None`` or ``"int8"``) on every :class:`QuantizedExperts` in
-    ``module`` (including ``module`` itself) and return ``module``; ``ValueError`` if it holds
-    none."""
+    """Set ``act_quant`` (``None`` or ``"int8"``) on every :class:`QuantizedExperts` (and
+    quantised ``OffloadedExperts``) in ``module`` (including ``module`` itself) and return
+    ``module``; ``ValueError`` if it holds none."""
     _check_act_quant("set_act_quant", act_quant)
-    found = [m for m in module.modules() if isinstance(m, QuantizedExperts)]
+    from .offload import OffloadedExperts
+
+    found = [
+        m
+        for m in module.modules()
+        if isinstance(m, QuantizedExperts)
+        or (isinstance(m, OffloadedExperts) and m.quant is not None)
+    ]
     if not found:
         raise ValueError(f"set_act_quant: {type(module).__name__} holds no QuantizedExperts")
     for m in found:

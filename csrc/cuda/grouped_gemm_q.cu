@@ -154,7 +154,7 @@ at::Tensor grouped_gemm_q_cuda(const at::Tensor& a, const at::Tensor& qweight_in
     const at::Tensor a32 = a.to(at::kFloat).reshape({m, s.groups, s.group_size});
     const at::Tensor scale = a32.abs().amax(-1, true).div(127.f);
     const at::Tensor q =
-        at::where(scale > 0, a32.div(scale).round().clamp(-127, 127), at::zeros_like(a32));
+        at::where(scale.gt(0), a32.div(scale).round().clamp(-127, 127), at::zeros_like(a32));
     const at::Tensor aq = q.mul(scale).reshape({m, s.k});
     return grouped_gemm_q_cuda(aq, qweight_in, scales_in, zeros_in, offsets_in, bits, group_size, 0)
         .to(a.scalar_type());
