@@ -117,3 +117,12 @@ def test_prefetch_auto_default(monkeypatch):
         offload_experts(
             MoELayer.build(d_model=8, d_hidden=8, num_experts=4), cache_slots=2, prefetch="on"
         )
+
+
+def test_docs_quantised_offload_example_runs():
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "offload.md")
+    text = open(path).read()
+    block = text.split("### Quantised experts", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(block, "docs/offload.md", "exec"), namespace)
+    assert torch.equal(namespace["got"], namespace["want"])
