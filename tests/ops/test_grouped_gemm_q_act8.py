@@ -18,12 +18,14 @@ from moe_framework.quantization import QuantizedExperts, quantize_experts, set_a
 
 OPS = torch.ops.moe_framework
 # (bits, group_size, symmetric, K): INT8 per channel with a K that is no multiple of 32 (scalar
-# tails), INT8 groups of 48, INT4 with odd block counts per group (96 = 3 blocks) and groups over
-# 256 weights (K = 608 per channel: 19 blocks, int16 sums flushed after 8, 16, then 3)
+# tails), INT8 groups of 48, INT4 with 5 and 6 groups (the AVX2 kernel takes groups 4 at a time,
+# then the rest one by one), odd block counts per group (96 = 3 blocks) and groups over 256
+# weights (K = 608 per channel: 19 blocks, int16 sums flushed after 8, 16, then 3)
 SCHEMES = [
     (8, 0, True, 101),
     (8, 48, True, 144),
-    (4, 32, True, 64),
+    (4, 32, True, 160),
+    (4, 32, False, 192),
     (4, 96, False, 192),
     (4, 128, True, 256),
 ]

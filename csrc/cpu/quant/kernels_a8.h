@@ -25,6 +25,7 @@ struct ColumnArgsA8 {
   int64_t lda;
   const float* asc;
   const int32_t* aqsum;
+  const float* ascsum;  // asc * aqsum (float), per row and group
   int64_t lds;
   const void* w;
   const float* scales;
@@ -98,64 +99,108 @@ MOE_TARGET_AVX2_FMA MOE_ALWAYS_INLINE __m256i nibbles32(const uint8_t* p, __m256
   return _mm256_and_si256(_mm256_srlv_epi64(b, shift), mask);
 }
 
+// One group's integer dot products for R rows (advancing the weight and activation pointers),
+// each reduced to 4 int32 lanes.
 template <int R>
-MOE_TARGET_AVX2_FMA void column_q4_a8_avx2(const ColumnArgsA8& c, float* res) {
-  const uint8_t* wp = static_cast<const uint8_t*>(c.w);
+MOE_TARGET_AVX2_FMA MOE_ALWAYS_INLINE void q4_a8_group(const uint8_t*& wp, const int8_t*& ap,
+                                                       int64_t lda, int64_t blocks, __m128i* out) {
   const __m256i mask = _mm256_set1_epi8(0x0F);
   const __m256i shift = _mm256_set_epi64x(4, 4, 0, 0);
   const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t blocks = c.group_size / 32;
-  __m256 acc[R];
-  float bias[R];
-  for (int r = 0; r < R; ++r) {
-    acc[r] = _mm256_setzero_ps();
-    bias[r] = 0.f;
-  }
-  const int8_t* ap = c.aq;
-  for (int64_t g = 0; g < c.groups; ++g) {
-    __m256i d32[R];
-    for (int r = 0; r < R; ++r) d32[r] = _mm256_setzero_si256();
-    for (int64_t left = blocks; left > 0; left -= 8) {
-      const int64_t nb = left < 8 ? left : 8;
-      __m256i d16[R];
-      for (int r = 0; r < R; ++r) d16[r] = _mm256_setzero_si256();
-      int64_t j = 0;
-      for (; j + 2 <= nb; j += 2) {
-        const __m256i u0 = nibbles32(wp, shift, mask);
-        const __m256i u1 = nibbles32(wp + 16, shift, mask);
-        for (int r = 0; r < R; ++r) {
-          const int8_t* a = ap + r * c.lda;
-          const __m256i p0 =
-              _mm256_maddubs_epi16(u0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
-          const __m256i p1 = _mm256_maddubs_epi16(
-              u1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32)));
-          d16[r] = _mm256_add_epi16(d16[r], _mm256_add_epi16(p0, p1));
-        }
-        wp += 32;
-        ap += 64;
-      }
-      if (j < nb) {
-        const __m256i u0 = nibbles32(wp, shift, mask);
-        for (int r = 0; r < R; ++r) {
-          const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ap + r * c.lda));
-          d16[r] = _mm256_add_epi16(d16[r], _mm256_maddubs_epi16(u0, a));
-        }
-        wp += 16;
-        ap += 32;
-      }
+  __m256i d32[R];
+  for (int r = 0; r < R; ++r) d32[r] = _mm256_setzero_si256();
+  for (int64_t left = blocks; left > 0; left -= 8) {
+    const int64_t nb = left < 8 ? left : 8;
+    __m256i d16[R];
+    for (int r = 0; r < R; ++r) d16[r] = _mm256_setzero_si256();
+    int64_t j = 0;
+    for (; j + 2 <= nb; j += 2) {
+      const __m256i u0 = nibbles32(wp, shift, mask);
+      const __m256i u1 = nibbles32(wp + 16, shift, mask);
       for (int r = 0; r < R; ++r) {
-        d32[r] = _mm256_add_epi32(d32[r], _mm256_madd_epi16(d16[r], ones));
+        const int8_t* a = ap + r * lda;
+        const __m256i p0 =
+            _mm256_maddubs_epi16(u0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
+        const __m256i p1 =
+            _mm256_maddubs_epi16(u1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32)));
+        d16[r] = _mm256_add_epi16(d16[r], _mm256_add_epi16(p0, p1));
       }
+      wp += 32;
+      ap += 64;
     }
-    const float sw = c.scales[g];
-    const float zf = static_cast<float>(zero_of(c, g));
+    if (j < nb) {
+      const __m256i u0 = nibbles32(wp, shift, mask);
+      for (int r = 0; r < R; ++r) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ap + r * lda));
+        d16[r] = _mm256_add_epi16(d16[r], _mm256_maddubs_epi16(u0, a));
+      }
+      wp += 16;
+      ap += 32;
+    }
     for (int r = 0; r < R; ++r) {
-      const float s = sw * c.asc[r * c.lds + g];
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d32[r]), _mm256_set1_ps(s), acc[r]);
-      bias[r] += zf * static_cast<float>(c.aqsum[r * c.lds + g]) * s;
+      d32[r] = _mm256_add_epi32(d32[r], _mm256_madd_epi16(d16[r], ones));
     }
   }
-  for (int r = 0; r < R; ++r) res[r] = hsum8(acc[r]) - bias[r];
+  for (int r = 0; r < R; ++r) {
+    out[r] = _mm_add_epi32(_mm256_castsi256_si128(d32[r]), _mm256_extracti128_si256(d32[r], 1));
+  }
+}
+
+MOE_TARGET_AVX2_FMA MOE_ALWAYS_INLINE float hsum4(__m128 s) {
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Groups are taken 4 at a time: their 4 x 4 int32 lanes reduce to one vector of 4 group sums
+// (three vphaddd), converted and scaled by the 4 weight scales x the row's 4 activation scales in
+// one multiply and FMA, the zero points likewise (zero * sw * (sa * sum aq)); the last G % 4
+// groups one by one.
+template <int R>
+MOE_TARGET_AVX2_FMA void column_q4_a8_avx2(const ColumnArgsA8& c, float* res) {
+  const uint8_t* wp = static_cast<const uint8_t*>(c.w);
+  const int8_t* ap = c.aq;
+  const int64_t blocks = c.group_size / 32;
+  __m128 acc[R], bias[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm_setzero_ps();
+    bias[r] = _mm_setzero_ps();
+  }
+  int64_t g = 0;
+  for (; g + 4 <= c.groups; g += 4) {
+    __m128i d[4][R];
+    for (int j = 0; j < 4; ++j) q4_a8_group<R>(wp, ap, c.lda, blocks, d[j]);
+    const __m128 sw = _mm_loadu_ps(c.scales + g);
+    __m128 zsw;
+    if (c.zeros != nullptr) {
+      int32_t z4;
+      std::memcpy(&z4, c.zeros + g, 4);
+      zsw = _mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(z4))), sw);
+    } else {
+      zsw = _mm_mul_ps(_mm_set1_ps(static_cast<float>(c.zero_default)), sw);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m128i sums =
+          _mm_hadd_epi32(_mm_hadd_epi32(d[0][r], d[1][r]), _mm_hadd_epi32(d[2][r], d[3][r]));
+      const __m128 s = _mm_mul_ps(sw, _mm_loadu_ps(c.asc + r * c.lds + g));
+      acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), s, acc[r]);
+      bias[r] = _mm_fmadd_ps(zsw, _mm_loadu_ps(c.ascsum + r * c.lds + g), bias[r]);
+    }
+  }
+  float tail[R] = {};
+  for (; g < c.groups; ++g) {
+    __m128i d[R];
+    q4_a8_group<R>(wp, ap, c.lda, blocks, d);
+    const float sw = c.scales[g];
+    const float zsw = static_cast<float>(zero_of(c, g)) * sw;
+    for (int r = 0; r < R; ++r) {
+      __m128i v = _mm_hadd_epi32(d[r], d[r]);
+      v = _mm_hadd_epi32(v, v);
+      tail[r] += static_cast<float>(_mm_cvtsi128_si32(v)) * (sw * c.asc[r * c.lds + g]) -
+                 zsw * c.ascsum[r * c.lds + g];
+    }
+  }
+  for (int r = 0; r < R; ++r) res[r] = hsum4(acc[r]) - hsum4(bias[r]) + tail[r];
 }
 
 // INT8: signed x signed through vpmaddubsw's unsigned x signed form: |w| x (aq with w's sign)

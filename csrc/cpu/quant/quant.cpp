@@ -103,13 +103,15 @@ struct ActQ8 {
   std::vector<int8_t> q;
   std::vector<float> scale;
   std::vector<int32_t> sum;
+  std::vector<float> scaled_sum;  // scale * sum, for the zero point of the AVX2 INT4 kernel
 };
 
 ActQ8 quantize_rows(const at::Tensor& a32, int64_t groups, int64_t group_size) {
   const int64_t rows = a32.size(0), k = a32.size(1);
   ActQ8 act{std::vector<int8_t>(static_cast<size_t>(rows * k)),
             std::vector<float>(static_cast<size_t>(rows * groups)),
-            std::vector<int32_t>(static_cast<size_t>(rows * groups))};
+            std::vector<int32_t>(static_cast<size_t>(rows * groups)),
+            std::vector<float>(static_cast<size_t>(rows * groups))};
   const float* a = a32.const_data_ptr<float>();
   at::parallel_for(0, rows * groups, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {  // i = row * groups + g: contiguous k range i * gs..
@@ -126,6 +128,7 @@ ActQ8 quantize_rows(const at::Tensor& a32, int64_t groups, int64_t group_size) {
       }
       act.scale[static_cast<size_t>(i)] = scale;
       act.sum[static_cast<size_t>(i)] = sum;
+      act.scaled_sum[static_cast<size_t>(i)] = scale * static_cast<float>(sum);
     }
   });
   return act;
@@ -231,6 +234,7 @@ void run_act8(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
                              s.k,
                              act.scale.data() + r * s.groups,
                              act.sum.data() + r * s.groups,
+                             act.scaled_sum.data() + r * s.groups,
                              s.groups,
                              wbase + col * row_bytes,
                              sbase + col * s.groups,
