@@ -92,6 +92,14 @@ def test_act8_non_contiguous_and_against_float(seed):
     assert 0 < rel < 0.03, rel
 
 
+def test_act8_int4_several_column_tiles(seed):
+    # N = 300 columns of 64 packed bytes: two column tiles per expert (16 KiB each), the AVX2
+    # kernel runs a tile's columns per call; rows in chunks of 4 and 1
+    q, scales, zeros = _qweight(2, 300, 128, 4, 64, False)
+    a = torch.randn(7, 128)
+    _check(a, q, scales, torch.tensor([0, 5, 7]), 4, 64, zeros)
+
+
 def test_quantize_activations_helper(seed):
     a = torch.randn(5, 96) * 3
     a[2, 32:64] = 0

@@ -227,6 +227,53 @@ void run_act8(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
   const float* sbase = scales.const_data_ptr<float>();
   const uint8_t* zbase = zeros.has_value() ? zeros->const_data_ptr<uint8_t>() : nullptr;
   const int64_t first = off[0];
+#if MOE_GGQ_X86
+  if (s.bits == 4 && avx2_fma()) {
+    // INT4 on AVX2: a whole tile's columns per kernel call (columns_q4_a8_avx2).
+    scalar_t* obase = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> buf;
+      for (int64_t t = t0; t < t1; ++t) {
+        const Tile& tile = tiles[static_cast<size_t>(t)];
+        const int64_t e = tile.expert, ncols = tile.n1 - tile.n0;
+        const uint8_t* tile_w = wbase + (e * s.n + tile.n0) * row_bytes;
+        const uint8_t* end = wbase + (e + 1) * s.n * row_bytes;
+        for (int64_t b = 0; b < kAheadBytes && tile_w + b < end; b += 64) prefetch(tile_w + b);
+        buf.resize(static_cast<size_t>(kMaxRows * ncols));
+        for (int64_t r0 = off[e]; r0 < off[e + 1]; r0 += kMaxRows) {
+          const int64_t rows = std::min<int64_t>(kMaxRows, off[e + 1] - r0);
+          const int64_t r = r0 - first, col = e * s.n + tile.n0;
+          const ColumnArgsA8 c{act.q.data() + r * s.k,
+                               s.k,
+                               act.scale.data() + r * s.groups,
+                               act.sum.data() + r * s.groups,
+                               act.scaled_sum.data() + r * s.groups,
+                               s.groups,
+                               tile_w,
+                               sbase + col * s.groups,
+                               zbase == nullptr ? nullptr : zbase + col * s.groups,
+                               8,
+                               s.k,
+                               s.group_size,
+                               s.groups};
+          // the first chunk of rows reads the weights from memory: prefetch ahead
+          const uint8_t* pf_end = r0 == off[e] ? end : nullptr;
+          with_rows(rows, [&](auto rc) {
+            columns_q4_a8_avx2<decltype(rc)::value>(c, ncols, row_bytes, kAheadBytes, pf_end,
+                                                    buf.data());
+          });
+          for (int64_t i = 0; i < rows; ++i) {
+            for (int64_t j = 0; j < ncols; ++j) {
+              obase[(r0 + i) * s.n + tile.n0 + j] =
+                  cpu::store_acc<scalar_t>(buf[static_cast<size_t>(i * ncols + j)]);
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
+#endif
   run_tiles<scalar_t>(
       s, tiles, off, qweight, out, [&](int64_t r0, int64_t rows, int64_t col, float* res) {
         const int64_t r = r0 - first;
