@@ -61,10 +61,11 @@ TORCH_LIBRARY(moe_framework, m) {
   // ---- grouped_gemm_q: weight-only INT8 / INT4 grouped GEMM, out = a_e @ dequant(qweight[e])^T --
   // qweight int8 [E, N, K] (bits 8) or packed uint8 [E, N, K/2] (bits 4), scales f32 [E, N, G],
   // zeros u8 [E, N, G] (asymmetric INT4) or None; format:
-  // csrc/include/moe_framework/grouped_gemm_q.h.
+  // csrc/include/moe_framework/grouped_gemm_q.h. act_bits=8: activations quantised to INT8 per
+  // (row, group) and integer dot products (same header).
   m.def(
       "grouped_gemm_q(Tensor a, Tensor qweight, Tensor scales, Tensor? zeros, Tensor offsets, "
-      "int bits, int group_size) -> Tensor");
+      "int bits, int group_size, int act_bits=0) -> Tensor");
 
   // ---- swiglu: the SwiGLU activation of expert FFNs, h [..., 2H] = [gate | up] ----
   // silu(h[..., :H]) * h[..., H:] -> [..., H], computed in fp32 (fp64 for fp64), one rounding.

@@ -55,9 +55,12 @@ __all__ = [
     "offload_experts",
     "offload_metrics",
     "offloaded_modules",
+    "prefetch_auto",
+    "usable_cpu_cores",
 ]
 
 POLICIES = ("lru", "lfu")
+_QUANT_ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _EMPTY, _LOADING, _READY = 0, 1, 2
 Storage = Union[HostExpertStorage, DiskExpertStorage]
@@ -131,7 +134,9 @@ class _SlotCache:
         self.device = device
         self.cuda = device.type == "cuda"
         self.buffers = {
-            name: torch.empty((slots,) + storage.shapes[name], dtype=storage.dtype, device=device)
+            name: torch.empty(
+                (slots,) + storage.shapes[name], dtype=storage.dtypes[name], device=device
+            )
             for name in storage.names
         }
         self.cv = threading.Condition()
@@ -222,7 +227,8 @@ class _SlotCache:
         staging: Optional[dict] = getattr(self._staging, "bufs", None)
         if not st.pinned and staging is None:
             staging = {
-                name: torch.empty(st.shapes[name], dtype=st.dtype).pin_memory() for name in st.names
+                name: torch.empty(st.shapes[name], dtype=st.dtypes[name]).pin_memory()
+                for name in st.names
             }
             self._staging.bufs = staging
         with torch.cuda.stream(stream):
@@ -379,6 +385,12 @@ class OffloadedExperts(nn.Module):
     ``torch.compile(fullgraph=True)`` or CUDA graphs), loads the routed experts, at most
     ``cache_slots`` at a time, and runs each group with two grouped GEMMs over the slots.
     Inference only: a ``RuntimeError`` if ``x_sorted`` requires grad (use ``torch.no_grad()``).
+
+    Quantised experts (a :class:`~moe_framework.quantization.QuantizedExperts` offloaded, or a
+    file written from one) keep their packed INT8 / INT4 weights in the storage and the slots (the
+    bytes moved are the packed ones) and run ``ops.grouped_gemm_q`` over the slots, bitwise equal
+    to the resident ``QuantizedExperts``; ``x_sorted`` may then be float32, bfloat16 or float16,
+    and ``act_quant`` (``None`` or ``"int8"``, see ``QuantizedExperts``) is an attribute.
     The module has no parameters (its weights are the storage's) and refuses ``state_dict()``
     with a ``RuntimeError`` (a saved model would lack its experts): save before offloading.
     One forward at a time per module (a lock serialises concurrent calls).
@@ -425,6 +437,8 @@ class OffloadedExperts(nn.Module):
         self.device = dev
         self.storage = storage
         self.worker = worker
+        self.quant = storage.quant
+        self.act_quant: Optional[str] = None
         self._cache = _SlotCache(storage, cache_slots, policy, dev)
         self._forward_lock = threading.Lock()
 
@@ -433,7 +447,7 @@ class OffloadedExperts(nn.Module):
     @classmethod
     def from_bank(
         cls,
-        bank: ExpertBank,
+        bank: nn.Module,
         *,
         cache_slots: int,
         storage: Union[str, os.PathLike] = "host",
@@ -441,12 +455,15 @@ class OffloadedExperts(nn.Module):
         device=None,
         worker: Optional[PrefetchWorker] = None,
     ) -> OffloadedExperts:
-        """Offload an ``ExpertBank``: ``storage="host"`` keeps its tensors in host memory (pinned
-        when ``device`` is CUDA; CPU tensors are shared, not copied, otherwise), a path writes
-        them to that safetensors file and maps it."""
-        if not isinstance(bank, ExpertBank):
+        """Offload an ``ExpertBank`` or a ``QuantizedExperts`` (packed): ``storage="host"`` keeps
+        its tensors in host memory (pinned when ``device`` is CUDA; CPU tensors are shared, not
+        copied, otherwise), a path writes them to that safetensors file and maps it."""
+        from .quantization import QuantizedExperts
+
+        if not isinstance(bank, (ExpertBank, QuantizedExperts)):
             raise ValueError(
-                f"OffloadedExperts.from_bank: bank must be an ExpertBank, got {type(bank).__name__}"
+                "OffloadedExperts.from_bank: bank must be an ExpertBank or QuantizedExperts, got "
+                f"{type(bank).__name__}"
             )
         dev = torch.device("cpu" if device is None else device)
         st: Storage
@@ -458,7 +475,9 @@ class OffloadedExperts(nn.Module):
             raise ValueError(
                 f'OffloadedExperts.from_bank: storage must be "host" or a file path, got {storage!r}'
             )
-        return cls(st, cache_slots=cache_slots, policy=policy, device=dev, worker=worker)
+        out = cls(st, cache_slots=cache_slots, policy=policy, device=dev, worker=worker)
+        out.act_quant = getattr(bank, "act_quant", None)
+        return out
 
     @classmethod
     def open(
@@ -549,7 +568,13 @@ class OffloadedExperts(nn.Module):
             raise ValueError(
                 f"OffloadedExperts: x_sorted must be [M, {d}], got {tuple(x_sorted.shape)}"
             )
-        if x_sorted.dtype != self.storage.dtype or x_sorted.device != self.device:
+        if self.quant is not None:
+            if x_sorted.dtype not in _QUANT_ACT_DTYPES or x_sorted.device != self.device:
+                raise ValueError(
+                    "OffloadedExperts: x_sorted must be float32, bfloat16 or float16 on "
+                    f"{self.device} (quantised experts), got {x_sorted.dtype} on {x_sorted.device}"
+                )
+        elif x_sorted.dtype != self.storage.dtype or x_sorted.device != self.device:
             raise ValueError(
                 f"OffloadedExperts: x_sorted must be {self.storage.dtype} on {self.device} (the "
                 f"stored weights), got {x_sorted.dtype} on {x_sorted.device}"
@@ -621,9 +646,26 @@ class OffloadedExperts(nn.Module):
                 [torch.arange(off[e], off[e + 1], dtype=torch.long) for _, e in by_slot]
             ).to(self.device)
         b = c.buffers
+        slot_offsets = torch.tensor(slot_off, dtype=torch.long, device=self.device)
+        if self.quant is not None:
+            from .quantization import quantized_ffn
+
+            q = self.quant
+            y[rows] = quantized_ffn(
+                x[rows],
+                slot_offsets,
+                (b["qweight_in"], b["scales_in"], b.get("zeros_in"), q["group_size_in"]),
+                (b["qweight_out"], b["scales_out"], b.get("zeros_out"), q["group_size_out"]),
+                bits=q["bits"],
+                activation=self.activation,
+                b_in=b.get("b_in"),
+                b_out=b.get("b_out"),
+                act_bits=8 if self.act_quant == "int8" else 0,
+            )
+            return
         out = expert_ffn(
             x[rows],
-            torch.tensor(slot_off, dtype=torch.long, device=self.device),
+            slot_offsets,
             b["w_in"],
             b["w_out"],
             activation=self.activation,
@@ -639,6 +681,7 @@ class OffloadedExperts(nn.Module):
             f"num_experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
             f"cache_slots={self.cache_slots}, policy={self.policy!r}, storage={where!r}, "
             f"device={self.device}"
+            + (f", quant={self.quant}, act_quant={self.act_quant!r}" if self.quant else "")
         )
 
 
@@ -746,11 +789,12 @@ def offload_experts(
     storage: Union[str, os.PathLike] = "host",
     policy: str = "lru",
     device=None,
-    prefetch: bool = True,
+    prefetch: Union[bool, str] = "auto",
     prefetch_next: Optional[int] = None,
     prefetch_threshold: float = 0.8,
 ) -> nn.Module:
-    """Replace the ``ExpertBank`` experts of a module by :class:`OffloadedExperts`.
+    """Replace the ``ExpertBank`` (or ``QuantizedExperts``) experts of a module by
+    :class:`OffloadedExperts`.
 
     Args:
         module: an ``ExpertBank`` (returns its ``OffloadedExperts``), an ``MoELayer``, or any
@@ -758,7 +802,8 @@ def offload_experts(
             changed in place and returned. Layers are taken in ``module.modules()`` order, which
             is their order in the forward pass for the system and for sequential stacks (next-layer
             prefetch relies on it). Each layer's experts must be an ``ExpertBank`` (possibly inside
-            ``CheckpointedExperts``).
+            ``CheckpointedExperts``) or a ``QuantizedExperts`` (``quantize_experts`` first, then
+            offload: the packed INT8 / INT4 bytes are what is stored and moved).
         cache_slots: experts kept on the compute device per layer, ``1 <= cache_slots <= E``.
         storage: ``"host"`` (weights stay in host memory; pinned when ``device`` is CUDA) or a
             folder: each layer's experts are written to ``<folder>/experts_<i>.safetensors``
@@ -766,7 +811,11 @@ def offload_experts(
         policy: ``"lru"`` or ``"lfu"``.
         device: compute device (default: where the experts' weights are now).
         prefetch: router-driven prefetch on a background thread (``MoELayer`` s only): each
-            layer's picked experts, and the next layer's predicted ones.
+            layer's picked experts, and the next layer's predicted ones. ``"auto"`` (default):
+            on when the compute device is CUDA (copies overlap compute on a side stream), and on
+            the CPU only with at least 3 usable cores (:func:`prefetch_auto`): the loader thread
+            competes with the compute threads for cores, and on a busy 2-core machine prefetch
+            made decoding slower (docs/offload.md). ``True`` / ``False`` force it.
         prefetch_next: how many experts of the next layer to fetch ahead at most (default
             ``cache_slots // 2``; 0: only the layer's own picked experts).
         prefetch_threshold: fetch a next-layer expert ahead only when the chance that this
@@ -781,6 +830,10 @@ def offload_experts(
     """
     if not isinstance(policy, str) or policy not in POLICIES:
         raise ValueError(f"offload_experts: policy must be one of {POLICIES}, got {policy!r}")
+    if not (isinstance(prefetch, bool) or prefetch == "auto"):
+        raise ValueError(
+            f'offload_experts: prefetch must be True, False or "auto", got {prefetch!r}'
+        )
     if isinstance(cache_slots, bool) or not isinstance(cache_slots, int) or cache_slots < 1:
         raise ValueError(f"offload_experts: cache_slots must be an int >= 1, got {cache_slots!r}")
     if prefetch_next is not None and (
@@ -806,14 +859,16 @@ def offload_experts(
             return "host"
         return os.path.join(os.fspath(storage), f"experts_{i}.safetensors")
 
-    def bank_of(experts: nn.Module, where: str) -> ExpertBank:
+    from .quantization import QuantizedExperts
+
+    def bank_of(experts: nn.Module, where: str):
         inner = experts.inner if isinstance(experts, CheckpointedExperts) else experts
         if isinstance(inner, OffloadedExperts):
             raise ValueError(f"offload_experts: {where} is already offloaded")
-        if not isinstance(inner, ExpertBank):
+        if not isinstance(inner, (ExpertBank, QuantizedExperts)):
             raise ValueError(
                 f"offload_experts: {where} must be an ExpertBank (or CheckpointedExperts around "
-                f"one), got {type(inner).__name__}"
+                f"one) or a QuantizedExperts, got {type(inner).__name__}"
             )
         if not 1 <= cache_slots <= inner.num_experts:
             raise ValueError(
@@ -822,10 +877,11 @@ def offload_experts(
             )
         return inner
 
-    def device_of(bank: ExpertBank):
-        return bank.w_out.device if device is None else device
+    def device_of(bank):
+        w = bank.qweight_out if isinstance(bank, QuantizedExperts) else bank.w_out
+        return w.device if device is None else device
 
-    if isinstance(module, ExpertBank):
+    if isinstance(module, (ExpertBank, QuantizedExperts)):
         bank = bank_of(module, "the ExpertBank")
         return OffloadedExperts.from_bank(
             bank,
@@ -862,9 +918,32 @@ def offload_experts(
         raise
     for layer, off in zip(layers, new):
         layer.experts = off
+    if prefetch == "auto":
+        prefetch = prefetch_auto(new[0].device)
     if prefetch:
         enable_prefetch(module, prefetch_next=prefetch_next, prefetch_threshold=prefetch_threshold)
     return module
+
+
+MIN_CPU_CORES_FOR_PREFETCH = 3
+
+
+def usable_cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` elsewhere)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def prefetch_auto(device) -> bool:
+    """What ``offload_experts(prefetch="auto")`` picks for a compute ``device``: ``True`` on
+    CUDA; on the CPU ``True`` only with at least ``MIN_CPU_CORES_FOR_PREFETCH`` (3) usable cores,
+    so that the loader thread does not take a core from the compute threads."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return True
+    return usable_cpu_cores() >= MIN_CPU_CORES_FOR_PREFETCH
 
 
 def enable_prefetch(

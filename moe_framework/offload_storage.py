@@ -13,6 +13,11 @@ the tensors ``w_in`` (the first projection: ``w_gate_up`` for SwiGLU, ``w_in`` f
   the process's resident memory. The file is a plain safetensors file (the ``safetensors``
   library reads it) with tensors named ``"{e}.w_in"``, ``"{e}.w_out"``, ``"{e}.b_in"``,
   ``"{e}.b_out"`` and the expert configuration in its metadata.
+
+Quantised experts (:class:`~moe_framework.quantization.QuantizedExperts`) are stored packed: the
+per-expert tensors are then ``qweight_in``, ``scales_in`` (``zeros_in``), ``qweight_out``,
+``scales_out`` (``zeros_out``) and the float32 biases, with the scheme under ``"quant"`` in the
+configuration, so what is kept, mapped and copied into the cache is the INT8 / INT4 bytes.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ _ST_CODE = {
     torch.float16: "F16",
     torch.bfloat16: "BF16",
     torch.float64: "F64",
+    torch.int8: "I8",
+    torch.uint8: "U8",
 }
 _ST_DTYPE = {v: k for k, v in _ST_CODE.items()}
 _MAX_HEADER = 100 * 1024 * 1024
@@ -52,13 +59,42 @@ _FAULT_AROUND_MARGIN = 256 * 1024
 _CONFIG_KEYS = ("num_experts", "d_model", "d_hidden", "activation", "layout", "bias", "dtype")
 
 
-def expert_tensor_names(bias: bool) -> tuple:
-    """The per-expert tensor names of a storage: ``("w_in", "w_out")`` plus the two biases."""
-    return ("w_in", "w_out", "b_in", "b_out") if bias else ("w_in", "w_out")
+def expert_tensor_names(bias: bool, quant: Optional[dict] = None) -> tuple:
+    """The per-expert tensor names of a storage: ``("w_in", "w_out")`` plus the two biases; for
+    quantised experts (``quant``: the configuration's scheme) the packed weights, scales and, for
+    asymmetric INT4, zero points of both projections instead of ``w_in`` / ``w_out``."""
+    if quant is None:
+        names: tuple = ("w_in", "w_out")
+    else:
+        zeros = not quant["symmetric"]
+        names = ("qweight_in", "scales_in") + (("zeros_in",) if zeros else ())
+        names += ("qweight_out", "scales_out") + (("zeros_out",) if zeros else ())
+    return names + (("b_in", "b_out") if bias else ())
+
+
+def tensor_dtype(name: str, config: dict) -> torch.dtype:
+    """The dtype of a storage's tensor ``name`` under ``config``: the configuration's dtype,
+    except packed weights (int8 for INT8, uint8 for INT4) and zero points (uint8)."""
+    quant = config.get("quant")
+    if quant is not None and name.startswith("qweight"):
+        return torch.int8 if quant["bits"] == 8 else torch.uint8
+    if name.startswith("zeros"):
+        return torch.uint8
+    return getattr(torch, str(config["dtype"]))
+
+
+def _is_quantized(module) -> bool:
+    return type(module).__name__ == "QuantizedExperts" and hasattr(module, "qweight_in")
 
 
 def _bank_tensors(bank) -> dict:
-    """The stacked ``[E, ...]`` tensors of an ExpertBank under the storage's names."""
+    """The stacked ``[E, ...]`` tensors of an ExpertBank (or QuantizedExperts) under the
+    storage's names."""
+    if _is_quantized(bank):
+        q = {n: getattr(bank, n) for n in expert_tensor_names(False, bank_config(bank)["quant"])}
+        if bank.b_in is not None:
+            q["b_in"], q["b_out"] = bank.b_in, bank.b_out
+        return {k: v.detach() for k, v in q.items()}
     out = {"w_in": bank.weight_in, "w_out": bank.w_out}
     if bank.b_out is not None:
         out["b_in"], out["b_out"] = bank.bias_in, bank.b_out
@@ -66,7 +102,32 @@ def _bank_tensors(bank) -> dict:
 
 
 def bank_config(bank) -> dict:
-    """The configuration an offloaded copy of ``bank`` needs (saved in the file's metadata)."""
+    """The configuration an offloaded copy of ``bank`` (an ExpertBank or QuantizedExperts)
+    needs (saved in the file's metadata)."""
+    if _is_quantized(bank):
+        if bank.act_fn is not None:
+            raise ValueError(
+                "offloading QuantizedExperts needs the plain SiLU / GELU activation (a custom "
+                "act_fn, e.g. of a Hugging Face model, cannot be stored in the expert file)"
+            )
+        if (bank.b_in is None) != (bank.b_out is None):
+            raise ValueError("offloading QuantizedExperts needs both biases or neither")
+        return {
+            "num_experts": bank.num_experts,
+            "d_model": bank.d_model,
+            "d_hidden": bank.d_hidden,
+            "activation": bank.activation,
+            "layout": "out_in",
+            "bias": bank.b_in is not None,
+            "dtype": "float32",
+            "quant": {
+                "bits": bank.bits,
+                "group_size": bank.group_size,
+                "symmetric": bank.symmetric,
+                "group_size_in": bank.group_size_in,
+                "group_size_out": bank.group_size_out,
+            },
+        }
     return {
         "num_experts": bank.num_experts,
         "d_model": bank.d_model,
@@ -97,7 +158,10 @@ class HostExpertStorage:
             self._t[name] = t.pin_memory() if pin else t
         self.names = tuple(self._t)
         self.shapes = {k: tuple(v.shape[1:]) for k, v in self._t.items()}
-        self.dtype = self._t["w_out"].dtype
+        self.dtypes = {k: v.dtype for k, v in self._t.items()}
+        self.quant = self.config.get("quant")
+        # the dtype of the float weights (and of the activations they take); None: quantised
+        self.dtype = None if self.quant is not None else self._t["w_out"].dtype
         self.expert_nbytes = sum(v[0].numel() * v.element_size() for v in self._t.values())
 
     def view(self, e: int, name: str) -> torch.Tensor:
@@ -114,8 +178,9 @@ class HostExpertStorage:
 
 
 def write_expert_file(bank, path: Union[str, os.PathLike]) -> str:
-    """Write the experts of an :class:`~moe_framework.experts.ExpertBank` to a safetensors file
-    for :class:`DiskExpertStorage`; returns the path.
+    """Write the experts of an :class:`~moe_framework.experts.ExpertBank` (or a
+    :class:`~moe_framework.quantization.QuantizedExperts`: packed) to a safetensors file for
+    :class:`DiskExpertStorage`; returns the path.
 
     Each expert's tensors are stored one after the other (one contiguous byte range per expert),
     streamed tensor by tensor (no second copy of the bank in memory). The write is atomic: a
@@ -124,9 +189,9 @@ def write_expert_file(bank, path: Union[str, os.PathLike]) -> str:
     path = os.fspath(path)
     tensors = _bank_tensors(bank)
     config = bank_config(bank)
-    dtype = tensors["w_out"].dtype
-    if dtype not in _ST_CODE:
-        raise ValueError(f"write_expert_file: dtype must be one of {list(_ST_CODE)}, got {dtype}")
+    dtype = getattr(torch, str(config["dtype"]))
+    if dtype not in _ST_CODE or dtype in (torch.int8, torch.uint8):
+        raise ValueError(f"write_expert_file: dtype must be a float type, got {dtype}")
     header: dict = {"__metadata__": {"format": EXPERT_FILE_FORMAT, "config": json.dumps(config)}}
     pos = 0
     order = []
@@ -134,7 +199,7 @@ def write_expert_file(bank, path: Union[str, os.PathLike]) -> str:
         for name, t in tensors.items():
             n = t[e].numel() * t.element_size()
             header[f"{e}.{name}"] = {
-                "dtype": _ST_CODE[dtype],
+                "dtype": _ST_CODE[t.dtype],
                 "shape": list(t.shape[1:]),
                 "data_offsets": [pos, pos + n],
             }
@@ -227,15 +292,27 @@ class DiskExpertStorage:
             cfg = json.loads(meta.get("config", ""))
         except json.JSONDecodeError:
             cfg = None
-        if not isinstance(cfg, dict) or sorted(cfg) != sorted(_CONFIG_KEYS):
+        if not isinstance(cfg, dict) or sorted(k for k in cfg if k != "quant") != sorted(
+            _CONFIG_KEYS
+        ):
             raise ValueError(f"{where}: metadata 'config' must hold the keys {_CONFIG_KEYS}")
+        quant = cfg.get("quant")
+        if quant is not None and not (
+            isinstance(quant, dict)
+            and quant.get("bits") in (8, 4)
+            and isinstance(quant.get("symmetric"), bool)
+            and all(isinstance(quant.get(k), int) for k in ("group_size_in", "group_size_out"))
+        ):
+            raise ValueError(f"{where}: bad 'quant' scheme in metadata: {quant!r}")
         E = cfg["num_experts"]
         dtype = getattr(torch, str(cfg["dtype"]), None)
         if not isinstance(E, int) or E < 1 or dtype not in _ST_CODE:
             raise ValueError(f"{where}: bad num_experts / dtype in metadata: {cfg!r}")
         self.config = cfg
-        self.dtype = dtype
-        self.names = expert_tensor_names(bool(cfg["bias"]))
+        self.quant = quant
+        self.dtype = None if quant is not None else dtype
+        self.names = expert_tensor_names(bool(cfg["bias"]), quant)
+        self.dtypes = {name: tensor_dtype(name, cfg) for name in self.names}
         want = {f"{e}.{name}" for e in range(E) for name in self.names}
         if set(header) != want:
             missing, extra = sorted(want - set(header)), sorted(set(header) - want)
@@ -245,11 +322,12 @@ class DiskExpertStorage:
             )
         self._spans: dict = {}
         shapes: dict = {}
-        esize = torch.empty((), dtype=dtype).element_size()
         for key, entry in header.items():
             e_str, name = key.split(".", 1)
-            if not isinstance(entry, dict) or entry.get("dtype") != _ST_CODE[dtype]:
-                raise ValueError(f"{where}: tensor {key!r} must have dtype {_ST_CODE[dtype]}")
+            code = _ST_CODE[self.dtypes[name]]
+            esize = torch.empty((), dtype=self.dtypes[name]).element_size()
+            if not isinstance(entry, dict) or entry.get("dtype") != code:
+                raise ValueError(f"{where}: tensor {key!r} must have dtype {code}")
             shape, offs = entry.get("shape"), entry.get("data_offsets")
             if not (
                 isinstance(shape, list)
@@ -272,7 +350,9 @@ class DiskExpertStorage:
                 raise ValueError(f"{where}: tensor {key!r} has shape {shape}, not {shapes[name]}")
             self._spans[(int(e_str), name)] = (data_start + b, numel)
         self.shapes = shapes
-        self.expert_nbytes = sum(self._spans[(0, name)][1] * esize for name in self.names)
+        self.expert_nbytes = sum(
+            self._spans[(0, name)][1] * self.dtypes[name].itemsize for name in self.names
+        )
 
     def view(self, e: int, name: str) -> torch.Tensor:
         """Expert ``e``'s tensor ``name``: a tensor over the mapped file (no copy)."""
@@ -281,17 +361,16 @@ class DiskExpertStorage:
             raise RuntimeError(f"DiskExpertStorage: {self.path} is closed")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a private (copy-on-write) mapping we never write
-            flat = torch.frombuffer(self._mm, dtype=self.dtype, count=numel, offset=start)
+            flat = torch.frombuffer(self._mm, dtype=self.dtypes[name], count=numel, offset=start)
         return flat.view(self.shapes[name])
 
     def done(self, e: int) -> None:
         """Give expert ``e``'s mapped pages back (they leave the resident set)."""
         if self._mm is None:
             return
-        spans = [self._spans[(e, name)] for name in self.names]
-        esize = torch.empty((), dtype=self.dtype).element_size()
-        lo = min(s for s, _ in spans)
-        hi = max(s + n * esize for s, n in spans)
+        spans = [(*self._spans[(e, name)], self.dtypes[name].itemsize) for name in self.names]
+        lo = min(s for s, _, _ in spans)
+        hi = max(s + n * size for s, n, size in spans)
         # The kernel maps pages around each faulting page ("fault-around", 64 KiB by default),
         # including pages of the neighbouring experts: the margin gives those back too. Harmless
         # for a concurrent reader: a private mapping never written refaults from the page cache.

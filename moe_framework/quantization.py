@@ -31,7 +31,19 @@ __all__ = [
     "save_quantized",
     "load_quantized",
     "quantization_scheme",
+    "set_act_quant",
+    "quantized_ffn",
 ]
+
+_ACT_QUANT = (None, "int8")
+
+
+def _check_act_quant(name: str, act_quant) -> None:
+    if act_quant not in _ACT_QUANT:
+        raise ValueError(
+            f"{name}: act_quant must be None (weight-only) or 'int8', got {act_quant!r}"
+        )
+
 
 _META_KEY = "moe_framework.quantization"
 
@@ -53,6 +65,45 @@ def _effective_group_size(name: str, k: int, bits: int, group_size: int) -> int:
     return gs
 
 
+def quantized_ffn(
+    x_sorted: torch.Tensor,
+    offsets: torch.Tensor,
+    proj_in: tuple,
+    proj_out: tuple,
+    *,
+    bits: int,
+    activation: str = "swiglu",
+    b_in: Optional[torch.Tensor] = None,
+    b_out: Optional[torch.Tensor] = None,
+    act_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    act_bits: int = 0,
+) -> torch.Tensor:
+    """The experts stage over quantised weights: ``proj_in`` / ``proj_out`` are
+    ``(qweight, scales, zeros, group_size)`` of the two projections (``[E, ...]``, rows of each
+    expert ``offsets[e]:offsets[e+1]``); what :class:`QuantizedExperts` and quantised
+    ``OffloadedExperts`` (over their cache slots) run."""
+    rows_expert = None
+    if b_in is not None or b_out is not None:
+        rows_expert = expert_of_row(offsets, x_sorted.shape[0])
+    qw, sc, zp, gs = proj_in
+    h = ops.grouped_gemm_q(x_sorted, qw, sc, offsets, bits, gs, zp, act_bits)
+    if b_in is not None and rows_expert is not None:
+        h = h + _row_bias(b_in.to(h.dtype), rows_expert)
+    if activation == "swiglu":
+        if act_fn is None:
+            h = ops.swiglu(h)
+        else:
+            half = h.shape[-1] // 2
+            h = act_fn(h[..., :half]) * h[..., half:]
+    else:
+        h = F.gelu(h)
+    qw, sc, zp, gs = proj_out
+    y = ops.grouped_gemm_q(h, qw, sc, offsets, bits, gs, zp, act_bits)
+    if b_out is not None and rows_expert is not None:
+        y = y + _row_bias(b_out.to(y.dtype), rows_expert)
+    return y
+
+
 class QuantizedExperts(nn.Module):
     """E feed-forward experts with weight-only INT8 / INT4 weights (an
     :class:`~moe_framework.experts.Experts`; inference only).
@@ -68,6 +119,13 @@ class QuantizedExperts(nn.Module):
     ``forward(x_sorted [M, d], offsets [E+1]) -> [M, d]`` in ``x_sorted``'s dtype (float32,
     bfloat16, float16): two ``ops.grouped_gemm_q`` around the activation; dropped rows give zeros.
     A backward through it raises.
+
+    ``act_quant`` (attribute, also a keyword of the constructor, :meth:`from_float`,
+    :func:`quantize_experts` and :func:`set_act_quant`): ``None`` (default) keeps the activations
+    in float (weight-only); ``"int8"`` quantises them per row and weight group once per call and
+    uses integer dot products (``grouped_gemm_q(..., act_bits=8)``): faster on the CPU, a little
+    less accurate (docs/quantization.md). It does not change the stored weights, so it is not
+    part of the saved scheme.
     """
 
     qweight_in: torch.Tensor
@@ -91,8 +149,11 @@ class QuantizedExperts(nn.Module):
         b_in: Optional[torch.Tensor] = None,
         b_out: Optional[torch.Tensor] = None,
         act_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        act_quant: Optional[str] = None,
     ):
         super().__init__()
+        _check_act_quant("QuantizedExperts", act_quant)
+        self.act_quant = act_quant
         if activation not in ("swiglu", "gelu"):
             raise ValueError(
                 f"QuantizedExperts: activation must be 'swiglu' or 'gelu', got {activation!r}"
@@ -136,6 +197,7 @@ class QuantizedExperts(nn.Module):
         b_in: Optional[torch.Tensor] = None,
         b_out: Optional[torch.Tensor] = None,
         act_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        act_quant: Optional[str] = None,
     ) -> QuantizedExperts:
         """Quantise float weights in the ``"out_in"`` layout: ``w_in [E, 2h | h, d]``,
         ``w_out [E, d, h]``. ``group_size=None``: per output channel for INT8, 128 for INT4 (each
@@ -169,43 +231,22 @@ class QuantizedExperts(nn.Module):
             b_in=b_in,
             b_out=b_out,
             act_fn=act_fn,
+            act_quant=act_quant,
         )
 
     def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        rows_expert = None
-        if self.b_in is not None or self.b_out is not None:
-            rows_expert = expert_of_row(offsets, x_sorted.shape[0])
-        h = ops.grouped_gemm_q(
+        return quantized_ffn(
             x_sorted,
-            self.qweight_in,
-            self.scales_in,
             offsets,
-            self.bits,
-            self.group_size_in,
-            self.zeros_in,
+            (self.qweight_in, self.scales_in, self.zeros_in, self.group_size_in),
+            (self.qweight_out, self.scales_out, self.zeros_out, self.group_size_out),
+            bits=self.bits,
+            activation=self.activation,
+            b_in=self.b_in,
+            b_out=self.b_out,
+            act_fn=self.act_fn,
+            act_bits=8 if self.act_quant == "int8" else 0,
         )
-        if self.b_in is not None and rows_expert is not None:
-            h = h + _row_bias(self.b_in.to(h.dtype), rows_expert)
-        if self.activation == "swiglu":
-            if self.act_fn is None:
-                h = ops.swiglu(h)
-            else:
-                half = h.shape[-1] // 2
-                h = self.act_fn(h[..., :half]) * h[..., half:]
-        else:
-            h = F.gelu(h)
-        y = ops.grouped_gemm_q(
-            h,
-            self.qweight_out,
-            self.scales_out,
-            offsets,
-            self.bits,
-            self.group_size_out,
-            self.zeros_out,
-        )
-        if self.b_out is not None and rows_expert is not None:
-            y = y + _row_bias(self.b_out.to(y.dtype), rows_expert)
-        return y
 
     _FLOAT32_BUFFERS = ("scales_in", "scales_out", "b_in", "b_out")
 
@@ -260,7 +301,7 @@ class QuantizedExperts(nn.Module):
         return (
             f"num_experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
             f"activation={self.activation!r}, bits={self.bits}, group_size={self.group_size}, "
-            f"symmetric={self.symmetric}"
+            f"symmetric={self.symmetric}, act_quant={self.act_quant!r}"
         )
 
 
@@ -299,7 +340,11 @@ def _converter(m: nn.Module):
 
 @torch.no_grad()
 def quantize_experts(
-    module: nn.Module, bits: int = 8, group_size: Optional[int] = None, symmetric: bool = True
+    module: nn.Module,
+    bits: int = 8,
+    group_size: Optional[int] = None,
+    symmetric: bool = True,
+    act_quant: Optional[str] = None,
 ) -> nn.Module:
     """Quantise every float experts stage in ``module`` to weight-only INT8 / INT4, in place.
 
@@ -312,13 +357,16 @@ def quantize_experts(
             INT8, 128 for INT4; capped at each projection's inner dimension. INT4 needs a
             multiple of 32.
         symmetric: INT4 only: ``False`` stores a zero point per group (asymmetric).
+        act_quant: ``None`` (weight-only, the default) or ``"int8"`` (INT8 activations, integer
+            dot products; see :class:`QuantizedExperts`).
 
     Raises ``ValueError`` when ``module`` holds no experts stage to quantise. The quantised
     model is for inference (a backward through its experts raises). For Hugging Face models the
     float experts stay registered in the HF block (its state dict is unchanged); the adapter runs
     the quantised copy.
     """
-    kw = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
+    _check_act_quant("quantize_experts", act_quant)
+    kw = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "act_quant": act_quant}
     conv = _converter(module)
     if conv is not None:
         return conv(module, **kw)
@@ -336,6 +384,26 @@ def quantize_experts(
         raise ValueError(
             f"quantize_experts: {type(module).__name__} holds no ExpertBank or HFExperts to quantise"
         )
+    return module
+
+
+def set_act_quant(module: nn.Module, act_quant: Optional[str]) -> nn.Module:
+    """Set ``act_quant`` (``None`` or ``"int8"``) on every :class:`QuantizedExperts` (and
+    quantised ``OffloadedExperts``) in ``module`` (including ``module`` itself) and return
+    ``module``; ``ValueError`` if it holds none."""
+    _check_act_quant("set_act_quant", act_quant)
+    from .offload import OffloadedExperts
+
+    found = [
+        m
+        for m in module.modules()
+        if isinstance(m, QuantizedExperts)
+        or (isinstance(m, OffloadedExperts) and m.quant is not None)
+    ]
+    if not found:
+        raise ValueError(f"set_act_quant: {type(module).__name__} holds no QuantizedExperts")
+    for m in found:
+        m.act_quant = act_quant
     return module
 
 

@@ -11,6 +11,8 @@
 // [offsets[0], offsets[E]) are zeroed by a second, elementwise kernel.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -138,11 +140,25 @@ __global__ void zero_outside_q_kernel(const int64_t* __restrict__ offsets, int64
 at::Tensor grouped_gemm_q_cuda(const at::Tensor& a, const at::Tensor& qweight_in,
                                const at::Tensor& scales_in,
                                const c10::optional<at::Tensor>& zeros_in,
-                               const at::Tensor& offsets_in, int64_t bits, int64_t group_size) {
-  const grouped_gemm_q::Scheme s = grouped_gemm_q::check_inputs(a, qweight_in, scales_in, zeros_in,
-                                                                offsets_in, bits, group_size);
+                               const at::Tensor& offsets_in, int64_t bits, int64_t group_size,
+                               int64_t act_bits) {
+  const grouped_gemm_q::Scheme s = grouped_gemm_q::check_inputs(
+      a, qweight_in, scales_in, zeros_in, offsets_in, bits, group_size, act_bits);
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t m = a.size(0);
+  if (s.act_bits == 8 && m > 0 && s.k > 0) {
+    // INT8 activations: the same per-(row, group) quantisation as the CPU kernel (scale =
+    // max|a| / 127, q = round(a / scale)), applied on the device with ATen ops (no host sync) as
+    // the activations q * scale, then the weight-only kernel in fp32: equal to the CPU's integer
+    // dot products up to fp32 summation order.
+    const at::Tensor a32 = a.to(at::kFloat).reshape({m, s.groups, s.group_size});
+    const at::Tensor scale = a32.abs().amax(-1, true).div(127.f);
+    const at::Tensor q =
+        at::where(scale.gt(0), a32.div(scale).round().clamp(-127, 127), at::zeros_like(a32));
+    const at::Tensor aq = q.mul(scale).reshape({m, s.k});
+    return grouped_gemm_q_cuda(aq, qweight_in, scales_in, zeros_in, offsets_in, bits, group_size, 0)
+        .to(a.scalar_type());
+  }
   at::Tensor out = at::empty({m, s.n}, a.options());
   if (m == 0 || s.n == 0) return out;
   const at::Tensor qweight = qweight_in.contiguous();

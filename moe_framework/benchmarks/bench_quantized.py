@@ -8,10 +8,16 @@ cycles through are >= 4x the last-level cache, so each call reads its experts fr
 
 "bytes/token" is the packed weights (+ scales, zero points) of the distinct experts a call touches,
 divided by T; "GB/s" is those bytes over the call's median time, and "% triad" compares that with
-the triad bandwidth measured in the same run (common.roofline's triad). Ratios ("x bf16") are against the
-faster of our two bf16 ExpertBank layouts (out_in, in_out) in the same run.
+the triad bandwidth measured in the same run (common.roofline's triad) at 1 thread ("% triad 1t")
+and at 2 threads ("% triad 2t": what both cores pull; one core may not reach it). "read" is a
+pure streaming read in the same run (torch.sum over a float32 array, one vector add per 32 bytes:
+the fastest a kernel that reads its weights once can go). Ratios ("x bf16") are against the
+faster of our two bf16 ExpertBank layouts (out_in, in_out) in the same run. The "a8" rows are the
+same quantised experts with INT8 activations (act_quant="int8": integer dot products); the other
+quantised rows are weight-only (the default).
 
     python -m moe_framework.benchmarks.bench_quantized            # d=1024, h=768, E=32, k=2
+    python -m moe_framework.benchmarks.bench_quantized --threads 2 --no-peer
     python -m moe_framework.benchmarks.bench_quantized --quick    # smoke run
 """
 
@@ -28,7 +34,7 @@ import torch
 import moe_framework  # noqa: F401
 from moe_framework.benchmarks import common
 from moe_framework.experts import ExpertBank
-from moe_framework.quantization import QuantizedExperts
+from moe_framework.quantization import QuantizedExperts, set_act_quant
 
 LLC_BYTES = 32 * 1024 * 1024  # this machine's L3 (lscpu); rotation covers 4x that
 # The torchao peer runs in its own venv (torch 2.13.0 CPU + torchao): MOE_BENCH_TORCHAO_PYTHON,
@@ -193,7 +199,19 @@ def _run_torchao(d, h, E, k, token_counts, target, threads, quick, rows) -> str:
     return f"ran: torch, torchao = {version}"
 
 
-def run(quick: bool = False, threads=None, out_dir=None) -> dict:
+def _read_bandwidth(threads: int, numel: int) -> float:
+    """Bytes/s of a pure streaming read: torch.sum over a float32 array of numel (not cached)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.rand(numel)
+        t = common.timeit(lambda: torch.sum(x), min_time=0.3)
+        return 4.0 * numel / t["min_s"]
+    finally:
+        torch.set_num_threads(prev)
+
+
+def run(quick: bool = False, threads=None, out_dir=None, peer: bool = True) -> dict:
     load_start = os.getloadavg()
     t_start = time.perf_counter()
     threads = (threads or [1])[0]
@@ -219,7 +237,11 @@ def run(quick: bool = False, threads=None, out_dir=None) -> dict:
     # Only the triad of common.roofline: its bf16 GEMM probe takes minutes on CPUs without
     # AVX512-BF16 (torch's CPU bf16 mm runs at ~0.3 GFLOP/s there), and decode needs bandwidth.
     numel = (16 if quick else 64) * 1024 * 1024
-    roof = {"threads": threads, "triad_gbs": common._measure_bandwidth(threads, "cpu", numel) / 1e9}
+    roof = {"threads": threads}
+    for nt in (1, 2):
+        roof[f"triad_gbs_{nt}t"] = common._measure_bandwidth(nt, "cpu", numel) / 1e9
+        roof[f"read_gbs_{nt}t"] = _read_bandwidth(nt, numel) / 1e9
+    roof["triad_gbs"] = roof[f"triad_gbs_{min(threads, 2)}t"]
     rows = []
     with torch.inference_mode():
         for name, make in variants.items():
@@ -232,31 +254,43 @@ def run(quick: bool = False, threads=None, out_dir=None) -> dict:
                     tr = layer.layout == "in_out"
                     layer.weight_in.copy_(base.weight_in.transpose(1, 2) if tr else base.weight_in)
                     layer.w_out.copy_(base.w_out.transpose(1, 2) if tr else base.w_out)
-            for T in token_counts:
-                calls = [_routing(T, E, k, gen) for _ in range(64)]
-                xs = [torch.randn(T * k, d, dtype=torch.bfloat16) for _ in range(4)]
-                touched = sum(c[1] for c in calls) / len(calls)
-                bytes_per_call = touched * _expert_bytes(first)
-                impls = {"ours": _ours}
-                if name == "bf16 out_in":
-                    impls["torch loop"] = _loop
-                for impl, fn in impls.items():
-                    t = _time_rotating(fn, layers, calls, xs, 0.1 if quick else 0.5)
-                    gbs = bytes_per_call / t["median_s"] / 1e9
-                    rows.append(
-                        {
-                            "variant": name,
-                            "impl": impl,
-                            "T": T,
-                            "us/call": t["median_s"] * 1e6,
-                            "bytes/token": bytes_per_call / T,
-                            "GB/s": gbs,
-                            "% triad": 100.0 * gbs / roof["triad_gbs"],
-                            "rotation MB": n_copies * per_layer / 1e6,
-                        }
-                    )
+            modes = [None, "int8"] if isinstance(first, QuantizedExperts) else [None]
+            for mode in modes:
+                if isinstance(first, QuantizedExperts):
+                    for layer in layers:
+                        set_act_quant(layer, mode)
+                label = name + (" a8" if mode else "")
+                for T in token_counts:
+                    calls = [_routing(T, E, k, gen) for _ in range(64)]
+                    xs = [torch.randn(T * k, d, dtype=torch.bfloat16) for _ in range(4)]
+                    touched = sum(c[1] for c in calls) / len(calls)
+                    bytes_per_call = touched * _expert_bytes(first)
+                    impls = {"ours": _ours}
+                    if name == "bf16 out_in":
+                        impls["torch loop"] = _loop
+                    for impl, fn in impls.items():
+                        t = _time_rotating(fn, layers, calls, xs, 0.1 if quick else 0.5)
+                        gbs = bytes_per_call / t["median_s"] / 1e9
+                        rows.append(
+                            {
+                                "variant": label,
+                                "impl": impl,
+                                "T": T,
+                                "us/call": t["median_s"] * 1e6,
+                                "bytes/token": bytes_per_call / T,
+                                "GB/s": gbs,
+                                "% triad 1t": 100.0 * gbs / roof["triad_gbs_1t"],
+                                "% triad 2t": 100.0 * gbs / roof["triad_gbs_2t"],
+                                "% read": 100.0 * gbs / roof[f"read_gbs_{min(threads, 2)}t"],
+                                "rotation MB": n_copies * per_layer / 1e6,
+                            }
+                        )
             del layers, first
-    peer_note = _run_torchao(d, h, E, k, token_counts, target, threads, quick, rows)
+    peer_note = (
+        _run_torchao(d, h, E, k, token_counts, target, threads, quick, rows)
+        if peer
+        else "not run (--no-peer)"
+    )
     # "x bf16": against the faster of our two bf16 layouts at the same T
     best_bf16: dict = {}
     for r in rows:
@@ -265,10 +299,12 @@ def run(quick: bool = False, threads=None, out_dir=None) -> dict:
     for r in rows:
         ref = best_bf16.get(r["T"])
         r["x bf16"] = ref / r["us/call"] if ref else float("nan")
-    columns = ["variant", "impl", "T", "us/call", "x bf16", "bytes/token", "GB/s", "% triad"]
+    columns = ["variant", "impl", "T", "us/call", "x bf16", "bytes/token", "GB/s"]
+    columns += ["% triad 1t", "% triad 2t", "% read"]
     title = (
-        f"decode experts stage: d={d}, h={h}, E={E}, k={k}, {threads} thread(s), "
-        f"triad {roof['triad_gbs']:.1f} GB/s"
+        f"decode experts stage: d={d}, h={h}, E={E}, k={k}, {threads} thread(s), triad "
+        f"{roof['triad_gbs_1t']:.1f} / {roof['triad_gbs_2t']:.1f} GB/s (1 / 2 threads), "
+        f"read {roof['read_gbs_1t']:.1f} / {roof['read_gbs_2t']:.1f} GB/s"
     )
     common.print_table(rows, columns, title)
     payload = {
@@ -293,8 +329,9 @@ def run(quick: bool = False, threads=None, out_dir=None) -> dict:
 
 def main(argv=None) -> None:
     p = common.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--no-peer", action="store_true", help="skip the torchao peer")
     args = p.parse_args(argv)
-    run(quick=args.quick, threads=args.threads, out_dir=args.out)
+    run(quick=args.quick, threads=args.threads, out_dir=args.out, peer=not args.no_peer)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,17 @@ import torch.nn.functional as F
 
 from moe_framework.benchmarks import common
 
+# (name, bits, group size, symmetric, act_quant): "a8" = INT8 activations (integer dot products)
 SCHEMES = [
-    ("int8", 8, None, True),
-    ("int4 g32", 4, 32, True),
-    ("int4 g64", 4, 64, True),
-    ("int4 g128", 4, 128, True),
-    ("int4 g128 asym", 4, 128, False),
+    ("int8", 8, None, True, None),
+    ("int4 g32", 4, 32, True, None),
+    ("int4 g64", 4, 64, True, None),
+    ("int4 g128", 4, 128, True, None),
+    ("int4 g128 asym", 4, 128, False, None),
+    ("int8 a8", 8, None, True, "int8"),
+    ("int4 g32 a8", 4, 32, True, "int8"),
+    ("int4 g128 a8", 4, 128, True, "int8"),
+    ("int4 g128 asym a8", 4, 128, False, "int8"),
 ]
 
 
@@ -111,7 +116,7 @@ def run(quick: bool = False, steps=None, out_dir=None) -> dict:
     parents = [(m, m.experts) for m in model.modules() if getattr(m, "experts", None) in adapters]
 
     rows = []
-    for name, bits, gs, sym in SCHEMES:
+    for name, bits, gs, sym, act in SCHEMES:
         quantized = [
             QuantizedExperts.from_float(
                 a.hf_experts.gate_up_proj.detach(),
@@ -119,6 +124,7 @@ def run(quick: bool = False, steps=None, out_dir=None) -> dict:
                 bits=bits,
                 group_size=gs,
                 symmetric=sym,
+                act_quant=act,
             )  # fmt: skip
             for a in adapters
         ]

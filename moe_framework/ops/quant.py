@@ -38,6 +38,7 @@ __all__ = [
     "dequantize_weight",
     "pack_int4",
     "unpack_int4",
+    "quantize_activations",
 ]
 
 
@@ -59,6 +60,7 @@ def grouped_gemm_q(
     bits: int,
     group_size: int,
     zeros: Optional[torch.Tensor] = None,
+    act_bits: int = 0,
 ) -> torch.Tensor:
     """Grouped matrix product with weight-only quantised experts.
 
@@ -72,6 +74,12 @@ def grouped_gemm_q(
         group_size: weights per scale along ``K``; 0 = one group per output channel. INT4 needs
             a multiple of 32 (32, 64, 128 are the usual choices).
         zeros: uint8 ``[E, N, G]`` zero points of the asymmetric INT4 scheme, else ``None``.
+        act_bits: 0 (default): weight-only, the activations are used in float32. 8: the
+            activations are quantised to INT8 per (row, weight group) once per call --
+            ``scale = max|a| / 127``, ``q = round(a / scale)`` (:func:`quantize_activations`) --
+            and multiplied by the weights with integer dot products (the llama.cpp Q4_0 x Q8_0
+            idea; AVX2 ``vpmaddubsw`` on the CPU), the scales applied once per group. Faster on
+            the CPU, slightly less accurate: an explicit option (see docs/quantization.md).
 
     Returns:
         ``[M, N]`` in ``a``'s dtype, accumulated in float32; rows outside
@@ -81,12 +89,12 @@ def grouped_gemm_q(
     inference; train the float model and quantise it).
     """
     return torch.ops.moe_framework.grouped_gemm_q.default(
-        a, qweight, scales, zeros, offsets, bits, group_size
+        a, qweight, scales, zeros, offsets, bits, group_size, act_bits
     )
 
 
 @torch.library.register_fake("moe_framework::grouped_gemm_q")
-def _grouped_gemm_q_fake(a, qweight, scales, zeros, offsets, bits, group_size):
+def _grouped_gemm_q_fake(a, qweight, scales, zeros, offsets, bits, group_size, act_bits=0):
     op = "grouped_gemm_q"
     # in argument order, as the C++ check lists them
     tensors = {"a": a, "qweight": qweight, "scales": scales}
@@ -95,6 +103,10 @@ def _grouped_gemm_q_fake(a, qweight, scales, zeros, offsets, bits, group_size):
     tensors["offsets"] = offsets
     check_same_device(op, **tensors)
     torch._check(bits in (8, 4), lambda: f"{op}: bits must be 8 or 4, got {bits}")
+    torch._check(
+        act_bits in (0, 8),
+        lambda: f"{op}: act_bits must be 0 (weight-only) or 8 (INT8 activations), got {act_bits}",
+    )
     torch._check(a.dim() == 2, lambda: f"{op}: a must be [M, K], got {tuple(a.shape)}")
     torch._check(
         a.dtype in (torch.float32, torch.bfloat16, torch.float16),
@@ -257,3 +269,21 @@ def dequantize_weight(q: QuantizedWeight) -> torch.Tensor:
     if zero is not None:
         vals = vals - zero.unsqueeze(-1)
     return (vals * q.scales.unsqueeze(-1)).reshape(E, N, K)
+
+
+def quantize_activations(a: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8 activations as ``grouped_gemm_q(..., act_bits=8)`` forms them: ``a`` ``[M, K]``
+    (float32 view of any float dtype) in groups of ``group_size`` consecutive ``k`` (0 = the whole
+    row) -> ``(q int8 [M, K], scale float32 [M, G])`` with ``scale = max|a| / 127`` per group and
+    ``q = round(a / scale)`` (round half to even; 0 where the group is all zero), so that
+    ``a ~= q * scale``."""
+    if a.dim() != 2 or not a.is_floating_point():
+        raise ValueError(f"quantize_activations: a must be a float [M, K] tensor, got {a.dtype}")
+    M, K = a.shape
+    gs = group_size or K
+    if gs <= 0 or K % gs:
+        raise ValueError(f"quantize_activations: group_size {group_size} must divide K = {K}")
+    x = a.to(torch.float32).reshape(M, K // gs, gs)
+    scale = x.abs().amax(-1, keepdim=True) / 127.0
+    q = torch.where(scale > 0, torch.round(x / scale), torch.zeros_like(x)).clamp_(-127, 127)
+    return q.to(torch.int8).reshape(M, K), scale.squeeze(-1)

@@ -16,6 +16,7 @@ __all__ = [
     "grouped_gemm_wgrad_ref",
     "dequantize_ref",
     "grouped_gemm_q_ref",
+    "quantize_activations_ref",
     "swiglu_ref",
     "swiglu_backward_ref",
     "dedup_ref",
@@ -182,16 +183,40 @@ def dequantize_ref(qweight, scales, zeros, bits: int, group_size: int) -> torch.
     return vals * scale
 
 
-def grouped_gemm_q_ref(a, qweight, scales, offsets, bits: int, group_size: int, zeros=None):
+def quantize_activations_ref(a, group_size: int) -> torch.Tensor:
+    """The float64 activations ``q * scale`` that ``grouped_gemm_q(..., act_bits=8)`` multiplies
+    by: per row and group of ``group_size`` (0 = the row), ``scale = max|a| / 127`` in float32,
+    ``q = round(a / scale)`` (half to even), computed element by element in float32."""
+    a32 = a.to(torch.float32)
+    M, K = a32.shape
+    gs = group_size or K
+    out = torch.zeros(M, K, dtype=torch.float64, device=a.device)
+    for g0 in range(0, K, max(gs, 1)):
+        x = a32[:, g0 : g0 + gs]
+        scale = x.abs().amax(-1, keepdim=True) / 127.0
+        q = torch.where(scale > 0, torch.round(x / scale), torch.zeros_like(x))
+        out[:, g0 : g0 + gs] = q.double() * scale.double()
+    return out
+
+
+def grouped_gemm_q_ref(
+    a, qweight, scales, offsets, bits: int, group_size: int, zeros=None, act_bits: int = 0
+):
     """grouped_gemm_ref of ``a`` with the dequantised weights (``[E, N, K]``, used as ``b^T``),
-    accumulated in float64 and rounded once to ``a``'s dtype."""
+    accumulated in float64 and rounded once to ``a``'s dtype. ``act_bits=8``: ``a`` is first
+    replaced by its INT8 quantisation (:func:`quantize_activations_ref`) with the weights'
+    group size."""
     w = dequantize_ref(qweight, scales, zeros, bits, group_size).double()
+    if act_bits == 8 and a.shape[0] and a.shape[1]:
+        a_used = quantize_activations_ref(a, group_size)
+    else:
+        a_used = a.double()
     offs = offsets.tolist()
     out = torch.zeros(a.shape[0], w.shape[1], dtype=torch.float64, device=a.device)
     for e in range(w.shape[0]):
         lo, hi = offs[e], offs[e + 1]
         if hi > lo:
-            out[lo:hi] = a[lo:hi].double() @ w[e].t()
+            out[lo:hi] = a_used[lo:hi] @ w[e].t()
     return out.to(a.dtype)
 
 

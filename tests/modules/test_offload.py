@@ -199,7 +199,14 @@ def test_router_hook_prefetches_this_layer_and_predicts_the_next(tmp_path, seed)
     E = 8
     layers = [MoELayer.build(d_model=8, d_hidden=8, num_experts=E, k=2) for _ in range(2)]
     model = _Stack(layers)
-    offload_experts(model, cache_slots=E, storage=tmp_path, prefetch_next=3, prefetch_threshold=0.0)
+    offload_experts(
+        model,
+        cache_slots=E,
+        storage=tmp_path,
+        prefetch_next=3,
+        prefetch_threshold=0.0,
+        prefetch=True,
+    )
     off0, off1 = (layer.experts for layer in layers)
     x = torch.randn(16, 8)
     try:
@@ -423,7 +430,7 @@ from moe_framework import MoELayer
 from moe_framework.offload import offload_experts
 torch.set_num_threads(1)
 layers = torch.nn.Sequential(*[MoELayer.build(d_model=8, d_hidden=8, num_experts=8) for _ in range(2)])
-offload_experts(layers, cache_slots=2, storage={folder!r})
+offload_experts(layers, cache_slots=2, storage={folder!r}, prefetch=True)
 with torch.no_grad():
     x = torch.randn(4, 8)
     for layer in layers:

@@ -139,7 +139,7 @@ def test_quantize_experts_bad_arguments():
         quantize_experts(bank, bits=8, symmetric=False)
 
 
-def test_quantize_hf_model(seed):
+def test_quantize_hf_model(seed, tmp_path):
     transformers = pytest.importorskip("transformers")
     from moe_framework.integrations.transformers import replace_moe_blocks
 
@@ -157,6 +157,16 @@ def test_quantize_hf_model(seed):
         out = model(ids).logits
     assert sum(isinstance(m, QuantizedExperts) for m in model.modules()) == 2
     assert (out - ref).norm() / ref.norm() < 0.01
+    # ... and offloaded: the packed experts on disk, 2 of 6 per layer in memory, same logits
+    from moe_framework.offload import close_offloaded, offload_experts, offloaded_modules
+
+    offload_experts(model, cache_slots=2, storage=tmp_path, prefetch=False)
+    try:
+        assert len(offloaded_modules(model)) == 2
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, out)
+    finally:
+        close_offloaded(model)
 
 
 def test_demo_quantization_report_restores_the_float_model(seed):

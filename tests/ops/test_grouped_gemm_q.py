@@ -160,18 +160,20 @@ torch.manual_seed(int(sys.argv[1]))
 a = torch.randn(9, 128)
 off = torch.tensor([0, 4, 4, 9])
 worst = 0.0
-for bits, gs, sym in ((8, 0, True), (4, 32, True), (4, 64, False)):
-    q = quantize_weight(torch.randn(3, 5, 128), bits, gs, sym)
-    out = grouped_gemm_q(a, q.qweight, q.scales, off, bits, gs, q.zeros)
-    ref = grouped_gemm_q_ref(a, q.qweight, q.scales, off, bits, gs, q.zeros)
-    worst = max(worst, float((out - ref).abs().max()))
+for bits, gs, sym in ((8, 0, True), (8, 48, True), (4, 32, True), (4, 64, False)):
+    for act in (0, 8):  # weight-only and INT8 activations (integer dot products)
+        q = quantize_weight(torch.randn(3, 5, 96 if gs == 48 else 128), bits, gs, sym)
+        x = a[:, : q.qweight.shape[2] * (1 if bits == 8 else 2)]
+        out = grouped_gemm_q(x, q.qweight, q.scales, off, bits, gs, q.zeros, act)
+        ref = grouped_gemm_q_ref(x, q.qweight, q.scales, off, bits, gs, q.zeros, act)
+        worst = max(worst, float((out - ref).abs().max()))
 print(json.dumps(worst))
 """
 
 
 def test_grouped_gemm_q_baseline_build_matches_reference(seed):
-    # The scalar kernels (MOE_FRAMEWORK_CPU_BASELINE=1; the AVX2 ones are what the other tests run)
-    # against the reference: fp32 sums of 128 products of |out| ~ 10.
+    # The scalar kernels (MOE_FRAMEWORK_CPU_BASELINE=1; the AVX2 ones are what the other tests run),
+    # weight-only and act_bits=8, against the reference: fp32 sums of 128 products of |out| ~ 10.
     worst = json.loads(output_under("baseline", _BASELINE_SCRIPT, str(seed)).decode())
     assert worst < 1e-4, worst
 

@@ -16,11 +16,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
 
 #include "kernels.h"
+#include "kernels_a8.h"
 #include "moe_framework/cpu_convert.h"
 #include "moe_framework/grouped_gemm_q.h"
 
@@ -76,6 +78,62 @@ void run_column(int bits, const ColumnArgs& c, float* res) {
   }
 }
 
+template <int R>
+void run_column_a8(int bits, const ColumnArgsA8& c, float* res) {
+#if MOE_GGQ_X86
+  if (avx2_fma()) {
+    if (bits == 8) {
+      column_q8_a8_avx2<R>(c, res);
+    } else {
+      column_q4_a8_avx2<R>(c, res);
+    }
+    return;
+  }
+#endif
+  if (bits == 8) {
+    column_q8_a8_scalar<R>(c, res);
+  } else {
+    column_q4_a8_scalar<R>(c, res);
+  }
+}
+
+// The activation rows quantised to INT8 per (row, group): q = round(a / scale) (round half to
+// even, as torch.round), scale = max|a| / 127 (0 for an all-zero group: q = 0), and sum of q.
+struct ActQ8 {
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  std::vector<int32_t> sum;
+  std::vector<float> scaled_sum;  // scale * sum, for the zero point of the AVX2 INT4 kernel
+};
+
+ActQ8 quantize_rows(const at::Tensor& a32, int64_t groups, int64_t group_size) {
+  const int64_t rows = a32.size(0), k = a32.size(1);
+  ActQ8 act{std::vector<int8_t>(static_cast<size_t>(rows * k)),
+            std::vector<float>(static_cast<size_t>(rows * groups)),
+            std::vector<int32_t>(static_cast<size_t>(rows * groups)),
+            std::vector<float>(static_cast<size_t>(rows * groups))};
+  const float* a = a32.const_data_ptr<float>();
+  at::parallel_for(0, rows * groups, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {  // i = row * groups + g: contiguous k range i * gs..
+      const float* x = a + i * group_size;
+      int8_t* q = act.q.data() + i * group_size;
+      float amax = 0.f;
+      for (int64_t j = 0; j < group_size; ++j) amax = std::max(amax, std::fabs(x[j]));
+      const float scale = amax / 127.f;
+      int32_t sum = 0;
+      for (int64_t j = 0; j < group_size; ++j) {
+        const float v = scale > 0.f ? std::nearbyint(x[j] / scale) : 0.f;
+        q[j] = static_cast<int8_t>(std::clamp(v, -127.f, 127.f));
+        sum += q[j];
+      }
+      act.scale[static_cast<size_t>(i)] = scale;
+      act.sum[static_cast<size_t>(i)] = sum;
+      act.scaled_sum[static_cast<size_t>(i)] = scale * static_cast<float>(sum);
+    }
+  });
+  return act;
+}
+
 // Calls f(std::integral_constant<int, R>{}) for rows = R in [1, kMaxRows].
 template <typename F>
 void with_rows(int64_t rows, F&& f) {
@@ -91,18 +149,14 @@ void with_rows(int64_t rows, F&& f) {
   }
 }
 
-template <typename scalar_t>
+// Runs the tiles: column(r0, rows, col, res) computes the `rows` (<= kMaxRows) results of rows
+// r0.. for column col (= e * N + n) into res; the driver prefetches the weights and stores.
+template <typename scalar_t, typename Column>
 void run_tiles(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
-               const std::vector<int64_t>& off, const at::Tensor& a32, const at::Tensor& asum,
-               const at::Tensor& qweight, const at::Tensor& scales,
-               const c10::optional<at::Tensor>& zeros, at::Tensor& out) {
+               const std::vector<int64_t>& off, const at::Tensor& qweight, at::Tensor& out,
+               const Column& column) {
   const int64_t row_bytes = s.bits == 8 ? s.k : s.k / 2;
   const uint8_t* wbase = static_cast<const uint8_t*>(qweight.const_data_ptr());
-  const float* sbase = scales.const_data_ptr<float>();
-  const uint8_t* zbase = zeros.has_value() ? zeros->const_data_ptr<uint8_t>() : nullptr;
-  const float* abase = a32.const_data_ptr<float>();
-  const float* sumbase = asum.defined() ? asum.const_data_ptr<float>() : nullptr;
-  const int64_t first = off[0];
   scalar_t* obase = out.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -117,25 +171,13 @@ void run_tiles(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
       for (int64_t r0 = off[e]; r0 < off[e + 1]; r0 += kMaxRows) {
         const int64_t rows = std::min<int64_t>(kMaxRows, off[e + 1] - r0);
         for (int64_t n = tile.n0; n < tile.n1; ++n) {
-          const int64_t col = e * s.n + n;
           if (r0 == off[e]) {  // the first chunk of rows reads the weights from memory
             const int64_t lo = (n - tile.n0) * row_bytes + kAheadBytes;
             const int64_t hi = std::min(ahead_end, lo + row_bytes);
             for (int64_t b = lo & ~int64_t{63}; b < hi; b += 64) prefetch(tile_w + b);
           }
-          ColumnArgs c{abase + (r0 - first) * s.k,
-                       s.k,
-                       wbase + col * row_bytes,
-                       sbase + col * s.groups,
-                       zbase == nullptr ? nullptr : zbase + col * s.groups,
-                       s.bits == 8 ? 0.f : 8.f,
-                       sumbase == nullptr ? nullptr : sumbase + (r0 - first) * s.groups,
-                       s.groups,
-                       s.k,
-                       s.group_size,
-                       s.groups};
           float res[kMaxRows];
-          with_rows(rows, [&](auto rc) { run_column<decltype(rc)::value>(s.bits, c, res); });
+          column(r0, rows, e * s.n + n, res);
           for (int64_t r = 0; r < rows; ++r) {
             obase[(r0 + r) * s.n + n] = cpu::store_acc<scalar_t>(res[r]);
           }
@@ -145,13 +187,120 @@ void run_tiles(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
   });
 }
 
+// Weight-only: fp32 activations (a32, rows from offsets[0]) and, for INT4, their group sums.
+template <typename scalar_t>
+void run_weight_only(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
+                     const std::vector<int64_t>& off, const at::Tensor& a32, const at::Tensor& asum,
+                     const at::Tensor& qweight, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& zeros, at::Tensor& out) {
+  const int64_t row_bytes = s.bits == 8 ? s.k : s.k / 2;
+  const uint8_t* wbase = static_cast<const uint8_t*>(qweight.const_data_ptr());
+  const float* sbase = scales.const_data_ptr<float>();
+  const uint8_t* zbase = zeros.has_value() ? zeros->const_data_ptr<uint8_t>() : nullptr;
+  const float* abase = a32.const_data_ptr<float>();
+  const float* sumbase = asum.defined() ? asum.const_data_ptr<float>() : nullptr;
+  const int64_t first = off[0];
+  run_tiles<scalar_t>(
+      s, tiles, off, qweight, out, [&](int64_t r0, int64_t rows, int64_t col, float* res) {
+        const ColumnArgs c{abase + (r0 - first) * s.k,
+                           s.k,
+                           wbase + col * row_bytes,
+                           sbase + col * s.groups,
+                           zbase == nullptr ? nullptr : zbase + col * s.groups,
+                           s.bits == 8 ? 0.f : 8.f,
+                           sumbase == nullptr ? nullptr : sumbase + (r0 - first) * s.groups,
+                           s.groups,
+                           s.k,
+                           s.group_size,
+                           s.groups};
+        with_rows(rows, [&](auto rc) { run_column<decltype(rc)::value>(s.bits, c, res); });
+      });
+}
+
+// INT8 activations: aq int8 [rows, K], asc f32 [rows, G], aqsum i32 [rows, G] (kernels_a8.h).
+template <typename scalar_t>
+void run_act8(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
+              const std::vector<int64_t>& off, const ActQ8& act, const at::Tensor& qweight,
+              const at::Tensor& scales, const c10::optional<at::Tensor>& zeros, at::Tensor& out) {
+  const int64_t row_bytes = s.bits == 8 ? s.k : s.k / 2;
+  const uint8_t* wbase = static_cast<const uint8_t*>(qweight.const_data_ptr());
+  const float* sbase = scales.const_data_ptr<float>();
+  const uint8_t* zbase = zeros.has_value() ? zeros->const_data_ptr<uint8_t>() : nullptr;
+  const int64_t first = off[0];
+#if MOE_GGQ_X86
+  if (s.bits == 4 && avx2_fma()) {
+    // INT4 on AVX2: a whole tile's columns per kernel call (columns_q4_a8_avx2).
+    scalar_t* obase = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> buf;
+      for (int64_t t = t0; t < t1; ++t) {
+        const Tile& tile = tiles[static_cast<size_t>(t)];
+        const int64_t e = tile.expert, ncols = tile.n1 - tile.n0;
+        const uint8_t* tile_w = wbase + (e * s.n + tile.n0) * row_bytes;
+        const uint8_t* end = wbase + (e + 1) * s.n * row_bytes;
+        for (int64_t b = 0; b < kAheadBytes && tile_w + b < end; b += 64) prefetch(tile_w + b);
+        buf.resize(static_cast<size_t>(kMaxRows * ncols));
+        for (int64_t r0 = off[e]; r0 < off[e + 1]; r0 += kMaxRows) {
+          const int64_t rows = std::min<int64_t>(kMaxRows, off[e + 1] - r0);
+          const int64_t r = r0 - first, col = e * s.n + tile.n0;
+          const ColumnArgsA8 c{act.q.data() + r * s.k,
+                               s.k,
+                               act.scale.data() + r * s.groups,
+                               act.sum.data() + r * s.groups,
+                               act.scaled_sum.data() + r * s.groups,
+                               s.groups,
+                               tile_w,
+                               sbase + col * s.groups,
+                               zbase == nullptr ? nullptr : zbase + col * s.groups,
+                               8,
+                               s.k,
+                               s.group_size,
+                               s.groups};
+          // the first chunk of rows reads the weights from memory: prefetch ahead
+          const uint8_t* pf_end = r0 == off[e] ? end : nullptr;
+          with_rows(rows, [&](auto rc) {
+            columns_q4_a8_avx2<decltype(rc)::value>(c, ncols, row_bytes, kAheadBytes, pf_end,
+                                                    buf.data());
+          });
+          for (int64_t i = 0; i < rows; ++i) {
+            for (int64_t j = 0; j < ncols; ++j) {
+              obase[(r0 + i) * s.n + tile.n0 + j] =
+                  cpu::store_acc<scalar_t>(buf[static_cast<size_t>(i * ncols + j)]);
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
+#endif
+  run_tiles<scalar_t>(
+      s, tiles, off, qweight, out, [&](int64_t r0, int64_t rows, int64_t col, float* res) {
+        const int64_t r = r0 - first;
+        const ColumnArgsA8 c{act.q.data() + r * s.k,
+                             s.k,
+                             act.scale.data() + r * s.groups,
+                             act.sum.data() + r * s.groups,
+                             act.scaled_sum.data() + r * s.groups,
+                             s.groups,
+                             wbase + col * row_bytes,
+                             sbase + col * s.groups,
+                             zbase == nullptr ? nullptr : zbase + col * s.groups,
+                             s.bits == 8 ? 0 : 8,
+                             s.k,
+                             s.group_size,
+                             s.groups};
+        with_rows(rows, [&](auto rc) { run_column_a8<decltype(rc)::value>(s.bits, c, res); });
+      });
+}
+
 at::Tensor grouped_gemm_q_cpu(const at::Tensor& a, const at::Tensor& qweight_in,
                               const at::Tensor& scales_in,
                               const c10::optional<at::Tensor>& zeros_in, const at::Tensor& offsets,
-                              int64_t bits, int64_t group_size) {
+                              int64_t bits, int64_t group_size, int64_t act_bits) {
   constexpr const char* op = "grouped_gemm_q";
-  const grouped_gemm_q::Scheme s =
-      grouped_gemm_q::check_inputs(a, qweight_in, scales_in, zeros_in, offsets, bits, group_size);
+  const grouped_gemm_q::Scheme s = grouped_gemm_q::check_inputs(
+      a, qweight_in, scales_in, zeros_in, offsets, bits, group_size, act_bits);
   const int64_t m = a.size(0);
   const at::Tensor off_t = offsets.contiguous();
   const std::vector<int64_t> off(off_t.const_data_ptr<int64_t>(),
@@ -173,7 +322,12 @@ at::Tensor grouped_gemm_q_cpu(const at::Tensor& a, const at::Tensor& qweight_in,
   if (zeros_in.has_value()) zeros = zeros_in->contiguous();
   const at::Tensor a32 = a.slice(0, first, last).to(at::kFloat).contiguous();
   at::Tensor asum;
-  if (s.bits == 4) asum = a32.view({last - first, s.groups, s.group_size}).sum(-1).contiguous();
+  ActQ8 act;
+  if (s.act_bits == 8) {
+    act = quantize_rows(a32, s.groups, s.group_size);
+  } else if (s.bits == 4) {
+    asum = a32.view({last - first, s.groups, s.group_size}).sum(-1).contiguous();
+  }
 
   const int64_t row_bytes = s.bits == 8 ? s.k : s.k / 2;
   const int64_t block = std::clamp<int64_t>(kTileBytes / std::max<int64_t>(row_bytes, 1), 1, s.n);
@@ -184,7 +338,11 @@ at::Tensor grouped_gemm_q_cpu(const at::Tensor& a, const at::Tensor& qweight_in,
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), op, [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      run_tiles<scalar_t>(s, tiles, off, a32, asum, qweight, scales, zeros, out);
+      if (s.act_bits == 8) {
+        run_act8<scalar_t>(s, tiles, off, act, qweight, scales, zeros, out);
+      } else {
+        run_weight_only<scalar_t>(s, tiles, off, a32, asum, qweight, scales, zeros, out);
+      }
     }
   });
   return out;

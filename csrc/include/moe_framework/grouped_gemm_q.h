@@ -34,11 +34,12 @@ struct Scheme {
   int64_t num_experts, n, k, groups, group_size;
   int bits;
   bool has_zeros;
+  int act_bits;  // 0: weight-only (fp32 activations); 8: activations quantised to INT8 per group
 };
 
 inline Scheme check_inputs(const at::Tensor& a, const at::Tensor& qweight, const at::Tensor& scales,
                            const c10::optional<at::Tensor>& zeros, const at::Tensor& offsets,
-                           int64_t bits, int64_t group_size) {
+                           int64_t bits, int64_t group_size, int64_t act_bits = 0) {
   constexpr const char* op = "grouped_gemm_q";
   if (zeros.has_value()) {
     check_same_device(op, {{"a", a},
@@ -51,6 +52,8 @@ inline Scheme check_inputs(const at::Tensor& a, const at::Tensor& qweight, const
                       {{"a", a}, {"qweight", qweight}, {"scales", scales}, {"offsets", offsets}});
   }
   TORCH_CHECK(bits == 8 || bits == 4, op, ": bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(act_bits == 0 || act_bits == 8, op,
+              ": act_bits must be 0 (weight-only) or 8 (INT8 activations), got ", act_bits);
   check_tensor(a, op, "a", 2, {at::kFloat, at::kBFloat16, at::kHalf});
   if (bits == 8) {
     check_tensor(qweight, op, "qweight", 3, {at::kChar});
@@ -88,7 +91,14 @@ inline Scheme check_inputs(const at::Tensor& a, const at::Tensor& qweight, const
     TORCH_CHECK(zeros->sizes() == scales.sizes(), op, ": zeros must have the shape of scales ",
                 scales.sizes(), ", got ", zeros->sizes());
   }
-  return Scheme{num_experts, n, k, groups, gs, static_cast<int>(bits), zeros.has_value()};
+  return Scheme{num_experts,
+                n,
+                k,
+                groups,
+                gs,
+                static_cast<int>(bits),
+                zeros.has_value(),
+                static_cast<int>(act_bits)};
 }
 
 }  // namespace grouped_gemm_q
