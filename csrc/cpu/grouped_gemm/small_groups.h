@@ -6,6 +6,7 @@
 // returns false when it does not apply, and the caller falls back to tile_gemm.
 #pragma once
 
+#include "dot_avx2.h"
 #include "packing.h"
 
 namespace moe_framework {
@@ -256,6 +257,10 @@ template <typename scalar_t>
 bool dot_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
               const BView<scalar_t>& b, float* c, int64_t ldc) {
 #if MOE_GG_X86
+  if (b.sk == 1 && gemm_isa() == Isa::kAvx2) {
+    dot_gemm_avx2(m, n, k, a, lda, b.ptr, b.sn, c, ldc);
+    return true;
+  }
   if (b.sk == 1 && gemm_isa() == Isa::kAvx512) {
     // b rows j..j+2 stay in L1 while all row blocks of A sweep over them.
     for (int64_t j = 0; j < n; j += 3) {

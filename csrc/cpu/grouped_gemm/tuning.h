@@ -21,13 +21,17 @@ namespace {
 // Knob gg_blas_rows_fp32 (default 128).
 constexpr tuning::Tuned kLargeRows{tuning::kGgBlasRowsFp32};
 // bf16 when the vdpbf16ps kernels do not run it: with AVX512-BF16, torch's bf16 GEMM uses bf16 dot
-// products that our fp32-converting tiles cannot match beyond a handful of rows; without them it
-// converts to fp32 like ours and wins only from 32 rows.
+// products that our fp32-converting tiles cannot match beyond a handful of rows; with AVX-512 but
+// without them it converts to fp32 like ours and wins only from 32 rows. With AVX2 only (Zen 3),
+// torch 2.14's CPU bf16 GEMM ran at under 1 GFLOP/s (64 experts x 64 rows, 512 x 768: 2.6-4 s,
+// our converting tiles 0.03 s): never.
 // Knob gg_blas_rows_bf16 (0, the default: the value below).
 int64_t large_rows_bf16() {
   if (const int64_t tuned = tuning::value(tuning::kGgBlasRowsBf16)) return tuned;
 #if MOE_GG_X86
-  static const int64_t rows = __builtin_cpu_supports("avx512bf16") ? 8 : 32;
+  static const int64_t rows = __builtin_cpu_supports("avx512bf16") ? 8
+                              : gemm_isa() == Isa::kAvx2           ? INT64_MAX
+                                                                   : 32;
   return rows;
 #else
   return 32;
