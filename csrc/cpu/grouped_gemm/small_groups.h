@@ -16,7 +16,7 @@ namespace {
 // Streaming kernel for tiles of at most kStreamRows rows with a unit-column-stride B (decode,
 // fine-grained experts). There, each weight element feeds only a few FMAs and the tile is bound
 // by reading B from memory; packing would add a write and a re-read of every element. This loop
-// reads B once, row by row (4 rows per pass: sequential streams the prefetcher follows), converts
+// reads B once, row by row (8 rows per pass: sequential streams the prefetcher follows), converts
 // bf16/fp16 in registers, and keeps the m x n fp32 output block in L1:
 //   C[i, :] += a[i, p] B[p, :] + a[i, p+1] B[p+1, :] + ...   (fused, in p order).
 
@@ -29,22 +29,19 @@ __attribute__((target("avx2,fma,f16c"))) void stream_gemm_avx2(int64_t m, int64_
   for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
   const int64_t n8 = n / 8 * 8;
   int64_t p = 0;
-  for (; p + 4 <= k; p += 4) {
+  // 8 rows of B per pass: each C vector is loaded and stored once per 8 FMAs.
+  for (; p + 8 <= k; p += 8) {
     const scalar_t* b0 = b + p * ldb;
-    const scalar_t* b1 = b0 + ldb;
-    const scalar_t* b2 = b1 + ldb;
-    const scalar_t* b3 = b2 + ldb;
     for (int64_t j = 0; j < n8; j += 8) {
-      const __m256 v0 = load8_as_float(b0 + j), v1 = load8_as_float(b1 + j);
-      const __m256 v2 = load8_as_float(b2 + j), v3 = load8_as_float(b3 + j);
+      __m256 v[8];
+#pragma GCC unroll 8
+      for (int q = 0; q < 8; ++q) v[q] = load8_as_float(b0 + q * ldb + j);
       for (int64_t i = 0; i < m; ++i) {
         const float* ai = a + i * lda + p;
         float* ci = c + i * ldc + j;
         __m256 acc = _mm256_loadu_ps(ci);
-        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(ai), v0, acc);
-        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(ai + 1), v1, acc);
-        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(ai + 2), v2, acc);
-        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(ai + 3), v3, acc);
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; ++q) acc = _mm256_fmadd_ps(_mm256_broadcast_ss(ai + q), v[q], acc);
         _mm256_storeu_ps(ci, acc);
       }
     }
@@ -52,10 +49,7 @@ __attribute__((target("avx2,fma,f16c"))) void stream_gemm_avx2(int64_t m, int64_
       for (int64_t i = 0; i < m; ++i) {
         const float* ai = a + i * lda + p;
         float acc = c[i * ldc + j];
-        acc = std::fma(ai[0], static_cast<float>(b0[j]), acc);
-        acc = std::fma(ai[1], static_cast<float>(b1[j]), acc);
-        acc = std::fma(ai[2], static_cast<float>(b2[j]), acc);
-        acc = std::fma(ai[3], static_cast<float>(b3[j]), acc);
+        for (int q = 0; q < 8; ++q) acc = std::fma(ai[q], static_cast<float>(b0[q * ldb + j]), acc);
         c[i * ldc + j] = acc;
       }
     }
