@@ -1,8 +1,9 @@
 // Kernels that read B where it lies instead of packing it, for small groups (decode, fine-grained
 // experts), where a tile has too few rows for packing B to pay off: the streaming kernel (AVX2,
 // <= kStreamRows rows), the direct kernel (AVX-512 8x48 tile on B, <= kDirectRows rows) and the
-// dot-product kernel (AVX-512, b^T: each output a dot product of an A row and a contiguous row of
-// b; fp32 below kPackRowsTransB rows, fp16 and bf16 whenever our fp32 tiles run them). Each runner
+// dot-product kernel (b^T: each output a dot product of an A row and a contiguous row of b; with
+// AVX-512 for fp32 below kPackRowsTransB rows, fp16 and bf16 whenever our fp32 tiles run them; with
+// AVX2 for every group our tiles run, dot_avx2.h). Each runner
 // returns false when it does not apply, and the caller falls back to tile_gemm.
 #pragma once
 

@@ -24,7 +24,7 @@ constexpr tuning::Tuned kLargeRows{tuning::kGgBlasRowsFp32};
 // products that our fp32-converting tiles cannot match beyond a handful of rows; with AVX-512 but
 // without them it converts to fp32 like ours and wins only from 32 rows. With AVX2 only (Zen 3),
 // torch 2.14's CPU bf16 GEMM ran at under 1 GFLOP/s (64 experts x 64 rows, 512 x 768: 2.6-4 s,
-// our converting tiles 0.03 s): never.
+// our converting tiles 0.04 s): never.
 // Knob gg_blas_rows_bf16 (0, the default: the value below).
 int64_t large_rows_bf16() {
   if (const int64_t tuned = tuning::value(tuning::kGgBlasRowsBf16)) return tuned;
