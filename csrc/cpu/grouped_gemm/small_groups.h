@@ -122,11 +122,35 @@ void direct_avx512_rows(int64_t mr, int64_t k, const float* a, int64_t lda, cons
 }
 #endif
 
+// AVX2: fp32 tiles of kStreamRows + 1 to kDirectRowsAvx2 rows with a unit-column-stride B run the
+// 4x24 register tile (micro_avx2) straight on B over the whole of K: the row blocks of a 24-column
+// strip re-read it from L2 (K x 96 bytes), which costs less than packing the tile's B panels.
+// Every output is one sum over k in order, whatever the tiling.
+template <typename scalar_t>
+bool direct_gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                      const BView<scalar_t>& b, float* c, int64_t ldc) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (m <= kStreamRows || m > kDirectRowsAvx2 || k == 0 || b.sn != 1 ||
+        gemm_isa() != Isa::kAvx2) {
+      return false;
+    }
+    for (int64_t j = 0; j < n; j += kNR) {
+      for (int64_t i = 0; i < m; i += kMR) {
+        micro(MicroArgs{k, a + i * lda, lda, 1, b.ptr + j, b.sk, c + i * ldc + j, ldc,
+                        std::min(kMR, m - i), std::min(kNR, n - j), false});
+      }
+    }
+    return true;
+  }
+  return false;
+}
+
 // Runs the direct kernel when it applies (see above); false means the caller uses tile_gemm.
 template <typename scalar_t>
 bool direct_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                  const BView<scalar_t>& b, float* c, int64_t ldc) {
 #if MOE_GG_X86
+  if (direct_gemm_avx2(m, n, k, a, lda, b, c, ldc)) return true;
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (m > kDirectRows || k == 0 || b.sn != 1 || gemm_isa() != Isa::kAvx512) return false;
     const int64_t step = direct_pass_rows(m);
