@@ -6,6 +6,7 @@
 //   fp32_tiles.h    register-tile micro-kernels (scalar, AVX2+FMA 4x24, AVX-512 8x48)
 //   packing.h       B -> fp32 panels (converting; transposing for b^T), tile_gemm
 //   small_groups.h  kernels that read B in place: streaming (AVX2), direct (AVX-512), dot product
+//   dot_avx2.h      the AVX2 dot-product kernel for b^T (b rows read in place, no packing)
 //   bf16.h          vdpbf16ps kernels (AVX512-BF16): direct, pair panels + 6x64 tile, dot product
 //   schedule.h      is_large (BLAS or our tiles), work tiles, the parallel tile loop
 //   wgrad.h         the weight gradient (fp32 tiles; bf16 panel micro-kernels)
@@ -25,7 +26,8 @@
 // the forward (vdpbf16ps kernels: the 6x64 panel kernels, the direct 8x48 tile at 7-8 rows, the
 // dot-product kernel for b^T below kPanelRowsTransBBf16 rows), and in the weight gradient only
 // from large_rows_bf16() to kWgradPanelRowsBf16 - 1 rows (from there the panel micro-kernels run
-// it, wgrad_bf16_panels); bf16 without AVX512-BF16 from large_rows_bf16() rows.
+// it, wgrad_bf16_panels); bf16 without AVX512-BF16 from large_rows_bf16() rows (32 with
+// AVX-512, never on AVX2-only CPUs: torch's bf16 GEMM is far slower there).
 // bf16/fp16 accumulate in fp32: the fp32 kernels convert the activations once and the weight
 // panels while packing; the vdpbf16ps kernels multiply bf16 pairs directly. Every output element is
 // a sum over K (or over the rows of an expert, for wgrad) in a fixed order, independent of the

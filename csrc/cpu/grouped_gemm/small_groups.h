@@ -1,11 +1,13 @@
 // Kernels that read B where it lies instead of packing it, for small groups (decode, fine-grained
 // experts), where a tile has too few rows for packing B to pay off: the streaming kernel (AVX2,
 // <= kStreamRows rows), the direct kernel (AVX-512 8x48 tile on B, <= kDirectRows rows) and the
-// dot-product kernel (AVX-512, b^T: each output a dot product of an A row and a contiguous row of
-// b; fp32 below kPackRowsTransB rows, fp16 and bf16 whenever our fp32 tiles run them). Each runner
+// dot-product kernel (b^T: each output a dot product of an A row and a contiguous row of b; with
+// AVX-512 for fp32 below kPackRowsTransB rows, fp16 and bf16 whenever our fp32 tiles run them; with
+// AVX2 for every group our tiles run, dot_avx2.h). Each runner
 // returns false when it does not apply, and the caller falls back to tile_gemm.
 #pragma once
 
+#include "dot_avx2.h"
 #include "packing.h"
 
 namespace moe_framework {
@@ -15,7 +17,7 @@ namespace {
 // Streaming kernel for tiles of at most kStreamRows rows with a unit-column-stride B (decode,
 // fine-grained experts). There, each weight element feeds only a few FMAs and the tile is bound
 // by reading B from memory; packing would add a write and a re-read of every element. This loop
-// reads B once, row by row (4 rows per pass: sequential streams the prefetcher follows), converts
+// reads B once, row by row (8 rows per pass: sequential streams the prefetcher follows), converts
 // bf16/fp16 in registers, and keeps the m x n fp32 output block in L1:
 //   C[i, :] += a[i, p] B[p, :] + a[i, p+1] B[p+1, :] + ...   (fused, in p order).
 
@@ -28,22 +30,19 @@ __attribute__((target("avx2,fma,f16c"))) void stream_gemm_avx2(int64_t m, int64_
   for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
   const int64_t n8 = n / 8 * 8;
   int64_t p = 0;
-  for (; p + 4 <= k; p += 4) {
+  // 8 rows of B per pass: each C vector is loaded and stored once per 8 FMAs.
+  for (; p + 8 <= k; p += 8) {
     const scalar_t* b0 = b + p * ldb;
-    const scalar_t* b1 = b0 + ldb;
-    const scalar_t* b2 = b1 + ldb;
-    const scalar_t* b3 = b2 + ldb;
     for (int64_t j = 0; j < n8; j += 8) {
-      const __m256 v0 = load8_as_float(b0 + j), v1 = load8_as_float(b1 + j);
-      const __m256 v2 = load8_as_float(b2 + j), v3 = load8_as_float(b3 + j);
+      __m256 v[8];
+#pragma GCC unroll 8
+      for (int q = 0; q < 8; ++q) v[q] = load8_as_float(b0 + q * ldb + j);
       for (int64_t i = 0; i < m; ++i) {
         const float* ai = a + i * lda + p;
         float* ci = c + i * ldc + j;
         __m256 acc = _mm256_loadu_ps(ci);
-        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(ai), v0, acc);
-        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(ai + 1), v1, acc);
-        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(ai + 2), v2, acc);
-        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(ai + 3), v3, acc);
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; ++q) acc = _mm256_fmadd_ps(_mm256_broadcast_ss(ai + q), v[q], acc);
         _mm256_storeu_ps(ci, acc);
       }
     }
@@ -51,10 +50,7 @@ __attribute__((target("avx2,fma,f16c"))) void stream_gemm_avx2(int64_t m, int64_
       for (int64_t i = 0; i < m; ++i) {
         const float* ai = a + i * lda + p;
         float acc = c[i * ldc + j];
-        acc = std::fma(ai[0], static_cast<float>(b0[j]), acc);
-        acc = std::fma(ai[1], static_cast<float>(b1[j]), acc);
-        acc = std::fma(ai[2], static_cast<float>(b2[j]), acc);
-        acc = std::fma(ai[3], static_cast<float>(b3[j]), acc);
+        for (int q = 0; q < 8; ++q) acc = std::fma(ai[q], static_cast<float>(b0[q * ldb + j]), acc);
         c[i * ldc + j] = acc;
       }
     }
@@ -126,11 +122,35 @@ void direct_avx512_rows(int64_t mr, int64_t k, const float* a, int64_t lda, cons
 }
 #endif
 
+// AVX2: fp32 tiles of kStreamRows + 1 to kDirectRowsAvx2 rows with a unit-column-stride B run the
+// 4x24 register tile (micro_avx2) straight on B over the whole of K: the row blocks of a 24-column
+// strip re-read it from L2 (K x 96 bytes), which costs less than packing the tile's B panels.
+// Every output is one sum over k in order, whatever the tiling.
+template <typename scalar_t>
+bool direct_gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                      const BView<scalar_t>& b, float* c, int64_t ldc) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (m <= kStreamRows || m > kDirectRowsAvx2 || k == 0 || b.sn != 1 ||
+        gemm_isa() != Isa::kAvx2) {
+      return false;
+    }
+    for (int64_t j = 0; j < n; j += kNR) {
+      for (int64_t i = 0; i < m; i += kMR) {
+        micro(MicroArgs{k, a + i * lda, lda, 1, b.ptr + j, b.sk, c + i * ldc + j, ldc,
+                        std::min(kMR, m - i), std::min(kNR, n - j), false});
+      }
+    }
+    return true;
+  }
+  return false;
+}
+
 // Runs the direct kernel when it applies (see above); false means the caller uses tile_gemm.
 template <typename scalar_t>
 bool direct_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                  const BView<scalar_t>& b, float* c, int64_t ldc) {
 #if MOE_GG_X86
+  if (direct_gemm_avx2(m, n, k, a, lda, b, c, ldc)) return true;
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (m > kDirectRows || k == 0 || b.sn != 1 || gemm_isa() != Isa::kAvx512) return false;
     const int64_t step = direct_pass_rows(m);
@@ -256,6 +276,10 @@ template <typename scalar_t>
 bool dot_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
               const BView<scalar_t>& b, float* c, int64_t ldc) {
 #if MOE_GG_X86
+  if (b.sk == 1 && gemm_isa() == Isa::kAvx2) {
+    dot_gemm_avx2(m, n, k, a, lda, b.ptr, b.sn, c, ldc);
+    return true;
+  }
   if (b.sk == 1 && gemm_isa() == Isa::kAvx512) {
     // b rows j..j+2 stay in L1 while all row blocks of A sweep over them.
     for (int64_t j = 0; j < n; j += 3) {

@@ -21,13 +21,17 @@ namespace {
 // Knob gg_blas_rows_fp32 (default 128).
 constexpr tuning::Tuned kLargeRows{tuning::kGgBlasRowsFp32};
 // bf16 when the vdpbf16ps kernels do not run it: with AVX512-BF16, torch's bf16 GEMM uses bf16 dot
-// products that our fp32-converting tiles cannot match beyond a handful of rows; without them it
-// converts to fp32 like ours and wins only from 32 rows.
+// products that our fp32-converting tiles cannot match beyond a handful of rows; with AVX-512 but
+// without them it converts to fp32 like ours and wins only from 32 rows. With AVX2 only (Zen 3),
+// torch 2.14's CPU bf16 GEMM ran at under 1 GFLOP/s (64 experts x 64 rows, 512 x 768: 2.6-4 s,
+// our converting tiles 0.04 s): never.
 // Knob gg_blas_rows_bf16 (0, the default: the value below).
 int64_t large_rows_bf16() {
   if (const int64_t tuned = tuning::value(tuning::kGgBlasRowsBf16)) return tuned;
 #if MOE_GG_X86
-  static const int64_t rows = __builtin_cpu_supports("avx512bf16") ? 8 : 32;
+  static const int64_t rows = __builtin_cpu_supports("avx512bf16") ? 8
+                              : gemm_isa() == Isa::kAvx2           ? INT64_MAX
+                                                                   : 32;
   return rows;
 #else
   return 32;
@@ -49,6 +53,9 @@ constexpr tuning::Tuned kStreamRows{tuning::kGgStreamRows};
 // fp32 on AVX-512 with a unit-column-stride B: tiles of at most this many rows run the 8x48 tile
 // directly on B (one or two passes); larger tiles amortise packing B into panels.
 constexpr int64_t kDirectRows = 16;
+// fp32 on AVX2 with a unit-column-stride B: tiles of kStreamRows + 1 to this many rows run the 4x24
+// tile directly on B (direct_gemm_avx2); larger tiles pack B panels.
+constexpr int64_t kDirectRowsAvx2 = 64;
 
 // ---- fp32 register tiles and packed panels (fp32_tiles.h, packing.h)
 
