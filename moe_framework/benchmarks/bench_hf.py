@@ -259,16 +259,16 @@ def bench_model(
     g = torch.Generator().manual_seed(3)
     vocab = model.config.vocab_size
     fns: dict[str, Callable[[], object]] = {}
-    impls = [(i, model) for i in IMPLS] + [("moe_framework+routers", twin)]
+    impls = [(i, model, i) for i in IMPLS] + [("moe_framework+routers", twin, "moe_framework")]
     if cell == "train":
         ids = torch.randint(0, vocab, (batch, seq), generator=g)
-        for name, m in impls:
+        for name, m, impl in impls:
             if name.startswith("batched_mm") and batch * seq * k > BATCHED_MM_MAX_SLOTS:
                 continue
             m.train()
             opt = torch.optim.AdamW(m.parameters(), lr=1e-6, foreach=True)
 
-            def train_step(m=m, opt=opt, impl=name.split("+")[0]):
+            def train_step(m=m, opt=opt, impl=impl):
                 m.set_experts_implementation(impl)
                 loss = m(input_ids=ids, labels=ids).loss
                 loss.backward()
@@ -278,10 +278,10 @@ def bench_model(
             fns[name] = train_step
     elif cell == "generate":
         ids = torch.randint(0, vocab, (1, prompt), generator=g)
-        for name, m in impls:
+        for name, m, impl in impls:
             m.eval()
 
-            def gen(m=m, impl=name.split("+")[0]):
+            def gen(m=m, impl=impl):
                 m.set_experts_implementation(impl)
                 with torch.no_grad():
                     out = m.generate(
