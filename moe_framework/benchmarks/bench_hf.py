@@ -397,6 +397,112 @@ def merge(paths: list, out_dir=None, name: str = "bench_hf_matrix") -> dict:
     return payload
 
 
+def stage_breakdown(family: str, d: int, dtype: torch.dtype, tokens, threads: int) -> list:
+    """Ours at small T, stage by stage (each stage timed alone on the same inputs, ms): the HF
+    router, the general path's permute, grouped GEMM in, swiglu, grouped GEMM out, unpermute and
+    their sum; the fused ``moe_decode`` op alone; the whole experts implementation (op + Python
+    path); HF's default ``grouped_mm`` experts on the same routing, for scale."""
+    from transformers.integrations import moe as hf_moe
+
+    from moe_framework import ops
+    from moe_framework.integrations.hf_experts import moe_framework_experts_forward
+
+    torch.set_num_threads(threads)
+    model = family_model(family, d)
+    _init(model)
+    model = model.to(dtype)
+    block = _block(model)
+    ex = block.experts
+    w_in, w_out = ex.gate_up_proj, ex.down_proj
+    trans_b = not getattr(ex, "is_transposed", False)
+    num_experts = w_in.shape[0]
+    grouped = hf_moe.ALL_EXPERTS_FUNCTIONS["grouped_mm"]
+    g = torch.Generator().manual_seed(4)
+
+    def stage_row(T: int) -> dict:
+        pool = [torch.randn(T, d, generator=g).to(dtype) for _ in range(8)]
+        with torch.no_grad():
+            routed = [block.gate(x) for x in pool]
+        ids = [r[2] for r in routed]
+        wts = [r[1] for r in routed]
+        st = {"i": 0}
+
+        def timed(fn) -> float:
+            def step():
+                st["i"] = (st["i"] + 1) % len(pool)
+                with torch.no_grad():
+                    fn(st["i"])
+
+            return common.timeit(step, warmup=3, min_reps=20, min_time=0.1)["median_s"] * 1e3
+
+        perm = [ops.permute(pool[i], ids[i], num_experts) for i in range(len(pool))]
+        hs = [ops.grouped_gemm(p[0], w_in, p[2], trans_b=trans_b) for p in perm]
+        acts = [ops.swiglu(h) for h in hs]
+        ys = [ops.grouped_gemm(a, w_out, p[2], trans_b=trans_b) for a, p in zip(acts, perm)]
+        row: dict[str, Any] = {"family": family, "T": T, "T*k": T * ids[0].shape[1]}
+        row["router_ms"] = timed(lambda i: block.gate(pool[i]))
+        row["permute_ms"] = timed(lambda i: ops.permute(pool[i], ids[i], num_experts))
+        row["gemm_in_ms"] = timed(
+            lambda i: ops.grouped_gemm(perm[i][0], w_in, perm[i][2], trans_b=trans_b)
+        )
+        row["swiglu_ms"] = timed(lambda i: ops.swiglu(hs[i]))
+        row["gemm_out_ms"] = timed(
+            lambda i: ops.grouped_gemm(acts[i], w_out, perm[i][2], trans_b=trans_b)
+        )
+        row["unpermute_ms"] = timed(lambda i: ops.unpermute(ys[i], perm[i][1], wts[i]))
+        row["general_sum_ms"] = sum(
+            row[c] for c in ("permute_ms", "gemm_in_ms", "swiglu_ms", "gemm_out_ms", "unpermute_ms")
+        )
+        row["moe_decode_op_ms"] = timed(
+            lambda i: ops.moe_decode(pool[i], ids[i], wts[i], w_in, w_out, trans_b)
+        )
+        row["ours_experts_ms"] = timed(
+            lambda i: moe_framework_experts_forward(ex, pool[i], ids[i], wts[i])
+        )
+        row["hf_grouped_mm_experts_ms"] = timed(lambda i: grouped(ex, pool[i], ids[i], wts[i]))
+        return row
+
+    rows = [stage_row(T) for T in tokens]
+    common.print_table(rows, title=f"ours stage by stage ({family}, {dtype}, {threads} thread)")
+    return rows
+
+
+def profile_train(family: str, d: int, dtype: torch.dtype, threads: int, layers: int) -> dict:
+    """torch.profiler over one whole-model training step (4 x 512 tokens) under HF's default
+    ``grouped_mm`` and ours: the ops with the most self CPU time, ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    model = family_model(family, d, layers=layers)
+    _init(model)
+    model = model.to(dtype).train()
+    twin = _twin_with_routers(model)
+    ids = torch.randint(0, model.config.vocab_size, (4, 512), generator=torch.Generator())
+    out = {}
+    for name, m, impl in [
+        ("grouped_mm", model, "grouped_mm"),
+        ("moe_framework", model, "moe_framework"),
+        ("moe_framework+routers", twin, "moe_framework"),
+    ]:
+        m.set_experts_implementation(impl)
+
+        def step(m=m):
+            m(input_ids=ids, labels=ids).loss.backward()
+            m.zero_grad(set_to_none=True)
+
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        ev = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in ev) / 1e3
+        top = [
+            {"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in ev[:15]
+        ]
+        out[name] = {"total_self_ms": total, "top": top}
+        common.print_table(top, title=f"{family} train step, {name}: total self {total:.1f} ms")
+    return out
+
+
 def _commit() -> str:
     """The git commit of the measured source (with ``-dirty``), or ``unknown`` outside a checkout."""
     import subprocess
@@ -435,6 +541,11 @@ def main(argv=None) -> None:
         "--no-compile", action="store_true", help="leave out the torch.compile contenders"
     )
     p.add_argument("--decode-bw", action="store_true", help="the decode weight-streaming rate")
+    p.add_argument(
+        "--stages",
+        action="store_true",
+        help="ours stage by stage at --tokens (decode) and a profile of one training step",
+    )
     p.add_argument("--tag", default=None, help="write bench_hf_<tag>.json (one chunk of a matrix)")
     p.add_argument(
         "--merge",
@@ -448,6 +559,22 @@ def main(argv=None) -> None:
         merge(a.merge, a.out)
         return
     load0 = os.getloadavg()
+    if a.stages:
+        st_payload: dict[str, Any] = {"machine": common.machine_info(), "stages": [], "train": {}}
+        for fam in a.families or ["qwen3_moe"]:
+            for dt in a.dtypes or ["fp32"]:
+                for th in common.thread_counts(a.threads or [1]):
+                    st_payload["stages"] += stage_breakdown(
+                        fam, a.d_model, DTYPES[dt], a.tokens or [1, 8, 32], th
+                    )
+                    if "train" in (a.cells or []):
+                        st_payload["train"][f"{fam}/{dt}/{th}"] = profile_train(
+                            fam, a.d_model, DTYPES[dt], th, a.layers
+                        )
+        st_payload["loadavg_start"], st_payload["loadavg_end"] = load0, os.getloadavg()
+        st_payload["commit"] = _commit()
+        common.write_json("bench_hf_stages" + (f"_{a.tag}" if a.tag else ""), st_payload, a.out)
+        return
     families = a.families or (["qwen3_moe"] if a.quick else FAMILIES)
     dtypes = a.dtypes or (["fp32"] if a.quick else list(DTYPES))
     tokens = a.tokens if a.tokens is not None else ([1, 8, 32] if a.quick else [1, 8, 32, 2048])
