@@ -94,6 +94,23 @@ def _gate_of(module: nn.Module) -> tuple[str, Any]:
     return "custom", None
 
 
+def _cached_gate_of(module: nn.Module) -> tuple[str, Any]:
+    """:func:`_gate_of`, remembered on the module (keyed by the activation object itself, the
+    ``has_gate`` flag and the class, so swapping ``act_fn`` or a flag is seen); recomputed while
+    torch.compile traces (no side effect in a graph)."""
+    if torch.compiler.is_compiling():
+        return _gate_of(module)
+    act = getattr(module, "act_fn", None)
+    has_gate = getattr(module, "has_gate", True)
+    hit = module.__dict__.get("_moe_framework_gate")
+    if hit is not None and hit[0] is act and hit[1] == has_gate and hit[2] is type(module):
+        return hit[3]
+    rule = _gate_of(module)
+    if rule[0] != "clamped":  # alpha / limit are plain attributes that may change: not cached
+        module.__dict__["_moe_framework_gate"] = (act, has_gate, type(module), rule)
+    return rule
+
+
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -142,7 +159,7 @@ def moe_framework_experts_forward(
     weights = top_k_weights
     if weights.dtype not in (torch.float32, x.dtype):
         weights = weights.float()
-    kind, arg = _gate_of(self)
+    kind, arg = _cached_gate_of(self)
     T, k = top_k_index.shape
     if (
         kind == "silu"
