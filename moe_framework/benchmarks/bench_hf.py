@@ -29,6 +29,7 @@ triad bandwidth measured in the same run (``common.roofline``): the decode roofl
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable
 
 import torch
@@ -583,7 +584,34 @@ def main(argv=None) -> None:
     cells = a.cells or ["block"]
     rounds = a.rounds or (3 if a.quick else 5)
     min_time = 0.05 if a.quick else 0.2
-    rows = []
+    rows: list = []
+    name = "bench_hf" + (f"_{a.tag}" if a.tag else ("_quick" if a.quick else ""))
+
+    def save(final: bool) -> None:  # after every row, so that a chunk cut short keeps its rows
+        payload: dict[str, Any] = {
+            "machine": common.machine_info(),
+            "rows": rows,
+            "argv": argv if argv is not None else sys.argv[1:],
+            "quick": a.quick,
+            "d_model": a.d_model,
+            "layers": a.layers,
+            "commit": _commit(),
+            "complete": final,
+        }
+        if final:
+            cols = ["family", "dtype", "threads", "cell", "T"] + sorted(
+                {c for r in rows for c in r if c.endswith("_ms")}
+            )
+            cols += ["best_rival", "ratio", "vs_default"]
+            payload["table"] = common.print_table(
+                rows, cols, title="HF MoE: ms per call (best round)"
+            )
+            common.print_table(summary(rows), SUMMARY_COLS, title="summary")
+            if a.decode_bw:
+                payload["decode_bw"] = decode_bandwidth(families, a.d_model, threads, min_time)
+        payload["loadavg_start"], payload["loadavg_end"] = load0, os.getloadavg()
+        common.write_json(name, payload, a.out)
+
     for fam in families:
         for dt in dtypes:
             for th in threads:
@@ -605,6 +633,7 @@ def main(argv=None) -> None:
                             _row(fam, dt, th, "block fwd+bwd" if bwd else "block fwd", T, best, l0)
                         )
                         print(rows[-1], flush=True)
+                        save(False)
                 for cell in [c for c in cells if c != "block"]:
                     l0 = os.getloadavg()
                     best = bench_model(
@@ -619,27 +648,8 @@ def main(argv=None) -> None:
                     T = 4 * 512 if cell == "train" else 32
                     rows.append(_row(fam, dt, th, cell, T, best, l0))
                     print(rows[-1], flush=True)
-    cols = ["family", "dtype", "threads", "cell", "T"] + sorted(
-        {c for r in rows for c in r if c.endswith("_ms")}
-    )
-    cols += ["best_rival", "ratio", "vs_default"]
-    table = common.print_table(rows, cols, title="HF MoE: ms per call (best round)")
-    common.print_table(summary(rows), SUMMARY_COLS, title="summary")
-    payload = {
-        "machine": common.machine_info(),
-        "rows": rows,
-        "table": table,
-        "argv": argv if argv is not None else __import__("sys").argv[1:],
-        "quick": a.quick,
-        "d_model": a.d_model,
-        "layers": a.layers,
-        "commit": _commit(),
-    }
-    if a.decode_bw:
-        payload["decode_bw"] = decode_bandwidth(families, a.d_model, threads, min_time)
-    payload["loadavg_start"], payload["loadavg_end"] = load0, os.getloadavg()
-    name = "bench_hf" + (f"_{a.tag}" if a.tag else ("_quick" if a.quick else ""))
-    common.write_json(name, payload, a.out)
+                    save(False)
+    save(True)
 
 
 def decode_bandwidth(families, d, threads, min_time) -> list:
