@@ -22,7 +22,9 @@ GEMM without ``trans_b``), ``has_bias`` (per-expert biases added per row), ``has
 ``_apply_gate``), and a custom ``_apply_gate``: GPT-OSS's clamped SwiGLU (and its concatenated
 copies in OpenAI-privacy-filter and MiniMax-M3-VL) runs the fused ``ops.clamped_swiglu``; the
 default gate with SiLU runs the fused ``ops.swiglu``; any other gate runs the model's own function
-on the grouped output. Expert parallelism (``_is_expert_parallel``) raises until it lands here.
+on the grouped output. Expert parallelism (``_is_expert_parallel``, set by transformers' EP plan):
+the module holds its rank's experts (DTensor parameters are read rank-locally) and the ids of
+slots routed to other ranks' experts are sentinels ``>= E_local``, run as dropped slots.
 """
 
 from __future__ import annotations
@@ -111,6 +113,13 @@ def _cached_gate_of(module: nn.Module) -> tuple[str, Any]:
     return rule
 
 
+def _local(t: Any) -> Any:
+    """The rank-local tensor of a DTensor parameter (transformers' expert-parallel sharding); any
+    other tensor as it is."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -134,27 +143,28 @@ def moe_framework_experts_forward(
         ``[T, d]`` in ``hidden_states``' dtype: ``sum_j weights[t, j] * expert_{ids[t, j]}(x[t])``,
         the k outputs of a token summed in float32 in slot order.
     """
-    if getattr(self, "_is_expert_parallel", False):
-        raise NotImplementedError(
-            "moe_framework experts implementation: expert parallelism (_is_expert_parallel=True) "
-            "is not supported yet; use experts_implementation='grouped_mm' for expert-parallel runs"
-        )
     has_gate = getattr(self, "has_gate", True)
     has_bias = getattr(self, "has_bias", False)
     trans_b = not getattr(self, "is_transposed", False)
-    w_in: torch.Tensor = self.gate_up_proj if has_gate else self.up_proj
-    w_out: torch.Tensor = self.down_proj
+    w_in: torch.Tensor = _local(self.gate_up_proj if has_gate else self.up_proj)
+    w_out: torch.Tensor = _local(self.down_proj)
     b_in: Optional[torch.Tensor] = None
     b_out: Optional[torch.Tensor] = None
     if has_bias:
-        b_in = self.gate_up_proj_bias if has_gate else self.up_proj_bias
-        b_out = self.down_proj_bias
+        b_in = _local(self.gate_up_proj_bias if has_gate else self.up_proj_bias)
+        b_out = _local(self.down_proj_bias)
     if hidden_states.dim() != 2 or top_k_index.dim() != 2:
         raise ValueError(
             "moe_framework experts implementation: hidden_states must be [T, d] and top_k_index "
             f"[T, k], got {tuple(hidden_states.shape)} and {tuple(top_k_index.shape)}"
         )
     num_experts = w_in.shape[0]
+    if getattr(self, "_is_expert_parallel", False):
+        # transformers' expert parallelism (RouterParallel) gives each rank the ids of its own
+        # experts, in [0, E_local), and a sentinel >= E_local (weight 0) for slots routed to other
+        # ranks; HF all-reduces the ranks' outputs afterwards. Sentinels become dropped slots
+        # (-1): no GEMM rows, zero contribution.
+        top_k_index = torch.where(top_k_index >= num_experts, -1, top_k_index)
     x = hidden_states.to(w_in.dtype)
     weights = top_k_weights
     if weights.dtype not in (torch.float32, x.dtype):
