@@ -116,6 +116,8 @@ def _cached_gate_of(module: nn.Module) -> tuple[str, Any]:
 def _local(t: Any) -> Any:
     """The rank-local tensor of a DTensor parameter (transformers' expert-parallel sharding); any
     other tensor as it is."""
+    if type(t) is nn.Parameter or type(t) is torch.Tensor:  # the common case, no attribute miss
+        return t
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t
 
@@ -165,7 +167,7 @@ def moe_framework_experts_forward(
         # ranks; HF all-reduces the ranks' outputs afterwards. Sentinels become dropped slots
         # (-1): no GEMM rows, zero contribution.
         top_k_index = torch.where(top_k_index >= num_experts, -1, top_k_index)
-    x = hidden_states.to(w_in.dtype)
+    x = hidden_states if hidden_states.dtype == w_in.dtype else hidden_states.to(w_in.dtype)
     weights = top_k_weights
     if weights.dtype not in (torch.float32, x.dtype):
         weights = weights.float()
@@ -178,7 +180,7 @@ def moe_framework_experts_forward(
         and not _needs_grad(x, weights, w_in, w_out)
     ):
         y = ops.moe_decode(x, top_k_index, weights, w_in, w_out, trans_b)
-        return y.to(hidden_states.dtype)
+        return y if y.dtype == hidden_states.dtype else y.to(hidden_states.dtype)
     x_sorted, row_of_slot, offsets = ops.permute(x, top_k_index, num_experts)
     if kind == "silu":
         y_sorted = expert_ffn(
