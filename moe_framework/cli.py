@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import heapq
 import importlib.metadata
 import importlib.util
 import itertools
@@ -354,33 +355,39 @@ def _parse_where(text: Optional[str]) -> Optional[tuple]:
     return key, value
 
 
-def _where_matches(metadata: dict, key: str, value: str) -> bool:
-    """Whether a node's ``metadata[key]`` equals VALUE: strings as written, other JSON values as
-    parsed (``layer=1`` matches 1, ``done=true`` matches true); a missing key never matches."""
-    if key not in metadata:
-        return False
-    have = metadata[key]
-    if isinstance(have, str):
-        return have == value
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _where_filters(where: Optional[tuple]) -> list:
+    """The ``where=`` filters of the knowledge graph's own matching rule
+    (:mod:`moe_framework.kg.filters`) that ``--where KEY=VALUE`` stands for: VALUE as the string
+    written (matches string metadata), and, when it parses as another JSON value (``1``,
+    ``true``, ``null``, ``[1, 2]``), that value too (``layer=1`` matches 1, ``done=true``
+    matches true, never 1). A node's value is either a string or not, so no node passes both."""
+    if where is None:
+        return [None]
+    key, value = where
+    filters: list = [{key: value}]
     try:
-        want = json.loads(value)
-    except json.JSONDecodeError:
-        return False
-    # JSON true is not 1: compare bools only with bools.
-    return isinstance(want, bool) == isinstance(have, bool) and want == have
+        parsed = json.loads(value, parse_constant=_reject_constant)
+    except ValueError:  # not JSON (json.JSONDecodeError is a ValueError), or NaN / Infinity
+        return filters
+    if not isinstance(parsed, str):
+        filters.append({key: parsed})
+    return filters
 
 
-def _similar(kg, query, top_k: int, keep, exclude: int = -1) -> list:
-    """The ``top_k`` nodes most similar to ``query`` that ``keep`` accepts, ``exclude`` left out:
-    searches wider until enough pass the filter or the whole store was searched."""
-    n = len(kg)
-    k = min(n, top_k + 1)
-    while True:
-        hits = kg.find_similar_nodes(query, top_k=k)
-        good = [h for h in hits if h.id != exclude and keep(h.metadata)]
-        if len(good) >= top_k or k >= n:
-            return good[:top_k]
-        k = min(n, 4 * k)
+def _similar(kg, query, top_k: int, filters: list, exclude: int = -1) -> list:
+    """The ``top_k`` nodes most similar to ``query`` that pass one of ``filters`` (the store's
+    filtered search: exact over the nodes that pass), ``exclude`` left out, best first (ties:
+    lower id first)."""
+    hits = {}
+    for flt in filters:
+        for h in kg.find_similar_nodes(query, top_k=top_k + 1, where=flt):
+            if h.id != exclude:
+                hits[h.id] = h
+    return sorted(hits.values(), key=lambda h: (-h.score, h.id))[:top_k]
 
 
 def _node_line(node, extra: str = "") -> str:
@@ -406,15 +413,16 @@ def _kg_query(kg, args: argparse.Namespace) -> tuple:
     return None, "", -1
 
 
-def _print_matches(kg, keep, limit: int) -> None:
-    """The first ``limit`` nodes ``keep`` accepts, then how many more there are."""
+def _print_matches(kg, filters: list, limit: int) -> None:
+    """The first ``limit`` nodes (in id order) that pass one of ``filters``, then how many more
+    there are."""
     shown = total = 0
-    for node in kg.iter_nodes():
-        if keep(node.metadata):
-            total += 1
-            if shown < limit:
-                print(_node_line(node))
-                shown += 1
+    nodes = heapq.merge(*(kg.iter_nodes(where=f) for f in filters), key=lambda n: n.id)
+    for node in nodes:
+        total += 1
+        if shown < limit:
+            print(_node_line(node))
+            shown += 1
     if total > shown:
         print(f"  ... {total - shown} more (raise --list to see them)")
     elif not total:
@@ -448,7 +456,7 @@ def cmd_kg(args: argparse.Namespace) -> int:
             _check_output_path(path, flag, args.store)
     if args.draw is not None and importlib.util.find_spec("matplotlib") is None:
         raise CLIError("--draw needs matplotlib (pip install matplotlib)")
-    keep = (lambda m: _where_matches(m, *where)) if where else (lambda m: True)
+    filters = _where_filters(where)
     limit = 20 if args.list is None else args.list
     filtered = f" where {safe_text(where[0])}={safe_text(where[1])}" if where else ""
 
@@ -463,14 +471,14 @@ def cmd_kg(args: argparse.Namespace) -> int:
                 print(_node_line(node, f" merges={node.merge_count:<4}"))
         if query is not None:
             print(f"\n{title}{filtered}:")
-            hits = _similar(kg, query, args.top_k, keep, exclude)
+            hits = _similar(kg, query, args.top_k, filters, exclude)
             for hit in hits:
                 print(_node_line(hit, f" cos={hit.score:+.3f}"))
             if not hits:
                 print("  (none)")
         elif where:
             print(f"\nnodes{filtered}:")
-            _print_matches(kg, keep, limit)
+            _print_matches(kg, filters, limit)
         _kg_exports(kg, args)
     return 0
 

@@ -114,15 +114,16 @@ def load_system(
         cfg = cfg.replace(kg_path=os.path.join(d, _KG))
     else:
         cfg = cfg.replace(kg_path=None, consolidation_interval=0, kg_checkpoint_interval=0)
-    expected = _expected_state(cls, cfg, max_parameters)
     weights = _model_file(d, _WEIGHTS)
     with open_regular_file(weights, _LOAD) as f:
         header = _SafetensorsHeader.read(f, weights)
         header.check_saved_system()
         step = header.step()
-        header.check_against(expected)
+        adapted = _adapted_shapes(header)
+        header.check_against(_expected_state(cls, cfg, max_parameters, adapted))
         # Only now, with every shape known to match a file of this size, is memory allocated.
         model = cls(cfg)
+        _prepare_adapted(model, adapted)
         header.read_into(f, model.state_dict(), allow_nonfinite)
     model.step = step
     return model.to(map_location)
@@ -193,13 +194,58 @@ def _saved_store(d: str) -> Optional[str]:
     return path
 
 
-def _expected_state(cls, cfg: MoEConfig, max_parameters: int) -> dict:
-    """``name -> (shape, dtype)`` of the model state ``cfg`` describes, from a model built on
-    the meta device (no memory), checked against ``max_parameters``."""
+# The keys of a layer resized by moe_framework.adaptation whose shapes ``prepare_load`` reads.
+_ADAPTED_PARENT = "supervisor.parent"
+_ADAPTED_KEYS = (_ADAPTED_PARENT, "supervisor.inner.gate.weight")
+
+
+def _adapted_shapes(header: _SafetensorsHeader) -> dict:
+    """``name -> meta tensor`` (shape only, no memory) of the saved adapted layers' size keys."""
+    out = {}
+    for name, entry in header.tensors.items():
+        if not name.endswith(_ADAPTED_KEYS):
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and all(_is_int(v) and v >= 0 for v in shape)):
+            raise ValueError(
+                f"{_LOAD}: {header.path}: tensor {name!r} shape {shape!r} is not a list of "
+                "non-negative ints"
+            )
+        out[name] = torch.empty(shape, device="meta")
+    return out
+
+
+def _prepare_adapted(model, adapted: dict) -> None:
+    """Give each layer saved after ``split_expert`` / ``merge_experts`` its stored sizes
+    (``adaptation.prepare_load``) so the saved state loads into it."""
+    from .adaptation import prepare_load
+    from .moe_layer import MoELayer
+
+    for name in adapted:
+        if not name.endswith(_ADAPTED_PARENT):
+            continue
+        prefix = name[: -len(_ADAPTED_PARENT)]
+        try:
+            layer = model.get_submodule(prefix.rstrip("."))
+        except AttributeError:
+            layer = None
+        if not isinstance(layer, MoELayer):
+            raise ValueError(
+                f"{_LOAD}: tensor {name!r} belongs to no MoELayer of the model config.json "
+                "describes"
+            )
+        prepare_load(layer, adapted, prefix)
+
+
+def _expected_state(cls, cfg: MoEConfig, max_parameters: int, adapted: dict) -> dict:
+    """``name -> (shape, dtype)`` of the model state ``cfg`` describes (with the adapted layers'
+    stored sizes), from a model built on the meta device (no memory), checked against
+    ``max_parameters``."""
     with torch.device("meta"):
         skeleton = cls(
             cfg.replace(kg_path=None, consolidation_interval=0, kg_checkpoint_interval=0)
         )
+        _prepare_adapted(skeleton, adapted)
     expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
     total = sum(math.prod(shape) for shape, _ in expected.values())
     if total > max_parameters:

@@ -232,12 +232,52 @@ class MixtureOfExpertsSystem(nn.Module):
     @torch.no_grad()
     def _collect(self, layer: int, info) -> None:
         reports = info.reports
+        E = self.config.num_experts
         n = reports.token_count.to(torch.int64)
-        nf = n.to(torch.float32)
-        self.report_output_sum[layer] += reports.mean_output.detach().float() * nf[:, None]
-        self.report_confidence_sum[layer] += reports.confidence.detach().float() * nf
+        out_sum = reports.mean_output.detach().float() * n.to(torch.float32)[:, None]
+        conf_sum = reports.confidence.detach().float() * n.to(torch.float32)
+        top, ids = reports.top_tokens, info.ids
+        if n.shape[0] != E:
+            # A layer resized by moe_framework.adaptation: P physical experts, children of the
+            # configured (logical) ones. Reports are filed per configured expert, so the
+            # children's sums add into their parent's row (device ops, no host sync).
+            parent = self._logical_parent(layer, n.shape[0])
+            out_sum = out_sum.new_zeros(E, out_sum.shape[1]).index_add_(0, parent, out_sum)
+            conf_sum = conf_sum.new_zeros(E).index_add_(0, parent, conf_sum)
+            n = n.new_zeros(E).index_add_(0, parent, n)
+            top, ids = self._logical_top_tokens(top, parent, E), parent[ids.long()]
+        self.report_output_sum[layer] += out_sum
+        self.report_confidence_sum[layer] += conf_sum
         self.report_tokens[layer] += n
-        self._collect_top_tokens(layer, reports.top_tokens, info.ids, info.weights)
+        self._collect_top_tokens(layer, top, ids, info.weights)
+
+    def _logical_parent(self, layer: int, P: int) -> torch.Tensor:
+        """``parent [P]``: the configured expert each physical expert of ``layer`` descends from;
+        a clear error when the layer's logical experts are no longer the configured ones."""
+        router = self._blocks()[layer].moe.supervisor
+        parent = getattr(router, "parent", None)
+        if parent is None or getattr(router, "num_logical", None) != self.config.num_experts:
+            logical = getattr(router, "num_logical", P)
+            raise ValueError(
+                f"MixtureOfExpertsSystem: layer {layer} has {P} experts over {logical} logical "
+                f"ones, config.num_experts is {self.config.num_experts}. Draft reports are filed "
+                "per configured expert: a layer may be split (split_expert), but merge_experts, "
+                "which removes a configured expert, is not supported inside a system; or set "
+                "collect_reports=False"
+            )
+        return parent
+
+    @staticmethod
+    def _logical_top_tokens(top: torch.Tensor, parent: torch.Tensor, E: int) -> torch.Tensor:
+        """Physical top tokens ``[P, r]`` as logical ``[E, P*r]``: each logical expert's row
+        holds its children's tokens (a token has at most one slot per logical expert), in token
+        order (-1, no token, last)."""
+        P, r = top.shape
+        rows = top.new_full((E, P, r), -1)
+        rows[parent, torch.arange(P, device=top.device)] = top
+        rows = rows.reshape(E, P * r)
+        key = torch.where(rows >= 0, rows, torch.full_like(rows, torch.iinfo(rows.dtype).max))
+        return rows.gather(1, torch.sort(key, dim=1, stable=True).indices)
 
     def _collect_top_tokens(self, layer: int, top, ids, weights) -> None:
         """Merge this forward's top tokens ``[E, r]`` into the interval's ``[E, R]``: highest

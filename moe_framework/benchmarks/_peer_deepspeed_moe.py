@@ -2,12 +2,13 @@
 
 Runs in its OWN virtual environment (DeepSpeed + the same torch; it does not import
 moe_framework), one process per rank, started by ``bench_expert_parallel --deepspeed-python PY``:
-``PY _peer_deepspeed_moe.py WEIGHTS OUT REPS WARMUP``. WEIGHTS (written by the bench with
-``torch.save``, loaded with ``weights_only=True``) holds the router weight ``gate [E, d]``, the
+``PY _peer_deepspeed_moe.py WEIGHTS OUT REPS WARMUP``. WEIGHTS (a safetensors file written by
+the bench; no pickle crosses the process boundary) holds the router weight ``gate [E, d]``, the
 experts ``w_gate_up [E, d, 2h]`` / ``w_out [E, h, d]`` and each rank's tokens ``x<r> [T, d]``;
 the layer is set to the same function as ``MoELayer`` (softmax top-k renormalised, no token
 dropping, no random second-expert sampling, SwiGLU experts) so the outputs can be compared. Writes
-``OUT.rank<r>.pt`` with the output and the fwd+bwd step times.
+``OUT.rank<r>.safetensors`` with the output and the fwd+bwd step times. The venv needs
+``requirements-peers.txt`` (deepspeed, safetensors).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 
 class SwiGLUExpert(torch.nn.Module):
@@ -43,7 +45,7 @@ def main() -> None:
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    w = torch.load(weights, weights_only=True)
+    w = load_file(weights)
     gate, wgu, wo = w["gate"], w["w_gate_up"], w["w_out"]
     E, d = gate.shape
     h = wo.shape[1]
@@ -82,7 +84,10 @@ def main() -> None:
         yy.sum().backward()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    torch.save({"y": y, "step_s": torch.tensor(times)}, f"{out}.rank{rank}.pt")
+    save_file(
+        {"y": y, "step_s": torch.tensor(times, dtype=torch.float64)},
+        f"{out}.rank{rank}.safetensors",
+    )
     print(f"RESULT rank {rank} ok", flush=True)
     torch.distributed.destroy_process_group()
 

@@ -19,6 +19,7 @@ import time
 from typing import cast
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .common import base_parser, machine_info, print_table, write_json
 
@@ -227,12 +228,12 @@ def _deepspeed_peer(python: str, size: str, reps: int, warmup: int, rows: list) 
     bank = cast(ExpertBank, layer.experts)
     gate = cast(torch.nn.Linear, layer.router.gate)
     with tempfile.TemporaryDirectory() as tmp:
-        wpath, out = os.path.join(tmp, "weights.pt"), os.path.join(tmp, "out")
-        torch.save(
+        wpath, out = os.path.join(tmp, "weights.safetensors"), os.path.join(tmp, "out")
+        save_file(
             {
-                "gate": gate.weight.detach(),
-                "w_gate_up": bank.weight_in.detach(),
-                "w_out": bank.w_out.detach(),
+                "gate": gate.weight.detach().contiguous(),
+                "w_gate_up": bank.weight_in.detach().contiguous(),
+                "w_out": bank.w_out.detach().contiguous(),
                 "k": torch.tensor(K),
                 "x0": xs[0],
                 "x1": xs[1],
@@ -248,7 +249,7 @@ def _deepspeed_peer(python: str, size: str, reps: int, warmup: int, rows: list) 
         if any(r.returncode != 0 for r in res):
             tails = "\n".join(f"--- rank {r.rank}:\n{r.stderr[-2500:]}" for r in res)
             raise SystemExit(f"DeepSpeed peer failed:\n{tails}")
-        got = [torch.load(f"{out}.rank{r}.pt", weights_only=True) for r in range(2)]
+        got = [load_file(f"{out}.rank{r}.safetensors") for r in range(2)]
     with torch.no_grad():
         ref = [layer(x)[0] for x in xs]
     diff = max(float((g["y"] - y).abs().max()) for g, y in zip(got, ref))

@@ -235,16 +235,52 @@ def roofline(threads: Optional[int] = None, device: str = "cpu", quick: bool = F
 # --------------------------------------------------------------------------- memory
 
 
+def _proc_status_kb(field: str) -> int | None:
+    """``field`` (``"VmHWM"``, ``"VmRSS"``) of /proc/self/status in KiB; None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _child(conn, target: str, kwargs: dict) -> None:
     try:
         module_name, func_name = target.split(":")
         __import__(module_name)
         func = getattr(sys.modules[module_name], func_name)
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # ru_maxrss is kept across fork + exec: a spawned child starts with its parent's peak, so
+        # it over-reports whenever the parent had grown larger. VmHWM belongs to the child's own
+        # address space; resetting it after the imports makes the delta the call's growth alone.
+        hwm = _proc_status_kb("VmHWM") is not None and _reset_peak_rss()
+        base = (
+            _proc_status_kb("VmRSS") if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        )
         extra = func(**kwargs)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = (
+            _proc_status_kb("VmHWM") if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        )
+        assert base is not None and peak is not None
         conn.send(
-            {"peak_rss_mb": peak / 1024, "delta_rss_mb": (peak - base) / 1024, "extra": extra}
+            {
+                "peak_rss_mb": peak / 1024,
+                "delta_rss_mb": (peak - base) / 1024,
+                "peak_source": "VmHWM" if hwm else "ru_maxrss",
+                "extra": extra,
+            }
         )
     except BaseException as exc:  # report, don't hang the parent
         conn.send({"error": f"{type(exc).__name__}: {exc}"})
@@ -252,10 +288,22 @@ def _child(conn, target: str, kwargs: dict) -> None:
         conn.close()
 
 
+def touch_memory(mb: int) -> dict:
+    """Allocate and touch ``mb`` MiB, then free it: a calibration target for
+    :func:`peak_memory_in_subprocess` (its ``delta_rss_mb`` should read about ``mb``)."""
+    buf = bytearray(mb * 2**20)
+    buf[::4096] = b"\x01" * len(range(0, len(buf), 4096))
+    del buf
+    return {"mb": mb}
+
+
 def peak_memory_in_subprocess(target: str, timeout: float = 600.0, **kwargs) -> dict:
     """Run ``module:function(**kwargs)`` in a fresh spawned process and report its peak RSS.
 
-    ``delta_rss_mb`` is the growth of the peak during the call, after imports; the function should
+    The peak is the child's own ``VmHWM`` (reset after its imports; ``peak_source`` says so), not
+    ``ru_maxrss``, which Linux carries from the parent over fork + exec. Without /proc the
+    fallback is ``ru_maxrss``. ``delta_rss_mb`` is the growth of the peak during the call, after
+    imports; the function should
     import what it needs at module level so imports are not counted. One process per
     configuration, so peaks of earlier configurations never hide later ones.
 

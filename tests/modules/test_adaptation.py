@@ -350,6 +350,64 @@ def test_adapted_layer_saves_and_loads_into_a_fresh_layer(seed, tmp_path):
     assert type(plain.router).__name__ == "TopKRouter"
 
 
+def test_system_with_an_adapted_layer_saves_and_loads(seed, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from moe_framework import MixtureOfExpertsSystem
+    from moe_framework.config import MoEConfig
+
+    cfg = MoEConfig(input_dim=12, d_model=D, d_hidden=24, num_experts=4, k=2, num_layers=2)
+    model = MixtureOfExpertsSystem(cfg).eval()
+    x = torch.randn(7, 12)
+    layer = model.blocks[1].moe
+    split_expert(layer, 2, tokens=torch.randn(9, D))
+    split_expert(layer, 2, tokens=torch.randn(9, D))  # logical expert 2 now has 3 children
+    parent = layer.router.parent.clone()
+    assert layer.num_experts == 6 and sorted(parent.tolist()) == [0, 1, 2, 2, 2, 3]
+    # Reports are filed per configured expert: children add into their parent's row.
+    with torch.no_grad():
+        info = model(x).routing[1]
+    rep = info.reports
+    n = torch.zeros(4, dtype=torch.int64)
+    out = torch.zeros(4, D, dtype=torch.float64)
+    for p in range(6):  # the physical experts, one by one
+        n[parent[p]] += int(rep.token_count[p])
+        out[parent[p]] += rep.mean_output[p].double() * int(rep.token_count[p])
+    assert torch.equal(model.report_tokens[1], n) and int(n.sum()) == x.shape[0] * cfg.k
+    torch.testing.assert_close(model.report_output_sum[1].double(), out, rtol=1e-5, atol=1e-5)
+    logical = parent[info.ids.long()]  # [T, k]
+    top, w = model.report_top_index[1], model.report_top_weight[1]
+    for e in range(4):
+        got = [int(t) % x.shape[0] for t in top[e] if t >= 0]
+        assert all(bool((logical[t] == e).any()) for t in got)  # only tokens routed to e
+        ww = w[e][top[e] >= 0]
+        assert bool((ww[:-1] >= ww[1:]).all())  # highest gate weight first
+    model.collect_reports = False
+    with torch.no_grad():
+        want = model(x).output
+    model.collect_reports = True
+    model.save(tmp_path / "m")
+    loaded = MixtureOfExpertsSystem.load(tmp_path / "m").eval()
+    assert loaded.blocks[1].moe.num_experts == 6 and loaded.blocks[0].moe.num_experts == 4
+    with torch.no_grad():
+        assert torch.equal(loaded(x).output, want)
+    # merge_experts removes a configured expert: collecting its reports is refused, clearly.
+    merge_experts(loaded.blocks[1].moe, 0, 1)
+    with pytest.raises(ValueError, match="layer 1 has 5 experts over 3 logical ones"):
+        loaded(x)
+    # An adapted layer's key under a module that is no MoELayer is refused by name.
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(weights))
+    with open(weights, "rb") as f:
+        meta = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+    state["head.supervisor.parent"] = state.pop("blocks.1.moe.supervisor.parent")
+    save_file(state, str(weights), metadata=meta)
+    with pytest.raises(ValueError, match="'head.supervisor.parent' belongs to no MoELayer"):
+        MixtureOfExpertsSystem.load(tmp_path / "m")
+
+
 def test_controller_merges_duplicates_by_output_similarity(seed):
     layer = _layer(E=3, k=2)
     mu = torch.nn.functional.normalize(torch.randn(D), dim=0)

@@ -223,6 +223,41 @@ def test_kg_where_with_like_filters_the_hits_and_honours_top_k(tiny_demo, capsys
     assert 1 not in [_node_id(line) for line in lines]
 
 
+def test_kg_where_follows_the_stores_json_matching_rule(tmp_path, capsys):
+    import numpy as np
+
+    from moe_framework.knowledge_graph import KnowledgeGraph
+
+    rng = np.random.default_rng()
+    metas = [
+        {"v": 1},  # 1: number
+        {"v": "1"},  # 2: the string "1"
+        {"v": True},  # 3: a bool: never equal to 1
+        {"v": 1.0},  # 4: 1.0 == 1 by value
+        {"v": [1, True]},  # 5: arrays element by element, bools only to bools
+        {"v": [1, 1]},  # 6
+        {"w": 1},  # 7: key missing
+        {"v": "NaN"},  # 8: a string that json.loads would read as a float
+    ]
+    store = str(tmp_path / "kg.sqlite")
+    with KnowledgeGraph.open(store, dim=6) as kg:
+        kg.add_nodes_batch(rng.standard_normal((len(metas), 6)), "n", metas)
+
+    def where(value, *extra):
+        assert cli.main(["kg", store, "--where", f"v={value}", "--list", "50", *extra]) == 0
+        return [_node_id(line) for line in _node_lines(capsys.readouterr().out)]
+
+    assert where("1") == [1, 2, 4]
+    assert where("true") == [3]
+    assert where("[1, 1]") == [6]
+    assert where("[1, true]") == [5]
+    assert where("NaN") == [8]
+    assert where('"1"') == []  # the quotes are part of the string written
+    # The same rule in similarity search: the hits are the matches, best first, node 1 left out.
+    hits = where("1", "--like", "1", "--top-k", "5")
+    assert sorted(hits) == [2, 4]
+
+
 def test_kg_list_alone_still_prints_the_first_nodes(tiny_demo, capsys):
     assert cli.main(["kg", str(tiny_demo / "knowledge.sqlite"), "--list", "4"]) == 0
     lines = _node_lines(capsys.readouterr().out)
