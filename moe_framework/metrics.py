@@ -108,6 +108,7 @@ class RoutingStats(nn.Module):
         super()._apply(fn, recurse)
         for name, old in keep.items():
             new = self._buffers[name]
+            assert new is not None
             if new.dtype != torch.float64:
                 self._buffers[name] = old.to(device=new.device)
         return self

@@ -43,6 +43,7 @@ layer could reach against HF eager on this machine, the bound the goal runs into
 from __future__ import annotations
 
 import gc
+from typing import cast
 
 import torch
 import transformers
@@ -65,12 +66,13 @@ QUICK_SHAPES = [(512, 8, 2, 128, 448)]
 
 
 def _hf_block(T, E, k, d, h, dtype, seed=0):
+    impl: dict = {"experts_implementation": "eager"}  # a PretrainedConfig kwarg, not in the stubs
     cfg = transformers.MixtralConfig(
         hidden_size=d,
         intermediate_size=h,
         num_local_experts=E,
         num_experts_per_tok=k,
-        experts_implementation="eager",
+        **impl,
     )
     torch.manual_seed(seed)
     blk = MixtralSparseMoeBlock(cfg)
@@ -85,7 +87,7 @@ def _moe_layer_on(blk, E, k, d, h, dtype):
     layer = MoELayer.build(d_model=d, d_hidden=h, num_experts=E, k=k, layout="out_in", dtype=dtype)
     layer.experts.w_gate_up = blk.experts.gate_up_proj
     layer.experts.w_out = blk.experts.down_proj
-    layer.supervisor.gate.weight = blk.gate.weight
+    cast(torch.nn.Linear, layer.supervisor.gate).weight = blk.gate.weight
     return layer
 
 
@@ -203,7 +205,7 @@ def goal(args):
             for dtype in (torch.float32, torch.bfloat16):
                 cfg, blk, layer, keep, x, grad_y = _contenders(T, E, k, d, h, dtype)
                 cfg._experts_implementation = "eager"
-                best = {"hf_eager": [], "moe_layer": [], "keep_act": []}
+                best: dict = {"hf_eager": [], "moe_layer": [], "keep_act": []}
                 for _ in range(rounds):
                     for name, mod in (("hf_eager", blk), ("moe_layer", layer), ("keep_act", keep)):
                         best[name].append(_timed(mod, x, grad_y, True, args.quick)["min_s"])

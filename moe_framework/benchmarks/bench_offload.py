@@ -37,6 +37,7 @@ import resource
 import shutil
 import tempfile
 import time
+from typing import cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -86,7 +87,7 @@ def _router_state(model: _Model) -> dict:
     return {
         f"{i}.{k}": v.detach().clone()
         for i, layer in enumerate(model.layers)
-        for k, v in layer.supervisor.state_dict().items()
+        for k, v in cast(nn.Module, layer.supervisor).state_dict().items()
     }
 
 

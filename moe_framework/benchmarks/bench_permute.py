@@ -85,7 +85,7 @@ def run_config(fn, x, ids, w, E, backward, grad_y, quick):
 
 def summarize(rows):
     """Geometric-mean speedup and median GB/s per (threads, T, dtype, pass)."""
-    groups = {}
+    groups: dict = {}
     for r in rows:
         groups.setdefault((r["threads"], r["T"], r["dtype"], r["pass"]), []).append(r)
     out = []

@@ -23,6 +23,7 @@ mostly sit in cache, so a value above 100% is possible and means "compute bound"
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -86,9 +87,10 @@ TIE_FILLS = (("zeros", 0.0), ("nan", float("nan")), ("-inf", float("-inf")))
 def tie_rows(T, threads, device, quick):
     """Rows of the tied-logits table: route on random, all-zero, all-NaN and all -inf logits."""
     rows = []
+    kw: dict
     for E, gate in itertools.product([257, 1024, 4096], ["softmax-top8", "deepseek-grouped-top8"]):
         if gate == "softmax-top8":
-            k, kw = 8, dict(scoring="softmax")
+            k, kw = 8, {"scoring": "softmax"}
         elif E % 8 == 0:
             k, kw = gate_config("deepseek-sigmoid-grouped-top8", E)
             kw["correction_bias"] = torch.zeros(E, device=device)  # a fresh bias ties too
@@ -101,7 +103,7 @@ def tie_rows(T, threads, device, quick):
         for name, logits in inputs:
             with torch.no_grad():
                 res = common.timeit(
-                    lambda x=logits, k=k, kw=kw: route(x, k, **kw),
+                    functools.partial(route, logits, k, **kw),
                     device=device,
                     min_reps=3,
                     min_time=0.05 if quick else 0.3,

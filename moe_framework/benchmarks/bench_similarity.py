@@ -117,6 +117,7 @@ def _race(fns, flops, quick):
     turn, so a change in the load of a shared machine hits all of them alike, and the minimum is
     the estimate least inflated by other jobs. Expensive shapes get fewer repetitions, so the full
     run stays near 5 minutes on an idle 2-core machine."""
+    reps: dict
     if flops > 2e11:
         rounds, reps = 2, dict(warmup=0, min_reps=1, min_time=0.0)
     elif flops > 2e10:

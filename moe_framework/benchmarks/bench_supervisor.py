@@ -8,6 +8,8 @@ renormalise; what transformers' MixtralSparseMoeBlock does) on the same inputs a
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import moe_framework  # noqa: F401
@@ -31,7 +33,7 @@ def main():
     torch.manual_seed(0)
     x = torch.randn(T, d, device=dev)
 
-    configs = [
+    configs: list[tuple[str, dict]] = [
         ("topk", {}),
         ("topk", {"capacity_factor": 1.25}),
         ("topk", {"load_balance_coef": 1e-2, "z_loss_coef": 1e-3}),
@@ -56,7 +58,7 @@ def main():
         if strategy != "attention":
             sup.gate.weight.data.copy_(base.gate.weight.data)
         with torch.no_grad():
-            t = common.timeit(lambda sup=sup: sup(x), device=dev, warmup=3, min_time=1.0)
+            t = common.timeit(functools.partial(sup, x), device=dev, warmup=3, min_time=1.0)
         name = strategy + ("" if not kw else " " + ",".join(f"{a}={b}" for a, b in kw.items()))
         rows.append(
             {

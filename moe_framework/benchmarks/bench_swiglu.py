@@ -79,7 +79,7 @@ def main():
             for pas in ("fwd", "bwd"):
                 methods = _methods(pas, h, g, scratch, compiled_fwd, compiled_bwd)
                 nbytes = (3 if pas == "fwd" else 5) * M * H * esize
-                best = {}
+                best: dict = {}
                 for _ in range(1 if args.quick else 3):
                     for name, fn in methods.items():
                         tm = common.timeit(fn, min_reps=3, min_time=0.03 if args.quick else 0.1)

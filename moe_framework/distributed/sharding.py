@@ -89,9 +89,10 @@ def resolve_groups(mesh_or_group):
         ep_g = mesh_or_group["ep"].get_group()
         dp_g = mesh_or_group["dp"].get_group()
         ranks = sorted(int(r) for r in mesh_or_group.mesh.flatten().tolist())
-        data_g = dist.group.WORLD if ranks == list(range(dist.get_world_size())) else None
-        if data_g is None:
-            data_g = dist.new_group(ranks)
+        if ranks == list(range(dist.get_world_size())):
+            data_g = cast(dist.ProcessGroup, dist.group.WORLD)
+        else:
+            data_g = cast(dist.ProcessGroup, dist.new_group(ranks))
         return ep_g, dp_g, data_g
     if isinstance(mesh_or_group, dist.ProcessGroup):
         return mesh_or_group, None, mesh_or_group

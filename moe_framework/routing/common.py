@@ -164,6 +164,7 @@ class BaseRouter(nn.Module):
         old = self._buffers["selection_bias"]
         super()._apply(fn, recurse)
         new = self._buffers["selection_bias"]
+        assert old is not None and new is not None
         if new.dtype != torch.float32:
             self._buffers["selection_bias"] = old.to(device=new.device)
         return self
