@@ -22,7 +22,9 @@ GEMM without ``trans_b``), ``has_bias`` (per-expert biases added per row), ``has
 ``_apply_gate``), and a custom ``_apply_gate``: GPT-OSS's clamped SwiGLU (and its concatenated
 copies in OpenAI-privacy-filter and MiniMax-M3-VL) runs the fused ``ops.clamped_swiglu``; the
 default gate with SiLU runs the fused ``ops.swiglu``; any other gate runs the model's own function
-on the grouped output. Expert parallelism (``_is_expert_parallel``) raises until it lands here.
+on the grouped output. Expert parallelism (``_is_expert_parallel``, set by transformers' EP plan):
+the module holds its rank's experts (DTensor parameters are read rank-locally) and the ids of
+slots routed to other ranks' experts are sentinels ``>= E_local``, run as dropped slots.
 """
 
 from __future__ import annotations
@@ -94,6 +96,32 @@ def _gate_of(module: nn.Module) -> tuple[str, Any]:
     return "custom", None
 
 
+def _cached_gate_of(module: nn.Module) -> tuple[str, Any]:
+    """:func:`_gate_of`, remembered on the module (keyed by the activation object itself, the
+    ``has_gate`` flag and the class, so swapping ``act_fn`` or a flag is seen); recomputed while
+    torch.compile traces (no side effect in a graph)."""
+    if torch.compiler.is_compiling():
+        return _gate_of(module)
+    act = getattr(module, "act_fn", None)
+    has_gate = getattr(module, "has_gate", True)
+    hit = module.__dict__.get("_moe_framework_gate")
+    if hit is not None and hit[0] is act and hit[1] == has_gate and hit[2] is type(module):
+        return hit[3]
+    rule = _gate_of(module)
+    if rule[0] != "clamped":  # alpha / limit are plain attributes that may change: not cached
+        module.__dict__["_moe_framework_gate"] = (act, has_gate, type(module), rule)
+    return rule
+
+
+def _local(t: Any) -> Any:
+    """The rank-local tensor of a DTensor parameter (transformers' expert-parallel sharding); any
+    other tensor as it is."""
+    if type(t) is nn.Parameter or type(t) is torch.Tensor:  # the common case, no attribute miss
+        return t
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -117,32 +145,33 @@ def moe_framework_experts_forward(
         ``[T, d]`` in ``hidden_states``' dtype: ``sum_j weights[t, j] * expert_{ids[t, j]}(x[t])``,
         the k outputs of a token summed in float32 in slot order.
     """
-    if getattr(self, "_is_expert_parallel", False):
-        raise NotImplementedError(
-            "moe_framework experts implementation: expert parallelism (_is_expert_parallel=True) "
-            "is not supported yet; use experts_implementation='grouped_mm' for expert-parallel runs"
-        )
     has_gate = getattr(self, "has_gate", True)
     has_bias = getattr(self, "has_bias", False)
     trans_b = not getattr(self, "is_transposed", False)
-    w_in: torch.Tensor = self.gate_up_proj if has_gate else self.up_proj
-    w_out: torch.Tensor = self.down_proj
+    w_in: torch.Tensor = _local(self.gate_up_proj if has_gate else self.up_proj)
+    w_out: torch.Tensor = _local(self.down_proj)
     b_in: Optional[torch.Tensor] = None
     b_out: Optional[torch.Tensor] = None
     if has_bias:
-        b_in = self.gate_up_proj_bias if has_gate else self.up_proj_bias
-        b_out = self.down_proj_bias
+        b_in = _local(self.gate_up_proj_bias if has_gate else self.up_proj_bias)
+        b_out = _local(self.down_proj_bias)
     if hidden_states.dim() != 2 or top_k_index.dim() != 2:
         raise ValueError(
             "moe_framework experts implementation: hidden_states must be [T, d] and top_k_index "
             f"[T, k], got {tuple(hidden_states.shape)} and {tuple(top_k_index.shape)}"
         )
     num_experts = w_in.shape[0]
-    x = hidden_states.to(w_in.dtype)
+    if getattr(self, "_is_expert_parallel", False):
+        # transformers' expert parallelism (RouterParallel) gives each rank the ids of its own
+        # experts, in [0, E_local), and a sentinel >= E_local (weight 0) for slots routed to other
+        # ranks; HF all-reduces the ranks' outputs afterwards. Sentinels become dropped slots
+        # (-1): no GEMM rows, zero contribution.
+        top_k_index = torch.where(top_k_index >= num_experts, -1, top_k_index)
+    x = hidden_states if hidden_states.dtype == w_in.dtype else hidden_states.to(w_in.dtype)
     weights = top_k_weights
     if weights.dtype not in (torch.float32, x.dtype):
         weights = weights.float()
-    kind, arg = _gate_of(self)
+    kind, arg = _cached_gate_of(self)
     T, k = top_k_index.shape
     if (
         kind == "silu"
@@ -151,7 +180,7 @@ def moe_framework_experts_forward(
         and not _needs_grad(x, weights, w_in, w_out)
     ):
         y = ops.moe_decode(x, top_k_index, weights, w_in, w_out, trans_b)
-        return y.to(hidden_states.dtype)
+        return y if y.dtype == hidden_states.dtype else y.to(hidden_states.dtype)
     x_sorted, row_of_slot, offsets = ops.permute(x, top_k_index, num_experts)
     if kind == "silu":
         y_sorted = expert_ffn(

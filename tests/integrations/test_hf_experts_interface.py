@@ -1,6 +1,6 @@
 """The "moe_framework" experts implementation and the router swap on whole tiny HF models:
 registration, logits and gradients against "eager" for five families (each decorator flag among
-them), the decode path in generate, expert parallelism refused, torch.compile, and replace_routers
+them), the decode path in generate, expert-parallel sentinel slots dropped, torch.compile, and replace_routers
 (same selection, same outputs, same state_dict keys, undone by restore_routers)."""
 
 from __future__ import annotations
@@ -174,13 +174,35 @@ def test_greedy_generate_takes_the_decode_path_and_matches_eager(seed, monkeypat
     assert set(calls) == {7, 1}
 
 
-def test_expert_parallel_flag_raises_clear_error(seed):
-    model = _model("mixtral")
-    model.set_experts_implementation("moe_framework")
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])  # gpt_oss: biases, clamped gate
+@pytest.mark.parametrize("T", [1, 11])  # the fused decode op and the general path
+def test_expert_parallel_sentinel_slots_are_dropped(family, T, seed):
+    # transformers' EP plan leaves a rank its own experts and marks slots of other ranks' experts
+    # with an id >= E_local (weight 0): they contribute nothing. Reference: "eager" on the full
+    # module with those slots' weights zeroed (the same sum over the rank's experts only).
+    gen = torch.Generator().manual_seed(seed)
+    model = _model(family)
+    _randomise(model, gen)
     experts = model.model.layers[0].mlp.experts
+    E = experts.gate_up_proj.shape[0]
+    d = experts.gate_up_proj.shape[-1 if not experts.is_transposed else 1]
+    k = 2
+    x = torch.randn(T, d, generator=gen)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=gen)
+    remote = torch.rand(T, k, generator=gen) < 0.5
+    model.set_experts_implementation("eager")
+    with torch.no_grad():
+        want = experts(x, ids, torch.where(remote, 0.0, w))
+    model.set_experts_implementation("moe_framework")
     experts._is_expert_parallel = True
-    with pytest.raises(NotImplementedError, match="expert parallelism"):
-        experts(torch.randn(3, 32), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
+    sentinel = torch.where(remote, E + torch.randint(0, 3, ids.shape, generator=gen), ids)
+    x.requires_grad_(True)
+    got = experts(x, sentinel, torch.where(remote, 0.0, w))
+    torch.testing.assert_close(got.detach(), want, **TOLERANCES["layer"][torch.float32])
+    if T > 1:  # the general path is differentiable through dropped slots
+        got.sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
