@@ -125,15 +125,18 @@ def main() -> None:
     torch.set_num_threads(1)
     for name, layer_kw, sup_kw, training in CASES:
         record(name, dict(layer_kw), dict(sup_kw), training)
-    record_system()
+    # system_v1 is also the compatibility fixture of an older on-disk format (its config.json
+    # carries since-renamed fields that load must still accept): never overwrite it.
+    system_recorded = not os.path.exists(os.path.join(OUT, "system_v1"))
+    if system_recorded:
+        record_system()
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE
     ).stdout.strip()
     with open(os.path.join(OUT, "RECORDED_AT"), "w") as f:
         f.write(f"{commit}\n")
-    print(
-        f"wrote {len(CASES)} layer cases and system_v1 to {OUT} (commit {commit})", file=sys.stderr
-    )
+    what = " and system_v1" if system_recorded else " (system_v1 kept: it exists)"
+    print(f"wrote {len(CASES)} layer cases{what} to {OUT} (commit {commit})", file=sys.stderr)
 
 
 if __name__ == "__main__":
