@@ -460,6 +460,18 @@ def stage_breakdown(family: str, d: int, dtype: torch.dtype, tokens, threads: in
         row["ours_experts_ms"] = timed(
             lambda i: moe_framework_experts_forward(ex, pool[i], ids[i], wts[i])
         )
+        # The whole experts implementation forced onto each path (the data behind the
+        # DECODE_SLOTS_PER_EXPERT threshold): general = permute -> grouped GEMMs -> unpermute.
+        saved = ops.DECODE_SLOTS_PER_EXPERT
+        try:
+            for path, slots in (("general", 0), ("decode", 1 << 30)):
+                ops.DECODE_SLOTS_PER_EXPERT = slots
+                row[f"ours_{path}_path_ms"] = timed(
+                    lambda i: moe_framework_experts_forward(ex, pool[i], ids[i], wts[i])
+                )
+        finally:
+            ops.DECODE_SLOTS_PER_EXPERT = saved
+        row["general/decode"] = row["ours_general_path_ms"] / row["ours_decode_path_ms"]
         row["hf_grouped_mm_experts_ms"] = timed(lambda i: grouped(ex, pool[i], ids[i], wts[i]))
         return row
 
