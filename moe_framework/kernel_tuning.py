@@ -253,6 +253,7 @@ def _geomean(xs) -> float:
 # Candidate values of the tile knobs (the default is always a candidate).
 TILE_CANDIDATES = {
     "gg_stream_rows": (0, 4, 8, 16, 32),
+    "gg_direct_rows_avx2": (8, 16, 32, 64),
     "gg_row_tile": (32, 64, 128),
     "gg_max_col_block": (480, 1056, 2112),
     "gg_tiles_per_thread": (1, 2, 4, 8),

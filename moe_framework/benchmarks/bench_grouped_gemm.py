@@ -38,6 +38,7 @@ import torch
 import moe_framework  # noqa: F401
 from moe_framework.benchmarks import common
 from moe_framework.ops import grouped_gemm, grouped_gemm_wgrad
+from moe_framework.ops.tuning import set_tuning
 
 # (experts, rows per expert, K = d_model, N = d_ff)
 SHAPES = [
@@ -241,6 +242,7 @@ def sweep(args) -> None:
             "load_start": load_start,
             "load_end": load_end,
             "baseline": args.baseline,
+            "tuning": args.tuning,
             "rows": out,
             "summary": summary,
         },
@@ -267,7 +269,19 @@ def main() -> None:
     parser.add_argument("--sweep-big-rows", type=int, default=16, help="max rows at 1024x2816")
     parser.add_argument("--baseline", default=None, help="sweep JSON of another build to compare")
     parser.add_argument("--name", default=None, help="JSON file name (default grouped_gemm_sweep)")
+    parser.add_argument(
+        "--tuning",
+        nargs="*",
+        default=[],
+        metavar="KNOB=VALUE",
+        help="set CPU kernel knobs first (ops.set_tuning), e.g. gg_direct_rows_avx2=8 for an A/B",
+    )
     args = parser.parse_args()
+    for item in args.tuning:
+        name, sep, value = item.partition("=")
+        if not sep or not value.lstrip("-").isdigit():
+            parser.error(f"--tuning expects KNOB=INTEGER, got {item!r}")
+        set_tuning(name, int(value))
     if args.sweep:
         return sweep(args)
     device = args.device

@@ -54,8 +54,8 @@ constexpr tuning::Tuned kStreamRows{tuning::kGgStreamRows};
 // directly on B (one or two passes); larger tiles amortise packing B into panels.
 constexpr int64_t kDirectRows = 16;
 // fp32 on AVX2 with a unit-column-stride B: tiles of kStreamRows + 1 to this many rows run the 4x24
-// tile directly on B (direct_gemm_avx2); larger tiles pack B panels.
-constexpr int64_t kDirectRowsAvx2 = 64;
+// tile directly on B (direct_gemm_avx2); larger tiles pack B panels. A knob (gg_direct_rows_avx2).
+constexpr tuning::Tuned kDirectRowsAvx2{tuning::kGgDirectRowsAvx2};
 
 // ---- fp32 register tiles and packed panels (fp32_tiles.h, packing.h)
 

@@ -25,6 +25,7 @@ enum Knob : int {
   kGgBlasRowsFp32,     // fp32 groups of at least this many rows go to torch's BLAS (no AVX-512)
   kGgBlasRowsBf16,     // same for bf16 without AVX512-BF16 (0: the ISA default, 8 or 32)
   kGgStreamRows,       // AVX2 tiles of at most this many rows stream B (no packing)
+  kGgDirectRowsAvx2,   // AVX2 fp32 tiles up to this many rows run the 4x24 tile on B (no packing)
   kGgRowTile,          // rows of one small-group work tile
   kGgMaxColBlock,      // widest column block of a work tile
   kGgTilesPerThread,   // column blocks are split until each thread has this many tiles
@@ -44,6 +45,7 @@ inline constexpr KnobInfo kKnobs[kNumKnobs] = {
     {"gg_blas_rows_fp32", 128, 1, int64_t{1} << 40},
     {"gg_blas_rows_bf16", 0, 0, int64_t{1} << 40},
     {"gg_stream_rows", 8, 0, 4096},
+    {"gg_direct_rows_avx2", 64, 0, 4096},
     {"gg_row_tile", 64, 8, 512},
     {"gg_max_col_block", 1056, 48, int64_t{1} << 20},
     {"gg_tiles_per_thread", 4, 1, 1024},
@@ -56,7 +58,8 @@ inline constexpr KnobInfo kKnobs[kNumKnobs] = {
 // The current values: one definition for the whole library (an inline variable).
 inline std::atomic<int64_t> g_values[kNumKnobs] = {
     kKnobs[0].initial, kKnobs[1].initial, kKnobs[2].initial, kKnobs[3].initial, kKnobs[4].initial,
-    kKnobs[5].initial, kKnobs[6].initial, kKnobs[7].initial, kKnobs[8].initial, kKnobs[9].initial};
+    kKnobs[5].initial, kKnobs[6].initial, kKnobs[7].initial, kKnobs[8].initial, kKnobs[9].initial,
+    kKnobs[10].initial};
 
 inline int64_t value(Knob knob) {
   return g_values[knob].load(std::memory_order_relaxed);
