@@ -440,7 +440,12 @@ def stage_breakdown(family: str, d: int, dtype: torch.dtype, tokens, threads: in
         hs = [ops.grouped_gemm(p[0], w_in, p[2], trans_b=trans_b) for p in perm]
         acts = [ops.swiglu(h) for h in hs]
         ys = [ops.grouped_gemm(a, w_out, p[2], trans_b=trans_b) for a, p in zip(acts, perm)]
-        row: dict[str, Any] = {"family": family, "T": T, "T*k": T * ids[0].shape[1]}
+        row: dict[str, Any] = {
+            "family": family,
+            "dtype": str(dtype).replace("torch.", ""),
+            "T": T,
+            "T*k": T * ids[0].shape[1],
+        }
         row["router_ms"] = timed(lambda i: block.gate(pool[i]))
         row["permute_ms"] = timed(lambda i: ops.permute(pool[i], ids[i], num_experts))
         row["gemm_in_ms"] = timed(
@@ -465,7 +470,7 @@ def stage_breakdown(family: str, d: int, dtype: torch.dtype, tokens, threads: in
         saved = ops.DECODE_SLOTS_PER_EXPERT
         try:
             for path, slots in (("general", 0), ("decode", 1 << 30)):
-                ops.DECODE_SLOTS_PER_EXPERT = slots
+                ops.DECODE_SLOTS_PER_EXPERT = dict.fromkeys(saved, slots)
                 row[f"ours_{path}_path_ms"] = timed(
                     lambda i: moe_framework_experts_forward(ex, pool[i], ids[i], wts[i])
                 )

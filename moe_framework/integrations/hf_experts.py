@@ -176,7 +176,7 @@ def moe_framework_experts_forward(
     if (
         kind == "silu"
         and b_in is None
-        and T * k <= ops.DECODE_SLOTS_PER_EXPERT * num_experts
+        and T * k <= ops.DECODE_SLOTS_PER_EXPERT.get(x.dtype, 1.0) * num_experts
         and not _needs_grad(x, weights, w_in, w_out)
     ):
         y = ops.moe_decode(x, top_k_index, weights, w_in, w_out, trans_b)

@@ -6,8 +6,8 @@ wake-ups, panel packing for one row) that dominate the few weight rows it actual
 ``moe_decode`` is one op: slots grouped by expert, each selected expert's weights read once for all
 its tokens, the hidden activation kept in float32, the k outputs of a token combined in slot order.
 Inference only (no autograd): :func:`moe_framework.integrations.hf_experts.moe_framework_experts_forward`
-takes it when ``T * k <= DECODE_SLOTS_PER_EXPERT * E`` (at most 4 rows per expert on average)
-and no gradient is needed.
+takes it when ``T * k <= DECODE_SLOTS_PER_EXPERT[dtype] * E`` (at most one row per expert on
+average in float32, a quarter in bfloat16 / float16) and no gradient is needed.
 """
 
 from __future__ import annotations
@@ -18,10 +18,20 @@ from ._checks import check_same_device
 
 __all__ = ["DECODE_SLOTS_PER_EXPERT", "moe_decode", "moe_decode_reference"]
 
-# Callers prefer moe_decode over the general path while T*k <= DECODE_SLOTS_PER_EXPERT * E: measured
-# (docs/performance.md, fp32, 1 thread) 3.5x faster at 4 slots per expert with 64 experts (Qwen3
-# shape), 2x with 8 experts (Mixtral); at 8 per expert a tie for Mixtral, 2x for Qwen3.
-DECODE_SLOTS_PER_EXPERT = 4
+# Callers prefer moe_decode over the general path while T*k <= DECODE_SLOTS_PER_EXPERT[dtype] * E
+# (other dtypes: the float32 value). Measured with the whole experts implementation forced onto
+# each path (`bench_hf --stages --tokens 1 2 4 8 16 32 --dtypes fp32 bf16`, d = 512, 1 thread,
+# Zen 3, two runs; docs/huggingface.md): since the AVX2 small-group grouped GEMM kernels the
+# general path / moe_decode time ratio crosses 1 near one slot per expert in float32 (Mixtral
+# 1.02-0.76 at 1, 0.74-0.84 at 2; Qwen3-MoE 1.11-1.20 at 1, 0.90-1.02 at 2) and near a quarter of
+# a slot in bfloat16 (Qwen3-MoE 1.01-1.11 at 1/4, 0.74-0.93 at 1/2; Mixtral 0.94-1.35 at 1/4).
+# (Before those kernels moe_decode won up to 4-8 slots per expert.)
+DECODE_SLOTS_PER_EXPERT: dict = {
+    torch.float32: 1.0,
+    torch.float64: 1.0,
+    torch.bfloat16: 0.25,
+    torch.float16: 0.25,
+}
 
 
 def moe_decode(

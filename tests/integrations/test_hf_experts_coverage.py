@@ -21,6 +21,7 @@ pytest.importorskip("transformers.integrations.moe")
 import hf_coverage  # noqa: E402
 
 import moe_framework.integrations.transformers  # noqa: E402,F401  (registers the implementation)
+from moe_framework import ops  # noqa: E402
 
 T = 13
 
@@ -61,9 +62,18 @@ def _check_class(cls: type, dtype: torch.dtype, gen: torch.Generator) -> str | N
         if not _close(out_g[name], g, dtype):
             diff = float((out_g[name].float() - g.float()).abs().max())
             return f"gradient of {name} differs by {diff:.3g}"
-    # Inference at decode size takes the fused moe_decode path where it applies.
+    # Inference at decode size takes the fused moe_decode path where it applies (SiLU gate, no
+    # bias): forced here whatever the dtype's slots-per-expert threshold says for these sizes.
+    saved = ops.DECODE_SLOTS_PER_EXPERT
+    ops.DECODE_SLOTS_PER_EXPERT = dict.fromkeys(saved, float(1 << 30))
+    try:
+        with torch.no_grad():
+            y1, _ = hf_coverage.run_experts(
+                module, "moe_framework", x[:3], ids[:3], weights[:3], None
+            )
+    finally:
+        ops.DECODE_SLOTS_PER_EXPERT = saved
     with torch.no_grad():
-        y1, _ = hf_coverage.run_experts(module, "moe_framework", x[:3], ids[:3], weights[:3], None)
         r1, _ = hf_coverage.run_experts(module, "eager", x[:3], ids[:3], weights[:3], None)
     if not _close(y1, r1, dtype):
         return f"decode output differs by {float((y1.float() - r1.float()).abs().max()):.3g}"
