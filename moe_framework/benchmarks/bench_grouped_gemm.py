@@ -38,7 +38,6 @@ import torch
 import moe_framework  # noqa: F401
 from moe_framework.benchmarks import common
 from moe_framework.ops import grouped_gemm, grouped_gemm_wgrad
-from moe_framework.ops.tuning import set_tuning
 
 # (experts, rows per expert, K = d_model, N = d_ff)
 SHAPES = [
@@ -269,19 +268,9 @@ def main() -> None:
     parser.add_argument("--sweep-big-rows", type=int, default=16, help="max rows at 1024x2816")
     parser.add_argument("--baseline", default=None, help="sweep JSON of another build to compare")
     parser.add_argument("--name", default=None, help="JSON file name (default grouped_gemm_sweep)")
-    parser.add_argument(
-        "--tuning",
-        nargs="*",
-        default=[],
-        metavar="KNOB=VALUE",
-        help="set CPU kernel knobs first (ops.set_tuning), e.g. gg_direct_rows_avx2=8 for an A/B",
-    )
+    common.add_tuning_arg(parser)
     args = parser.parse_args()
-    for item in args.tuning:
-        name, sep, value = item.partition("=")
-        if not sep or not value.lstrip("-").isdigit():
-            parser.error(f"--tuning expects KNOB=INTEGER, got {item!r}")
-        set_tuning(name, int(value))
+    common.apply_tuning(parser, args.tuning)
     if args.sweep:
         return sweep(args)
     device = args.device

@@ -382,6 +382,33 @@ def write_json(name: str, payload: dict, out_dir: Optional[str] = None) -> str:
     return path
 
 
+def add_tuning_arg(p: argparse.ArgumentParser) -> None:
+    """``--tuning KNOB=VALUE ...``: CPU kernel knobs to set before timing (an A/B of one knob)."""
+    p.add_argument(
+        "--tuning",
+        nargs="*",
+        default=[],
+        metavar="KNOB=VALUE",
+        help="set CPU kernel knobs first (ops.set_tuning), e.g. gg_direct_rows_avx2=8 for an A/B",
+    )
+
+
+def apply_tuning(p: argparse.ArgumentParser, items: list) -> dict:
+    """Sets the ``--tuning`` knobs (a clear argparse error for a malformed item; an unknown knob
+    or an out-of-range value raises the op's own error naming it); returns them as a dict."""
+    from moe_framework.ops.tuning import set_tuning
+
+    values = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not value.lstrip("-").isdigit():
+            p.error(f"--tuning expects KNOB=INTEGER, got {item!r}")
+        values[name] = int(value)
+    for name, value in values.items():
+        set_tuning(name, value)
+    return values
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     """Common flags: --quick (small sizes, few reps), --threads, --device, --out."""
     p = argparse.ArgumentParser(description=description)

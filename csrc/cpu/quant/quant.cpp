@@ -24,6 +24,7 @@
 #include "kernels.h"
 #include "kernels_a8.h"
 #include "moe_framework/cpu_convert.h"
+#include "moe_framework/cpu_tuning.h"
 #include "moe_framework/grouped_gemm_q.h"
 
 namespace moe_framework {
@@ -228,8 +229,9 @@ void run_act8(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
   const uint8_t* zbase = zeros.has_value() ? zeros->const_data_ptr<uint8_t>() : nullptr;
   const int64_t first = off[0];
 #if MOE_GGQ_X86
-  if (s.bits == 4 && avx2_fma()) {
-    // INT4 on AVX2: a whole tile's columns per kernel call (columns_q4_a8_avx2).
+  if (s.bits == 4 && avx2_fma() && tuning::value(tuning::kGgqA8ColumnTiles) != 0) {
+    // INT4 on AVX2: a whole tile's columns per kernel call (columns_q4_a8_avx2); knob
+    // ggq_a8_column_tiles = 0 runs the per-column path below instead.
     scalar_t* obase = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> buf;

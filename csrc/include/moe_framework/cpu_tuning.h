@@ -33,6 +33,7 @@ enum Knob : int {
   kSimBankBlockBytes,  // bytes of one normalised bank block
   kSimTasksPerThread,  // parallel tasks per thread
   kSimMinTaskWork,     // multiply-adds below which another task costs more than it saves
+  kGgqA8ColumnTiles,   // grouped_gemm_q INT4 x INT8 (AVX2): a tile's columns per call (1) or one
   kNumKnobs
 };
 
@@ -53,13 +54,14 @@ inline constexpr KnobInfo kKnobs[kNumKnobs] = {
     {"sim_bank_block_bytes", 384 * 1024, 4096, int64_t{1} << 30},
     {"sim_tasks_per_thread", 4, 1, 1024},
     {"sim_min_task_work", int64_t{1} << 22, 1, int64_t{1} << 40},
+    {"ggq_a8_column_tiles", 1, 0, 1},
 };
 
 // The current values: one definition for the whole library (an inline variable).
 inline std::atomic<int64_t> g_values[kNumKnobs] = {
-    kKnobs[0].initial, kKnobs[1].initial, kKnobs[2].initial, kKnobs[3].initial, kKnobs[4].initial,
-    kKnobs[5].initial, kKnobs[6].initial, kKnobs[7].initial, kKnobs[8].initial, kKnobs[9].initial,
-    kKnobs[10].initial};
+    kKnobs[0].initial, kKnobs[1].initial, kKnobs[2].initial,  kKnobs[3].initial,
+    kKnobs[4].initial, kKnobs[5].initial, kKnobs[6].initial,  kKnobs[7].initial,
+    kKnobs[8].initial, kKnobs[9].initial, kKnobs[10].initial, kKnobs[11].initial};
 
 inline int64_t value(Knob knob) {
   return g_values[knob].load(std::memory_order_relaxed);
