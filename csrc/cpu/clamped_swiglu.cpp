@@ -5,7 +5,14 @@
 // the backward reads them and the incoming gradient and writes both gradient halves in h's layout.
 // That replaces GPT-OSS's 2 strided slices, 2 clamps, a sigmoid and 4 elementwise products
 // (each a full pass, each rounded to the model dtype) by one pass and one rounding.
+//
+// The row loops are compiled for baseline x86-64 and, cloned, with target("avx2,f16c") and the
+// AVX-512 target, where GCC vectorises them (the interleaved pairs with stride-2 loads). As in
+// swiglu.cpp: without -fno-trapping-math GCC keeps fast_math.h's selects as branches and nothing
+// vectorises; no FMA contraction, so every build gives the same bits. Set before the includes so
+// the inlined header math gets the same settings.
 #if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math", "fp-contract=off")
 // swiglu.h's 64-byte lane helpers are always-inline: no call ABI involved.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
@@ -20,8 +27,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "moe_framework/cpu_convert.h"
+#include "moe_framework/cpu_isa.h"
 
 namespace moe_framework {
 namespace {
@@ -36,8 +45,8 @@ int64_t grain_for(int64_t half) {
 }
 
 template <typename scalar_t, bool kInterleaved>
-void forward_rows(const scalar_t* h, int64_t sh, scalar_t* out, int64_t half, double alpha_d,
-                  double limit_d, int64_t r0, int64_t r1) {
+MOE_ALWAYS_INLINE void forward_rows(const scalar_t* h, int64_t sh, scalar_t* out, int64_t half,
+                                    double alpha_d, double limit_d, int64_t r0, int64_t r1) {
   using acc = clamped_swiglu::acc_t<scalar_t>;
   const acc alpha = static_cast<acc>(alpha_d), limit = static_cast<acc>(limit_d);
   for (int64_t r = r0; r < r1; ++r) {
@@ -52,8 +61,9 @@ void forward_rows(const scalar_t* h, int64_t sh, scalar_t* out, int64_t half, do
 }
 
 template <typename scalar_t, bool kInterleaved>
-void backward_rows(const scalar_t* h, int64_t sh, const scalar_t* grad, int64_t sg, scalar_t* out,
-                   int64_t half, double alpha_d, double limit_d, int64_t r0, int64_t r1) {
+MOE_ALWAYS_INLINE void backward_rows(const scalar_t* h, int64_t sh, const scalar_t* grad,
+                                     int64_t sg, scalar_t* out, int64_t half, double alpha_d,
+                                     double limit_d, int64_t r0, int64_t r1) {
   using acc = clamped_swiglu::acc_t<scalar_t>;
   const acc alpha = static_cast<acc>(alpha_d), limit = static_cast<acc>(limit_d);
   for (int64_t r = r0; r < r1; ++r) {
@@ -71,6 +81,61 @@ void backward_rows(const scalar_t* h, int64_t sh, const scalar_t* grad, int64_t 
   }
 }
 
+// The ISA builds of both row loops (see the top of the file); run_rows picks one per call.
+template <bool kBackward, typename scalar_t, bool kInterleaved>
+MOE_ALWAYS_INLINE void rows_any(const scalar_t* h, int64_t sh, const scalar_t* g, int64_t sg,
+                                scalar_t* out, int64_t half, double alpha, double limit, int64_t r0,
+                                int64_t r1) {
+  if constexpr (kBackward) {
+    backward_rows<scalar_t, kInterleaved>(h, sh, g, sg, out, half, alpha, limit, r0, r1);
+  } else {
+    forward_rows<scalar_t, kInterleaved>(h, sh, out, half, alpha, limit, r0, r1);
+  }
+}
+
+#if MOE_CPU_AVX2_CLONE
+template <bool kBackward, typename scalar_t, bool kInterleaved>
+MOE_TARGET_AVX512 void rows_avx512(const scalar_t* h, int64_t sh, const scalar_t* g, int64_t sg,
+                                   scalar_t* out, int64_t half, double alpha, double limit,
+                                   int64_t r0, int64_t r1) {
+  rows_any<kBackward, scalar_t, kInterleaved>(h, sh, g, sg, out, half, alpha, limit, r0, r1);
+}
+template <bool kBackward, typename scalar_t, bool kInterleaved>
+MOE_TARGET_AVX2 void rows_avx2(const scalar_t* h, int64_t sh, const scalar_t* g, int64_t sg,
+                               scalar_t* out, int64_t half, double alpha, double limit, int64_t r0,
+                               int64_t r1) {
+  rows_any<kBackward, scalar_t, kInterleaved>(h, sh, g, sg, out, half, alpha, limit, r0, r1);
+}
+#endif
+template <bool kBackward, typename scalar_t, bool kInterleaved>
+void rows_base(const scalar_t* h, int64_t sh, const scalar_t* g, int64_t sg, scalar_t* out,
+               int64_t half, double alpha, double limit, int64_t r0, int64_t r1) {
+  rows_any<kBackward, scalar_t, kInterleaved>(h, sh, g, sg, out, half, alpha, limit, r0, r1);
+}
+
+template <bool kBackward, typename scalar_t>
+void run_rows(bool interleaved, const scalar_t* h, int64_t sh, const scalar_t* g, int64_t sg,
+              scalar_t* out, int64_t half, double alpha, double limit, int64_t rows) {
+  const bool avx512 = use_avx512(), avx2 = use_avx2();
+  at::parallel_for(0, rows, grain_for(half), [&](int64_t r0, int64_t r1) {
+    auto run = [&](auto inter) {
+      constexpr bool kI = decltype(inter)::value;
+#if MOE_CPU_AVX2_CLONE
+      if (avx512)
+        return rows_avx512<kBackward, scalar_t, kI>(h, sh, g, sg, out, half, alpha, limit, r0, r1);
+      if (avx2)
+        return rows_avx2<kBackward, scalar_t, kI>(h, sh, g, sg, out, half, alpha, limit, r0, r1);
+#endif
+      rows_base<kBackward, scalar_t, kI>(h, sh, g, sg, out, half, alpha, limit, r0, r1);
+    };
+    if (interleaved) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
+  });
+}
+
 at::Tensor clamped_swiglu_cpu(const at::Tensor& h_in, double alpha, double limit,
                               bool interleaved) {
   clamped_swiglu::check_args(h_in, limit, "clamped_swiglu");
@@ -79,16 +144,8 @@ at::Tensor clamped_swiglu_cpu(const at::Tensor& h_in, double alpha, double limit
   if (out.numel() == 0) return out;
   const at::Tensor h = swiglu::as_rows(h_in);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "clamped_swiglu", [&] {
-    const scalar_t* hp = h.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const int64_t sh = h.stride(0);
-    at::parallel_for(0, h.size(0), grain_for(half), [&](int64_t r0, int64_t r1) {
-      if (interleaved) {
-        forward_rows<scalar_t, true>(hp, sh, op, half, alpha, limit, r0, r1);
-      } else {
-        forward_rows<scalar_t, false>(hp, sh, op, half, alpha, limit, r0, r1);
-      }
-    });
+    run_rows<false, scalar_t>(interleaved, h.const_data_ptr<scalar_t>(), h.stride(0), nullptr, 0,
+                              out.mutable_data_ptr<scalar_t>(), half, alpha, limit, h.size(0));
   });
   return out;
 }
@@ -104,17 +161,9 @@ at::Tensor clamped_swiglu_backward_cpu(const at::Tensor& grad_in, const at::Tens
   const at::Tensor g = swiglu::as_rows(grad_in);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, h.scalar_type(), "clamped_swiglu_backward", [&] {
-        const scalar_t* hp = h.const_data_ptr<scalar_t>();
-        const scalar_t* gp = g.const_data_ptr<scalar_t>();
-        scalar_t* op = out.mutable_data_ptr<scalar_t>();
-        const int64_t sh = h.stride(0), sg = g.stride(0);
-        at::parallel_for(0, h.size(0), grain_for(half), [&](int64_t r0, int64_t r1) {
-          if (interleaved) {
-            backward_rows<scalar_t, true>(hp, sh, gp, sg, op, half, alpha, limit, r0, r1);
-          } else {
-            backward_rows<scalar_t, false>(hp, sh, gp, sg, op, half, alpha, limit, r0, r1);
-          }
-        });
+        run_rows<true, scalar_t>(interleaved, h.const_data_ptr<scalar_t>(), h.stride(0),
+                                 g.const_data_ptr<scalar_t>(), g.stride(0),
+                                 out.mutable_data_ptr<scalar_t>(), half, alpha, limit, h.size(0));
       });
   return out;
 }

@@ -126,6 +126,14 @@ def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _add_row_bias(t: torch.Tensor, bias: torch.Tensor, rows_expert: torch.Tensor) -> torch.Tensor:
+    """``t + bias[expert of row]``, in place into ``t`` (a fresh grouped GEMM output nothing else
+    holds; its backward does not need it) when the dtypes agree: at prefill sizes a second
+    [rows, N] buffer costs its page faults and a full extra write."""
+    rb = _row_bias(bias, rows_expert)
+    return t.add_(rb) if rb.dtype == t.dtype else t + rb
+
+
 def moe_framework_experts_forward(
     self: Any,
     hidden_states: torch.Tensor,
@@ -196,7 +204,7 @@ def moe_framework_experts_forward(
         rows_expert = expert_of_row(offsets, x_sorted.shape[0]) if has_bias else None
         h = ops.grouped_gemm(x_sorted, w_in, offsets, trans_b=trans_b)
         if b_in is not None and rows_expert is not None:
-            h = h + _row_bias(b_in, rows_expert)
+            h = _add_row_bias(h, b_in, rows_expert)
         if kind == "clamped":
             alpha, limit, interleaved = arg
             a = ops.clamped_swiglu(h, alpha, limit, interleaved)
@@ -209,7 +217,7 @@ def moe_framework_experts_forward(
             a = self._apply_gate(h)
         y_sorted = ops.grouped_gemm(a.to(w_out.dtype), w_out, offsets, trans_b=trans_b)
         if b_out is not None and rows_expert is not None:
-            y_sorted = y_sorted + _row_bias(b_out, rows_expert)
+            y_sorted = _add_row_bias(y_sorted, b_out, rows_expert)
     y = ops.unpermute(
         y_sorted,
         row_of_slot,
