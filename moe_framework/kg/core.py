@@ -186,7 +186,7 @@ class StoreCore:
         if not (norms > 0).all():
             bad = int(ids[np.argmin(norms > 0)])
             raise KnowledgeGraphError(f"{self.path}: node {bad} embedding has zero norm")
-        return (vecs / norms[:, None]).astype(np.float32)
+        return _s.divide_rows(vecs, norms)
 
     def _rebuild_index(self, conn) -> None:
         # One read transaction: the count and the scan see the same snapshot even while another

@@ -15,14 +15,19 @@ Python operations, not a search:
   again, wider, in the rare case all of them were moved).
 * **nodes inserted by earlier reports of the batch and not moved since**: their embedding is the
   report's own, so the best of them is a causal (lower-triangular) maximum over the batch's
-  report-by-report cosines, computed in blocks of one GEMM each before the loop, *assuming*
-  every earlier report inserts. A report whose maximum came from a row that turned out not to
-  be such a node (it merged, or a later report merged into it) scores the rows that are, with
-  one matrix-vector product over them (few exactly when many reports merge).
+  report-by-report cosines, computed in blocks of one GEMM each (at most 64 MiB of scores),
+  *assuming* every earlier report inserts, and kept ranked: each report's ``_TOP + 1`` best
+  earlier rows. A report takes the first ranked row that is still such a node (a row dies when
+  it merged, or a later report merged into it); only when all of them died does it take the
+  maximum of its row of the block over the rows still alive (a masked max, no product).
 * **nodes the batch moved** (merge targets): scored by one GEMM per block of ``_MV_BLOCK``
-  reports against the nodes moved before the block; the nodes the block itself moves are
-  re-scored per report (at most ``_MV_BLOCK`` rows), so a batch where every report merges costs
-  ``n · moved · d / 2`` in GEMMs, not a matrix-vector product over every moved node per report.
+  reports against the nodes moved before the block, ranked the same way (a node the block moves
+  again is skipped); the nodes the block itself moves are re-scored per report (at most
+  ``_MV_BLOCK`` rows), so a batch where every report merges costs ``n · moved · d / 2`` in
+  GEMMs, not a matrix-vector product over every moved node per report.
+
+So the per-report work is a few Python operations in the common case; everything of size
+``n`` or ``d`` per report is a GEMM row computed for the whole block.
 
 Ties go to the lower node id in every set and between them, as in the one-by-one rule. The SQL
 writes are collected and applied with ``executemany`` (one INSERT per new node with its final
@@ -48,6 +53,10 @@ _K = 8  # pre-batch candidates per report: only the best one the batch has not m
 # on its stored vector; twice as many are fetched while the index holds stale entries.
 _K_ANN = 4
 _MV_BLOCK = 256  # reports per GEMM of the batch against the nodes it moved
+# Ranked alternatives kept per report from each GEMM (the batch's earlier reports; the nodes moved
+# before the report's block): the report takes the first one still eligible, and scores every
+# eligible row only when all of them were taken (merged, moved) since the GEMM.
+_TOP = 16
 _GEMM_ELEMENTS = 1 << 24  # rows x columns of one block of batch cosines (64 MiB of float32)
 
 
@@ -66,16 +75,14 @@ class MergePlan:
         self.node = np.zeros(n, np.int64)  # node each report was filed into
         self.merged = np.zeros(n, bool)
         self.sim: list = [None] * n
-        # Batch rows that inserted a node: its id; rows that are not (or no longer) such an
-        # unmoved node are "dead" for the causal maximum.
+        # Batch rows that inserted a node: its id.
         self.row_node = np.full(n, -1, np.int64)
-        self.dead = np.zeros(n, bool)
         self.id_row: dict = {}  # node id inserted by the batch -> its row
-        # The rows that inserted, in order, with their unit vectors and whether still unmoved.
-        self.ins_rows: list = []
-        self.ins_pos: dict = {}  # row -> position in ins_rows
-        self.ins_unit = np.zeros((n, d), np.float32)
-        self.ins_alive = np.zeros(n, bool)
+        # Rows that count for the causal maximum of later reports.
+        self.alive = np.zeros(n, bool)  # rows that inserted a node the batch has not moved
+        # The block of the batch's causal cosines holding the current report (``_causal_block``).
+        self.c_b0 = self.c_b1 = 0
+        self.c_block = np.zeros((0, 0), np.float32)
         # Moved nodes (merge targets): current raw / unit embedding, metadata, merges.
         self.slot: dict = {}
         self.pre_rows: dict = {}  # prefetched (embedding, metadata) of likely merge targets
@@ -89,6 +96,13 @@ class MergePlan:
         self.mv_m0 = self.mv_j0 = 0
         self.mv_dirty = np.zeros(n, bool)
         self.mv_dirty_list: list = []
+        # The nodes moved inside the current block, contiguous: current unit vector and id.
+        self.d_pos: dict = {}  # slot -> position
+        self.d_unit = np.zeros((min(n, _MV_BLOCK), d), np.float32)
+        self.d_ids = np.zeros(min(n, _MV_BLOCK), np.int64)
+        # Ranked block scores against the moved nodes: per report of the block, ``_TOP + 1``
+        # (score, slot, id) in descending score and ascending id, and how many are usable.
+        self.mv_top: list = []
 
     # ------------------------------------------------------------------ decisions
 
@@ -110,13 +124,13 @@ class MergePlan:
             # Stored rows of every candidate above the threshold, in one query per CHUNK ids.
             self._prefetch(np.unique(i[(s > thr) & (i >= 0)]).tolist())
         t1 = time.perf_counter()
-        self.bmax, self.barg = self._causal_best()
-        t2 = time.perf_counter()
         t["candidates"] = t1 - t0 - t.get("confirm", 0.0)
-        t["batch_gemm"] = t2 - t1
+        t["batch_gemm"] = 0.0
         for j in range(n):
             if j % _MV_BLOCK == 0:
                 self._score_moved_block(j)
+            if j == self.c_b1:
+                self._causal_block(j)
             best_s, best_id = -np.inf, None
             if ci is not None and cs is not None:
                 pre = self._pre_best(j, cs[j], ci[j])
@@ -139,43 +153,56 @@ class MergePlan:
                 self.node[j] = self.row_node[j] = self.next_id
                 self.id_row[self.next_id] = j
                 self.next_id += 1
-                self.ins_pos[j] = len(self.ins_rows)
-                self.ins_unit[len(self.ins_rows)] = self.unit[j]
-                self.ins_alive[len(self.ins_rows)] = True
-                self.ins_rows.append(j)
+                self.alive[j] = True
         # Per-report decisions and merges (wider searches included).
-        t["decide"] = time.perf_counter() - t2
+        t["decide"] = time.perf_counter() - t1 - t["batch_gemm"]
 
     def _score_moved_block(self, j0: int) -> None:
-        """Scores of reports ``j0 .. j0 + _MV_BLOCK`` against the nodes moved so far, one GEMM;
-        nodes the block moves again (or moves first) are re-scored per report (``_moved_best``)."""
+        """Scores of reports ``j0 .. j0 + _MV_BLOCK`` against the nodes moved so far, one GEMM,
+        ranked (``_TOP + 1`` per report); nodes the block moves again (or moves first) are
+        re-scored per report (``_moved_best``)."""
         import torch
 
         for s in self.mv_dirty_list:
             self.mv_dirty[s] = False
         self.mv_dirty_list = []
+        self.d_pos = {}
         m0 = self.mv_m0 = len(self.mv_raw)
         self.mv_j0 = j0
         if m0:
             u = torch.from_numpy(self.unit[j0 : j0 + _MV_BLOCK])
-            self.mv_block = (u @ torch.from_numpy(self.mv_unit[:m0]).T).numpy()
+            g = u @ torch.from_numpy(self.mv_unit[:m0]).T
+            self.mv_block = g.numpy()
+            kk = min(_TOP + 1, m0)
+            v, slot = g.topk(kk, dim=1)
+            slot_np = slot.numpy()
+            vals, ids, slots, use = _ranked(v.numpy(), self.mv_ids[slot_np], kk == m0, slot_np)
+            self.mv_top = list(zip(vals, ids, slots, use))
 
     def _moved_best(self, j: int) -> tuple:
         """(score, id) of the best node the batch moved, for report ``j`` (ties: lower id)."""
         best_s, best_id = -np.inf, -1
         m0 = self.mv_m0
         if m0:
-            row = self.mv_block[j - self.mv_j0]
-            if self.mv_dirty_list:
-                row = np.where(self.mv_dirty[:m0], -np.inf, row)
-            top = row.max()
-            if top > -np.inf:
-                best_s, best_id = float(top), int(self.mv_ids[:m0][row == top].min())
-        if self.mv_dirty_list:
-            d = np.asarray(self.mv_dirty_list, np.int64)
-            sc = np.einsum("ij,j->i", self.mv_unit[d], self.unit[j])  # no BLAS threads
+            r = j - self.mv_j0
+            vals, ids, slots, use = self.mv_top[r]
+            dirty = self.mv_dirty
+            for e in range(use):
+                if not dirty[slots[e]]:
+                    best_s, best_id = vals[e], ids[e]
+                    break
+            else:  # every ranked node moved again since the GEMM: all of its row
+                row = self.mv_block[r]
+                if self.mv_dirty_list:
+                    row = np.where(dirty[:m0], -np.inf, row)
+                top = row.max()
+                if top > -np.inf:
+                    best_s, best_id = float(top), int(self.mv_ids[:m0][row == top].min())
+        nd = len(self.mv_dirty_list)
+        if nd:
+            sc = np.einsum("ij,j->i", self.d_unit[:nd], self.unit[j])  # no BLAS threads
             top = sc.max()
-            id_d = int(self.mv_ids[d][sc == top].min())
+            id_d = int(self.d_ids[:nd][sc == top].min())
             if _better(float(top), id_d, best_s, best_id):
                 best_s, best_id = float(top), id_d
         return best_s, best_id
@@ -240,53 +267,56 @@ class MergePlan:
             s2, i2 = self._search(self.unit[j : j + 1], min(n_before, 2 * len(row_i)))
             row_s, row_i = s2[0].tolist(), i2[0].tolist()
 
-    def _causal_best(self) -> tuple:
-        """For each report j: the largest cosine with an earlier report of the batch and the
-        lowest such row (``-inf`` / -1 for the first), in blocks of one GEMM each."""
+    def _causal_block(self, b0: int) -> None:
+        """Reports ``b0 .. b1`` against every earlier report of the batch, one GEMM: for each,
+        its earlier reports ranked by cosine (descending, ties to the lower row), the first
+        ``_TOP + 1`` (``b_val``, ``b_row``; ``b_use``: how many lead the ranking for certain, see
+        ``_ranked``), and the block itself for when they all died (``_batch_best``)."""
         import torch
 
+        t0 = time.perf_counter()
         n = self.n
+        b1 = self.c_b1 = min(n, b0 + max(64, _GEMM_ELEMENTS // max(n, 1)))
+        self.c_b0 = b0
         bank = self.kg._bank
         device = bank.device if bank is not None else torch.device("cpu")
-        u = torch.from_numpy(self.unit).to(device)
-        bmax = np.full(n, -np.inf, np.float32)
-        barg = np.full(n, -1, np.int64)
-        block = max(64, _GEMM_ELEMENTS // max(n, 1))
-        for b0 in range(1, n, block):
-            b1 = min(n, b0 + block)
+        if b0 == 0:
+            self.b_val: list = [[]] * n
+            self.b_row: list = [[]] * n
+            self.b_use: list = [0] * n
+            self.c_u = torch.from_numpy(self.unit).to(device)
+        u = self.c_u
+        if b1 > 1:
             g = u[b0:b1] @ u[: b1 - 1].T  # rows b0..b1-1 against rows 0..b1-2
             # Row b0 + r sees rows < b0 + r: mask the upper triangle of the last columns only.
             mask = torch.ones(b1 - b0, b1 - 1 - b0, dtype=torch.bool, device=device).triu_()
             g[:, b0:].masked_fill_(mask, -torch.inf)
-            # argmax returns the first (lowest) row among equal maxima, as the rule's ties want.
-            first = g.argmax(dim=1)
-            bmax[b0:b1] = g.gather(1, first[:, None])[:, 0].cpu().numpy()
-            barg[b0:b1] = first.cpu().numpy()
-        return bmax, barg
+            kk = min(_TOP + 1, b1 - 1)
+            v, r = g.topk(kk, dim=1)
+            vals, rows, use = _ranked(v.cpu().numpy(), r.cpu().numpy(), kk == b1 - 1)
+            self.b_val[b0:b1], self.b_row[b0:b1], self.b_use[b0:b1] = vals, rows, use
+            self.c_block = g.cpu().numpy()
+        self.times["batch_gemm"] += time.perf_counter() - t0
 
     def _kill(self, row: int) -> None:
         """Row ``row`` is no longer an unmoved node of the batch (it merged, or a later report
-        merged into it). Later reports whose precomputed maximum it was recompute theirs when
-        they come (``_batch_best``)."""
-        self.dead[row] = True
-        k = self.ins_pos.get(row)
-        if k is not None:
-            self.ins_alive[k] = False
+        merged into it). Later reports ranking it first take their next row (``_batch_best``)."""
+        self.alive[row] = False
 
     def _batch_best(self, j: int) -> tuple:
         """(score, row) of the best unmoved node inserted by an earlier report (row -1: none)."""
-        r = int(self.barg[j])
-        if r < 0 or not self.dead[r]:
-            return float(self.bmax[j]), r  # the maximum over all earlier rows is one of them
-        # Its maximum died: the best over the rows inserted so far that are still unmoved (few
-        # when many reports merge, which is when rows die).
-        k = len(self.ins_rows)
-        g = np.einsum("ij,j->i", self.ins_unit[:k], self.unit[j])  # no BLAS threads
-        g[~self.ins_alive[:k]] = -np.inf
-        top = g.max() if k else -np.inf
+        vals, rows, alive = self.b_val[j], self.b_row[j], self.alive
+        for e in range(self.b_use[j]):
+            if alive[rows[e]]:
+                return vals[e], rows[e]  # the best earlier row that is still such a node
+        if j == 0:
+            return -np.inf, -1
+        # Every ranked row died: the best of the block's row over the rows still alive.
+        g = np.where(self.alive[:j], self.c_block[j - self.c_b0, :j], -np.inf)
+        top = g.max()
         if top == -np.inf:
             return -np.inf, -1
-        return float(top), self.ins_rows[int(np.argmax(g == top))]
+        return float(top), int(np.argmax(g == top))  # the lowest row among equal maxima
 
     def _merge(self, j: int, target: int, rate: float) -> None:
         s = self.slot.get(target)
@@ -318,7 +348,10 @@ class MergePlan:
         self.mv_count[s] += 1
         if not self.mv_dirty[s]:
             self.mv_dirty[s] = True
+            self.d_pos[s] = len(self.mv_dirty_list)
+            self.d_ids[len(self.mv_dirty_list)] = target
             self.mv_dirty_list.append(s)
+        self.d_unit[self.d_pos[s]] = self.mv_unit[s]
         self.node[j] = target
         self.merged[j] = True
         self._kill(j)
@@ -380,3 +413,18 @@ class MergePlan:
 def _better(s: float, i: int, best_s: float, best_id: Optional[int]) -> bool:
     """Score ``s`` of node ``i`` beats the best so far (ties: the lower id)."""
     return s > best_s or (s == best_s and (best_id is None or i < best_id))
+
+
+def _ranked(v: np.ndarray, key: np.ndarray, complete: bool, *extra: np.ndarray) -> tuple:
+    """Top-k rows ``v [m, k]`` (``topk``'s, any order among ties) with their tie-break keys
+    ``key [m, k]`` (row or node id; ties go to the lower), sorted by descending score then
+    ascending key, as lists, and per row how many leading entries are certainly its best in that
+    order: those above the row's k-th score (a tie at it may continue outside the k), or every
+    finite one when ``complete`` (the k are all the columns; -inf marks a masked one). ``extra``
+    arrays are permuted alike and returned after the keys, before the counts."""
+    order = np.lexsort((key, -v), axis=-1)
+    v = np.take_along_axis(v, order, 1)
+    usable = np.isfinite(v) if complete else v > v[:, -1:]
+    out = [v.tolist(), np.take_along_axis(key, order, 1).tolist()]
+    out += [np.take_along_axis(e, order, 1).tolist() for e in extra]
+    return (*out, usable.sum(1).tolist())

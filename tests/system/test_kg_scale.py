@@ -67,8 +67,10 @@ def _scrambled_candidates(original):
     # 1 candidate: every moved candidate forces a wider search.
     [("index", 8), ("index", 1), ("bank", 8), ("bank", 1), ("ann", 200), ("ann_scrambled", 200)],
 )
+# Ranked alternatives per report: 0 scores every eligible row each time, 2 runs out of them often.
+@pytest.mark.parametrize("top", [0, 2, 16])
 def test_batch_merge_rule_matches_one_by_one_reference(
-    tmp_path, seed, monkeypatch, candidates, path
+    tmp_path, seed, monkeypatch, candidates, path, top
 ):
     """Exact search (flat index, device bank): the one-by-one decisions. Approximate index
     (IVF with one list, as many candidates as nodes, so each report's best node is among its
@@ -77,6 +79,8 @@ def test_batch_merge_rule_matches_one_by_one_reference(
     monkeypatch.setattr(merge_plan, "_K", candidates)
     monkeypatch.setattr(merge_plan, "_K_ANN", candidates)
     monkeypatch.setattr(merge_plan, "_MV_BLOCK", 16)  # several moved-node blocks per batch
+    monkeypatch.setattr(merge_plan, "_TOP", top)
+    monkeypatch.setattr(merge_plan, "_GEMM_ELEMENTS", 1)  # causal blocks of 64 reports
     if path == "ann_scrambled":
         monkeypatch.setattr(
             kg_index.VectorIndex,
@@ -303,3 +307,20 @@ def test_scale_doc_example_runs(tmp_path, monkeypatch):
     exec(compile(block, str(doc), "exec"), ns)
     assert len(ns["results"]) == 1000 and 0 < ns["merged"] < 1000
     assert list(ns["ids"][:, 0]) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("shape", [(0, 7), (1, 384), (513, 33), (1100, 384)])
+def test_normalize_is_the_float64_quotient_rounded_once(seed, shape):
+    """``schema.normalize`` divides block by block; the bits must be those of the whole-array
+    float64 quotient, for rows of norms from 1e-20 to 1e20 and non-contiguous input."""
+    from moe_framework.kg import schema
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((shape[0], 2 * shape[1])) * rng.uniform(-20, 20, (shape[0], 1))
+    x = (x * 10.0 ** rng.uniform(-20, 20, (shape[0], 1))).astype(np.float32)[:, ::2]
+    norms = schema.row_norms(x)  # float64 (its own test: the norms of a float64 copy)
+    np.testing.assert_allclose(norms, np.linalg.norm(x.astype(np.float64), axis=1), rtol=1e-12)
+    expect = (x.astype(np.float64) / norms[:, None]).astype(np.float32)
+    got = schema.normalize(x)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got.view(np.uint32), expect.view(np.uint32))
