@@ -50,7 +50,8 @@ __all__ = ["MergePlan"]
 
 _K = 8  # pre-batch candidates per report: only the best one the batch has not moved is needed
 # Candidates per report from an approximate index (one FAISS call for the batch), each confirmed
-# on its stored vector; twice as many are fetched while the index holds stale entries.
+# on its stored vector; while the index holds stale entries (old entries of moved nodes), twice
+# as many entries are fetched and the best _K_ANN distinct nodes among them confirmed.
 _K_ANN = 4
 _MV_BLOCK = 256  # reports per GEMM of the batch against the nodes it moved
 # Ranked alternatives kept per report from each GEMM (the batch's earlier reports; the nodes moved
@@ -233,6 +234,10 @@ class MergePlan:
         # on its stored vector, so the decision is the exact rule's whenever the report's true
         # best node is among the candidates.
         s, i = index.search_candidates(q, 2 * k if index.has_stale else k)
+        if index.has_stale:
+            # Twice as many entries, of which the best k distinct nodes are confirmed: a moved
+            # node's stale entry and its current one would otherwise take two of the k.
+            s, i = _distinct(s, i, k)
         t0 = time.perf_counter()
         s, i = index.rescore(q, s, i, self._exact_scores)
         self.times["confirm"] = self.times.get("confirm", 0.0) + time.perf_counter() - t0
@@ -428,3 +433,14 @@ def _ranked(v: np.ndarray, key: np.ndarray, complete: bool, *extra: np.ndarray) 
     out = [v.tolist(), np.take_along_axis(key, order, 1).tolist()]
     out += [np.take_along_axis(e, order, 1).tolist() for e in extra]
     return (*out, usable.sum(1).tolist())
+
+
+def _distinct(s: np.ndarray, i: np.ndarray, k: int) -> tuple:
+    """The first ``k`` distinct ids of each row of ``(scores, ids)`` (in the rows' order: best
+    first), -inf / -1 where a row has fewer."""
+    drop = i < 0
+    for c in range(1, i.shape[1]):
+        drop[:, c] |= (i[:, c : c + 1] == i[:, :c]).any(1)
+    s, i = np.where(drop, -np.inf, s), np.where(drop, -1, i)
+    order = np.argsort(drop, axis=1, kind="stable")[:, :k]  # kept entries first, in order
+    return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)

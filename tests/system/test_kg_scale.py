@@ -324,3 +324,23 @@ def test_normalize_is_the_float64_quotient_rounded_once(seed, shape):
     got = schema.normalize(x)
     assert got.dtype == np.float32 and got.flags.c_contiguous
     np.testing.assert_array_equal(got.view(np.uint32), expect.view(np.uint32))
+
+
+def test_distinct_candidates_keep_the_first_k_distinct_ids_in_order(seed):
+    """``merge_plan._distinct`` (stale index entries): per row, the first k distinct ids >= 0 in
+    the row's order with their scores, padded with -inf / -1; checked against a Python loop."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(-1, 6, (200, 9))
+    scores = -np.sort(rng.standard_normal((200, 9)), axis=1).astype(np.float32)
+    for k in (1, 4, 9):
+        s, i = merge_plan._distinct(scores, ids, k)
+        assert s.shape == i.shape == (200, k)
+        for r in range(200):
+            seen, want = set(), []
+            for c in range(9):
+                if ids[r, c] >= 0 and ids[r, c] not in seen:
+                    seen.add(ids[r, c])
+                    want.append((scores[r, c], ids[r, c]))
+            want = (want + [(-np.inf, -1)] * k)[:k]
+            assert list(i[r]) == [w[1] for w in want]
+            assert list(s[r]) == [w[0] for w in want]
