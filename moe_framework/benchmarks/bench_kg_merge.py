@@ -12,7 +12,9 @@ that bind, and how often the approximate path decides as the exact rule does.
 * **search** (``--search``): the candidate search alone on one batch, FAISS's IVF search vs the
   list GEMMs (``kg/ivf_batch.py``), same lists and k.
 * **limits**: the SQLite write rate of those rows (rows written / seconds in ``executemany`` +
-  COMMIT) and the FAISS candidate search alone, each as a ceiling in reports/s.
+  COMMIT) and the FAISS candidate search alone, each as a ceiling in reports/s; with
+  ``--sqlite-rows``, raw SQLite's own insert rate for node-shaped rows (the store's settings,
+  nothing of ours in the loop).
 * **agreement**: ``--agree-n`` ``mix`` reports decided (no write) by the approximate path, for
   each ``--merge-nprobe``, and by the exact rule (a CPU device bank: exact ``ops.kg_search``);
   the fraction of reports with the same action and node.
@@ -205,6 +207,59 @@ def part_search(args, kg, mix, n0, rows: list, out: dict) -> None:
         print(rows[-1], flush=True)
 
 
+def part_sqlite(args, rows: list, out: dict) -> None:
+    """Raw SQLite's insert rate for rows shaped like the store's nodes (a ``dim * 4``-byte
+    embedding blob, a short type and metadata), the store's own settings (``schema.PAGE_SIZE``
+    pages, WAL, ``synchronous=FULL``), ``--batch`` rows per transaction with ``executemany``:
+    the ceiling a single SQLite writer puts on ingest on this disk. Best of three runs of
+    ``--sqlite-rows`` rows into a fresh file each."""
+    import sqlite3
+
+    folder = tempfile.mkdtemp(prefix="kg-sqlite-", dir=args.tmp)
+    blobs = _s.to_blobs(np.random.default_rng(0).standard_normal((args.batch, args.d)))
+    runs = []
+    try:
+        for r in range(3):
+            path = os.path.join(folder, f"raw{r}.sqlite")
+            conn = sqlite3.connect(path, isolation_level=None)
+            conn.execute(f"PRAGMA page_size={_s.PAGE_SIZE}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(
+                "CREATE TABLE nodes (id INTEGER PRIMARY KEY, type TEXT NOT NULL, embedding BLOB "
+                "NOT NULL, metadata TEXT NOT NULL, merge_count INTEGER NOT NULL, created_at REAL "
+                "NOT NULL, updated_at REAL NOT NULL)"
+            )
+            nid, load0 = 1, os.getloadavg()
+            t0 = time.perf_counter()
+            while nid <= args.sqlite_rows:
+                m = min(args.batch, args.sqlite_rows - nid + 1)
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(
+                    "INSERT INTO nodes VALUES (?, 'report', ?, '{}', 1, 0.0, 0.0)",
+                    zip(range(nid, nid + m), blobs[:m]),
+                )
+                conn.execute("COMMIT")
+                nid += m
+            dt = time.perf_counter() - t0
+            conn.close()
+            runs.append({"rows_per_s": args.sqlite_rows / dt, "loadavg": [load0, os.getloadavg()]})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    best = max(r["rows_per_s"] for r in runs)
+    out["sqlite_ceiling"] = {"rows": args.sqlite_rows, "batch": args.batch, "runs": runs}
+    rows.append(
+        {
+            "part": f"raw SQLite inserts, {4 * args.d} B blobs, {args.batch}/txn, WAL + FULL",
+            "threads": 1,
+            "nodes": args.sqlite_rows,
+            "result": f"{best:,.0f} rows/s",
+            "notes": "best of 3; runs " + ", ".join(f"{r['rows_per_s']:,.0f}" for r in runs),
+        }
+    )
+    print(rows[-1], flush=True)
+
+
 def _default_nprobe(index) -> str:
     try:  # absent from a checkout before issue 19's merge_nprobe (a baseline run)
         from moe_framework.kg.index import merge_nprobe
@@ -281,12 +336,18 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="60k x 64 smoke run")
     p.add_argument("--search", action="store_true", help="time the candidate search alone")
     p.add_argument("--lock", default=None, help="hold this flock file while timing batches")
+    p.add_argument(
+        "--sqlite-rows",
+        type=int,
+        default=0,
+        help="also time raw SQLite inserts of this many node-shaped rows (0: skip)",
+    )
     p.add_argument("--tmp", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.quick:
         args.store, args.n, args.d, args.batch, args.agree_n = None, 60_000, 64, 2000, 500
-        args.search = True
+        args.search, args.sqlite_rows = True, args.sqlite_rows or 10_000
     args.thread_list = common.thread_counts(args.threads or [1, 2])
     logging.basicConfig(level=logging.INFO)
     out: dict = {"machine": common.machine_info(), "args": dict(vars(args))}
@@ -303,6 +364,9 @@ def main() -> None:
         folder = tempfile.mkdtemp(prefix="kg-merge-", dir=args.tmp)
         path = os.path.join(folder, "kg.sqlite")
     rows: list = []
+    if args.sqlite_rows:
+        with _locked(args.lock):
+            part_sqlite(args, rows, out)
     try:
         if not os.path.exists(path):
             mix = Mixture(args.d, n_centers=max(100, args.n // 1000))

@@ -231,7 +231,9 @@ def _quote_uri(path: str) -> str:
 # Page size of new stores (SQLite's default is 4096). A node row holds dim*4 bytes of embedding
 # (1.5 KiB at d=384): with 4 KiB pages a page holds two rows and bulk inserts measured 40k rows/s,
 # with 16 KiB pages 73k rows/s (raw SQLite, 100k x 384, WAL + synchronous=FULL, this 2-core
-# machine); 64 KiB pages gain little more and make each random read of one node copy 64 KiB.
+# machine, both on a loaded machine; 128-168k rows/s with 16 KiB pages on a quiet one:
+# ``bench_kg_merge --sqlite-rows``); 64 KiB pages gain little more and make each random read of
+# one node copy 64 KiB.
 # Existing stores keep the page size they were created with (any page size reads the same).
 PAGE_SIZE = 16384
 
