@@ -406,7 +406,10 @@ def stage_breakdown(family: str, d: int, dtype: torch.dtype, tokens, threads: in
     from transformers.integrations import moe as hf_moe
 
     from moe_framework import ops
-    from moe_framework.integrations.hf_experts import moe_framework_experts_forward
+    from moe_framework.integrations.hf_experts import (
+        _cached_gate_of,
+        moe_framework_experts_forward,
+    )
 
     torch.set_num_threads(threads)
     model = family_model(family, d)
@@ -414,6 +417,14 @@ def stage_breakdown(family: str, d: int, dtype: torch.dtype, tokens, threads: in
     model = model.to(dtype)
     block = _block(model)
     ex = block.experts
+    kind = _cached_gate_of(ex)[0]
+    if kind != "silu" or not hasattr(block, "gate") or getattr(ex, "has_bias", False):
+        raise ValueError(
+            f"bench_hf --stages: {family}'s experts (gate {kind!r}, bias "
+            f"{getattr(ex, 'has_bias', False)}) are not plain SwiGLU experts routed by "
+            "`block.gate`; the stage breakdown (swiglu, moe_decode) covers mixtral, qwen3_moe, "
+            "olmoe and deepseek_v3"
+        )
     w_in, w_out = ex.gate_up_proj, ex.down_proj
     trans_b = not getattr(ex, "is_transposed", False)
     num_experts = w_in.shape[0]

@@ -130,3 +130,13 @@ def test_bench_hf_merge_later_chunks_win_and_goals_follow_the_times(tmp_path):
     slow = bench_hf.summary([row("generate", 10.0, 12.0, 11.0)])[0]
     assert slow["ratio"] == pytest.approx(1.1) and slow["goal"] == "NOT met"
     assert [r["file"] for r in payload["runs"]] == ["a.json", "b.json"]
+
+
+def test_bench_hf_stages_refuses_experts_it_cannot_break_down():
+    """``--stages`` times the SwiGLU stages and ``moe_decode``: GPT-OSS (clamped gate, biases,
+    ``block.router``) gets a ValueError naming the family, not an AttributeError mid-run."""
+    pytest.importorskip("transformers")
+    from moe_framework.benchmarks import bench_hf
+
+    with pytest.raises(ValueError, match="gpt_oss's experts .*clamped"):
+        bench_hf.stage_breakdown("gpt_oss", 64, torch.float32, [1], 1)
