@@ -87,8 +87,9 @@ TORCH_LIBRARY(moe_framework, m) {
   // w_out [E, h, d], or [E, 2h, d] / [E, d, h] with trans_b): each selected expert's weights read
   // once for all its tokens; ids -1 = dropped slot. For few tokens (T*k <= 4E), no autograd.
   m.def(
-      "moe_decode(Tensor x, Tensor ids, Tensor weights, Tensor w_in, Tensor w_out, bool trans_b) "
-      "-> Tensor");
+      "moe_decode(Tensor x, Tensor ids, Tensor weights, Tensor w_in, Tensor w_out, bool trans_b, "
+      "Tensor? b_in=None, Tensor? b_out=None, str gate=\"silu\", float alpha=1.702, "
+      "float limit=7.0, bool interleaved=False) -> Tensor");
 
   // ---- similarity: librarian dedup and knowledge-graph search ----
   // keep [n] bool, representative [n] i64 (most similar earlier kept-or-not item, self when kept).

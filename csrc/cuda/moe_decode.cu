@@ -1,5 +1,7 @@
-// CUDA kernels of moe_decode: a SwiGLU MoE experts step for a few tokens (decode) without the
-// permute / grouped GEMM / unpermute round trip.
+// CUDA kernels of moe_decode: a gated MoE experts step for a few tokens (decode) without the
+// permute / grouped GEMM / unpermute round trip. The gate is SwiGLU or GPT-OSS's clamped SwiGLU,
+// gate/up concatenated or interleaved, with optional biases b_in [E, 2h] and b_out [E, d] (the
+// CPU kernel's header has the formulas).
 //
 // Three launches, no host sync: (1) one warp per (slot, hidden column) dots the gate and up rows of
 // the slot's expert with the token (fp32 accumulation, warp-shuffle reduction) and writes
@@ -38,11 +40,19 @@ __device__ __forceinline__ scalar_t at3(const scalar_t* w, int64_t se, int64_t s
   return w[e * se + r * s1 + c * s2];
 }
 
+// The gate's options, passed by value to up_kernel.
+template <typename scalar_t, typename acc>
+struct Gate {
+  const scalar_t* bin;  // [E, 2h] contiguous, or nullptr
+  bool clamped, interleaved;
+  acc alpha, limit;
+};
+
 template <typename scalar_t, typename acc>
 __global__ void up_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ ids,
                           const scalar_t* __restrict__ w, int64_t se, int64_t s1, int64_t s2,
                           bool trans_b, int64_t k, int64_t d, int64_t h, int64_t E,
-                          acc* __restrict__ a) {
+                          Gate<scalar_t, acc> gate, acc* __restrict__ a) {
   const int64_t s = blockIdx.x;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -50,24 +60,38 @@ __global__ void up_kernel(const scalar_t* __restrict__ x, const int64_t* __restr
   const int64_t e = ids[s];
   if (e < 0 || e >= E) return;
   const scalar_t* xt = x + (s / k) * d;
+  // Gate and up columns of hidden column c: c and h + c, or 2c and 2c + 1 (interleaved).
+  const int64_t cg = gate.interleaved ? 2 * c : c, cu = gate.interleaved ? 2 * c + 1 : h + c;
   acc g = 0, u = 0;
   for (int64_t i = lane; i < d; i += 32) {
     const acc xi = static_cast<acc>(xt[i]);
     // trans_b: w[e] is [2h, d] (row c, column i); else [d, 2h] (row i, column c).
-    const scalar_t wg = trans_b ? at3(w, se, s1, s2, e, c, i) : at3(w, se, s1, s2, e, i, c);
-    const scalar_t wu = trans_b ? at3(w, se, s1, s2, e, h + c, i) : at3(w, se, s1, s2, e, i, h + c);
+    const scalar_t wg = trans_b ? at3(w, se, s1, s2, e, cg, i) : at3(w, se, s1, s2, e, i, cg);
+    const scalar_t wu = trans_b ? at3(w, se, s1, s2, e, cu, i) : at3(w, se, s1, s2, e, i, cu);
     g += xi * static_cast<acc>(wg);
     u += xi * static_cast<acc>(wu);
   }
   g = warp_sum(g);
   u = warp_sum(u);
-  if (lane == 0) a[s * h + c] = g / (acc(1) + exp(-g)) * u;
+  if (lane != 0) return;
+  if (gate.bin != nullptr) {
+    g += static_cast<acc>(gate.bin[e * 2 * h + cg]);
+    u += static_cast<acc>(gate.bin[e * 2 * h + cu]);
+  }
+  if (!gate.clamped) {
+    a[s * h + c] = g / (acc(1) + exp(-g)) * u;
+    return;
+  }
+  g = g < gate.limit ? g : gate.limit;
+  u = u < -gate.limit ? -gate.limit : (u > gate.limit ? gate.limit : u);
+  a[s * h + c] = (u + acc(1)) * (g / (acc(1) + exp(-gate.alpha * g)));
 }
 
 template <typename scalar_t, typename acc>
 __global__ void down_kernel(const acc* __restrict__ a, const int64_t* __restrict__ ids,
                             const scalar_t* __restrict__ w, int64_t se, int64_t s1, int64_t s2,
-                            bool trans_b, int64_t d, int64_t h, int64_t E, acc* __restrict__ y) {
+                            bool trans_b, int64_t d, int64_t h, int64_t E,
+                            const scalar_t* __restrict__ bout, acc* __restrict__ y) {
   const int64_t s = blockIdx.x;
   const int64_t i = static_cast<int64_t>(blockIdx.y) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -81,7 +105,7 @@ __global__ void down_kernel(const acc* __restrict__ a, const int64_t* __restrict
     v += a[s * h + c] * static_cast<acc>(wv);
   }
   v = warp_sum(v);
-  if (lane == 0) y[s * d + i] = v;
+  if (lane == 0) y[s * d + i] = bout != nullptr ? v + static_cast<acc>(bout[e * d + i]) : v;
 }
 
 template <typename scalar_t, typename acc>
@@ -102,7 +126,10 @@ __global__ void combine_kernel(const acc* __restrict__ y, const int64_t* __restr
 
 at::Tensor moe_decode_cuda(const at::Tensor& x_in, const at::Tensor& ids_in,
                            const at::Tensor& weights_in, const at::Tensor& w_in,
-                           const at::Tensor& w_out, bool trans_b) {
+                           const at::Tensor& w_out, bool trans_b,
+                           const std::optional<at::Tensor>& b_in_in,
+                           const std::optional<at::Tensor>& b_out_in, c10::string_view gate_name,
+                           double alpha, double limit, bool interleaved) {
   const char* op = "moe_decode";
   check_same_device(
       op,
@@ -120,6 +147,7 @@ at::Tensor moe_decode_cuda(const at::Tensor& x_in, const at::Tensor& ids_in,
   TORCH_CHECK(w_out.size(0) == E && w_out.size(1) == (trans_b ? d : h) &&
                   w_out.size(2) == (trans_b ? h : d),
               op, ": w_out must be [E, d, h] (trans_b) or [E, h, d], got ", w_out.sizes());
+  check_decode_extras(op, x_in, E, d, h, b_in_in, b_out_in, gate_name);
   at::Tensor out = at::empty({T, d}, x_in.options());
   if (out.numel() == 0) return out;
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -127,6 +155,8 @@ at::Tensor moe_decode_cuda(const at::Tensor& x_in, const at::Tensor& ids_in,
   const at::Tensor x = x_in.contiguous();
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();
   const int64_t n = T * k;
+  const at::Tensor b_in = b_in_in.has_value() ? b_in_in->contiguous() : at::Tensor();
+  const at::Tensor b_out = b_out_in.has_value() ? b_out_in->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moe_decode", [&] {
     using acc = at::opmath_type<scalar_t>;
     const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc>::value);
@@ -134,21 +164,22 @@ at::Tensor moe_decode_cuda(const at::Tensor& x_in, const at::Tensor& ids_in,
     at::Tensor a = at::empty({n, h}, acc_opts);
     at::Tensor y = at::empty({n, d}, acc_opts);
     const dim3 block(32 * kWarps);
-    if (h > 0) {
+    const Gate<scalar_t, acc> gate{b_in.defined() ? b_in.const_data_ptr<scalar_t>() : nullptr,
+                                   gate_name == "clamped", interleaved, static_cast<acc>(alpha),
+                                   static_cast<acc>(limit)};
+    if (n > 0 && h > 0) {
       up_kernel<scalar_t, acc><<<dim3(n, (h + kWarps - 1) / kWarps), block, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
           w_in.const_data_ptr<scalar_t>(), w_in.stride(0), w_in.stride(1), w_in.stride(2), trans_b,
-          k, d, h, E, a.mutable_data_ptr<acc>());
+          k, d, h, E, gate, a.mutable_data_ptr<acc>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if (h > 0) {
+    if (n > 0) {  // also with h = 0: y = b_out (or 0)
       down_kernel<scalar_t, acc><<<dim3(n, (d + kWarps - 1) / kWarps), block, 0, stream>>>(
           a.const_data_ptr<acc>(), ids.const_data_ptr<int64_t>(), w_out.const_data_ptr<scalar_t>(),
           w_out.stride(0), w_out.stride(1), w_out.stride(2), trans_b, d, h, E,
-          y.mutable_data_ptr<acc>());
+          b_out.defined() ? b_out.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<acc>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      y.zero_();
     }
     const int64_t total = T * d;
     combine_kernel<scalar_t, acc><<<(total + 255) / 256, 256, 0, stream>>>(

@@ -182,12 +182,19 @@ def moe_framework_experts_forward(
     kind, arg = _cached_gate_of(self)
     T, k = top_k_index.shape
     if (
-        kind == "silu"
-        and b_in is None
+        kind in ("silu", "clamped")
         and T * k <= ops.DECODE_SLOTS_PER_EXPERT.get(x.dtype, 1.0) * num_experts
-        and not _needs_grad(x, weights, w_in, w_out)
+        and not _needs_grad(x, weights, w_in, w_out, b_in, b_out)
     ):
-        y = ops.moe_decode(x, top_k_index, weights, w_in, w_out, trans_b)
+        # The fused small-T step: SwiGLU, or GPT-OSS's clamped gate, with the biases.
+        if kind == "clamped":
+            alpha, limit, interleaved = arg
+            gate_kw = dict(gate="clamped", alpha=alpha, limit=limit, interleaved=interleaved)
+        else:
+            gate_kw = {}
+        y = ops.moe_decode(
+            x, top_k_index, weights, w_in, w_out, trans_b, b_in=b_in, b_out=b_out, **gate_kw
+        )
         return y if y.dtype == hidden_states.dtype else y.to(hidden_states.dtype)
     x_sorted, row_of_slot, offsets = ops.permute(x, top_k_index, num_experts)
     if kind == "silu":

@@ -12,6 +12,8 @@ average in float32, a quarter in bfloat16 / float16) and no gradient is needed.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ._checks import check_same_device
@@ -41,8 +43,20 @@ def moe_decode(
     w_in: torch.Tensor,
     w_out: torch.Tensor,
     trans_b: bool = True,
+    *,
+    b_in: Optional[torch.Tensor] = None,
+    b_out: Optional[torch.Tensor] = None,
+    gate: str = "silu",
+    alpha: float = 1.702,
+    limit: float = 7.0,
+    interleaved: bool = False,
 ) -> torch.Tensor:
-    """``y[t] = sum_j weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t]))``, ``e = ids[t, j]``.
+    """``y[t] = sum_j weights[t, j] * down_e(act(gate_e(x[t]), up_e(x[t])))``, ``e = ids[t, j]``.
+
+    ``act(g, u)`` is ``silu(g) * u`` (``gate="silu"``) or GPT-OSS's clamped SwiGLU
+    (``gate="clamped"``: ``(clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g')`` with
+    ``g' = min(g, limit)``, as :func:`clamped_swiglu`); ``b_in`` is added to ``w_in``'s output
+    before the gate and ``b_out`` to each expert's output.
 
     Args:
         x: ``[T, d]`` float32, bfloat16, float16 or float64.
@@ -53,6 +67,13 @@ def moe_decode(
             else ``[E, d, 2h]`` (gate columns first); dtype of ``x``.
         w_out: ``[E, d, h]`` with ``trans_b`` (``down_proj``), else ``[E, h, d]``.
         trans_b: the weight layout.
+        b_in: optional ``[E, 2h]`` bias of ``w_in``'s output (Hugging Face's
+            ``gate_up_proj_bias``), in ``w_in``'s column order.
+        b_out: optional ``[E, d]`` bias of the output (``down_proj_bias``).
+        gate: ``"silu"`` or ``"clamped"``.
+        alpha, limit: the clamped gate's constants (ignored for ``"silu"``).
+        interleaved: gate and up halves interleaved (gate at even columns of ``w_in``'s output,
+            GPT-OSS) instead of concatenated (gate first).
 
     Returns:
         ``[T, d]``, dtype of ``x``. Products accumulate in float32 (float64 for float64); the
@@ -60,10 +81,39 @@ def moe_decode(
 
     Not differentiable: use the general path when a gradient is needed.
     """
-    return torch.ops.moe_framework.moe_decode.default(x, ids, weights, w_in, w_out, bool(trans_b))
+    if gate not in ("silu", "clamped"):
+        raise ValueError(f'moe_decode: gate must be "silu" or "clamped", got {gate!r}')
+    return torch.ops.moe_framework.moe_decode.default(
+        x,
+        ids,
+        weights,
+        w_in,
+        w_out,
+        bool(trans_b),
+        b_in,
+        b_out,
+        gate,
+        float(alpha),
+        float(limit),
+        bool(interleaved),
+    )
 
 
-def moe_decode_reference(x, ids, weights, w_in, w_out, trans_b: bool = True) -> torch.Tensor:
+def moe_decode_reference(
+    x,
+    ids,
+    weights,
+    w_in,
+    w_out,
+    trans_b: bool = True,
+    *,
+    b_in=None,
+    b_out=None,
+    gate: str = "silu",
+    alpha: float = 1.702,
+    limit: float = 7.0,
+    interleaved: bool = False,
+) -> torch.Tensor:
     """:func:`moe_decode` in plain PyTorch (float64 math), for tests."""
     T, k = ids.shape
     xd = x.double()
@@ -75,16 +125,50 @@ def moe_decode_reference(x, ids, weights, w_in, w_out, trans_b: bool = True) -> 
                 continue
             wi = w_in[e].double()
             hh = wi @ xd[t] if trans_b else xd[t] @ wi
-            g, u = hh.chunk(2)
-            a = torch.nn.functional.silu(g) * u
+            if b_in is not None:
+                hh = hh + b_in[e].double()
+            g, u = (hh[0::2], hh[1::2]) if interleaved else hh.chunk(2)
+            if gate == "clamped":
+                g = g.clamp(max=limit)
+                u = u.clamp(min=-limit, max=limit)
+                a = (u + 1) * (g * torch.sigmoid(alpha * g))
+            else:
+                a = torch.nn.functional.silu(g) * u
             wo = w_out[e].double()
-            y[t] += float(weights[t, j]) * (wo @ a if trans_b else a @ wo)
+            ye = wo @ a if trans_b else a @ wo
+            if b_out is not None:
+                ye = ye + b_out[e].double()
+            y[t] += float(weights[t, j]) * ye
     return y.to(x.dtype)
 
 
 @torch.library.register_fake("moe_framework::moe_decode")
-def _moe_decode_fake(x, ids, weights, w_in, w_out, trans_b):
+def _moe_decode_fake(
+    x,
+    ids,
+    weights,
+    w_in,
+    w_out,
+    trans_b,
+    b_in=None,
+    b_out=None,
+    gate="silu",
+    alpha=1.702,
+    limit=7.0,
+    interleaved=False,
+):
     check_same_device("moe_decode", x=x, ids=ids, weights=weights, w_in=w_in, w_out=w_out)
+    torch._check(
+        gate in ("silu", "clamped"),
+        lambda: f'moe_decode: gate must be "silu" or "clamped", got "{gate}"',
+    )
+    for name, b in (("b_in", b_in), ("b_out", b_out)):
+        if b is not None:
+            msg = f"moe_decode: {name} must be 2-D with x's dtype {x.dtype} and device"
+            torch._check(
+                b.dim() == 2 and b.dtype == x.dtype and b.device == x.device,
+                lambda msg=msg: msg,  # type: ignore[misc]
+            )
     torch._check(x.dim() == 2, lambda: f"moe_decode: x must be [T, d], got {tuple(x.shape)}")
     torch._check(
         ids.dim() == 2 and ids.shape[0] == x.shape[0],

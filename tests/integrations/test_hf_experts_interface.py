@@ -150,9 +150,11 @@ def test_bf16_model_logits_match_eager_within_stated_tolerance(family, seed):
     torch.testing.assert_close(got, ref, rtol=tol["rtol"], atol=tol["atol"] * scale)
 
 
-def test_greedy_generate_takes_the_decode_path_and_matches_eager(seed, monkeypatch):
+# gpt_oss: the fused op with its clamped, interleaved gate and both biases.
+@pytest.mark.parametrize("family, k, E", [("qwen3_moe", 3, 8), ("gpt_oss", 2, 6)])
+def test_greedy_generate_takes_the_decode_path_and_matches_eager(seed, monkeypatch, family, k, E):
     gen = torch.Generator().manual_seed(seed)
-    model = _model("qwen3_moe")
+    model = _model(family)
     _randomise(model, gen)
     model.eval()
     prompt = torch.randint(0, COMMON["vocab_size"], (1, 7), generator=gen)
@@ -170,11 +172,11 @@ def test_greedy_generate_takes_the_decode_path_and_matches_eager(seed, monkeypat
     model.set_experts_implementation("moe_framework")
     got = model.generate(prompt, **kw)
     assert torch.equal(got, ref)
-    # Every 1-token step (T*k = 3) ran the fused op; the 7-token prefill (T*k = 21) only where
-    # the float32 threshold (slots per expert, 8 experts) admits it.
-    limit = hf_experts.ops.DECODE_SLOTS_PER_EXPERT[torch.float32] * 8
-    assert 3 <= limit
-    assert set(calls) == {t for t in (7, 1) if t * 3 <= limit}
+    # Every 1-token step (T*k = k) ran the fused op; the 7-token prefill (T*k = 7k) only where
+    # the float32 threshold (slots per expert, E experts) admits it.
+    limit = hf_experts.ops.DECODE_SLOTS_PER_EXPERT[torch.float32] * E
+    assert k <= limit
+    assert set(calls) == {t for t in (7, 1) if t * k <= limit}
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])  # gpt_oss: biases, clamped gate

@@ -3,8 +3,10 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include <initializer_list>
+#include <optional>
 #include <string>
 
 #if defined(__CUDACC__)
@@ -58,6 +60,29 @@ inline void check_same_device(const char* op, std::initializer_list<NamedTensor>
     got += std::string(a.name) + " on " + a.tensor.device().str();
   }
   TORCH_CHECK(false, op, ": tensor arguments must be on the same device, got ", got);
+}
+
+// moe_decode's optional arguments (both kernels): biases b_in [E, 2h] and b_out [E, d] with x's
+// dtype and device, and the gate's name.
+inline void check_decode_extras(const char* op, const at::Tensor& x, int64_t E, int64_t d,
+                                int64_t h, const std::optional<at::Tensor>& b_in,
+                                const std::optional<at::Tensor>& b_out, c10::string_view gate) {
+  TORCH_CHECK(gate == "silu" || gate == "clamped", op,
+              ": gate must be \"silu\" or \"clamped\", got \"", std::string(gate), "\"");
+  const char* names[2] = {"b_in", "b_out"};
+  const char* shapes[2] = {"[E, 2h]", "[E, d]"};
+  const std::optional<at::Tensor>* biases[2] = {&b_in, &b_out};
+  const int64_t cols[2] = {2 * h, d};
+  for (int j = 0; j < 2; ++j) {
+    if (!biases[j]->has_value()) continue;
+    const at::Tensor& b = **biases[j];
+    TORCH_CHECK(b.device() == x.device(), op, ": ", names[j], " must be on x's device ", x.device(),
+                ", got ", b.device());
+    TORCH_CHECK(b.dim() == 2 && b.size(0) == E && b.size(1) == cols[j], op, ": ", names[j],
+                " must be ", shapes[j], " = [", E, ", ", cols[j], "], got ", b.sizes());
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), op, ": ", names[j], " must have x's dtype ",
+                x.scalar_type(), ", got ", b.scalar_type());
+  }
 }
 
 }  // namespace moe_framework
