@@ -6,6 +6,11 @@ the stored state and compares with ``torch.equal``.
 
 Run only to re-record after an intended numerical change, and say so in the commit message:
     python tests/make_golden.py
+
+The main records hold the AVX2 / baseline CPU build's bits. On a CPU that runs the AVX-512
+clones (tests/golden_isa.py), record the tensors whose bits differ there, and only those, under
+tests/data/golden/<tag>/ (the main records are left as they are):
+    python tests/make_golden.py --isa-overrides
 """
 
 from __future__ import annotations
@@ -120,7 +125,50 @@ def record_system() -> None:
     )
 
 
+def record_isa_overrides() -> None:
+    """tests/data/golden/<tag>/<case>.safetensors: this CPU build's own bits of the tensors that
+    differ from the main record of each case (computed as the test computes them)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    sys.path[:0] = [HERE, os.path.join(HERE, "modules")]
+    import test_golden
+    from golden_isa import kernel_isa_tag
+
+    tag = kernel_isa_tag()
+    if tag == "base":
+        raise SystemExit("this CPU runs the base build: the main records are its own")
+    out_dir = os.path.join(OUT, tag)
+    os.makedirs(out_dir, exist_ok=True)
+    torch.set_num_threads(1)
+    for case in test_golden.CASES:
+        path = os.path.join(OUT, f"{case}.safetensors")
+        with safe_open(path, framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in f.metadata().items()}
+        record = load_file(path)
+        now, _ = test_golden.compute_case(meta, record)
+        differ = {k: t.contiguous() for k, t in now.items() if not torch.equal(t, record[k])}
+        target = os.path.join(out_dir, f"{case}.safetensors")
+        if differ:
+            save_file(differ, target)
+        elif os.path.exists(target):
+            os.remove(target)
+        print(f"{tag}/{case}: {sorted(differ) or 'same bits'}", file=sys.stderr)
+
+
 def main() -> None:
+    if "--isa-overrides" in sys.argv[1:]:
+        record_isa_overrides()
+        return
+    sys.path.insert(0, HERE)
+    from golden_isa import kernel_isa_tag
+
+    if kernel_isa_tag() != "base" and "--force" not in sys.argv[1:]:
+        raise SystemExit(
+            f"this machine runs the {kernel_isa_tag()!r} builds; the main records are an AVX2 "
+            "CPU's (torch's own kernels and MKL also follow the CPU): record on one, then "
+            "--isa-overrides here (--force overrides this check)"
+        )
     os.makedirs(OUT, exist_ok=True)
     torch.set_num_threads(1)
     for name, layer_kw, sup_kw, training in CASES:

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from conftest import TOLERANCES
+from golden_isa import kernel_isa_tag
 
 from moe_framework import MoELayer
 from moe_framework.adaptation import (
@@ -77,7 +78,14 @@ def test_split_is_function_preserving_and_divides_the_traffic(seed, layout, bias
         y1, info1 = layer(x)
     assert new == 4 and layer.num_experts == 5 and layer.experts.num_experts == 5
     assert layer.dispatcher.num_experts == 5 and layer.router.num_experts == 5
-    assert torch.equal(y0, y1)  # bit for bit: the copy is exact and the gate weights unchanged
+    # Bit for bit (the copy is exact and the gate weights unchanged) where a row's result does
+    # not depend on its group's size: the AVX2 and baseline builds. The AVX-512 grouped GEMM
+    # picks its tile kernel by the group's row count and the split changes two groups' counts,
+    # so there a row's sum may round differently in the last bit.
+    if kernel_isa_tag() == "base":
+        assert torch.equal(y0, y1)
+    else:
+        torch.testing.assert_close(y1, y0, rtol=1e-6, atol=1e-7)
     assert torch.equal(layer.experts.w_out[new], layer.experts.w_out[e])
     # the offset is the median of the tokens: half of them (floor/ceil) move to the copy
     n = int(info0.counts[e])
