@@ -13,6 +13,7 @@ from torch.library import opcheck
 import moe_framework  # noqa: F401
 from moe_framework.experts import ExpertBank
 from moe_framework.ops import grouped_gemm_q, quantize_activations
+from moe_framework.ops import tuning as knobs
 from moe_framework.ops.reference import grouped_gemm_q_ref, quantize_activations_ref
 from moe_framework.quantization import QuantizedExperts, quantize_experts, set_act_quant
 
@@ -100,6 +101,29 @@ def test_act8_int4_several_column_tiles(seed):
     q, scales, zeros = _qweight(2, 300, 128, 4, 64, False)
     a = torch.randn(7, 128)
     _check(a, q, scales, torch.tensor([0, 5, 7]), 4, 64, zeros)
+
+
+# The AVX2 group kernels (knob ggq_a8_group_kernels = 1, the default: INT4 groups of a multiple of
+# 64 weights, INT8 of 32) and the general kernels (0) against the reference: INT4 groups of 64, 128
+# and 256 (chunk counts fixed at compile time), 192, 320 (5 chunks: int16 sums flushed after 4) and
+# one group of 448 per channel, asymmetric and symmetric; INT8 groups of 64 and per channel; rows
+# in chunks of 4 and 1, one-row experts, several column tiles (N = 70).
+@pytest.mark.parametrize("knob", [0, 1])
+@pytest.mark.parametrize(
+    "bits,gs,K",
+    [(4, 64, 192), (4, 128, 384), (4, 256, 512), (4, 192, 384), (4, 320, 640), (4, 0, 448)]
+    + [(8, 64, 192), (8, 0, 256)],
+)
+def test_act8_group_kernels(seed, bits, gs, K, knob):
+    q, scales, zeros = _qweight(3, 70, K, bits, gs, gs == 128)
+    a = torch.randn(11, K) * 2
+    a[2, : gs or K] = 0  # an all-zero group
+    prev = knobs.set_tuning("ggq_a8_group_kernels", knob)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            _check(a.to(dtype), q, scales, torch.tensor([0, 5, 6, 11]), bits, gs, zeros)
+    finally:
+        knobs.set_tuning("ggq_a8_group_kernels", prev)
 
 
 def test_quantize_activations_helper(seed):

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -98,6 +99,19 @@ void run_column_a8(int bits, const ColumnArgsA8& c, float* res) {
   }
 }
 
+// Which AVX2 path runs grouped_gemm_q with INT8 activations: the group kernels (INT4 groups of a
+// multiple of 64 weights, INT8 of 32; knob ggq_a8_group_kernels), the INT4 column tiles (knob
+// ggq_a8_column_tiles), or the per-column kernels (run_column_a8: also the scalar fallback).
+enum class A8Path { kGroupTiles, kColumnTiles, kColumns };
+
+A8Path a8_path(const grouped_gemm_q::Scheme& s) {
+  if (!avx2_fma()) return A8Path::kColumns;
+  const bool fits = s.group_size % (s.bits == 4 ? 64 : 32) == 0;
+  if (fits && tuning::value(tuning::kGgqA8GroupKernels) != 0) return A8Path::kGroupTiles;
+  if (s.bits == 4 && tuning::value(tuning::kGgqA8ColumnTiles) != 0) return A8Path::kColumnTiles;
+  return A8Path::kColumns;
+}
+
 // The activation rows quantised to INT8 per (row, group): q = round(a / scale) (round half to
 // even, as torch.round), scale = max|a| / 127 (0 for an all-zero group: q = 0), and sum of q.
 struct ActQ8 {
@@ -107,7 +121,9 @@ struct ActQ8 {
   std::vector<float> scaled_sum;  // scale * sum, for the zero point of the AVX2 INT4 kernel
 };
 
-ActQ8 quantize_rows(const at::Tensor& a32, int64_t groups, int64_t group_size) {
+// perm64 (the INT4 group kernel, columns_q4x64_a8_avx2): within each group, every 64 values are
+// stored with their 16-byte quarters 1 and 2 swapped (k 0..15, 32..47, 16..31, 48..63).
+ActQ8 quantize_rows(const at::Tensor& a32, int64_t groups, int64_t group_size, bool perm64) {
   const int64_t rows = a32.size(0), k = a32.size(1);
   ActQ8 act{std::vector<int8_t>(static_cast<size_t>(rows * k)),
             std::vector<float>(static_cast<size_t>(rows * groups)),
@@ -126,6 +142,14 @@ ActQ8 quantize_rows(const at::Tensor& a32, int64_t groups, int64_t group_size) {
         const float v = scale > 0.f ? std::nearbyint(x[j] / scale) : 0.f;
         q[j] = static_cast<int8_t>(std::clamp(v, -127.f, 127.f));
         sum += q[j];
+      }
+      if (perm64) {
+        for (int64_t j = 0; j + 64 <= group_size; j += 64) {
+          int8_t t[16];
+          std::memcpy(t, q + j + 16, 16);
+          std::memcpy(q + j + 16, q + j + 32, 16);
+          std::memcpy(q + j + 32, t, 16);
+        }
       }
       act.scale[static_cast<size_t>(i)] = scale;
       act.sum[static_cast<size_t>(i)] = sum;
@@ -221,17 +245,19 @@ void run_weight_only(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& t
 // INT8 activations: aq int8 [rows, K], asc f32 [rows, G], aqsum i32 [rows, G] (kernels_a8.h).
 template <typename scalar_t>
 void run_act8(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
-              const std::vector<int64_t>& off, const ActQ8& act, const at::Tensor& qweight,
-              const at::Tensor& scales, const c10::optional<at::Tensor>& zeros, at::Tensor& out) {
+              const std::vector<int64_t>& off, A8Path path, const ActQ8& act,
+              const at::Tensor& qweight, const at::Tensor& scales,
+              const c10::optional<at::Tensor>& zeros, at::Tensor& out) {
   const int64_t row_bytes = s.bits == 8 ? s.k : s.k / 2;
   const uint8_t* wbase = static_cast<const uint8_t*>(qweight.const_data_ptr());
   const float* sbase = scales.const_data_ptr<float>();
   const uint8_t* zbase = zeros.has_value() ? zeros->const_data_ptr<uint8_t>() : nullptr;
   const int64_t first = off[0];
 #if MOE_GGQ_X86
-  if (s.bits == 4 && avx2_fma() && tuning::value(tuning::kGgqA8ColumnTiles) != 0) {
-    // INT4 on AVX2: a whole tile's columns per kernel call (columns_q4_a8_avx2); knob
-    // ggq_a8_column_tiles = 0 runs the per-column path below instead.
+  if (path != A8Path::kColumns) {
+    // AVX2: a whole tile's columns per kernel call, the group kernels (columns_q4x64_a8_avx2,
+    // columns_q8x32_a8_avx2) or the INT4 column tiles (columns_q4_a8_avx2).
+    const int64_t ahead = tuning::value(tuning::kGgqA8PrefetchBytes);
     scalar_t* obase = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> buf;
@@ -240,7 +266,7 @@ void run_act8(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
         const int64_t e = tile.expert, ncols = tile.n1 - tile.n0;
         const uint8_t* tile_w = wbase + (e * s.n + tile.n0) * row_bytes;
         const uint8_t* end = wbase + (e + 1) * s.n * row_bytes;
-        for (int64_t b = 0; b < kAheadBytes && tile_w + b < end; b += 64) prefetch(tile_w + b);
+        for (int64_t b = 0; b < ahead && tile_w + b < end; b += 64) prefetch(tile_w + b);
         buf.resize(static_cast<size_t>(kMaxRows * ncols));
         for (int64_t r0 = off[e]; r0 < off[e + 1]; r0 += kMaxRows) {
           const int64_t rows = std::min<int64_t>(kMaxRows, off[e + 1] - r0);
@@ -254,15 +280,21 @@ void run_act8(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
                                tile_w,
                                sbase + col * s.groups,
                                zbase == nullptr ? nullptr : zbase + col * s.groups,
-                               8,
+                               s.bits == 8 ? 0 : 8,
                                s.k,
                                s.group_size,
                                s.groups};
           // the first chunk of rows reads the weights from memory: prefetch ahead
           const uint8_t* pf_end = r0 == off[e] ? end : nullptr;
           with_rows(rows, [&](auto rc) {
-            columns_q4_a8_avx2<decltype(rc)::value>(c, ncols, row_bytes, kAheadBytes, pf_end,
-                                                    buf.data());
+            constexpr int R = decltype(rc)::value;
+            if (path == A8Path::kColumnTiles) {
+              columns_q4_a8_avx2<R>(c, ncols, row_bytes, ahead, pf_end, buf.data());
+            } else if (s.bits == 8) {
+              columns_q8x32_a8_avx2<R>(c, ncols, row_bytes, ahead, pf_end, buf.data());
+            } else {
+              columns_q4x64_a8_avx2<R>(c, ncols, row_bytes, ahead, pf_end, buf.data());
+            }
           });
           for (int64_t i = 0; i < rows; ++i) {
             for (int64_t j = 0; j < ncols; ++j) {
@@ -325,8 +357,9 @@ at::Tensor grouped_gemm_q_cpu(const at::Tensor& a, const at::Tensor& qweight_in,
   const at::Tensor a32 = a.slice(0, first, last).to(at::kFloat).contiguous();
   at::Tensor asum;
   ActQ8 act;
+  const A8Path path = a8_path(s);  // read once: the activations' layout depends on it
   if (s.act_bits == 8) {
-    act = quantize_rows(a32, s.groups, s.group_size);
+    act = quantize_rows(a32, s.groups, s.group_size, s.bits == 4 && path == A8Path::kGroupTiles);
   } else if (s.bits == 4) {
     asum = a32.view({last - first, s.groups, s.group_size}).sum(-1).contiguous();
   }
@@ -341,7 +374,7 @@ at::Tensor grouped_gemm_q_cpu(const at::Tensor& a, const at::Tensor& qweight_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), op, [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       if (s.act_bits == 8) {
-        run_act8<scalar_t>(s, tiles, off, act, qweight, scales, zeros, out);
+        run_act8<scalar_t>(s, tiles, off, path, act, qweight, scales, zeros, out);
       } else {
         run_weight_only<scalar_t>(s, tiles, off, a32, asum, qweight, scales, zeros, out);
       }
