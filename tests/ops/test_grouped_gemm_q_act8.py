@@ -126,6 +126,19 @@ def test_act8_group_kernels(seed, bits, gs, K, knob):
         knobs.set_tuning("ggq_a8_group_kernels", prev)
 
 
+@pytest.mark.parametrize("K", [200, 256])
+def test_act8_activation_quantisation_is_exact(seed, K):
+    # identity INT8 weights (scale 1, one group per channel): out[r, n] = q[r, n] * scale_r, the
+    # op's own quantisation (vectorised on AVX2, scalar tails) against quantize_activations'
+    a = torch.randn(6, K) * 3
+    a[0, :8] = torch.tensor([127.0, 2.5, 3.5, -0.5, -1.5, 0.5, -126.5, 1e-30])  # halves: to even
+    a[1] = 0  # all zero: scale 0, q 0
+    q = torch.eye(K, dtype=torch.int8).unsqueeze(0)
+    out = grouped_gemm_q(a, q, torch.ones(1, K, 1), torch.tensor([0, 6]), 8, 0, None, act_bits=8)
+    want_q, want_scale = quantize_activations(a, 0)
+    assert torch.equal(out, want_q.float() * want_scale)
+
+
 def test_quantize_activations_helper(seed):
     a = torch.randn(5, 96) * 3
     a[2, 32:64] = 0

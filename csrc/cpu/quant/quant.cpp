@@ -121,6 +121,76 @@ struct ActQ8 {
   std::vector<float> scaled_sum;  // scale * sum, for the zero point of the AVX2 INT4 kernel
 };
 
+// One group of n activations x to INT8 q (scale returned, sum of q in *sum): scalar, and the same
+// arithmetic on AVX2 (max|x| ignoring NaN as std::max, IEEE division, round half to even, clamp),
+// so both give the same bytes.
+float quantize_group_scalar(const float* x, int64_t n, int8_t* q, int32_t* sum) {
+  float amax = 0.f;
+  for (int64_t j = 0; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float scale = amax / 127.f;
+  int32_t s = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = scale > 0.f ? std::nearbyint(x[j] / scale) : 0.f;
+    q[j] = static_cast<int8_t>(std::clamp(v, -127.f, 127.f));
+    s += q[j];
+  }
+  *sum = s;
+  return scale;
+}
+
+#if MOE_GGQ_X86
+// round(x / scale) clamped to [-127, 127], 8 lanes as int32
+MOE_TARGET_AVX2_FMA MOE_ALWAYS_INLINE __m256i q8_of(const float* x, __m256 vs) {
+  const __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x), vs),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_cvtps_epi32(
+      _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f)));
+}
+
+MOE_TARGET_AVX2_FMA float quantize_group_avx2(const float* x, int64_t n, int8_t* q, int32_t* sum) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t j = 0;
+  // max(|x|, vmax): the second operand when either is NaN, as std::max(amax, |x|)
+  for (; j + 8 <= n; j += 8)
+    vmax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + j), abs_mask), vmax);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float amax = 0.f;
+  for (float v : lanes) amax = std::max(amax, v);
+  for (; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float scale = amax / 127.f;
+  if (!(scale > 0.f)) {
+    std::memset(q, 0, static_cast<size_t>(n));
+    *sum = 0;
+    return scale;
+  }
+  const __m256 vs = _mm256_set1_ps(scale);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  __m256i vsum = _mm256_setzero_si256();
+  j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m256i i0 = q8_of(x + j, vs), i1 = q8_of(x + j + 8, vs), i2 = q8_of(x + j + 16, vs),
+                  i3 = q8_of(x + j + 24, vs);
+    vsum = _mm256_add_epi32(vsum,
+                            _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + j), _mm256_permutevar8x32_epi32(b, order));
+  }
+  alignas(32) int32_t sums[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums), vsum);
+  int32_t s = 0;
+  for (int32_t v : sums) s += v;
+  for (; j < n; ++j) {
+    const float v = std::nearbyint(x[j] / scale);
+    q[j] = static_cast<int8_t>(std::clamp(v, -127.f, 127.f));
+    s += q[j];
+  }
+  *sum = s;
+  return scale;
+}
+#endif
+
 // perm64 (the INT4 group kernel, columns_q4x64_a8_avx2): within each group, every 64 values are
 // stored with their 16-byte quarters 1 and 2 swapped (k 0..15, 32..47, 16..31, 48..63).
 ActQ8 quantize_rows(const at::Tensor& a32, int64_t groups, int64_t group_size, bool perm64) {
@@ -134,15 +204,13 @@ ActQ8 quantize_rows(const at::Tensor& a32, int64_t groups, int64_t group_size, b
     for (int64_t i = i0; i < i1; ++i) {  // i = row * groups + g: contiguous k range i * gs..
       const float* x = a + i * group_size;
       int8_t* q = act.q.data() + i * group_size;
-      float amax = 0.f;
-      for (int64_t j = 0; j < group_size; ++j) amax = std::max(amax, std::fabs(x[j]));
-      const float scale = amax / 127.f;
-      int32_t sum = 0;
-      for (int64_t j = 0; j < group_size; ++j) {
-        const float v = scale > 0.f ? std::nearbyint(x[j] / scale) : 0.f;
-        q[j] = static_cast<int8_t>(std::clamp(v, -127.f, 127.f));
-        sum += q[j];
-      }
+      int32_t sum;
+#if MOE_GGQ_X86
+      const float scale = avx2_fma() ? quantize_group_avx2(x, group_size, q, &sum)
+                                     : quantize_group_scalar(x, group_size, q, &sum);
+#else
+      const float scale = quantize_group_scalar(x, group_size, q, &sum);
+#endif
       if (perm64) {
         for (int64_t j = 0; j + 64 <= group_size; j += 64) {
           int8_t t[16];
@@ -257,7 +325,8 @@ void run_act8(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
   if (path != A8Path::kColumns) {
     // AVX2: a whole tile's columns per kernel call, the group kernels (columns_q4x64_a8_avx2,
     // columns_q8x32_a8_avx2) or the INT4 column tiles (columns_q4_a8_avx2).
-    const int64_t ahead = tuning::value(tuning::kGgqA8PrefetchBytes);
+    const int64_t ahead =
+        path == A8Path::kColumnTiles ? kAheadBytes : tuning::value(tuning::kGgqA8PrefetchBytes);
     scalar_t* obase = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> buf;
@@ -285,11 +354,11 @@ void run_act8(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
                                s.group_size,
                                s.groups};
           // the first chunk of rows reads the weights from memory: prefetch ahead
-          const uint8_t* pf_end = r0 == off[e] ? end : nullptr;
+          const uint8_t* pf_end = r0 == off[e] && ahead > 0 ? end : nullptr;
           with_rows(rows, [&](auto rc) {
             constexpr int R = decltype(rc)::value;
             if (path == A8Path::kColumnTiles) {
-              columns_q4_a8_avx2<R>(c, ncols, row_bytes, ahead, pf_end, buf.data());
+              columns_q4_a8_avx2<R>(c, ncols, row_bytes, kAheadBytes, pf_end, buf.data());
             } else if (s.bits == 8) {
               columns_q8x32_a8_avx2<R>(c, ncols, row_bytes, ahead, pf_end, buf.data());
             } else {

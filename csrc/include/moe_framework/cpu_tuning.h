@@ -36,7 +36,8 @@ enum Knob : int {
   kGgqA8ColumnTiles,    // grouped_gemm_q INT4 x INT8 (AVX2): a tile's columns per call (1) or one
   kGgqA8GroupKernels,   // grouped_gemm_q x INT8 (AVX2): the group kernels (1) or the general ones
                         // (0)
-  kGgqA8PrefetchBytes,  // grouped_gemm_q x INT8 (AVX2 tiles): weight prefetch distance in bytes
+  kGgqA8PrefetchBytes,  // grouped_gemm_q x INT8 (AVX2 group kernels): weight prefetch distance,
+                        // bytes
   kNumKnobs
 };
 
@@ -59,7 +60,7 @@ inline constexpr KnobInfo kKnobs[kNumKnobs] = {
     {"sim_min_task_work", int64_t{1} << 22, 1, int64_t{1} << 40},
     {"ggq_a8_column_tiles", 1, 0, 1},
     {"ggq_a8_group_kernels", 1, 0, 1},
-    {"ggq_a8_prefetch_bytes", 2048, 0, 1 << 20},
+    {"ggq_a8_prefetch_bytes", 4096, 0, 1 << 20},
 };
 
 // The current values: one definition for the whole library (an inline variable).
