@@ -280,6 +280,43 @@ void run_tiles(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
   });
 }
 
+// Runs the tiles with a kernel that takes a whole tile's columns per call:
+// kernel(r0, rows, tile_w, col, ncols, pf_end, buf) computes rows r0.. (<= kMaxRows) of the ncols
+// columns from col (= e * N + n0, weights at tile_w) into buf[i * ncols + j]; pf_end (the expert's
+// end, or nullptr) tells it to prefetch `ahead` bytes on: the first chunk of rows reads the
+// weights from memory, the following ones from L1. The driver prefetches each tile's first
+// `ahead` bytes and stores.
+template <typename scalar_t, typename Kernel>
+void run_column_tiles(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
+                      const std::vector<int64_t>& off, const at::Tensor& qweight, at::Tensor& out,
+                      int64_t ahead, const Kernel& kernel) {
+  const int64_t row_bytes = s.bits == 8 ? s.k : s.k / 2;
+  const uint8_t* wbase = static_cast<const uint8_t*>(qweight.const_data_ptr());
+  scalar_t* obase = out.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf;
+    for (int64_t t = t0; t < t1; ++t) {
+      const Tile& tile = tiles[static_cast<size_t>(t)];
+      const int64_t e = tile.expert, ncols = tile.n1 - tile.n0;
+      const uint8_t* tile_w = wbase + (e * s.n + tile.n0) * row_bytes;
+      const uint8_t* end = wbase + (e + 1) * s.n * row_bytes;
+      for (int64_t b = 0; b < ahead && tile_w + b < end; b += 64) prefetch(tile_w + b);
+      buf.resize(static_cast<size_t>(kMaxRows * ncols));
+      for (int64_t r0 = off[e]; r0 < off[e + 1]; r0 += kMaxRows) {
+        const int64_t rows = std::min<int64_t>(kMaxRows, off[e + 1] - r0);
+        const uint8_t* pf_end = r0 == off[e] && ahead > 0 ? end : nullptr;
+        kernel(r0, rows, tile_w, e * s.n + tile.n0, ncols, pf_end, buf.data());
+        for (int64_t i = 0; i < rows; ++i) {
+          for (int64_t j = 0; j < ncols; ++j) {
+            obase[(r0 + i) * s.n + tile.n0 + j] =
+                cpu::store_acc<scalar_t>(buf[static_cast<size_t>(i * ncols + j)]);
+          }
+        }
+      }
+    }
+  });
+}
+
 // Weight-only: fp32 activations (a32, rows from offsets[0]) and, for INT4, their group sums.
 template <typename scalar_t>
 void run_weight_only(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
@@ -293,6 +330,32 @@ void run_weight_only(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& t
   const float* abase = a32.const_data_ptr<float>();
   const float* sumbase = asum.defined() ? asum.const_data_ptr<float>() : nullptr;
   const int64_t first = off[0];
+#if MOE_GGQ_X86
+  if (s.bits == 8 && avx2_fma() && tuning::value(tuning::kGgqWoColumnTiles) != 0) {
+    // INT8 on AVX2: a whole tile's columns per kernel call (columns_q8_avx2)
+    const int64_t ahead = tuning::value(tuning::kGgqPrefetchBytes);
+    run_column_tiles<scalar_t>(s, tiles, off, qweight, out, ahead,
+                               [&](int64_t r0, int64_t rows, const uint8_t* tile_w, int64_t col,
+                                   int64_t ncols, const uint8_t* pf_end, float* buf) {
+                                 const ColumnArgs c{abase + (r0 - first) * s.k,
+                                                    s.k,
+                                                    tile_w,
+                                                    sbase + col * s.groups,
+                                                    nullptr,
+                                                    0.f,
+                                                    nullptr,
+                                                    s.groups,
+                                                    s.k,
+                                                    s.group_size,
+                                                    s.groups};
+                                 with_rows(rows, [&](auto rc) {
+                                   columns_q8_avx2<decltype(rc)::value>(c, ncols, row_bytes, ahead,
+                                                                        pf_end, buf);
+                                 });
+                               });
+    return;
+  }
+#endif
   run_tiles<scalar_t>(
       s, tiles, off, qweight, out, [&](int64_t r0, int64_t rows, int64_t col, float* res) {
         const ColumnArgs c{abase + (r0 - first) * s.k,
@@ -326,20 +389,12 @@ void run_act8(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
     // AVX2: a whole tile's columns per kernel call, the group kernels (columns_q4x64_a8_avx2,
     // columns_q8x32_a8_avx2) or the INT4 column tiles (columns_q4_a8_avx2).
     const int64_t ahead =
-        path == A8Path::kColumnTiles ? kAheadBytes : tuning::value(tuning::kGgqA8PrefetchBytes);
-    scalar_t* obase = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> buf;
-      for (int64_t t = t0; t < t1; ++t) {
-        const Tile& tile = tiles[static_cast<size_t>(t)];
-        const int64_t e = tile.expert, ncols = tile.n1 - tile.n0;
-        const uint8_t* tile_w = wbase + (e * s.n + tile.n0) * row_bytes;
-        const uint8_t* end = wbase + (e + 1) * s.n * row_bytes;
-        for (int64_t b = 0; b < ahead && tile_w + b < end; b += 64) prefetch(tile_w + b);
-        buf.resize(static_cast<size_t>(kMaxRows * ncols));
-        for (int64_t r0 = off[e]; r0 < off[e + 1]; r0 += kMaxRows) {
-          const int64_t rows = std::min<int64_t>(kMaxRows, off[e + 1] - r0);
-          const int64_t r = r0 - first, col = e * s.n + tile.n0;
+        path == A8Path::kColumnTiles ? kAheadBytes : tuning::value(tuning::kGgqPrefetchBytes);
+    run_column_tiles<scalar_t>(
+        s, tiles, off, qweight, out, ahead,
+        [&](int64_t r0, int64_t rows, const uint8_t* tile_w, int64_t col, int64_t ncols,
+            const uint8_t* pf_end, float* buf) {
+          const int64_t r = r0 - first;
           const ColumnArgsA8 c{act.q.data() + r * s.k,
                                s.k,
                                act.scale.data() + r * s.groups,
@@ -353,27 +408,17 @@ void run_act8(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
                                s.k,
                                s.group_size,
                                s.groups};
-          // the first chunk of rows reads the weights from memory: prefetch ahead
-          const uint8_t* pf_end = r0 == off[e] && ahead > 0 ? end : nullptr;
           with_rows(rows, [&](auto rc) {
             constexpr int R = decltype(rc)::value;
             if (path == A8Path::kColumnTiles) {
-              columns_q4_a8_avx2<R>(c, ncols, row_bytes, kAheadBytes, pf_end, buf.data());
+              columns_q4_a8_avx2<R>(c, ncols, row_bytes, ahead, pf_end, buf);
             } else if (s.bits == 8) {
-              columns_q8x32_a8_avx2<R>(c, ncols, row_bytes, ahead, pf_end, buf.data());
+              columns_q8x32_a8_avx2<R>(c, ncols, row_bytes, ahead, pf_end, buf);
             } else {
-              columns_q4x64_a8_avx2<R>(c, ncols, row_bytes, ahead, pf_end, buf.data());
+              columns_q4x64_a8_avx2<R>(c, ncols, row_bytes, ahead, pf_end, buf);
             }
           });
-          for (int64_t i = 0; i < rows; ++i) {
-            for (int64_t j = 0; j < ncols; ++j) {
-              obase[(r0 + i) * s.n + tile.n0 + j] =
-                  cpu::store_acc<scalar_t>(buf[static_cast<size_t>(i * ncols + j)]);
-            }
-          }
-        }
-      }
-    });
+        });
     return;
   }
 #endif
