@@ -60,21 +60,21 @@ def _tol(dtype, K):
 # INT8 weight-only on AVX2: a work tile of columns per kernel call (knob ggq_wo_column_tiles = 1,
 # the default) and one column per call (0): per channel with K = 1000 (several 16 KiB column
 # tiles at N = 40; the 8-wide and scalar tails) and groups of 48 and 40 (groups starting off a
-# 64-byte boundary, where the tile kernel's prefetch must still advance), rows in chunks of 4 and 1.
+# 64-byte boundary, where the tile kernel's prefetch must still advance), every row count 1-4.
 @pytest.mark.parametrize("knob", [0, 1])
 @pytest.mark.parametrize("gs,K", [(0, 1000), (48, 144), (40, 200)])
 def test_grouped_gemm_q_int8_column_tiles(seed, knob, gs, K):
     q, scales, _ = _qweight(3, 40, K, 8, gs, True)
     a = torch.randn(11, K)
-    off = torch.tensor([0, 5, 6, 11])
     prev = knobs.set_tuning("ggq_wo_column_tiles", knob)
     try:
-        out = grouped_gemm_q(a, q, scales, off, 8, gs)
+        for off in ([0, 5, 6, 11], [0, 2, 5, 11]):  # rows 4+1, 1, 4+1; 2, 3, 4+2
+            off = torch.tensor(off)
+            out = grouped_gemm_q(a, q, scales, off, 8, gs)
+            want = grouped_gemm_q_ref(a, q, scales, off, 8, gs)
+            torch.testing.assert_close(out, want, **_tol(a.dtype, K))
     finally:
         knobs.set_tuning("ggq_wo_column_tiles", prev)
-    torch.testing.assert_close(
-        out, grouped_gemm_q_ref(a, q, scales, off, 8, gs), **_tol(a.dtype, K)
-    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -106,8 +106,8 @@ def test_act8_int4_several_column_tiles(seed):
 # The AVX2 group kernels (knob ggq_a8_group_kernels = 1, the default: INT4 groups of a multiple of
 # 64 weights, INT8 of 32) and the general kernels (0) against the reference: INT4 groups of 64, 128
 # and 256 (chunk counts fixed at compile time), 192, 320 (5 chunks: int16 sums flushed after 4) and
-# one group of 448 per channel, asymmetric and symmetric; INT8 groups of 64 and per channel; rows
-# in chunks of 4 and 1, one-row experts, several column tiles (N = 70).
+# one group of 448 per channel, asymmetric and symmetric; INT8 groups of 64 and per channel; every
+# row count 1-4 of a chunk, several column tiles (N = 70).
 @pytest.mark.parametrize("knob", [0, 1])
 @pytest.mark.parametrize(
     "bits,gs,K",
@@ -121,7 +121,8 @@ def test_act8_group_kernels(seed, bits, gs, K, knob):
     prev = knobs.set_tuning("ggq_a8_group_kernels", knob)
     try:
         for dtype in (torch.float32, torch.bfloat16):
-            _check(a.to(dtype), q, scales, torch.tensor([0, 5, 6, 11]), bits, gs, zeros)
+            for off in ([0, 5, 6, 11], [0, 2, 5, 11]):  # rows 4+1, 1, 4+1; 2, 3, 4+2
+                _check(a.to(dtype), q, scales, torch.tensor(off), bits, gs, zeros)
     finally:
         knobs.set_tuning("ggq_a8_group_kernels", prev)
 
