@@ -19,6 +19,7 @@ from moe_framework.ops import (
     quantize_weight,
     unpack_int4,
 )
+from moe_framework.ops import tuning as knobs
 from moe_framework.ops.reference import dequantize_ref, grouped_gemm_q_ref
 
 OPS = torch.ops.moe_framework
@@ -54,6 +55,26 @@ def _tol(dtype, K):
     if dtype == torch.float32:
         return dict(rtol=1e-5, atol=2e-6 * K)
     return dict(rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, atol=1e-2)
+
+
+# INT8 weight-only on AVX2: a work tile of columns per kernel call (knob ggq_wo_column_tiles = 1,
+# the default) and one column per call (0): per channel with K = 1000 (several 16 KiB column
+# tiles at N = 40; the 8-wide and scalar tails) and groups of 48 and 40 (groups starting off a
+# 64-byte boundary, where the tile kernel's prefetch must still advance), every row count 1-4.
+@pytest.mark.parametrize("knob", [0, 1])
+@pytest.mark.parametrize("gs,K", [(0, 1000), (48, 144), (40, 200)])
+def test_grouped_gemm_q_int8_column_tiles(seed, knob, gs, K):
+    q, scales, _ = _qweight(3, 40, K, 8, gs, True)
+    a = torch.randn(11, K)
+    prev = knobs.set_tuning("ggq_wo_column_tiles", knob)
+    try:
+        for off in ([0, 5, 6, 11], [0, 2, 5, 11]):  # rows 4+1, 1, 4+1; 2, 3, 4+2
+            off = torch.tensor(off)
+            out = grouped_gemm_q(a, q, scales, off, 8, gs)
+            want = grouped_gemm_q_ref(a, q, scales, off, 8, gs)
+            torch.testing.assert_close(out, want, **_tol(a.dtype, K))
+    finally:
+        knobs.set_tuning("ggq_wo_column_tiles", prev)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -13,6 +13,7 @@ from torch.library import opcheck
 import moe_framework  # noqa: F401
 from moe_framework.experts import ExpertBank
 from moe_framework.ops import grouped_gemm_q, quantize_activations
+from moe_framework.ops import tuning as knobs
 from moe_framework.ops.reference import grouped_gemm_q_ref, quantize_activations_ref
 from moe_framework.quantization import QuantizedExperts, quantize_experts, set_act_quant
 
@@ -54,8 +55,10 @@ def _check(a, q, scales, off, bits, gs, zeros):
     ref = grouped_gemm_q_ref(a, q, scales, off, bits, gs, zeros, act_bits=8)
     assert out.dtype == a.dtype and out.shape == ref.shape
     # the integer dot products are exact: only the per-group fp32 scaling (and the output
-    # rounding for bf16) differ from the float64 reference
-    tol = dict(rtol=1e-5, atol=1e-5 * a.shape[1]) if a.dtype == torch.float32 else {}
+    # rounding for bf16: the fp32 sum and the float64 reference may round to neighbouring bf16
+    # values, one bf16 ulp = at most 2**-7 relative) differ from the float64 reference
+    rtol = 1e-5 if a.dtype == torch.float32 else 2**-7
+    tol = dict(rtol=rtol, atol=1e-5 * a.shape[1])
     torch.testing.assert_close(out.float(), ref.float(), **tol)
     assert not out[: off[0]].any() and not out[off[-1] :].any()
     return out
@@ -98,6 +101,43 @@ def test_act8_int4_several_column_tiles(seed):
     q, scales, zeros = _qweight(2, 300, 128, 4, 64, False)
     a = torch.randn(7, 128)
     _check(a, q, scales, torch.tensor([0, 5, 7]), 4, 64, zeros)
+
+
+# The AVX2 group kernels (knob ggq_a8_group_kernels = 1, the default: INT4 groups of a multiple of
+# 64 weights, INT8 of 32) and the general kernels (0) against the reference: INT4 groups of 64, 128
+# and 256 (chunk counts fixed at compile time), 192, 320 (5 chunks: int16 sums flushed after 4) and
+# one group of 448 per channel, asymmetric and symmetric; INT8 groups of 64 and per channel; every
+# row count 1-4 of a chunk, several column tiles (N = 70).
+@pytest.mark.parametrize("knob", [0, 1])
+@pytest.mark.parametrize(
+    "bits,gs,K",
+    [(4, 64, 192), (4, 128, 384), (4, 256, 512), (4, 192, 384), (4, 320, 640), (4, 0, 448)]
+    + [(8, 64, 192), (8, 0, 256)],
+)
+def test_act8_group_kernels(seed, bits, gs, K, knob):
+    q, scales, zeros = _qweight(3, 70, K, bits, gs, gs == 128)
+    a = torch.randn(11, K) * 2
+    a[2, : gs or K] = 0  # an all-zero group
+    prev = knobs.set_tuning("ggq_a8_group_kernels", knob)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            for off in ([0, 5, 6, 11], [0, 2, 5, 11]):  # rows 4+1, 1, 4+1; 2, 3, 4+2
+                _check(a.to(dtype), q, scales, torch.tensor(off), bits, gs, zeros)
+    finally:
+        knobs.set_tuning("ggq_a8_group_kernels", prev)
+
+
+@pytest.mark.parametrize("K", [200, 256])
+def test_act8_activation_quantisation_is_exact(seed, K):
+    # identity INT8 weights (scale 1, one group per channel): out[r, n] = q[r, n] * scale_r, the
+    # op's own quantisation (vectorised on AVX2, scalar tails) against quantize_activations'
+    a = torch.randn(6, K) * 3
+    a[0, :8] = torch.tensor([127.0, 2.5, 3.5, -0.5, -1.5, 0.5, -126.5, 1e-30])  # halves: to even
+    a[1] = 0  # all zero: scale 0, q 0
+    q = torch.eye(K, dtype=torch.int8).unsqueeze(0)
+    out = grouped_gemm_q(a, q, torch.ones(1, K, 1), torch.tensor([0, 6]), 8, 0, None, act_bits=8)
+    want_q, want_scale = quantize_activations(a, 0)
+    assert torch.equal(out, want_q.float() * want_scale)
 
 
 def test_quantize_activations_helper(seed):
@@ -199,5 +239,6 @@ def test_act8_cuda_matches_reference(seed, scheme):
         ref = grouped_gemm_q_ref(a, q, scales, off, bits, gs, zeros, act_bits=8)
         dev = [t.cuda() if t is not None else None for t in (a, q, scales, zeros, off)]
         out = grouped_gemm_q(dev[0], dev[1], dev[2], dev[4], bits, gs, dev[3], act_bits=8)
-        tol = dict(rtol=1e-4, atol=1e-4 * K) if dtype == torch.float32 else {}
-        torch.testing.assert_close(out.cpu().float(), ref.float(), **tol)
+        # bf16: within one bf16 ulp (2**-7 relative) of the reference, as in _check
+        rtol = 1e-4 if dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(out.cpu().float(), ref.float(), rtol=rtol, atol=1e-4 * K)

@@ -147,6 +147,69 @@ MOE_TARGET_AVX2_FMA void column_q8_avx2(const ColumnArgs& c, float* res) {
   for (int r = 0; r < R; ++r) res[r] = hsum8(acc[r]) + tail[r];
 }
 
+// column_q8_avx2 for a work tile of ncols consecutive columns (column j: weights c.w + j *
+// row_bytes, scales + j * groups) into res[r * ncols + j]: the per-column call and dispatch are
+// paid once per tile. With end != nullptr (weights from memory) one prefetch per 64 bytes of
+// weights read, `ahead` bytes on, clamped to end (the expert's last byte).
+template <int R>
+MOE_TARGET_AVX2_FMA void columns_q8_avx2(ColumnArgs c, int64_t ncols, int64_t row_bytes,
+                                         int64_t ahead, const uint8_t* end, float* res) {
+  constexpr int C = R <= 2 ? 4 : 2;
+  const int8_t* pf_last = end != nullptr ? reinterpret_cast<const int8_t*>(end) - 1 : nullptr;
+  for (int64_t col = 0; col < ncols; ++col) {
+    const int8_t* w = static_cast<const int8_t*>(c.w);
+    int64_t next_pf = end != nullptr ? 0 : c.k;  // the next offset to prefetch for
+    __m256 acc[R];
+    float tail[R];
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm256_setzero_ps();
+      tail[r] = 0.f;
+    }
+    for (int64_t g = 0; g < c.groups; ++g) {
+      const int64_t p0 = g * c.group_size, p1 = p0 + c.group_size;
+      __m256 ga[R][C];
+      for (int r = 0; r < R; ++r) {
+        for (int j = 0; j < C; ++j) ga[r][j] = _mm256_setzero_ps();
+      }
+      int64_t p = p0;
+      for (; p + 8 * C <= p1; p += 8 * C) {
+        if (p >= next_pf) {
+          const int8_t* a = w + p + ahead;
+          _mm_prefetch(reinterpret_cast<const char*>(a < pf_last ? a : pf_last), _MM_HINT_T0);
+          next_pf = p + 64;
+        }
+        for (int j = 0; j < C; ++j) {
+          const __m256 wv = widen_i8(w + p + 8 * j);
+          for (int r = 0; r < R; ++r) {
+            ga[r][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(c.a + r * c.lda + p + 8 * j), ga[r][j]);
+          }
+        }
+      }
+      for (; p + 8 <= p1; p += 8) {
+        const __m256 wv = widen_i8(w + p);
+        for (int r = 0; r < R; ++r) {
+          ga[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(c.a + r * c.lda + p), ga[r][0]);
+        }
+      }
+      float gt[R] = {};
+      for (; p < p1; ++p) {
+        const float wv = static_cast<float>(w[p]);
+        for (int r = 0; r < R; ++r) gt[r] += c.a[r * c.lda + p] * wv;
+      }
+      const __m256 s = _mm256_set1_ps(c.scales[g]);
+      for (int r = 0; r < R; ++r) {
+        __m256 sum = ga[r][0];
+        for (int j = 1; j < C; ++j) sum = _mm256_add_ps(sum, ga[r][j]);
+        acc[r] = _mm256_fmadd_ps(sum, s, acc[r]);
+        tail[r] += gt[r] * c.scales[g];
+      }
+    }
+    for (int r = 0; r < R; ++r) res[r * ncols + col] = hsum8(acc[r]) + tail[r];
+    c.w = w + row_bytes;
+    c.scales += c.groups;
+  }
+}
+
 // INT4: one 16-byte load gives 32 weights in k order (low nibbles: k 0..15, high: 16..31 of the
 // block), widened 8 at a time; 4 FMA chains per row for up to two rows, 2 for more.
 template <int R>

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -98,6 +99,19 @@ void run_column_a8(int bits, const ColumnArgsA8& c, float* res) {
   }
 }
 
+// Which AVX2 path runs grouped_gemm_q with INT8 activations: the group kernels (INT4 groups of a
+// multiple of 64 weights, INT8 of 32; knob ggq_a8_group_kernels), the INT4 column tiles (knob
+// ggq_a8_column_tiles), or the per-column kernels (run_column_a8: also the scalar fallback).
+enum class A8Path { kGroupTiles, kColumnTiles, kColumns };
+
+A8Path a8_path(const grouped_gemm_q::Scheme& s) {
+  if (!avx2_fma()) return A8Path::kColumns;
+  const bool fits = s.group_size % (s.bits == 4 ? 64 : 32) == 0;
+  if (fits && tuning::value(tuning::kGgqA8GroupKernels) != 0) return A8Path::kGroupTiles;
+  if (s.bits == 4 && tuning::value(tuning::kGgqA8ColumnTiles) != 0) return A8Path::kColumnTiles;
+  return A8Path::kColumns;
+}
+
 // The activation rows quantised to INT8 per (row, group): q = round(a / scale) (round half to
 // even, as torch.round), scale = max|a| / 127 (0 for an all-zero group: q = 0), and sum of q.
 struct ActQ8 {
@@ -107,7 +121,79 @@ struct ActQ8 {
   std::vector<float> scaled_sum;  // scale * sum, for the zero point of the AVX2 INT4 kernel
 };
 
-ActQ8 quantize_rows(const at::Tensor& a32, int64_t groups, int64_t group_size) {
+// One group of n activations x to INT8 q (scale returned, sum of q in *sum): scalar, and the same
+// arithmetic on AVX2 (max|x| ignoring NaN as std::max, IEEE division, round half to even, clamp),
+// so both give the same bytes.
+float quantize_group_scalar(const float* x, int64_t n, int8_t* q, int32_t* sum) {
+  float amax = 0.f;
+  for (int64_t j = 0; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float scale = amax / 127.f;
+  int32_t s = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = scale > 0.f ? std::nearbyint(x[j] / scale) : 0.f;
+    q[j] = static_cast<int8_t>(std::clamp(v, -127.f, 127.f));
+    s += q[j];
+  }
+  *sum = s;
+  return scale;
+}
+
+#if MOE_GGQ_X86
+// round(x / scale) clamped to [-127, 127], 8 lanes as int32
+MOE_TARGET_AVX2_FMA MOE_ALWAYS_INLINE __m256i q8_of(const float* x, __m256 vs) {
+  const __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x), vs),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_cvtps_epi32(
+      _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f)));
+}
+
+MOE_TARGET_AVX2_FMA float quantize_group_avx2(const float* x, int64_t n, int8_t* q, int32_t* sum) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t j = 0;
+  // max(|x|, vmax): the second operand when either is NaN, as std::max(amax, |x|)
+  for (; j + 8 <= n; j += 8)
+    vmax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + j), abs_mask), vmax);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float amax = 0.f;
+  for (float v : lanes) amax = std::max(amax, v);
+  for (; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float scale = amax / 127.f;
+  if (!(scale > 0.f)) {
+    std::memset(q, 0, static_cast<size_t>(n));
+    *sum = 0;
+    return scale;
+  }
+  const __m256 vs = _mm256_set1_ps(scale);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  __m256i vsum = _mm256_setzero_si256();
+  j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m256i i0 = q8_of(x + j, vs), i1 = q8_of(x + j + 8, vs), i2 = q8_of(x + j + 16, vs),
+                  i3 = q8_of(x + j + 24, vs);
+    vsum = _mm256_add_epi32(vsum,
+                            _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + j), _mm256_permutevar8x32_epi32(b, order));
+  }
+  alignas(32) int32_t sums[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums), vsum);
+  int32_t s = 0;
+  for (int32_t v : sums) s += v;
+  for (; j < n; ++j) {
+    const float v = std::nearbyint(x[j] / scale);
+    q[j] = static_cast<int8_t>(std::clamp(v, -127.f, 127.f));
+    s += q[j];
+  }
+  *sum = s;
+  return scale;
+}
+#endif
+
+// perm64 (the INT4 group kernel, columns_q4x64_a8_avx2): within each group, every 64 values are
+// stored with their 16-byte quarters 1 and 2 swapped (k 0..15, 32..47, 16..31, 48..63).
+ActQ8 quantize_rows(const at::Tensor& a32, int64_t groups, int64_t group_size, bool perm64) {
   const int64_t rows = a32.size(0), k = a32.size(1);
   ActQ8 act{std::vector<int8_t>(static_cast<size_t>(rows * k)),
             std::vector<float>(static_cast<size_t>(rows * groups)),
@@ -118,14 +204,20 @@ ActQ8 quantize_rows(const at::Tensor& a32, int64_t groups, int64_t group_size) {
     for (int64_t i = i0; i < i1; ++i) {  // i = row * groups + g: contiguous k range i * gs..
       const float* x = a + i * group_size;
       int8_t* q = act.q.data() + i * group_size;
-      float amax = 0.f;
-      for (int64_t j = 0; j < group_size; ++j) amax = std::max(amax, std::fabs(x[j]));
-      const float scale = amax / 127.f;
-      int32_t sum = 0;
-      for (int64_t j = 0; j < group_size; ++j) {
-        const float v = scale > 0.f ? std::nearbyint(x[j] / scale) : 0.f;
-        q[j] = static_cast<int8_t>(std::clamp(v, -127.f, 127.f));
-        sum += q[j];
+      int32_t sum;
+#if MOE_GGQ_X86
+      const float scale = avx2_fma() ? quantize_group_avx2(x, group_size, q, &sum)
+                                     : quantize_group_scalar(x, group_size, q, &sum);
+#else
+      const float scale = quantize_group_scalar(x, group_size, q, &sum);
+#endif
+      if (perm64) {
+        for (int64_t j = 0; j + 64 <= group_size; j += 64) {
+          int8_t t[16];
+          std::memcpy(t, q + j + 16, 16);
+          std::memcpy(q + j + 16, q + j + 32, 16);
+          std::memcpy(q + j + 32, t, 16);
+        }
       }
       act.scale[static_cast<size_t>(i)] = scale;
       act.sum[static_cast<size_t>(i)] = sum;
@@ -188,6 +280,43 @@ void run_tiles(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
   });
 }
 
+// Runs the tiles with a kernel that takes a whole tile's columns per call:
+// kernel(r0, rows, tile_w, col, ncols, pf_end, buf) computes rows r0.. (<= kMaxRows) of the ncols
+// columns from col (= e * N + n0, weights at tile_w) into buf[i * ncols + j]; pf_end (the expert's
+// end, or nullptr) tells it to prefetch `ahead` bytes on: the first chunk of rows reads the
+// weights from memory, the following ones from L1. The driver prefetches each tile's first
+// `ahead` bytes and stores.
+template <typename scalar_t, typename Kernel>
+void run_column_tiles(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
+                      const std::vector<int64_t>& off, const at::Tensor& qweight, at::Tensor& out,
+                      int64_t ahead, const Kernel& kernel) {
+  const int64_t row_bytes = s.bits == 8 ? s.k : s.k / 2;
+  const uint8_t* wbase = static_cast<const uint8_t*>(qweight.const_data_ptr());
+  scalar_t* obase = out.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf;
+    for (int64_t t = t0; t < t1; ++t) {
+      const Tile& tile = tiles[static_cast<size_t>(t)];
+      const int64_t e = tile.expert, ncols = tile.n1 - tile.n0;
+      const uint8_t* tile_w = wbase + (e * s.n + tile.n0) * row_bytes;
+      const uint8_t* end = wbase + (e + 1) * s.n * row_bytes;
+      for (int64_t b = 0; b < ahead && tile_w + b < end; b += 64) prefetch(tile_w + b);
+      buf.resize(static_cast<size_t>(kMaxRows * ncols));
+      for (int64_t r0 = off[e]; r0 < off[e + 1]; r0 += kMaxRows) {
+        const int64_t rows = std::min<int64_t>(kMaxRows, off[e + 1] - r0);
+        const uint8_t* pf_end = r0 == off[e] && ahead > 0 ? end : nullptr;
+        kernel(r0, rows, tile_w, e * s.n + tile.n0, ncols, pf_end, buf.data());
+        for (int64_t i = 0; i < rows; ++i) {
+          for (int64_t j = 0; j < ncols; ++j) {
+            obase[(r0 + i) * s.n + tile.n0 + j] =
+                cpu::store_acc<scalar_t>(buf[static_cast<size_t>(i * ncols + j)]);
+          }
+        }
+      }
+    }
+  });
+}
+
 // Weight-only: fp32 activations (a32, rows from offsets[0]) and, for INT4, their group sums.
 template <typename scalar_t>
 void run_weight_only(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
@@ -201,6 +330,32 @@ void run_weight_only(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& t
   const float* abase = a32.const_data_ptr<float>();
   const float* sumbase = asum.defined() ? asum.const_data_ptr<float>() : nullptr;
   const int64_t first = off[0];
+#if MOE_GGQ_X86
+  if (s.bits == 8 && avx2_fma() && tuning::value(tuning::kGgqWoColumnTiles) != 0) {
+    // INT8 on AVX2: a whole tile's columns per kernel call (columns_q8_avx2)
+    const int64_t ahead = tuning::value(tuning::kGgqPrefetchBytes);
+    run_column_tiles<scalar_t>(s, tiles, off, qweight, out, ahead,
+                               [&](int64_t r0, int64_t rows, const uint8_t* tile_w, int64_t col,
+                                   int64_t ncols, const uint8_t* pf_end, float* buf) {
+                                 const ColumnArgs c{abase + (r0 - first) * s.k,
+                                                    s.k,
+                                                    tile_w,
+                                                    sbase + col * s.groups,
+                                                    nullptr,
+                                                    0.f,
+                                                    nullptr,
+                                                    s.groups,
+                                                    s.k,
+                                                    s.group_size,
+                                                    s.groups};
+                                 with_rows(rows, [&](auto rc) {
+                                   columns_q8_avx2<decltype(rc)::value>(c, ncols, row_bytes, ahead,
+                                                                        pf_end, buf);
+                                 });
+                               });
+    return;
+  }
+#endif
   run_tiles<scalar_t>(
       s, tiles, off, qweight, out, [&](int64_t r0, int64_t rows, int64_t col, float* res) {
         const ColumnArgs c{abase + (r0 - first) * s.k,
@@ -221,30 +376,25 @@ void run_weight_only(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& t
 // INT8 activations: aq int8 [rows, K], asc f32 [rows, G], aqsum i32 [rows, G] (kernels_a8.h).
 template <typename scalar_t>
 void run_act8(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
-              const std::vector<int64_t>& off, const ActQ8& act, const at::Tensor& qweight,
-              const at::Tensor& scales, const c10::optional<at::Tensor>& zeros, at::Tensor& out) {
+              const std::vector<int64_t>& off, A8Path path, const ActQ8& act,
+              const at::Tensor& qweight, const at::Tensor& scales,
+              const c10::optional<at::Tensor>& zeros, at::Tensor& out) {
   const int64_t row_bytes = s.bits == 8 ? s.k : s.k / 2;
   const uint8_t* wbase = static_cast<const uint8_t*>(qweight.const_data_ptr());
   const float* sbase = scales.const_data_ptr<float>();
   const uint8_t* zbase = zeros.has_value() ? zeros->const_data_ptr<uint8_t>() : nullptr;
   const int64_t first = off[0];
 #if MOE_GGQ_X86
-  if (s.bits == 4 && avx2_fma() && tuning::value(tuning::kGgqA8ColumnTiles) != 0) {
-    // INT4 on AVX2: a whole tile's columns per kernel call (columns_q4_a8_avx2); knob
-    // ggq_a8_column_tiles = 0 runs the per-column path below instead.
-    scalar_t* obase = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> buf;
-      for (int64_t t = t0; t < t1; ++t) {
-        const Tile& tile = tiles[static_cast<size_t>(t)];
-        const int64_t e = tile.expert, ncols = tile.n1 - tile.n0;
-        const uint8_t* tile_w = wbase + (e * s.n + tile.n0) * row_bytes;
-        const uint8_t* end = wbase + (e + 1) * s.n * row_bytes;
-        for (int64_t b = 0; b < kAheadBytes && tile_w + b < end; b += 64) prefetch(tile_w + b);
-        buf.resize(static_cast<size_t>(kMaxRows * ncols));
-        for (int64_t r0 = off[e]; r0 < off[e + 1]; r0 += kMaxRows) {
-          const int64_t rows = std::min<int64_t>(kMaxRows, off[e + 1] - r0);
-          const int64_t r = r0 - first, col = e * s.n + tile.n0;
+  if (path != A8Path::kColumns) {
+    // AVX2: a whole tile's columns per kernel call, the group kernels (columns_q4x64_a8_avx2,
+    // columns_q8x32_a8_avx2) or the INT4 column tiles (columns_q4_a8_avx2).
+    const int64_t ahead =
+        path == A8Path::kColumnTiles ? kAheadBytes : tuning::value(tuning::kGgqPrefetchBytes);
+    run_column_tiles<scalar_t>(
+        s, tiles, off, qweight, out, ahead,
+        [&](int64_t r0, int64_t rows, const uint8_t* tile_w, int64_t col, int64_t ncols,
+            const uint8_t* pf_end, float* buf) {
+          const int64_t r = r0 - first;
           const ColumnArgsA8 c{act.q.data() + r * s.k,
                                s.k,
                                act.scale.data() + r * s.groups,
@@ -254,25 +404,21 @@ void run_act8(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
                                tile_w,
                                sbase + col * s.groups,
                                zbase == nullptr ? nullptr : zbase + col * s.groups,
-                               8,
+                               s.bits == 8 ? 0 : 8,
                                s.k,
                                s.group_size,
                                s.groups};
-          // the first chunk of rows reads the weights from memory: prefetch ahead
-          const uint8_t* pf_end = r0 == off[e] ? end : nullptr;
           with_rows(rows, [&](auto rc) {
-            columns_q4_a8_avx2<decltype(rc)::value>(c, ncols, row_bytes, kAheadBytes, pf_end,
-                                                    buf.data());
-          });
-          for (int64_t i = 0; i < rows; ++i) {
-            for (int64_t j = 0; j < ncols; ++j) {
-              obase[(r0 + i) * s.n + tile.n0 + j] =
-                  cpu::store_acc<scalar_t>(buf[static_cast<size_t>(i * ncols + j)]);
+            constexpr int R = decltype(rc)::value;
+            if (path == A8Path::kColumnTiles) {
+              columns_q4_a8_avx2<R>(c, ncols, row_bytes, ahead, pf_end, buf);
+            } else if (s.bits == 8) {
+              columns_q8x32_a8_avx2<R>(c, ncols, row_bytes, ahead, pf_end, buf);
+            } else {
+              columns_q4x64_a8_avx2<R>(c, ncols, row_bytes, ahead, pf_end, buf);
             }
-          }
-        }
-      }
-    });
+          });
+        });
     return;
   }
 #endif
@@ -325,8 +471,9 @@ at::Tensor grouped_gemm_q_cpu(const at::Tensor& a, const at::Tensor& qweight_in,
   const at::Tensor a32 = a.slice(0, first, last).to(at::kFloat).contiguous();
   at::Tensor asum;
   ActQ8 act;
+  const A8Path path = a8_path(s);  // read once: the activations' layout depends on it
   if (s.act_bits == 8) {
-    act = quantize_rows(a32, s.groups, s.group_size);
+    act = quantize_rows(a32, s.groups, s.group_size, s.bits == 4 && path == A8Path::kGroupTiles);
   } else if (s.bits == 4) {
     asum = a32.view({last - first, s.groups, s.group_size}).sum(-1).contiguous();
   }
@@ -341,7 +488,7 @@ at::Tensor grouped_gemm_q_cpu(const at::Tensor& a, const at::Tensor& qweight_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), op, [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       if (s.act_bits == 8) {
-        run_act8<scalar_t>(s, tiles, off, act, qweight, scales, zeros, out);
+        run_act8<scalar_t>(s, tiles, off, path, act, qweight, scales, zeros, out);
       } else {
         run_weight_only<scalar_t>(s, tiles, off, a32, asum, qweight, scales, zeros, out);
       }

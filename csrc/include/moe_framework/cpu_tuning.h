@@ -34,6 +34,9 @@ enum Knob : int {
   kSimTasksPerThread,  // parallel tasks per thread
   kSimMinTaskWork,     // multiply-adds below which another task costs more than it saves
   kGgqA8ColumnTiles,   // grouped_gemm_q INT4 x INT8 (AVX2): a tile's columns per call (1) or one
+  kGgqA8GroupKernels,  // grouped_gemm_q x INT8 activations (AVX2): group kernels (1) or general
+  kGgqPrefetchBytes,   // grouped_gemm_q AVX2 column tiles: weight prefetch distance in bytes
+  kGgqWoColumnTiles,   // grouped_gemm_q INT8 weight-only (AVX2): a tile's columns per call (1)
   kNumKnobs
 };
 
@@ -55,13 +58,17 @@ inline constexpr KnobInfo kKnobs[kNumKnobs] = {
     {"sim_tasks_per_thread", 4, 1, 1024},
     {"sim_min_task_work", int64_t{1} << 22, 1, int64_t{1} << 40},
     {"ggq_a8_column_tiles", 1, 0, 1},
+    {"ggq_a8_group_kernels", 1, 0, 1},
+    {"ggq_prefetch_bytes", 4096, 0, 1 << 20},
+    {"ggq_wo_column_tiles", 1, 0, 1},
 };
 
 // The current values: one definition for the whole library (an inline variable).
 inline std::atomic<int64_t> g_values[kNumKnobs] = {
-    kKnobs[0].initial, kKnobs[1].initial, kKnobs[2].initial,  kKnobs[3].initial,
-    kKnobs[4].initial, kKnobs[5].initial, kKnobs[6].initial,  kKnobs[7].initial,
-    kKnobs[8].initial, kKnobs[9].initial, kKnobs[10].initial, kKnobs[11].initial};
+    kKnobs[0].initial,  kKnobs[1].initial,  kKnobs[2].initial,  kKnobs[3].initial,
+    kKnobs[4].initial,  kKnobs[5].initial,  kKnobs[6].initial,  kKnobs[7].initial,
+    kKnobs[8].initial,  kKnobs[9].initial,  kKnobs[10].initial, kKnobs[11].initial,
+    kKnobs[12].initial, kKnobs[13].initial, kKnobs[14].initial};
 
 inline int64_t value(Knob knob) {
   return g_values[knob].load(std::memory_order_relaxed);
