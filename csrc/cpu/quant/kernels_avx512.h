@@ -53,7 +53,7 @@ constexpr int avx512_cols() {
   return R <= 2 ? 4 : 2;
 }
 
-// The prefetch stream of a pass: lines at next + CN * (bytes read per column), up to last.
+// The prefetch stream of a pass: lines at base + CN * (bytes read per column), up to last.
 struct PassPrefetch {
   const uint8_t* base;  // nullptr: no prefetch (weights already in cache)
   const uint8_t* last;
@@ -63,10 +63,9 @@ struct PassPrefetch {
 template <int CN>
 MOE_ALWAYS_INLINE void pass_prefetch(PassPrefetch& pf, int64_t byte) {
   if (pf.base != nullptr && byte >= pf.next) {
-    const uint8_t* p = pf.base + CN * pf.next;
     for (int i = 0; i < CN; ++i) {
-      const uint8_t* q = p + 64 * i < pf.last ? p + 64 * i : pf.last;
-      _mm_prefetch(reinterpret_cast<const char*>(q), _MM_HINT_T0);
+      const uint8_t* p = pf.base + CN * pf.next + 64 * i;
+      _mm_prefetch(reinterpret_cast<const char*>(p < pf.last ? p : pf.last), _MM_HINT_T0);
     }
     pf.next += 64;
   }
@@ -79,33 +78,55 @@ MOE_ALWAYS_INLINE PassPrefetch pass_prefetch_of(const uint8_t* w, int64_t ahead,
 
 // ---- weight-only, fp32 activations ---------------------------------------------------------
 
+// Accumulator chains per (row, column) so that a pass has at least 4 (the FMA / vpdpbusd latency).
+template <int R, int CN>
+constexpr int avx512_chains() {
+  return R * CN >= 4 ? 1 : 4 / (R * CN);
+}
+
+template <int R, int CN, int S>
+MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void q8_step_avx512(const ColumnArgs& c, const int8_t* w,
+                                                        int64_t row_bytes, int64_t p, int s,
+                                                        __m512 (*ga)[CN][S]) {
+  __m512 wv[CN];
+  for (int j = 0; j < CN; ++j) {
+    wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * row_bytes + p))));
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 av = _mm512_loadu_ps(c.a + r * c.lda + p);
+    for (int j = 0; j < CN; ++j) ga[r][j][s] = _mm512_fmadd_ps(wv[j], av, ga[r][j][s]);
+  }
+}
+
 template <int R, int CN>
 MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void q8_pass_avx512(const ColumnArgs& c, const int8_t* w,
                                                         const float* sc, int64_t row_bytes,
                                                         PassPrefetch pf, float* res,
                                                         int64_t ldres) {
+  constexpr int S = avx512_chains<R, CN>();
   __m512 acc[R][CN];
   for (int r = 0; r < R; ++r) {
     for (int j = 0; j < CN; ++j) acc[r][j] = _mm512_setzero_ps();
   }
   for (int64_t g = 0; g < c.groups; ++g) {
     const int64_t p0 = g * c.group_size, p1 = p0 + c.group_size;
-    __m512 ga[R][CN];
+    __m512 ga[R][CN][S];
     for (int r = 0; r < R; ++r) {
-      for (int j = 0; j < CN; ++j) ga[r][j] = _mm512_setzero_ps();
+      for (int j = 0; j < CN; ++j) {
+        for (int i = 0; i < S; ++i) ga[r][j][i] = _mm512_setzero_ps();
+      }
     }
     int64_t p = p0;
+    for (; p + 16 * S <= p1; p += 16 * S) {
+      for (int i = 0; i < S; ++i) {
+        pass_prefetch<CN>(pf, p + 16 * i);
+        q8_step_avx512<R, CN, S>(c, w, row_bytes, p + 16 * i, i, ga);
+      }
+    }
     for (; p + 16 <= p1; p += 16) {
       pass_prefetch<CN>(pf, p);
-      __m512 wv[CN];
-      for (int j = 0; j < CN; ++j) {
-        wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * row_bytes + p))));
-      }
-      for (int r = 0; r < R; ++r) {
-        const __m512 av = _mm512_loadu_ps(c.a + r * c.lda + p);
-        for (int j = 0; j < CN; ++j) ga[r][j] = _mm512_fmadd_ps(wv[j], av, ga[r][j]);
-      }
+      q8_step_avx512<R, CN, S>(c, w, row_bytes, p, 0, ga);
     }
     if (p < p1) {  // the group's last 1..15 weights
       pass_prefetch<CN>(pf, p);
@@ -117,12 +138,16 @@ MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void q8_pass_avx512(const ColumnArgs& c, con
       }
       for (int r = 0; r < R; ++r) {
         const __m512 av = _mm512_maskz_loadu_ps(m, c.a + r * c.lda + p);
-        for (int j = 0; j < CN; ++j) ga[r][j] = _mm512_fmadd_ps(wv[j], av, ga[r][j]);
+        for (int j = 0; j < CN; ++j) ga[r][j][0] = _mm512_fmadd_ps(wv[j], av, ga[r][j][0]);
       }
     }
     for (int j = 0; j < CN; ++j) {
-      const __m512 s = _mm512_set1_ps(sc[j * c.groups + g]);
-      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_fmadd_ps(ga[r][j], s, acc[r][j]);
+      const __m512 sv = _mm512_set1_ps(sc[j * c.groups + g]);
+      for (int r = 0; r < R; ++r) {
+        __m512 sum = ga[r][j][0];
+        for (int i = 1; i < S; ++i) sum = _mm512_add_ps(sum, ga[r][j][i]);
+        acc[r][j] = _mm512_fmadd_ps(sum, sv, acc[r][j]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -130,10 +155,9 @@ MOE_TARGET_AVX512 MOE_ALWAYS_INLINE void q8_pass_avx512(const ColumnArgs& c, con
   }
 }
 
-template <int R>
-MOE_TARGET_AVX512 void columns_q8_avx512(const ColumnArgs& c, int64_t ncols, int64_t row_bytes,
-                                         int64_t ahead, const uint8_t* end, float* res) {
-  constexpr int CN = avx512_cols<R>();
+template <int R, int CN>
+MOE_TARGET_AVX512 void columns_q8_avx512_cn(const ColumnArgs& c, int64_t ncols, int64_t row_bytes,
+                                            int64_t ahead, const uint8_t* end, float* res) {
   const int8_t* w = static_cast<const int8_t*>(c.w);
   int64_t j = 0;
   for (; j + CN <= ncols; j += CN) {
@@ -148,6 +172,12 @@ MOE_TARGET_AVX512 void columns_q8_avx512(const ColumnArgs& c, int64_t ncols, int
                          pass_prefetch_of(reinterpret_cast<const uint8_t*>(wj), ahead, end),
                          res + j, ncols);
   }
+}
+
+template <int R>
+void columns_q8_avx512(const ColumnArgs& c, int64_t ncols, int64_t row_bytes, int64_t ahead,
+                       const uint8_t* end, float* res) {
+  columns_q8_avx512_cn<R, avx512_cols<R>()>(c, ncols, row_bytes, ahead, end, res);
 }
 
 // INT4: S accumulator chains per (row, column): two (low / high nibbles) for one row, where
@@ -259,6 +289,20 @@ MOE_TARGET_AVX512_VNNI MOE_ALWAYS_INLINE void scale_group(const ColumnArgsA8& c,
   }
 }
 
+// -128 * the lane sums of n int8 activations (one group) into out[16]: lane l of a 64-byte step
+// holds its bytes 4l..4l+3 (vpdpbusd of 0x80 x aq; the last step masked).
+MOE_TARGET_AVX512_VNNI void lanes128_vnni(const int8_t* q, int64_t n, int32_t* out) {
+  const __m512i u128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i acc = _mm512_setzero_si512();
+  int64_t p = 0;
+  for (; p + 64 <= n; p += 64) acc = _mm512_dpbusd_epi32(acc, u128, _mm512_loadu_si512(q + p));
+  if (p < n) {
+    const __mmask64 m = (~uint64_t{0}) >> (64 - (n - p));
+    acc = _mm512_dpbusd_epi32(acc, u128, _mm512_maskz_loadu_epi8(m, q + p));
+  }
+  _mm512_storeu_si512(out, _mm512_sub_epi32(_mm512_setzero_si512(), acc));
+}
+
 // INT8 x INT8: lanes128 = the driver's -128 * (lane sums of aq), 16 int32 per row and group (row
 // stride groups * 16).
 template <int R, int CN>
@@ -267,6 +311,7 @@ MOE_TARGET_AVX512_VNNI MOE_ALWAYS_INLINE void q8_a8_pass_vnni(const ColumnArgsA8
                                                               const int8_t* w, const float* sc,
                                                               int64_t row_bytes, PassPrefetch pf,
                                                               float* res, int64_t ldres) {
+  constexpr int S = avx512_chains<R, CN>();
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const int64_t gs = c.group_size;
   __m512 acc[R][CN];
@@ -275,19 +320,32 @@ MOE_TARGET_AVX512_VNNI MOE_ALWAYS_INLINE void q8_a8_pass_vnni(const ColumnArgsA8
   }
   for (int64_t g = 0; g < c.groups; ++g) {
     const int64_t p0 = g * gs, p1 = p0 + gs;
-    __m512i d[R][CN];
+    __m512i d[S][R][CN];
     for (int r = 0; r < R; ++r) {
       const __m512i start = _mm512_loadu_si512(lanes128 + (r * c.groups + g) * 16);
-      for (int j = 0; j < CN; ++j) d[r][j] = start;
+      for (int j = 0; j < CN; ++j) {
+        d[0][r][j] = start;
+        for (int i = 1; i < S; ++i) d[i][r][j] = _mm512_setzero_si512();
+      }
     }
     int64_t p = p0;
+    for (; p + 64 * S <= p1; p += 64 * S) {
+      for (int i = 0; i < S; ++i) {
+        pass_prefetch<CN>(pf, p + 64 * i);
+        __m512i wu[CN];
+        for (int j = 0; j < CN; ++j) {
+          wu[j] = _mm512_xor_si512(_mm512_loadu_si512(w + j * row_bytes + p + 64 * i), flip);
+        }
+        dp_step<R, CN>(wu, c.aq + p + 64 * i, c.lda, d[i]);
+      }
+    }
     for (; p + 64 <= p1; p += 64) {
       pass_prefetch<CN>(pf, p);
       __m512i wu[CN];
       for (int j = 0; j < CN; ++j) {
         wu[j] = _mm512_xor_si512(_mm512_loadu_si512(w + j * row_bytes + p), flip);
       }
-      dp_step<R, CN>(wu, c.aq + p, c.lda, d);
+      dp_step<R, CN>(wu, c.aq + p, c.lda, d[0]);
     }
     if (p < p1) {  // the group's last 1..63 weights: masked lanes are 0x80 x 0
       pass_prefetch<CN>(pf, p);
@@ -298,21 +356,25 @@ MOE_TARGET_AVX512_VNNI MOE_ALWAYS_INLINE void q8_a8_pass_vnni(const ColumnArgsA8
       }
       for (int r = 0; r < R; ++r) {
         const __m512i av = _mm512_maskz_loadu_epi8(m, c.aq + r * c.lda + p);
-        for (int j = 0; j < CN; ++j) d[r][j] = _mm512_dpbusd_epi32(d[r][j], wu[j], av);
+        for (int j = 0; j < CN; ++j) d[0][r][j] = _mm512_dpbusd_epi32(d[0][r][j], wu[j], av);
       }
     }
-    scale_group<R, CN>(c, sc, g, d, acc);
+    for (int i = 1; i < S; ++i) {
+      for (int r = 0; r < R; ++r) {
+        for (int j = 0; j < CN; ++j) d[0][r][j] = _mm512_add_epi32(d[0][r][j], d[i][r][j]);
+      }
+    }
+    scale_group<R, CN>(c, sc, g, d[0], acc);
   }
   for (int r = 0; r < R; ++r) {
     for (int j = 0; j < CN; ++j) res[r * ldres + j] = _mm512_reduce_add_ps(acc[r][j]);
   }
 }
 
-template <int R>
-MOE_TARGET_AVX512_VNNI void columns_q8_a8_vnni(const ColumnArgsA8& c, const int32_t* lanes128,
-                                               int64_t ncols, int64_t row_bytes, int64_t ahead,
-                                               const uint8_t* end, float* res) {
-  constexpr int CN = avx512_cols<R>();
+template <int R, int CN>
+MOE_TARGET_AVX512_VNNI void columns_q8_a8_vnni_cn(const ColumnArgsA8& c, const int32_t* lanes128,
+                                                  int64_t ncols, int64_t row_bytes, int64_t ahead,
+                                                  const uint8_t* end, float* res) {
   const int8_t* w = static_cast<const int8_t*>(c.w);
   int64_t j = 0;
   for (; j + CN <= ncols; j += CN) {
@@ -327,6 +389,12 @@ MOE_TARGET_AVX512_VNNI void columns_q8_a8_vnni(const ColumnArgsA8& c, const int3
                           pass_prefetch_of(reinterpret_cast<const uint8_t*>(wj), ahead, end),
                           res + j, ncols);
   }
+}
+
+template <int R>
+void columns_q8_a8_vnni(const ColumnArgsA8& c, const int32_t* lanes128, int64_t ncols,
+                        int64_t row_bytes, int64_t ahead, const uint8_t* end, float* res) {
+  columns_q8_a8_vnni_cn<R, avx512_cols<R>()>(c, lanes128, ncols, row_bytes, ahead, end, res);
 }
 
 // INT4 x INT8, group_size a multiple of 64, perm64 activations.

@@ -112,9 +112,7 @@ void run_avx512(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
     const int64_t rows = static_cast<int64_t>(act.q.size()) / std::max<int64_t>(s.k, 1);
     lanes128.assign(static_cast<size_t>(rows * s.groups * 16), 0);
     for (int64_t i = 0; i < rows * s.groups; ++i) {
-      const int8_t* q = act.q.data() + i * s.group_size;
-      int32_t* l = lanes128.data() + i * 16;
-      for (int64_t p = 0; p < s.group_size; ++p) l[(p % 64) / 4] -= 128 * q[p];
+      lanes128_vnni(act.q.data() + i * s.group_size, s.group_size, lanes128.data() + i * 16);
     }
   }
   run_tiles_avx512<scalar_t>(s, tiles, off, qweight, out,
