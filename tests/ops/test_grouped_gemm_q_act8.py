@@ -127,14 +127,15 @@ def test_act8_group_kernels(seed, bits, gs, K, knob):
         knobs.set_tuning("ggq_a8_group_kernels", prev)
 
 
-# The AVX512-VNNI kernels (knob ggq_avx512 = 1, the default, on CPUs with AVX512-VNNI; else both
-# values run the AVX2 kernels) and the AVX2 ones (0): INT8 per channel with K = 101 (a masked last
+# The AVX512-VNNI kernels (knob ggq_avx512 = 2: INT8 and INT4 weights; 1, the default: INT4 only,
+# INT8 x INT8 stays on AVX2; CPUs without AVX512-VNNI run the AVX2 kernels for every value) and the
+# AVX2 ones (0): INT8 per channel with K = 101 (a masked last
 # step), groups of 48 (masked steps inside a column) and 64, K = 1024 per channel (16 steps); INT4
 # groups of 64, 128, 192, 256 and one of 448 per channel (the VNNI kernel), 32 and 96 (not a
 # multiple of 64: the AVX2 kernels either way), asymmetric and symmetric; 4 columns per pass for up
 # to 2 rows, 2 for more, the rest one by one (N = 7, 70), several column tiles (N = 300), rows in
 # chunks of 4 then 1..3, an all-zero group.
-@pytest.mark.parametrize("knob", [0, 1])
+@pytest.mark.parametrize("knob", [0, 1, 2])
 @pytest.mark.parametrize(
     "bits,gs,K",
     [(8, 0, 101), (8, 48, 144), (8, 64, 192), (8, 0, 1024)]

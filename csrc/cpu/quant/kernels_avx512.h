@@ -1,6 +1,7 @@
 // AVX-512 kernels of grouped_gemm_q (CPUs with AVX-512 F/BW/VL/DQ, e.g. Zen 4, Ice Lake and later;
 // knob ggq_avx512, MOE_FRAMEWORK_CPU_NO_AVX512=1 turns them off): weight-only INT8 / INT4 with fp32
-// activations, and INT8 / INT4 weights x INT8 activations with AVX512-VNNI (vpdpbusd).
+// activations, and INT8 / INT4 weights x INT8 activations with AVX512-VNNI (vpdpbusd; INT8 x INT8
+// only with ggq_avx512 = 2: from DRAM the AVX2 group kernel streams faster on Zen 4).
 //
 // Every kernel runs a work tile of ncols consecutive columns of one expert for R <= 4 rows (column
 // j: weights c.w + j * row_bytes, scales / zero points + j * groups; result res[r * ncols + j]) in

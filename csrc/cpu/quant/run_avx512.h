@@ -16,12 +16,17 @@
 namespace moe_framework {
 namespace {
 
-// Whether the AVX-512 kernels run this call: knob ggq_avx512 on, the CPU has AVX-512 (and VNNI
-// with INT8 activations; INT4 x INT8 also needs groups of a multiple of 64 weights).
+// Whether the AVX-512 kernels run this call (knob ggq_avx512): weight-only with 1 or 2 where the
+// CPU has AVX-512; INT4 x INT8 (groups of a multiple of 64 weights) with 1 or 2 where it has
+// AVX512-VNNI; INT8 x INT8 only with 2: from DRAM the AVX2 group kernel streams 10-25% faster on
+// Zen 4 (docs/performance.md), although the VNNI one computes faster from cache.
 bool avx512_takes(const grouped_gemm_q::Scheme& s) {
 #if MOE_GGQ_X86
-  if (tuning::value(tuning::kGgqAvx512) == 0) return false;
-  if (s.act_bits == 8) return use_avx512_vnni() && (s.bits == 8 || s.group_size % 64 == 0);
+  const int64_t knob = tuning::value(tuning::kGgqAvx512);
+  if (knob == 0) return false;
+  if (s.act_bits == 8) {
+    return use_avx512_vnni() && (s.bits == 8 ? knob == 2 : s.group_size % 64 == 0);
+  }
   return use_avx512();
 #else
   return false;

@@ -37,8 +37,8 @@ enum Knob : int {
   kGgqA8GroupKernels,  // grouped_gemm_q x INT8 activations (AVX2): group kernels (1) or general
   kGgqPrefetchBytes,   // grouped_gemm_q AVX2 column tiles: weight prefetch distance in bytes
   kGgqWoColumnTiles,   // grouped_gemm_q INT8 weight-only (AVX2): a tile's columns per call (1)
-  kGgqAvx512,          // grouped_gemm_q: the AVX-512 (and VNNI) kernels where the CPU has them
-                       // (1) or the AVX2 ones (0)
+  kGgqAvx512,          // grouped_gemm_q: AVX2 kernels (0), AVX-512 / VNNI ones where the CPU has
+                       // them except INT8 x INT8 (1), or for INT8 x INT8 too (2)
   kGgqAvx512PrefetchBytes,  // grouped_gemm_q, AVX-512 kernels: weight prefetch distance, bytes
   kNumKnobs
 };
@@ -64,7 +64,7 @@ inline constexpr KnobInfo kKnobs[kNumKnobs] = {
     {"ggq_a8_group_kernels", 1, 0, 1},
     {"ggq_prefetch_bytes", 4096, 0, 1 << 20},
     {"ggq_wo_column_tiles", 1, 0, 1},
-    {"ggq_avx512", 1, 0, 1},
+    {"ggq_avx512", 1, 0, 2},
     {"ggq_avx512_prefetch_bytes", 4096, 0, 1 << 20},
 };
 
