@@ -5,7 +5,7 @@
 // Same work split as the AVX2 drivers: (expert, column block) tiles, rows in chunks of up to 4,
 // every output element one thread's fixed-order sum (bitwise reproducible for a given CPU and
 // build, and across thread counts), but a whole tile's columns per kernel call. The first chunk
-// of rows of a tile reads the weights from memory: the tile's first ggq_avx512_prefetch_bytes are
+// of rows of a tile reads the weights from memory: the tile's first ggq_prefetch_bytes are
 // prefetched up front and the kernels keep the stream that far ahead of their reads.
 #pragma once
 
@@ -42,7 +42,7 @@ void run_tiles_avx512(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& 
                       const Kernel& kernel) {
   const int64_t row_bytes = s.bits == 8 ? s.k : s.k / 2;
   const uint8_t* wbase = static_cast<const uint8_t*>(qweight.const_data_ptr());
-  const int64_t ahead = tuning::value(tuning::kGgqAvx512PrefetchBytes);
+  const int64_t ahead = tuning::value(tuning::kGgqPrefetchBytes);
   scalar_t* obase = out.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> buf;
