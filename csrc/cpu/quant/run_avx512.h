@@ -18,7 +18,7 @@ namespace {
 
 // Whether the AVX-512 kernels run this call (knob ggq_avx512): weight-only with 1 or 2 where the
 // CPU has AVX-512; INT4 x INT8 (groups of a multiple of 64 weights) with 1 or 2 where it has
-// AVX512-VNNI; INT8 x INT8 only with 2: from DRAM the AVX2 group kernel streams 10-25% faster on
+// AVX512-VNNI; INT8 x INT8 only with 2: from DRAM the AVX2 group kernel streams 10-30% faster on
 // Zen 4 (docs/performance.md), although the VNNI one computes faster from cache.
 bool avx512_takes(const grouped_gemm_q::Scheme& s) {
 #if MOE_GGQ_X86
