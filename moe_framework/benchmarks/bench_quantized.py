@@ -21,7 +21,10 @@ quantised rows are weight-only (the default).
     python -m moe_framework.benchmarks.bench_quantized --quick    # smoke run
 
 Cells are timed in --rounds interleaved rounds (default 3; best round kept). --tuning KNOB=VALUE
-sets CPU kernel knobs first (an A/B of one knob, e.g. ggq_a8_column_tiles=0).
+sets CPU kernel knobs first (an A/B of one knob, e.g. ggq_a8_column_tiles=0). --ab KNOB=VALUE
+adds every quantised row again, timed with that knob set (labelled "[KNOB=VALUE]"), interleaved
+with the default cells of the same run: an A/B that a load change on the machine hits alike, e.g.
+--ab ggq_avx512=0 (the AVX2 kernels on an AVX-512 CPU).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch
 import moe_framework  # noqa: F401
 from moe_framework.benchmarks import common
 from moe_framework.experts import ExpertBank
+from moe_framework.ops.tuning import set_tuning
 from moe_framework.quantization import QuantizedExperts, set_act_quant
 
 LLC_BYTES = 32 * 1024 * 1024  # this machine's L3 (lscpu); rotation covers 4x that
@@ -221,9 +225,10 @@ def run(
     peer: bool = True,
     tuning=None,
     rounds: int = 0,
+    ab=None,
 ) -> dict:
     """The decode benchmark (module docstring); ``rounds`` interleaved rounds per cell, best kept
-    (default 3, 1 with ``quick``)."""
+    (default 3, 1 with ``quick``); ``ab``: {knob: value} for the quantised rows' A/B copies."""
     load_start = os.getloadavg()
     t_start = time.perf_counter()
     threads = (threads or [1])[0]
@@ -272,7 +277,11 @@ def run(
                     layer.weight_in.copy_(base.weight_in.transpose(1, 2) if tr else base.weight_in)
                     layer.w_out.copy_(base.w_out.transpose(1, 2) if tr else base.w_out)
             quantized = isinstance(first, QuantizedExperts)
-            for mode in [None, "int8"] if quantized else [None]:
+            settings = [{}] + ([ab] if quantized and ab else [])
+            for mode, knobs_ab in [
+                (m, a) for m in ([None, "int8"] if quantized else [None]) for a in settings
+            ]:
+                suffix = "".join(f" [{n}={v}]" for n, v in knobs_ab.items())
                 for T in token_counts:
                     calls = [_routing(T, E, k, gen) for _ in range(64)]
                     xs = [torch.randn(T * k, d, dtype=torch.bfloat16) for _ in range(4)]
@@ -283,7 +292,8 @@ def run(
                     for impl, fn in impls.items():
                         cases.append(
                             {
-                                "label": name + (" a8" if mode else ""),
+                                "label": name + (" a8" if mode else "") + suffix,
+                                "knobs": knobs_ab,
                                 "impl": impl,
                                 "T": T,
                                 "fn": fn,
@@ -302,7 +312,12 @@ def run(
                 if c["quantized"]:
                     for layer in c["layers"]:
                         set_act_quant(layer, c["mode"])
-                t = _time_rotating(c["fn"], c["layers"], c["calls"], c["xs"], min_time)
+                prev = {n: set_tuning(n, v) for n, v in c["knobs"].items()}
+                try:
+                    t = _time_rotating(c["fn"], c["layers"], c["calls"], c["xs"], min_time)
+                finally:
+                    for n, v in prev.items():
+                        set_tuning(n, v)
                 best[i] = min(best[i], t["median_s"])
     rows = []
     for c, t_best in zip(cases, best):
@@ -353,6 +368,7 @@ def run(
         "rows": rows,
         "torchao": peer_note,
         "tuning": tuning or {},
+        "ab": ab or {},
         "rounds": rounds,
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg(),
@@ -370,8 +386,16 @@ def main(argv=None) -> None:
     p.add_argument("--no-peer", action="store_true", help="skip the torchao peer")
     p.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 3)")
     common.add_tuning_arg(p)
+    p.add_argument(
+        "--ab",
+        nargs="*",
+        default=[],
+        metavar="KNOB=VALUE",
+        help="time every quantised row again with these knobs set (interleaved A/B)",
+    )
     args = p.parse_args(argv)
     tuning = common.apply_tuning(p, args.tuning)
+    ab = common.parse_tuning(p, args.ab)
     run(
         quick=args.quick,
         threads=args.threads,
@@ -379,6 +403,7 @@ def main(argv=None) -> None:
         peer=not args.no_peer,
         tuning=tuning,
         rounds=args.rounds,
+        ab=ab,
     )
 
 

@@ -393,17 +393,23 @@ def add_tuning_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def apply_tuning(p: argparse.ArgumentParser, items: list) -> dict:
-    """Sets the ``--tuning`` knobs (a clear argparse error for a malformed item; an unknown knob
-    or an out-of-range value raises the op's own error naming it); returns them as a dict."""
-    from moe_framework.ops.tuning import set_tuning
-
+def parse_tuning(p: argparse.ArgumentParser, items: list) -> dict:
+    """``KNOB=VALUE`` items as a dict (a clear argparse error for a malformed item)."""
     values = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not value.lstrip("-").isdigit():
             p.error(f"--tuning expects KNOB=INTEGER, got {item!r}")
         values[name] = int(value)
+    return values
+
+
+def apply_tuning(p: argparse.ArgumentParser, items: list) -> dict:
+    """Sets the ``--tuning`` knobs (a clear argparse error for a malformed item; an unknown knob
+    or an out-of-range value raises the op's own error naming it); returns them as a dict."""
+    from moe_framework.ops.tuning import set_tuning
+
+    values = parse_tuning(p, items)
     for name, value in values.items():
         set_tuning(name, value)
     return values

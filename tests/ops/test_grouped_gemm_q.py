@@ -173,6 +173,35 @@ def test_grouped_gemm_q_deterministic_across_thread_counts(seed):
     assert torch.equal(outs[0], outs[1])
 
 
+# The AVX-512 kernels (knob ggq_avx512 = 1, the default; on CPUs without AVX-512 both values run
+# the AVX2 kernels) and the AVX2 ones (0): 4 columns per pass for up to 2 rows and 2 for more, the
+# rest one by one (N = 7, 70), several column tiles (N = 300 INT8 columns of 128 bytes), rows in
+# chunks of 4 then 1..3; INT8 groups of 16, 24 (masked last steps inside a column), per channel
+# with K = 37 (one masked step); INT4 groups of 32, 64 (asymmetric) and per channel.
+@pytest.mark.parametrize("knob", [0, 1])
+@pytest.mark.parametrize(
+    "bits,gs,K,sym",
+    [(8, 16, 128, True), (8, 24, 96, True), (8, 0, 37, True), (8, 0, 128, True)]
+    + [(4, 32, 96, True), (4, 64, 192, False), (4, 0, 128, False)],
+)
+def test_grouped_gemm_q_avx512_knob(seed, bits, gs, K, sym, knob):
+    from moe_framework.ops import tuning as knobs
+
+    prev = knobs.set_tuning("ggq_avx512", knob)
+    try:
+        for E, M, N in ((3, 13, 7), (2, 11, 70), (1, 6, 300)):
+            q, scales, zeros = _qweight(E, N, K, bits, gs, sym)
+            off = _offsets(M, E, gaps=True)
+            for dtype in (torch.float32, torch.bfloat16):
+                a = torch.randn(M, K).to(dtype)
+                out = grouped_gemm_q(a, q, scales, off, bits, gs, zeros)
+                ref = grouped_gemm_q_ref(a, q, scales, off, bits, gs, zeros)
+                torch.testing.assert_close(out.float(), ref.float(), **_tol(dtype, K))
+                assert not out[: off[0]].any() and not out[off[-1] :].any()
+    finally:
+        knobs.set_tuning("ggq_avx512", prev)
+
+
 _BASELINE_SCRIPT = """
 import json, sys, torch, moe_framework
 from moe_framework.ops import grouped_gemm_q, quantize_weight
@@ -181,7 +210,7 @@ torch.manual_seed(int(sys.argv[1]))
 a = torch.randn(9, 128)
 off = torch.tensor([0, 4, 4, 9])
 worst = 0.0
-for bits, gs, sym in ((8, 0, True), (8, 48, True), (4, 32, True), (4, 64, False)):
+for bits, gs, sym in ((8, 0, True), (8, 48, True), (4, 32, True), (4, 64, False), (4, 128, True)):
     for act in (0, 8):  # weight-only and INT8 activations (integer dot products)
         q = quantize_weight(torch.randn(3, 5, 96 if gs == 48 else 128), bits, gs, sym)
         x = a[:, : q.qweight.shape[2] * (1 if bits == 8 else 2)]
@@ -192,10 +221,13 @@ print(json.dumps(worst))
 """
 
 
-def test_grouped_gemm_q_baseline_build_matches_reference(seed):
-    # The scalar kernels (MOE_FRAMEWORK_CPU_BASELINE=1; the AVX2 ones are what the other tests run),
-    # weight-only and act_bits=8, against the reference: fp32 sums of 128 products of |out| ~ 10.
-    worst = json.loads(output_under("baseline", _BASELINE_SCRIPT, str(seed)).decode())
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "default"])
+def test_grouped_gemm_q_each_build_matches_reference(seed, isa):
+    # Each build, weight-only and act_bits=8, against the reference: the scalar kernels
+    # (MOE_FRAMEWORK_CPU_BASELINE=1), the AVX2 ones (MOE_FRAMEWORK_CPU_NO_AVX512=1) and the best this
+    # CPU runs (the AVX-512 / VNNI kernels where it has them): fp32 sums of 128 products of
+    # |out| ~ 10.
+    worst = json.loads(output_under(isa, _BASELINE_SCRIPT, str(seed)).decode())
     assert worst < 1e-4, worst
 
 

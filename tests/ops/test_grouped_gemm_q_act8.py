@@ -127,6 +127,35 @@ def test_act8_group_kernels(seed, bits, gs, K, knob):
         knobs.set_tuning("ggq_a8_group_kernels", prev)
 
 
+# The AVX512-VNNI kernels (knob ggq_avx512 = 2: INT8 and INT4 weights; 1, the default: INT4 only,
+# INT8 x INT8 stays on AVX2; CPUs without AVX512-VNNI run the AVX2 kernels for every value) and the
+# AVX2 ones (0): INT8 per channel with K = 101 (a masked last
+# step), groups of 48 (masked steps inside a column) and 64, K = 1024 per channel (16 steps); INT4
+# groups of 64, 128, 192, 256 and one of 448 per channel (the VNNI kernel), 32 and 96 (not a
+# multiple of 64: the AVX2 kernels either way), asymmetric and symmetric; 4 columns per pass for up
+# to 2 rows, 2 for more, the rest one by one (N = 7, 70), several column tiles (N = 300), rows in
+# chunks of 4 then 1..3, an all-zero group.
+@pytest.mark.parametrize("knob", [0, 1, 2])
+@pytest.mark.parametrize(
+    "bits,gs,K",
+    [(8, 0, 101), (8, 48, 144), (8, 64, 192), (8, 0, 1024)]
+    + [(4, 64, 192), (4, 128, 256), (4, 192, 384), (4, 256, 512), (4, 0, 448)]
+    + [(4, 32, 96), (4, 96, 192)],
+)
+def test_act8_avx512_knob(seed, bits, gs, K, knob):
+    prev = knobs.set_tuning("ggq_avx512", knob)
+    try:
+        for E, M, N in ((3, 13, 7), (2, 11, 70), (1, 6, 300)):
+            q, scales, zeros = _qweight(E, N, K, bits, gs, gs != 128)
+            a = torch.randn(M, K) * 2
+            a[2, : gs or K] = 0  # an all-zero group
+            off = _offsets(M, E)
+            for dtype in (torch.float32, torch.bfloat16):
+                _check(a.to(dtype), q, scales, off, bits, gs, zeros)
+    finally:
+        knobs.set_tuning("ggq_avx512", prev)
+
+
 @pytest.mark.parametrize("K", [200, 256])
 def test_act8_activation_quantisation_is_exact(seed, K):
     # identity INT8 weights (scale 1, one group per channel): out[r, n] = q[r, n] * scale_r, the

@@ -442,6 +442,15 @@ void run_act8(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
       });
 }
 
+}  // namespace
+}  // namespace moe_framework
+
+// AVX-512 / VNNI kernels (avx512_takes, run_avx512): after the helpers above, which they use.
+#include "run_avx512.h"
+
+namespace moe_framework {
+namespace {
+
 at::Tensor grouped_gemm_q_cpu(const at::Tensor& a, const at::Tensor& qweight_in,
                               const at::Tensor& scales_in,
                               const c10::optional<at::Tensor>& zeros_in, const at::Tensor& offsets,
@@ -472,8 +481,10 @@ at::Tensor grouped_gemm_q_cpu(const at::Tensor& a, const at::Tensor& qweight_in,
   at::Tensor asum;
   ActQ8 act;
   const A8Path path = a8_path(s);  // read once: the activations' layout depends on it
+  const bool avx512 = avx512_takes(s);
   if (s.act_bits == 8) {
-    act = quantize_rows(a32, s.groups, s.group_size, s.bits == 4 && path == A8Path::kGroupTiles);
+    act = quantize_rows(a32, s.groups, s.group_size,
+                        s.bits == 4 && (avx512 || path == A8Path::kGroupTiles));
   } else if (s.bits == 4) {
     asum = a32.view({last - first, s.groups, s.group_size}).sum(-1).contiguous();
   }
@@ -487,7 +498,9 @@ at::Tensor grouped_gemm_q_cpu(const at::Tensor& a, const at::Tensor& qweight_in,
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), op, [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      if (s.act_bits == 8) {
+      if (avx512) {
+        run_avx512<scalar_t>(s, tiles, off, a32, asum, act, qweight, scales, zeros, out);
+      } else if (s.act_bits == 8) {
         run_act8<scalar_t>(s, tiles, off, path, act, qweight, scales, zeros, out);
       } else {
         run_weight_only<scalar_t>(s, tiles, off, a32, asum, qweight, scales, zeros, out);

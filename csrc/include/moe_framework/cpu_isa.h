@@ -10,7 +10,8 @@
 // FMA, so their results are deterministic for a given CPU and build but only close (not bitwise
 // equal) across builds; every such kernel is tested against the plain-PyTorch reference under each
 // build. MOE_FRAMEWORK_CPU_NO_AVX512=1 disables the AVX-512 clones (MOE_FRAMEWORK_CPU_BASELINE=1
-// disables them too).
+// disables them too). MOE_TARGET_AVX512_VNNI adds AVX512-VNNI (vpdpbusd: the integer kernels of
+// grouped_gemm_q with INT8 activations, exact integer sums).
 #pragma once
 
 #include <cstdlib>
@@ -24,6 +25,8 @@
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c,fma")))
 #define MOE_TARGET_AVX512_BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,f16c,fma")))
+#define MOE_TARGET_AVX512_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,f16c,fma")))
 #else
 #define MOE_CPU_AVX2_CLONE 0
 #endif
@@ -58,6 +61,16 @@ inline bool use_avx512() {
 inline bool use_avx512_bf16() {
 #if MOE_CPU_AVX2_CLONE
   static const bool has = use_avx512() && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// True when, in addition, AVX512-VNNI (vpdpbusd) may run.
+inline bool use_avx512_vnni() {
+#if MOE_CPU_AVX2_CLONE
+  static const bool has = use_avx512() && __builtin_cpu_supports("avx512vnni");
   return has;
 #else
   return false;

@@ -35,8 +35,10 @@ enum Knob : int {
   kSimMinTaskWork,     // multiply-adds below which another task costs more than it saves
   kGgqA8ColumnTiles,   // grouped_gemm_q INT4 x INT8 (AVX2): a tile's columns per call (1) or one
   kGgqA8GroupKernels,  // grouped_gemm_q x INT8 activations (AVX2): group kernels (1) or general
-  kGgqPrefetchBytes,   // grouped_gemm_q AVX2 column tiles: weight prefetch distance in bytes
+  kGgqPrefetchBytes,   // grouped_gemm_q column tiles (AVX2, AVX-512): weight prefetch distance
   kGgqWoColumnTiles,   // grouped_gemm_q INT8 weight-only (AVX2): a tile's columns per call (1)
+  kGgqAvx512,          // grouped_gemm_q: AVX2 kernels (0), AVX-512 / VNNI ones where the CPU has
+                       // them except INT8 x INT8 (1), or for INT8 x INT8 too (2)
   kNumKnobs
 };
 
@@ -61,6 +63,7 @@ inline constexpr KnobInfo kKnobs[kNumKnobs] = {
     {"ggq_a8_group_kernels", 1, 0, 1},
     {"ggq_prefetch_bytes", 4096, 0, 1 << 20},
     {"ggq_wo_column_tiles", 1, 0, 1},
+    {"ggq_avx512", 1, 0, 2},
 };
 
 // The current values: one definition for the whole library (an inline variable).
@@ -68,7 +71,7 @@ inline std::atomic<int64_t> g_values[kNumKnobs] = {
     kKnobs[0].initial,  kKnobs[1].initial,  kKnobs[2].initial,  kKnobs[3].initial,
     kKnobs[4].initial,  kKnobs[5].initial,  kKnobs[6].initial,  kKnobs[7].initial,
     kKnobs[8].initial,  kKnobs[9].initial,  kKnobs[10].initial, kKnobs[11].initial,
-    kKnobs[12].initial, kKnobs[13].initial, kKnobs[14].initial};
+    kKnobs[12].initial, kKnobs[13].initial, kKnobs[14].initial, kKnobs[15].initial};
 
 inline int64_t value(Knob knob) {
   return g_values[knob].load(std::memory_order_relaxed);
