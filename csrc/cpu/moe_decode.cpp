@@ -16,6 +16,11 @@
 // thread count). Every product accumulates in fp32 (fp64 for fp64); the hidden activation stays
 // in fp32 between the two projections (the general path rounds it to the input dtype).
 // The loops are compiled twice: baseline x86-64 and AVX2+FMA (picked at run time).
+// clamped_swiglu.h brings swiglu.h's 64-byte lane helpers, always-inline: no call ABI involved.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -29,6 +34,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "moe_framework/clamped_swiglu.h"
 #include "moe_framework/common.h"
 #include "moe_framework/cpu_convert.h"
 #include "moe_framework/cpu_isa.h"
@@ -100,9 +106,7 @@ MOE_ALWAYS_INLINE acc gate_of(const Problem<scalar_t>& P, int64_t e, int64_t c, 
     u += load_acc(b[P.interleaved ? 2 * c + 1 : P.h + c]);
   }
   if (!P.clamped) return silu(g) * u;
-  g = std::min(g, P.limit);
-  u = std::min(std::max(u, -P.limit), P.limit);
-  return (u + acc(1)) * (g / (acc(1) + std::exp(-P.alpha * g)));
+  return clamped_swiglu::forward(g, u, P.alpha, P.limit);  // the clamped_swiglu op's math
 }
 
 // Pass 1, one task: expert group g, hidden columns [c0, c1).

@@ -20,6 +20,7 @@
 
 #include <cstdint>
 
+#include "moe_framework/clamped_swiglu.h"
 #include "moe_framework/common.h"
 
 namespace moe_framework {
@@ -82,9 +83,7 @@ __global__ void up_kernel(const scalar_t* __restrict__ x, const int64_t* __restr
     a[s * h + c] = g / (acc(1) + exp(-g)) * u;
     return;
   }
-  g = g < gate.limit ? g : gate.limit;
-  u = u < -gate.limit ? -gate.limit : (u > gate.limit ? gate.limit : u);
-  a[s * h + c] = (u + acc(1)) * (g / (acc(1) + exp(-gate.alpha * g)));
+  a[s * h + c] = clamped_swiglu::forward(g, u, gate.alpha, gate.limit);  // the op's math
 }
 
 template <typename scalar_t, typename acc>

@@ -9,6 +9,7 @@ import platform
 import subprocess
 
 import pytest
+from golden_isa import cpu_flags as _cpu_flags
 
 import moe_framework.benchmarks as _bench
 
@@ -30,17 +31,6 @@ _COMMON = _common()
 SRC, CC = _COMMON.FMA_PEAK_SRC, _COMMON.c_compiler()
 
 pytestmark = pytest.mark.skipif(CC is None, reason="needs a C compiler (cc, gcc or $CC)")
-
-
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
 
 
 @pytest.fixture(scope="module")

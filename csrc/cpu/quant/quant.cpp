@@ -317,6 +317,31 @@ void run_column_tiles(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& 
   });
 }
 
+// What a weight-only column kernel reads for rows r0.. (a32 rows from `first`, INT4 group sums
+// in sumbase or nullptr) against columns col.. (= e * N + n) with weights at w.
+struct WeightOnlyArgs {
+  const grouped_gemm_q::Scheme& s;
+  const float* abase;
+  const float* sumbase;
+  const float* sbase;
+  const uint8_t* zbase;
+  int64_t first;
+
+  ColumnArgs at(int64_t r0, int64_t col, const void* w) const {
+    return ColumnArgs{abase + (r0 - first) * s.k,
+                      s.k,
+                      w,
+                      sbase + col * s.groups,
+                      zbase == nullptr ? nullptr : zbase + col * s.groups,
+                      s.bits == 8 ? 0.f : 8.f,
+                      sumbase == nullptr ? nullptr : sumbase + (r0 - first) * s.groups,
+                      s.groups,
+                      s.k,
+                      s.group_size,
+                      s.groups};
+  }
+};
+
 // Weight-only: fp32 activations (a32, rows from offsets[0]) and, for INT4, their group sums.
 template <typename scalar_t>
 void run_weight_only(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
@@ -329,7 +354,7 @@ void run_weight_only(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& t
   const uint8_t* zbase = zeros.has_value() ? zeros->const_data_ptr<uint8_t>() : nullptr;
   const float* abase = a32.const_data_ptr<float>();
   const float* sumbase = asum.defined() ? asum.const_data_ptr<float>() : nullptr;
-  const int64_t first = off[0];
+  const WeightOnlyArgs args{s, abase, sumbase, sbase, zbase, off[0]};
 #if MOE_GGQ_X86
   if (s.bits == 8 && avx2_fma() && tuning::value(tuning::kGgqWoColumnTiles) != 0) {
     // INT8 on AVX2: a whole tile's columns per kernel call (columns_q8_avx2)
@@ -337,17 +362,7 @@ void run_weight_only(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& t
     run_column_tiles<scalar_t>(s, tiles, off, qweight, out, ahead,
                                [&](int64_t r0, int64_t rows, const uint8_t* tile_w, int64_t col,
                                    int64_t ncols, const uint8_t* pf_end, float* buf) {
-                                 const ColumnArgs c{abase + (r0 - first) * s.k,
-                                                    s.k,
-                                                    tile_w,
-                                                    sbase + col * s.groups,
-                                                    nullptr,
-                                                    0.f,
-                                                    nullptr,
-                                                    s.groups,
-                                                    s.k,
-                                                    s.group_size,
-                                                    s.groups};
+                                 const ColumnArgs c = args.at(r0, col, tile_w);
                                  with_rows(rows, [&](auto rc) {
                                    columns_q8_avx2<decltype(rc)::value>(c, ncols, row_bytes, ahead,
                                                                         pf_end, buf);
@@ -358,17 +373,7 @@ void run_weight_only(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& t
 #endif
   run_tiles<scalar_t>(
       s, tiles, off, qweight, out, [&](int64_t r0, int64_t rows, int64_t col, float* res) {
-        const ColumnArgs c{abase + (r0 - first) * s.k,
-                           s.k,
-                           wbase + col * row_bytes,
-                           sbase + col * s.groups,
-                           zbase == nullptr ? nullptr : zbase + col * s.groups,
-                           s.bits == 8 ? 0.f : 8.f,
-                           sumbase == nullptr ? nullptr : sumbase + (r0 - first) * s.groups,
-                           s.groups,
-                           s.k,
-                           s.group_size,
-                           s.groups};
+        const ColumnArgs c = args.at(r0, col, wbase + col * row_bytes);
         with_rows(rows, [&](auto rc) { run_column<decltype(rc)::value>(s.bits, c, res); });
       });
 }

@@ -35,37 +35,18 @@ bool avx512_takes(const grouped_gemm_q::Scheme& s) {
 
 #if MOE_GGQ_X86
 // kernel(r0, rows, col, w, ncols, ahead, end, res): the tile's `rows` results of rows r0.. for
-// columns col.. (= e * N + n) into res[r * ncols + j].
+// columns col.. (= e * N + n) into res[r * ncols + j]; run_column_tiles (quant.cpp) with the
+// ggq_prefetch_bytes distance.
 template <typename scalar_t, typename Kernel>
 void run_tiles_avx512(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
                       const std::vector<int64_t>& off, const at::Tensor& qweight, at::Tensor& out,
                       const Kernel& kernel) {
-  const int64_t row_bytes = s.bits == 8 ? s.k : s.k / 2;
-  const uint8_t* wbase = static_cast<const uint8_t*>(qweight.const_data_ptr());
   const int64_t ahead = tuning::value(tuning::kGgqPrefetchBytes);
-  scalar_t* obase = out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> buf;
-    for (int64_t t = t0; t < t1; ++t) {
-      const Tile& tile = tiles[static_cast<size_t>(t)];
-      const int64_t e = tile.expert, ncols = tile.n1 - tile.n0;
-      const uint8_t* tile_w = wbase + (e * s.n + tile.n0) * row_bytes;
-      const uint8_t* end = wbase + (e + 1) * s.n * row_bytes;
-      for (int64_t b = 0; b < ahead && tile_w + b < end; b += 64) prefetch(tile_w + b);
-      buf.resize(static_cast<size_t>(kMaxRows * ncols));
-      for (int64_t r0 = off[e]; r0 < off[e + 1]; r0 += kMaxRows) {
-        const int64_t rows = std::min<int64_t>(kMaxRows, off[e + 1] - r0);
-        const uint8_t* pf_end = r0 == off[e] && ahead > 0 ? end : nullptr;
-        kernel(r0, rows, e * s.n + tile.n0, tile_w, ncols, ahead, pf_end, buf.data());
-        for (int64_t i = 0; i < rows; ++i) {
-          for (int64_t j = 0; j < ncols; ++j) {
-            obase[(r0 + i) * s.n + tile.n0 + j] =
-                cpu::store_acc<scalar_t>(buf[static_cast<size_t>(i * ncols + j)]);
-          }
-        }
-      }
-    }
-  });
+  run_column_tiles<scalar_t>(s, tiles, off, qweight, out, ahead,
+                             [&](int64_t r0, int64_t rows, const uint8_t* tile_w, int64_t col,
+                                 int64_t ncols, const uint8_t* pf_end, float* buf) {
+                               kernel(r0, rows, col, tile_w, ncols, ahead, pf_end, buf);
+                             });
 }
 #endif
 
@@ -82,32 +63,25 @@ void run_avx512(const grouped_gemm_q::Scheme& s, const std::vector<Tile>& tiles,
   const uint8_t* zbase = zeros.has_value() ? zeros->const_data_ptr<uint8_t>() : nullptr;
   const int64_t first = off[0];
   if (s.act_bits == 0) {
-    const float* abase = a32.const_data_ptr<float>();
-    const float* sumbase = asum.defined() ? asum.const_data_ptr<float>() : nullptr;
-    run_tiles_avx512<scalar_t>(
-        s, tiles, off, qweight, out,
-        [&](int64_t r0, int64_t rows, int64_t col, const uint8_t* w, int64_t ncols, int64_t ahead,
-            const uint8_t* end, float* res) {
-          const ColumnArgs c{abase + (r0 - first) * s.k,
-                             s.k,
-                             w,
-                             sbase + col * s.groups,
-                             zbase == nullptr ? nullptr : zbase + col * s.groups,
-                             s.bits == 8 ? 0.f : 8.f,
-                             sumbase == nullptr ? nullptr : sumbase + (r0 - first) * s.groups,
-                             s.groups,
-                             s.k,
-                             s.group_size,
-                             s.groups};
-          with_rows(rows, [&](auto rc) {
-            constexpr int R = decltype(rc)::value;
-            if (s.bits == 8) {
-              columns_q8_avx512<R>(c, ncols, row_bytes, ahead, end, res);
-            } else {
-              columns_q4_avx512<R>(c, ncols, row_bytes, ahead, end, res);
-            }
-          });
-        });
+    const WeightOnlyArgs args{s,
+                              a32.const_data_ptr<float>(),
+                              asum.defined() ? asum.const_data_ptr<float>() : nullptr,
+                              sbase,
+                              zbase,
+                              first};
+    run_tiles_avx512<scalar_t>(s, tiles, off, qweight, out,
+                               [&](int64_t r0, int64_t rows, int64_t col, const uint8_t* w,
+                                   int64_t ncols, int64_t ahead, const uint8_t* end, float* res) {
+                                 const ColumnArgs c = args.at(r0, col, w);
+                                 with_rows(rows, [&](auto rc) {
+                                   constexpr int R = decltype(rc)::value;
+                                   if (s.bits == 8) {
+                                     columns_q8_avx512<R>(c, ncols, row_bytes, ahead, end, res);
+                                   } else {
+                                     columns_q4_avx512<R>(c, ncols, row_bytes, ahead, end, res);
+                                   }
+                                 });
+                               });
     return;
   }
   // INT8 weights: -128 * the lane sums of every row's activations per group (kernels_avx512.h:
