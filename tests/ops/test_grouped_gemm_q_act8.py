@@ -64,7 +64,7 @@ def _check(a, q, scales, off, bits, gs, zeros):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"b{s[0]}g{s[1]}k{s[3]}")
 def test_act8_matches_reference(seed, scheme, dtype):
     bits, gs, sym, K = scheme
@@ -93,6 +93,23 @@ def test_act8_non_contiguous_and_against_float(seed):
     # INT8 activations of Gaussian rows: about 1% relative change against weight-only
     rel = float((out - wo).norm() / wo.norm())
     assert 0 < rel < 0.03, rel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits,gs,K", [(8, 0, 256), (8, 32, 96), (4, 64, 192), (4, 32, 160)])
+def test_act8_row_strided_input(seed, dtype, bits, gs, K):
+    # The activations are quantised straight from the input (no fp32 copy): rows with a stride
+    # longer than K (a column slice of a wider tensor) and rows before offsets[0] / after
+    # offsets[E] give the bits of the same call on a contiguous copy, and match the reference.
+    E, M, N = 3, 9, 21
+    q, scales, zeros = _qweight(E, N, K, bits, gs, True)
+    wide = (torch.randn(M, K + 37) * 3).to(dtype)
+    a = wide[:, 5 : 5 + K]
+    assert a.stride() == (K + 37, 1)
+    off = torch.tensor([2, 4, 4, 8])
+    out = _check(a, q, scales, off, bits, gs, zeros)
+    dense = grouped_gemm_q(a.contiguous(), q, scales, off, bits, gs, zeros, act_bits=8)
+    assert torch.equal(out, dense)
 
 
 def test_act8_int4_several_column_tiles(seed):

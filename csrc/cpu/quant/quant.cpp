@@ -191,18 +191,32 @@ MOE_TARGET_AVX2_FMA float quantize_group_avx2(const float* x, int64_t n, int8_t*
 }
 #endif
 
-// perm64 (the INT4 group kernel, columns_q4x64_a8_avx2): within each group, every 64 values are
-// stored with their 16-byte quarters 1 and 2 swapped (k 0..15, 32..47, 16..31, 48..63).
-ActQ8 quantize_rows(const at::Tensor& a32, int64_t groups, int64_t group_size, bool perm64) {
-  const int64_t rows = a32.size(0), k = a32.size(1);
+// Rows [first, first + rows) of a ([M, K] with a unit stride along K, any dtype of the op) to
+// INT8. perm64 (the INT4 group kernel, columns_q4x64_a8_avx2): within each group, every 64 values
+// are stored with their 16-byte quarters 1 and 2 swapped (k 0..15, 32..47, 16..31, 48..63).
+// Reads the input dtype directly: a bf16 / fp16 group is widened to fp32 into a small buffer
+// first (exact), so the bytes are those of quantising the fp32 copy, without making that copy.
+template <typename scalar_t>
+ActQ8 quantize_rows(const at::Tensor& a, int64_t first, int64_t rows, int64_t groups,
+                    int64_t group_size, bool perm64) {
+  const int64_t k = a.size(1), lda = a.stride(0);
   ActQ8 act{std::vector<int8_t>(static_cast<size_t>(rows * k)),
             std::vector<float>(static_cast<size_t>(rows * groups)),
             std::vector<int32_t>(static_cast<size_t>(rows * groups)),
             std::vector<float>(static_cast<size_t>(rows * groups))};
-  const float* a = a32.const_data_ptr<float>();
+  const scalar_t* abase = a.const_data_ptr<scalar_t>() + first * lda;
   at::parallel_for(0, rows * groups, 64, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {  // i = row * groups + g: contiguous k range i * gs..
-      const float* x = a + i * group_size;
+    std::vector<float> widened;
+    if constexpr (!std::is_same_v<scalar_t, float>) widened.resize(static_cast<size_t>(group_size));
+    for (int64_t i = i0; i < i1; ++i) {  // i = row * groups + g
+      const scalar_t* src = abase + (i / groups) * lda + (i % groups) * group_size;
+      const float* x;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        x = src;
+      } else {
+        for (int64_t j = 0; j < group_size; ++j) widened[static_cast<size_t>(j)] = float(src[j]);
+        x = widened.data();
+      }
       int8_t* q = act.q.data() + i * group_size;
       int32_t sum;
 #if MOE_GGQ_X86
@@ -482,16 +496,22 @@ at::Tensor grouped_gemm_q_cpu(const at::Tensor& a, const at::Tensor& qweight_in,
   const at::Tensor scales = scales_in.contiguous();
   c10::optional<at::Tensor> zeros;
   if (zeros_in.has_value()) zeros = zeros_in->contiguous();
-  const at::Tensor a32 = a.slice(0, first, last).to(at::kFloat).contiguous();
-  at::Tensor asum;
+  at::Tensor a32, asum;
   ActQ8 act;
   const A8Path path = a8_path(s);  // read once: the activations' layout depends on it
   const bool avx512 = avx512_takes(s);
   if (s.act_bits == 8) {
-    act = quantize_rows(a32, s.groups, s.group_size,
-                        s.bits == 4 && (avx512 || path == A8Path::kGroupTiles));
-  } else if (s.bits == 4) {
-    asum = a32.view({last - first, s.groups, s.group_size}).sum(-1).contiguous();
+    // Quantised straight from a (no fp32 copy: a per-call allocation and conversion less).
+    const at::Tensor a_rows = a.stride(1) == 1 ? a : a.contiguous();
+    const bool perm64 = s.bits == 4 && (avx512 || path == A8Path::kGroupTiles);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), op, [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        act = quantize_rows<scalar_t>(a_rows, first, last - first, s.groups, s.group_size, perm64);
+      }
+    });
+  } else {
+    a32 = (first == 0 && last == m ? a : a.slice(0, first, last)).to(at::kFloat).contiguous();
+    if (s.bits == 4) asum = a32.view({last - first, s.groups, s.group_size}).sum(-1).contiguous();
   }
 
   const int64_t row_bytes = s.bits == 8 ? s.k : s.k / 2;
