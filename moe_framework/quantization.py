@@ -23,6 +23,7 @@ from torch import nn
 
 from . import ops
 from .experts import CheckpointedExperts, ExpertBank, _is_silu, _row_bias, expert_of_row
+from .huge_pages import to_huge_pages
 from .ops.quant import QuantizedWeight, quantize_weight
 
 __all__ = [
@@ -172,10 +173,12 @@ class QuantizedExperts(nn.Module):
         self.group_size_in = w_in.group_size
         self.group_size_out = w_out.group_size
         self.act_fn = None if _is_silu(act_fn) else act_fn
-        self.register_buffer("qweight_in", w_in.qweight)
+        # The packed weights are what a decode step streams from DRAM: 2 MiB pages make that
+        # stream ~15% faster (moe_framework.huge_pages); a no-op off Linux / for small experts.
+        self.register_buffer("qweight_in", to_huge_pages(w_in.qweight))
         self.register_buffer("scales_in", w_in.scales)
         self.register_buffer("zeros_in", w_in.zeros)
-        self.register_buffer("qweight_out", w_out.qweight)
+        self.register_buffer("qweight_out", to_huge_pages(w_out.qweight))
         self.register_buffer("scales_out", w_out.scales)
         self.register_buffer("zeros_out", w_out.zeros)
         self.register_buffer("b_in", None if b_in is None else b_in.detach().float().clone())
