@@ -9,7 +9,14 @@ cycles through are >= 4x the last-level cache, so each call reads its experts fr
 "bytes/token" is the packed weights (+ scales, zero points) of the distinct experts a call touches,
 divided by T; "GB/s" is those bytes over the call's median time, and "% triad" compares that with
 the triad bandwidth measured in the same run (common.roofline's triad) at 1 thread ("% triad 1t")
-and at 2 threads ("% triad 2t": what both cores pull; one core may not reach it). "read" is a
+and at 2 threads ("% triad 2t": what both cores pull; one core may not reach it). Each probe runs
+on 4 KiB and on 2 MiB pages, at the start and at the end of the run; the reference is the best of
+them. Every variant's weights sit on 2 MiB pages (moe_framework.huge_pages: QuantizedExperts
+allocates its packed weights there, the bf16 ExpertBank weights are moved there); --ab-pages adds
+every row again on ordinary 4 KiB pages, timed in the same interleaved rounds. Because this
+machine's bandwidth moves a lot within minutes, every cell of every round is also compared with a
+triad taken right before it (at the run's thread count, 2 MiB pages): "% triad now" is the median
+over the rounds of that ratio. "read" is a
 pure streaming read in the same run (torch.sum over a float32 array, one vector add per 32 bytes:
 the fastest a kernel that reads its weights once can go). Ratios ("x bf16") are against the
 faster of our two bf16 ExpertBank layouts (out_in, in_out) in the same run. The "a8" rows are the
@@ -29,9 +36,11 @@ with the default cells of the same run: an A/B that a load change on the machine
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import statistics
 import subprocess
 import time
 
@@ -40,6 +49,7 @@ import torch
 import moe_framework  # noqa: F401
 from moe_framework.benchmarks import common
 from moe_framework.experts import ExpertBank
+from moe_framework.huge_pages import empty_huge_pages, huge_pages_available, use_huge_pages
 from moe_framework.ops.tuning import set_tuning
 from moe_framework.quantization import QuantizedExperts, set_act_quant
 
@@ -121,6 +131,19 @@ def _llc_bytes() -> int:
         return int(text.rstrip("K")) * 1024 if text.endswith("K") else int(text)
     except (OSError, ValueError):
         return LLC_BYTES
+
+
+def _plain_pages(layer):
+    """A copy of ``layer`` whose weights sit in torch's allocator (ordinary pages)."""
+    plain = copy.deepcopy(layer)
+    for sub in plain.modules():
+        for p in sub._parameters.values():
+            if p is not None:
+                p.data = p.data.clone()
+        for name, b in list(sub._buffers.items()):
+            if b is not None:
+                sub._buffers[name] = b.clone()
+    return plain
 
 
 def _expert_bytes(module) -> float:
@@ -206,12 +229,17 @@ def _run_torchao(d, h, E, k, token_counts, target, threads, quick, rows) -> str:
     return f"ran: torch, torchao = {version}"
 
 
-def _read_bandwidth(threads: int, numel: int) -> float:
-    """Bytes/s of a pure streaming read: torch.sum over a float32 array of numel (not cached)."""
+def _read_bandwidth(threads: int, numel: int, huge_pages: bool = False) -> float:
+    """Bytes/s of a pure streaming read: torch.sum over a float32 array of numel (not cached), on
+    2 MiB pages with ``huge_pages``."""
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        x = torch.rand(numel)
+        x = (
+            empty_huge_pages((numel,), torch.float32).uniform_()
+            if huge_pages
+            else torch.rand(numel)
+        )
         t = common.timeit(lambda: torch.sum(x), min_time=0.3)
         return 4.0 * numel / t["min_s"]
     finally:
@@ -226,9 +254,11 @@ def run(
     tuning=None,
     rounds: int = 0,
     ab=None,
+    ab_pages: bool = False,
 ) -> dict:
     """The decode benchmark (module docstring); ``rounds`` interleaved rounds per cell, best kept
-    (default 3, 1 with ``quick``); ``ab``: {knob: value} for the quantised rows' A/B copies."""
+    (default 3, 1 with ``quick``); ``ab``: {knob: value} for the quantised rows' A/B copies;
+    ``ab_pages``: every row again with the weights on ordinary 4 KiB pages."""
     load_start = os.getloadavg()
     t_start = time.perf_counter()
     threads = (threads or [1])[0]
@@ -256,11 +286,28 @@ def run(
     # Only the triad of common.roofline: its bf16 GEMM probe takes minutes on CPUs without
     # AVX512-BF16 (torch's CPU bf16 mm runs at ~0.3 GFLOP/s there), and decode needs bandwidth.
     numel = (16 if quick else 64) * 1024 * 1024
-    roof = {"threads": threads}
-    for nt in (1, 2):
-        roof[f"triad_gbs_{nt}t"] = common._measure_bandwidth(nt, "cpu", numel) / 1e9
-        roof[f"read_gbs_{nt}t"] = _read_bandwidth(nt, numel) / 1e9
-    roof["triad_gbs"] = roof[f"triad_gbs_{min(threads, 2)}t"]
+    roof: dict = {"threads": threads, "huge_pages_available": huge_pages_available()}
+    pages = ("4k", "2m") if roof["huge_pages_available"] else ("4k",)
+
+    # common caches its probe per process; this one is taken afresh at the start and the end
+    triad = common._measure_bandwidth.__wrapped__
+
+    def probe(when: str) -> None:
+        # Both page sizes, at the start and at the end of the run: the reference is the best of
+        # them all (the most this machine streamed), so a probe that happened to run slow cannot
+        # flatter the kernels.
+        for nt in (1, 2):
+            for pg in pages:
+                hp = pg == "2m"
+                tr = triad(nt, "cpu", numel, huge_pages=hp) / 1e9
+                rd = _read_bandwidth(nt, numel, huge_pages=hp) / 1e9
+                roof[f"triad_gbs_{nt}t_{pg}_{when}"] = tr
+                roof[f"read_gbs_{nt}t_{pg}_{when}"] = rd
+                for key, v in ((f"triad_gbs_{nt}t", tr), (f"read_gbs_{nt}t", rd)):
+                    roof[key] = max(roof.get(key, 0.0), v)
+        roof["triad_gbs"] = roof[f"triad_gbs_{min(threads, 2)}t"]
+
+    probe("start")
     # Every variant's rotation of layer copies is built first, then the cells are timed in
     # interleaved rounds (best round kept): a load change on this shared machine hits every
     # variant alike instead of the few that happened to run during it.
@@ -276,12 +323,23 @@ def run(
                     tr = layer.layout == "in_out"
                     layer.weight_in.copy_(base.weight_in.transpose(1, 2) if tr else base.weight_in)
                     layer.w_out.copy_(base.w_out.transpose(1, 2) if tr else base.w_out)
+                # Every variant streams from 2 MiB pages (QuantizedExperts allocates its packed
+                # weights there itself; this moves the bf16 ExpertBank weights too).
+                use_huge_pages(layer)
             quantized = isinstance(first, QuantizedExperts)
+            rotations = [(layers, "")]
+            if ab_pages:
+                # The same weights on ordinary pages (copies from torch's allocator).
+                plain = [_plain_pages(layer) for layer in layers]
+                rotations.append((plain, " [4k pages]"))
             settings = [{}] + ([ab] if quantized and ab else [])
-            for mode, knobs_ab in [
-                (m, a) for m in ([None, "int8"] if quantized else [None]) for a in settings
+            for mode, knobs_ab, (rot, page_label) in [
+                (m, a, r)
+                for m in ([None, "int8"] if quantized else [None])
+                for a in settings
+                for r in rotations
             ]:
-                suffix = "".join(f" [{n}={v}]" for n, v in knobs_ab.items())
+                suffix = "".join(f" [{n}={v}]" for n, v in knobs_ab.items()) + page_label
                 for T in token_counts:
                     calls = [_routing(T, E, k, gen) for _ in range(64)]
                     xs = [torch.randn(T * k, d, dtype=torch.bfloat16) for _ in range(4)]
@@ -297,7 +355,7 @@ def run(
                                 "impl": impl,
                                 "T": T,
                                 "fn": fn,
-                                "layers": layers,
+                                "layers": rot,
                                 "quantized": quantized,
                                 "mode": mode,
                                 "calls": calls,
@@ -307,8 +365,29 @@ def run(
                             }
                         )
         best = [math.inf] * len(cases)
+        # This machine's bandwidth moves by up to 2x within minutes (a shared host): each cell is
+        # also compared with a triad taken right before it, at the run's thread count, on 2 MiB
+        # pages where available ("% triad now": the median over rounds of that ratio).
+        now: list = [[] for _ in cases]
+        pnum = 32 * 1024 * 1024  # 3 x 128 MiB: far beyond the last-level cache
+        parr = [
+            empty_huge_pages((pnum,), torch.float32)
+            if roof["huge_pages_available"]
+            else torch.empty(pnum)
+            for _ in range(3)
+        ]
+        for arr in parr:
+            arr.uniform_()
+
+        def triad_now() -> float:
+            t = common.timeit(
+                lambda: torch.add(parr[0], parr[1], alpha=1.5, out=parr[2]), min_time=0.1
+            )
+            return 3.0 * pnum * 4 / t["min_s"] / 1e9
+
         for _ in range(rounds):
             for i, c in enumerate(cases):
+                tri = triad_now()
                 if c["quantized"]:
                     for layer in c["layers"]:
                         set_act_quant(layer, c["mode"])
@@ -319,8 +398,11 @@ def run(
                     for n, v in prev.items():
                         set_tuning(n, v)
                 best[i] = min(best[i], t["median_s"])
+                now[i].append(100.0 * c["bytes_per_call"] / t["median_s"] / 1e9 / tri)
+        parr.clear()
+    probe("end")
     rows = []
-    for c, t_best in zip(cases, best):
+    for c, t_best, pct_now in zip(cases, best, now):
         gbs = c["bytes_per_call"] / t_best / 1e9
         rows.append(
             {
@@ -330,6 +412,8 @@ def run(
                 "us/call": t_best * 1e6,
                 "bytes/token": c["bytes_per_call"] / c["T"],
                 "GB/s": gbs,
+                "% triad now": statistics.median(pct_now),
+                "% triad now (rounds)": pct_now,
                 "% triad 1t": 100.0 * gbs / roof["triad_gbs_1t"],
                 "% triad 2t": 100.0 * gbs / roof["triad_gbs_2t"],
                 "% read": 100.0 * gbs / roof[f"read_gbs_{min(threads, 2)}t"],
@@ -351,11 +435,12 @@ def run(
         ref = best_bf16.get(r["T"])
         r["x bf16"] = ref / r["us/call"] if ref else float("nan")
     columns = ["variant", "impl", "T", "us/call", "x bf16", "bytes/token", "GB/s"]
-    columns += ["% triad 1t", "% triad 2t", "% read"]
+    columns += ["% triad now", "% triad 1t", "% triad 2t", "% read"]
     title = (
         f"decode experts stage: d={d}, h={h}, E={E}, k={k}, {threads} thread(s), triad "
         f"{roof['triad_gbs_1t']:.1f} / {roof['triad_gbs_2t']:.1f} GB/s (1 / 2 threads), "
-        f"read {roof['read_gbs_1t']:.1f} / {roof['read_gbs_2t']:.1f} GB/s"
+        f"read {roof['read_gbs_1t']:.1f} / {roof['read_gbs_2t']:.1f} GB/s (best of the probes on "
+        f"{' and '.join(pages)} pages at the start and the end)"
     )
     common.print_table(rows, columns, title)
     payload = {
@@ -369,6 +454,7 @@ def run(
         "torchao": peer_note,
         "tuning": tuning or {},
         "ab": ab or {},
+        "ab_pages": ab_pages,
         "rounds": rounds,
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg(),
@@ -393,6 +479,11 @@ def main(argv=None) -> None:
         metavar="KNOB=VALUE",
         help="time every quantised row again with these knobs set (interleaved A/B)",
     )
+    p.add_argument(
+        "--ab-pages",
+        action="store_true",
+        help="time every row again with the weights on ordinary 4 KiB pages (interleaved A/B)",
+    )
     args = p.parse_args(argv)
     tuning = common.apply_tuning(p, args.tuning)
     ab = common.parse_tuning(p, args.ab)
@@ -404,6 +495,7 @@ def main(argv=None) -> None:
         tuning=tuning,
         rounds=args.rounds,
         ab=ab,
+        ab_pages=args.ab_pages,
     )
 
 

@@ -145,13 +145,24 @@ def _measure_gemm_flops(threads: int, dtype: torch.dtype, device: str, n: int) -
 
 
 @cache
-def _measure_bandwidth(threads: int, device: str, numel: int) -> float:
+def _measure_bandwidth(threads: int, device: str, numel: int, huge_pages: bool = False) -> float:
+    """Triad bytes/s at ``threads`` threads over three float32 arrays of ``numel``; on the CPU with
+    ``huge_pages`` the arrays sit on 2 MiB pages (moe_framework.huge_pages), else on whatever the
+    allocator gives (4 KiB pages unless THP is ``always``)."""
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a = torch.rand(numel, device=device)
-        b = torch.rand(numel, device=device)
-        c = torch.empty(numel, device=device)
+        if huge_pages and device == "cpu":
+            from moe_framework.huge_pages import empty_huge_pages
+
+            a, b, c = (empty_huge_pages((numel,), torch.float32) for _ in range(3))
+            a.uniform_()
+            b.uniform_()
+            c.zero_()
+        else:
+            a = torch.rand(numel, device=device)
+            b = torch.rand(numel, device=device)
+            c = torch.empty(numel, device=device)
         # triad c = a + s*b: reads 2 arrays, writes 1
         t = timeit(lambda: torch.add(a, b, alpha=1.5, out=c), device=device, min_time=0.5)
         return 3.0 * numel * 4 / t["min_s"]
