@@ -532,6 +532,123 @@ def profile_train(family: str, d: int, dtype: torch.dtype, threads: int, layers:
     return out
 
 
+def _expert_params_per_expert(model) -> tuple[int, int]:
+    """(MoE layers, weights per routed expert) of ``model``: every module holding
+    ``gate_up_proj`` / ``down_proj`` (or ``up_proj`` / ``down_proj``, non-gated) expert stacks
+    ``[E, ...]``; biases left out (their FLOPs are not GEMM work)."""
+    layers, per_expert = 0, 0
+    for m in model.modules():
+        first = getattr(m, "gate_up_proj", None)
+        if first is None:
+            first = getattr(m, "up_proj", None)
+        down = getattr(m, "down_proj", None)
+        if not isinstance(first, torch.Tensor) or not isinstance(down, torch.Tensor):
+            continue
+        if first.dim() != 3 or down.dim() != 3:
+            continue  # a dense MLP (nn.Linear modules), e.g. DeepSeek-V3's shared experts
+        E = first.shape[0]
+        n = (first.numel() + down.numel()) // E
+        if per_expert not in (0, n):
+            raise ValueError(f"bench_hf: MoE layers of different expert sizes ({per_expert}, {n})")
+        per_expert = n
+        layers += 1
+    if layers == 0:
+        raise ValueError(f"bench_hf: no expert stacks found in {type(model).__name__}")
+    return layers, per_expert
+
+
+def train_bound(
+    family: str, d: int, dtype: torch.dtype, threads: int, layers: int, rounds: int = 3
+) -> dict:
+    """How much faster than HF's default (``grouped_mm``) *any* experts implementation could make
+    one whole-model training step (4 x 512 tokens, AdamW), measured, not assumed:
+
+    * ``hf_ms`` / ``ours_ms``: the step under ``grouped_mm`` and under ours (interleaved rounds,
+      best);
+    * ``ours_kernels_share``: the share of our step's CPU time (torch.profiler) spent in our ops
+      and what they call (``moe_framework::*``: permute, grouped GEMMs forward / dgrad / wgrad --
+      with the BLAS calls of large groups --, SwiGLU and their backwards, unpermute) --
+      everything an experts implementation owns;
+    * ``expert_gflop``: the experts' GEMM work (tokens x k rows through each MoE layer's
+      ``[d -> 2h -> h -> d]`` per expert, forward + input gradient + weight gradient = 3x forward),
+      and ``peak_gflops``: this core count's arithmetic peak (``common.cpu_compute_peak``: fp32
+      FMAs, or AVX512-BF16 dot products for bf16) -- no GEMM runs faster;
+    * ``ideal_ms`` = our step without our ops plus the GEMM work at the peak: the step with a
+      perfect experts implementation (routing, permutes and activation free, GEMMs at 100% of the
+      peak); ``bound`` = ``hf_ms / ideal_ms``, the largest ratio any implementation can reach;
+    * ``bound_blas``: the same with the GEMMs at ``blas_gflops``, the rate torch's BLAS reaches on
+      one 2048 x 2048 product at this thread count (what the best GEMM library here achieves)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    model = family_model(family, d, layers=layers)
+    _init(model)
+    model = model.to(dtype).train()
+    ids = torch.randint(0, model.config.vocab_size, (4, 512), generator=torch.Generator())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
+
+    def step(impl: str) -> None:
+        model.set_experts_implementation(impl)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    best = _interleaved(
+        {"grouped_mm": lambda: step("grouped_mm"), "moe_framework": lambda: step("moe_framework")},
+        rounds,
+        0.0,
+        warm=1,
+    )
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step("moe_framework")
+    # Our ops with everything they call (a large group handed to torch's BLAS runs as a child
+    # aten::mm): the total time of each outermost moe_framework:: event.
+    events = prof.events()
+    total = sum(e.self_cpu_time_total for e in events)
+
+    def outermost(e) -> bool:
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith("moe_framework::"):
+                return False
+            p = p.cpu_parent
+        return True
+
+    ours_ops = sum(
+        e.cpu_time_total for e in events if e.name.startswith("moe_framework::") and outermost(e)
+    )
+    share = ours_ops / total
+    moe_layers, per_expert = _expert_params_per_expert(model)
+    rows = 4 * 512 * model.config.num_experts_per_tok
+    gflop = 3 * 2 * rows * per_expert * moe_layers / 1e9
+    peak = common.cpu_compute_peak(threads)
+    peak_gflops = peak["bf16_gflops"] if dtype == torch.bfloat16 else peak["fp32_gflops"]
+    hf_ms, ours_ms = best["grouped_mm"] * 1e3, best["moe_framework"] * 1e3
+    row = {
+        "family": family,
+        "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
+        "threads": threads,
+        "hf_ms": hf_ms,
+        "ours_ms": ours_ms,
+        "ratio": hf_ms / ours_ms,
+        "ours_kernels_share": share,
+        "ours_kernels_ms": share * ours_ms,
+        "expert_gflop": gflop,
+        "peak_gflops": peak_gflops,
+    }
+    if peak_gflops:
+        row["gemm_at_peak_ms"] = gflop / peak_gflops * 1e3
+        row["ideal_ms"] = ours_ms * (1 - share) + row["gemm_at_peak_ms"]
+        row["bound"] = hf_ms / row["ideal_ms"]
+    # The same with the GEMMs at the rate torch's BLAS reaches on one large square product (what
+    # the best GEMM library here does; the peak above is what no code can pass).
+    blas = common._measure_gemm_flops(threads, dtype, "cpu", 2048) / 1e9
+    row["blas_gflops"] = blas
+    row["ideal_blas_ms"] = ours_ms * (1 - share) + gflop / blas * 1e3
+    row["bound_blas"] = hf_ms / row["ideal_blas_ms"]
+    return row
+
+
 def _commit() -> str:
     """The git commit of the measured source (with ``-dirty``), or ``unknown`` outside a checkout."""
     import subprocess
@@ -575,6 +692,12 @@ def main(argv=None) -> None:
         action="store_true",
         help="ours stage by stage at --tokens (decode) and a profile of one training step",
     )
+    p.add_argument(
+        "--train-bound",
+        action="store_true",
+        help="the whole-model training step's bound: HF's default against a perfect experts "
+        "implementation (our step without our ops + the experts' GEMMs at the arithmetic peak)",
+    )
     p.add_argument("--tag", default=None, help="write bench_hf_<tag>.json (one chunk of a matrix)")
     p.add_argument(
         "--merge",
@@ -588,6 +711,36 @@ def main(argv=None) -> None:
         merge(a.merge, a.out)
         return
     load0 = os.getloadavg()
+    if a.train_bound:
+        bound_rows = []
+        for fam in a.families or FAMILIES:
+            for dt in a.dtypes or ["fp32"]:
+                for th in common.thread_counts(a.threads or [1]):
+                    bound_rows.append(
+                        train_bound(fam, a.d_model, DTYPES[dt], th, a.layers, a.rounds or 3)
+                    )
+                    print(bound_rows[-1], flush=True)
+        cols = ["family", "dtype", "threads", "hf_ms", "ours_ms", "ratio", "ours_kernels_ms"]
+        cols += ["expert_gflop", "peak_gflops", "gemm_at_peak_ms", "ideal_ms", "bound"]
+        cols += ["blas_gflops", "ideal_blas_ms", "bound_blas"]
+        table = common.print_table(
+            bound_rows, cols, title="whole-model training step: the most any experts code can gain"
+        )
+        common.write_json(
+            "bench_hf_train_bound" + (f"_{a.tag}" if a.tag else ""),
+            {
+                "machine": common.machine_info(),
+                "rows": bound_rows,
+                "table": table,
+                "d_model": a.d_model,
+                "layers": a.layers,
+                "commit": _commit(),
+                "loadavg_start": load0,
+                "loadavg_end": os.getloadavg(),
+            },
+            a.out,
+        )
+        return
     if a.stages:
         st_payload: dict[str, Any] = {"machine": common.machine_info(), "stages": [], "train": {}}
         for fam in a.families or ["qwen3_moe"]:

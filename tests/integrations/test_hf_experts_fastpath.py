@@ -140,3 +140,21 @@ def test_bench_hf_stages_refuses_experts_it_cannot_break_down():
 
     with pytest.raises(ValueError, match="gpt_oss's experts .*clamped"):
         bench_hf.stage_breakdown("gpt_oss", 64, torch.float32, [1], 1)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3"])
+def test_bench_hf_train_bound_counts_the_routed_experts_work(family):
+    # The training-step bound counts the GEMM work of the routed experts only: per expert the
+    # gate/up and down weights (GPT-OSS's are stored transposed, biases left out), one MoE layer
+    # per decoder layer; DeepSeek-V3's shared experts are a dense MLP and are not counted.
+    from moe_framework.benchmarks import bench_hf
+
+    d = 64
+    model = bench_hf.family_model(family, d, layers=3)
+    layers, per_expert = bench_hf._expert_params_per_expert(model)
+    cfg = model.config
+    h = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    assert layers == 3
+    assert per_expert == 3 * d * h  # [2h, d] + [d, h]
+    with pytest.raises(ValueError, match="no expert stacks found in Linear"):
+        bench_hf._expert_params_per_expert(torch.nn.Linear(4, 4))
