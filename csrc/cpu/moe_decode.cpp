@@ -15,7 +15,8 @@
 // then y[t] = sum_j weights[t, j] * y_{slot t*k+j} in j order (no atomics: the same bits for any
 // thread count). Every product accumulates in fp32 (fp64 for fp64); the hidden activation stays
 // in fp32 between the two projections (the general path rounds it to the input dtype).
-// The loops are compiled twice: baseline x86-64 and AVX2+FMA (picked at run time).
+// The loops are compiled three times: baseline x86-64, AVX2+FMA and AVX-512 (16-lane dot
+// products), picked at run time (MOE_FRAMEWORK_CPU_NO_AVX512 / _BASELINE apply).
 // clamped_swiglu.h brings swiglu.h's 64-byte lane helpers, always-inline: no call ABI involved.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -77,13 +78,19 @@ struct Problem {
   acc* y;  // [n, d]
 };
 
-// dot(w[0:n], v[0:n]) with 8 independent partial sums (vectorised by the compiler).
-template <typename scalar_t, typename acc>
+// dot(w[0:n], v[0:n]) with kLanes independent partial sums (vectorised by the compiler): 8 on
+// the baseline / AVX2 builds, 16 (one zmm) on AVX-512. The 8-lane order is the same as before
+// the AVX-512 build existed; 16 lanes fold lane l + 8 into lane l first, then the same tree.
+template <int kLanes, typename scalar_t, typename acc>
 MOE_ALWAYS_INLINE acc dot(const scalar_t* __restrict__ w, const acc* __restrict__ v, int64_t n) {
-  acc s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  static_assert(kLanes == 8 || kLanes == 16, "dot: 8 or 16 lanes");
+  acc s[kLanes] = {};
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int l = 0; l < 8; ++l) s[l] += load_acc(w[i + l]) * v[i + l];
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) s[l] += load_acc(w[i + l]) * v[i + l];
+  }
+  if constexpr (kLanes == 16) {
+    for (int l = 0; l < 8; ++l) s[l] += s[l + 8];
   }
   acc r = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
   for (; i < n; ++i) r += load_acc(w[i]) * v[i];
@@ -110,7 +117,7 @@ MOE_ALWAYS_INLINE acc gate_of(const Problem<scalar_t>& P, int64_t e, int64_t c, 
 }
 
 // Pass 1, one task: expert group g, hidden columns [c0, c1).
-template <bool kPlain, typename scalar_t>
+template <int kLanes, bool kPlain, typename scalar_t>
 MOE_ALWAYS_INLINE void up_task(const Problem<scalar_t>& P, int64_t g, int64_t c0, int64_t c1) {
   using acc = at::opmath_type<scalar_t>;
   const int64_t e = P.group_expert[g], p0 = P.group_begin[g], p1 = P.group_begin[g + 1];
@@ -124,7 +131,7 @@ MOE_ALWAYS_INLINE void up_task(const Problem<scalar_t>& P, int64_t g, int64_t c0
       const scalar_t* wu = W + (c * gs + uo) * P.win_sr;
       for (int64_t p = p0; p < p1; ++p) {
         const acc* xv = P.x + P.sorted_token[p] * d;
-        P.a[p * h + c] = gate_of<kPlain>(P, e, c, dot(wg, xv, d), dot(wu, xv, d));
+        P.a[p * h + c] = gate_of<kPlain>(P, e, c, dot<kLanes>(wg, xv, d), dot<kLanes>(wu, xv, d));
       }
     }
     return;
@@ -162,7 +169,7 @@ MOE_ALWAYS_INLINE void up_task(const Problem<scalar_t>& P, int64_t g, int64_t c0
 }
 
 // Pass 2, one task: expert group g, output columns [i0, i1).
-template <typename scalar_t>
+template <int kLanes, typename scalar_t>
 MOE_ALWAYS_INLINE void down_task(const Problem<scalar_t>& P, int64_t g, int64_t i0, int64_t i1) {
   using acc = at::opmath_type<scalar_t>;
   const int64_t e = P.group_expert[g], p0 = P.group_begin[g], p1 = P.group_begin[g + 1];
@@ -173,7 +180,7 @@ MOE_ALWAYS_INLINE void down_task(const Problem<scalar_t>& P, int64_t g, int64_t 
     for (int64_t i = i0; i < i1; ++i) {
       const scalar_t* wr = W + i * P.wout_sr;
       const acc b = bo != nullptr ? load_acc(bo[i]) : acc(0);
-      for (int64_t p = p0; p < p1; ++p) P.y[p * d + i] = dot(wr, P.a + p * h, h) + b;
+      for (int64_t p = p0; p < p1; ++p) P.y[p * d + i] = dot<kLanes>(wr, P.a + p * h, h) + b;
     }
     return;
   }
@@ -200,7 +207,7 @@ MOE_ALWAYS_INLINE int64_t block_width(const Problem<scalar_t>& P) {
   return P.trans_b ? kBlock : kBlockIO;
 }
 
-template <bool kDown, typename scalar_t>
+template <bool kDown, int kLanes, typename scalar_t>
 MOE_ALWAYS_INLINE void run_tasks(const Problem<scalar_t>& P, int64_t blocks, int64_t width,
                                  int64_t t0, int64_t t1) {
   const int64_t bw = block_width(P);
@@ -208,33 +215,40 @@ MOE_ALWAYS_INLINE void run_tasks(const Problem<scalar_t>& P, int64_t blocks, int
     const int64_t g = t / blocks, b = t % blocks;
     const int64_t c0 = b * bw, c1 = std::min(width, c0 + bw);
     if constexpr (kDown) {
-      down_task(P, g, c0, c1);
+      down_task<kLanes>(P, g, c0, c1);
     } else if (!P.clamped && !P.interleaved && P.bin == nullptr) {
-      up_task<true>(P, g, c0, c1);
+      up_task<kLanes, true>(P, g, c0, c1);
     } else {
-      up_task<false>(P, g, c0, c1);
+      up_task<kLanes, false>(P, g, c0, c1);
     }
   }
 }
 
 #if MOE_CPU_AVX2_CLONE
 template <bool kDown, typename scalar_t>
+MOE_TARGET_AVX512 void tasks_avx512(const Problem<scalar_t>& P, int64_t blocks, int64_t width,
+                                    int64_t t0, int64_t t1) {
+  run_tasks<kDown, 16>(P, blocks, width, t0, t1);
+}
+template <bool kDown, typename scalar_t>
 MOE_TARGET_AVX2_FMA void tasks_avx2(const Problem<scalar_t>& P, int64_t blocks, int64_t width,
                                     int64_t t0, int64_t t1) {
-  run_tasks<kDown>(P, blocks, width, t0, t1);
+  run_tasks<kDown, 8>(P, blocks, width, t0, t1);
 }
 #endif
 template <bool kDown, typename scalar_t>
 void tasks_base(const Problem<scalar_t>& P, int64_t blocks, int64_t width, int64_t t0, int64_t t1) {
-  run_tasks<kDown>(P, blocks, width, t0, t1);
+  run_tasks<kDown, 8>(P, blocks, width, t0, t1);
 }
 
 template <bool kDown, typename scalar_t>
 void run_pass(const Problem<scalar_t>& P, int64_t groups, int64_t width) {
   static const bool avx2 = use_avx2() && __builtin_cpu_supports("fma");
+  static const bool avx512 = avx2 && use_avx512();
   const int64_t blocks = (width + block_width(P) - 1) / block_width(P);
   at::parallel_for(0, groups * blocks, 1, [&](int64_t t0, int64_t t1) {
 #if MOE_CPU_AVX2_CLONE
+    if (avx512) return tasks_avx512<kDown>(P, blocks, width, t0, t1);
     if (avx2) return tasks_avx2<kDown>(P, blocks, width, t0, t1);
 #endif
     tasks_base<kDown>(P, blocks, width, t0, t1);
