@@ -16,7 +16,8 @@
 // thread count). Every product accumulates in fp32 (fp64 for fp64); the hidden activation stays
 // in fp32 between the two projections (the general path rounds it to the input dtype).
 // The loops are compiled three times: baseline x86-64, AVX2+FMA and AVX-512 (16-lane dot
-// products), picked at run time (MOE_FRAMEWORK_CPU_NO_AVX512 / _BASELINE apply).
+// products; bf16 / fp16 weights only), picked at run time (MOE_FRAMEWORK_CPU_NO_AVX512 /
+// _BASELINE apply).
 // clamped_swiglu.h brings swiglu.h's 64-byte lane helpers, always-inline: no call ABI involved.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -244,7 +245,11 @@ void tasks_base(const Problem<scalar_t>& P, int64_t blocks, int64_t width, int64
 template <bool kDown, typename scalar_t>
 void run_pass(const Problem<scalar_t>& P, int64_t groups, int64_t width) {
   static const bool avx2 = use_avx2() && __builtin_cpu_supports("fma");
-  static const bool avx512 = avx2 && use_avx512();
+  // The AVX-512 build for bf16 / fp16 weights only: there it widens and multiplies 16 weights per
+  // step (1.5x the AVX2 build's speed, Zen 4); with fp32 weights, a stream from memory at these
+  // sizes, it measured 10-25% slower than the AVX2 build (docs/performance.md), so fp32 / fp64 stay
+  // on AVX2.
+  static const bool avx512 = avx2 && use_avx512() && sizeof(scalar_t) == 2;
   const int64_t blocks = (width + block_width(P) - 1) / block_width(P);
   at::parallel_for(0, groups * blocks, 1, [&](int64_t t0, int64_t t1) {
 #if MOE_CPU_AVX2_CLONE
