@@ -86,6 +86,26 @@ def test_moe_decode_opcheck_and_compile(seed):
     torch.testing.assert_close(f(x, ids, w, w_in, w_out), ops.moe_decode(x, ids, w, w_in, w_out))
 
 
+def _decode_args(**change):
+    """Valid moe_decode arguments in schema order (E 4, d 8, h 6, one token, k 2), then change."""
+    args = dict(
+        x=torch.randn(1, 8),
+        ids=torch.tensor([[0, 1]]),
+        weights=torch.rand(1, 2),
+        w_in=torch.randn(4, 12, 8),
+        w_out=torch.randn(4, 8, 6),
+        trans_b=True,
+        b_in=None,
+        b_out=None,
+        gate="silu",
+        alpha=1.702,
+        limit=7.0,
+        interleaved=False,
+    )
+    args.update(change)
+    return args
+
+
 @pytest.mark.parametrize(
     "change, match",
     [
@@ -97,14 +117,7 @@ def test_moe_decode_opcheck_and_compile(seed):
     ],
 )
 def test_moe_decode_bad_input_raises_clear_error(change, match):
-    args = dict(
-        x=torch.randn(1, 8),
-        ids=torch.tensor([[0, 1]]),
-        weights=torch.rand(1, 2),
-        w_in=torch.randn(4, 12, 8),
-        w_out=torch.randn(4, 8, 6),
-    )
-    args.update(change)
+    args = _decode_args(**change)
     with pytest.raises(RuntimeError, match=match):
         ops.moe_decode(args["x"], args["ids"], args["weights"], args["w_in"], args["w_out"], True)
 
@@ -225,21 +238,7 @@ def test_moe_decode_gated_opcheck_and_compile(seed):
     ],
 )
 def test_moe_decode_bad_gate_arguments_raise_clear_error(change, match):
-    args = dict(
-        x=torch.randn(1, 8),
-        ids=torch.tensor([[0, 1]]),
-        weights=torch.rand(1, 2),
-        w_in=torch.randn(4, 12, 8),
-        w_out=torch.randn(4, 8, 6),
-        trans_b=True,
-        b_in=None,
-        b_out=None,
-        gate="silu",
-        alpha=1.702,
-        limit=7.0,
-        interleaved=False,
-    )
-    args.update(change)
+    args = _decode_args(**change)
     with pytest.raises(RuntimeError, match=match):
         OPS.moe_decode.default(*args.values())
     if "gate" in change:
